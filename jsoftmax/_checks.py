@@ -1,0 +1,100 @@
+"""Argument checks and dtype rules shared by every op.
+
+All checks run at trace time on static shapes and dtypes, so a bad call fails
+with a clear message before anything is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axis = int | Sequence[int] | None
+
+
+def normalize_axis(axis: Axis, ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Returns ``axis`` as a sorted tuple of non-negative ints.
+
+    Raises:
+      ValueError: an axis is out of range for ``shape`` or named twice.
+      TypeError: ``axis`` is not an int, a sequence of ints or None.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if not all(isinstance(a, (int, np.integer)) for a in axes):
+        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
+    if ndim == 0:
+        raise ValueError(
+            f"axis {axis!r} is out of range for a scalar (shape {shape}): "
+            "softmax needs at least one dimension"
+        )
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for an array of shape {shape} "
+                f"(ndim {ndim})"
+            )
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} names the same axis twice (shape {shape})")
+    return tuple(sorted(out))
+
+
+def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:
+    """Converts ``x`` to a real floating array, promoting ints and bools.
+
+    Integers and booleans become the default float dtype (float32, or float64
+    under ``jax.enable_x64``), as ``jax.nn.softmax`` does.
+
+    Raises:
+      TypeError: ``x`` is complex.
+    """
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} does not support complex input (got dtype {x.dtype}); "
+            "pass the real part or the magnitude instead"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype the arithmetic runs in: float32 for 16-bit floats."""
+    if jnp.finfo(dtype).bits < 32:
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
+
+
+def mask_input(
+    name: str, where: jax.typing.ArrayLike | None, shape: tuple[int, ...]
+) -> jax.Array | None:
+    """Checks that ``where`` broadcasts to ``shape`` and makes it boolean.
+
+    The mask is returned unbroadcast so that a small mask stays small when it is
+    saved for the backward pass.
+
+    Raises:
+      ValueError: ``where`` does not broadcast to ``shape``.
+    """
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    try:
+        out_shape = np.broadcast_shapes(where.shape, shape)
+    except ValueError:
+        out_shape = None
+    if out_shape != tuple(shape):
+        raise ValueError(
+            f"{name}: where of shape {where.shape} does not broadcast to the "
+            f"input of shape {tuple(shape)}"
+        )
+    if where.dtype != jnp.bool_:
+        where = where.astype(jnp.bool_)
+    return where

@@ -1,0 +1,202 @@
+"""softmax and log_softmax with hand-written backward passes."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsoftmax._checks import (
+    Axis,
+    compute_dtype,
+    float_input,
+    mask_input,
+    normalize_axis,
+)
+
+
+def _prepare(name, x, axis, where):
+    x = float_input(name, x)
+    axes = normalize_axis(axis, x.ndim, x.shape)
+    return x, axes, mask_input(name, where, x.shape)
+
+
+def _masked(x, where, fill):
+    """``x`` where the mask is set and ``fill`` elsewhere; ``x`` if no mask."""
+    if where is None:
+        return x
+    return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
+
+
+def _shifted(x, where, axes):
+    """``x - max(x)`` in the compute dtype, with masked entries at -inf.
+
+    The shift is the row max, so the largest exponent is exactly 0 and
+    ``exp`` cannot overflow. A row with no valid entry (all masked or all -inf)
+    is shifted by 0 instead, so it stays at -inf rather than turning to NaN.
+    The shift is a constant for the derivative (softmax is shift invariant),
+    which keeps autodiff of these lines, used for higher-order derivatives,
+    free of the max's subgradient.
+    """
+    x = _masked(x.astype(compute_dtype(x.dtype)), where, -jnp.inf)
+    m = jnp.max(x, axes, keepdims=True)
+    m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0, m))
+    return x - m
+
+
+def _nonzero(s):
+    """``s`` with zeros replaced by 1, so ``1 / s`` and ``log(s)`` stay finite."""
+    return jnp.where(s == 0, 1, s)
+
+
+def softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.Array:
+    r"""Softmax along ``axis``, with a backward pass that reuses the output.
+
+    .. math::
+        \mathrm{softmax}(x)_i = \frac{\exp(x_i)}{\sum_j \exp(x_j)}
+
+    The backward pass needs only the output :math:`y`: the Jacobian is
+    :math:`J = \mathrm{diag}(y) - y y^\top`, so the vector-Jacobian product is
+    :math:`\bar x = y \odot (\bar y - \langle \bar y, y \rangle)`. Only ``y`` (and
+    ``where``) is saved for it.
+
+    Args:
+      x: input array. Integers and booleans are promoted to the default float
+        dtype; float16 and bfloat16 are computed in float32 and returned in
+        their own dtype, and so are their gradients.
+      axis: the axis or axes the output sums to one over: an int, a tuple of
+        ints, or ``None`` for all axes. Negative values count from the end.
+      where: optional boolean mask broadcastable to ``x``; only entries where it
+        is ``True`` take part. Masked-out outputs are 0 and their gradients are
+        exactly 0, whatever the masked-out logits hold (huge, inf or NaN).
+
+    Returns:
+      An array of the shape and (floating) dtype of ``x``.
+
+    Rows with no valid entry (all masked out, or all ``-inf``) give 0 and a
+    zero gradient instead of NaN. ``-inf`` entries in an otherwise valid row get
+    probability 0. A row that holds ``+inf`` or NaN is NaN throughout, as in
+    ``jax.nn.softmax`` (``inf / inf`` has no value).
+
+    Raises:
+      TypeError: ``x`` is complex.
+      ValueError: ``axis`` is out of range or repeated, or ``where`` does not
+        broadcast to ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.softmax(jnp.array([0.0, 1.0, 2.0])).round(4)
+      Array([0.09  , 0.2447, 0.6652], dtype=float32)
+      >>> jsoftmax.softmax(jnp.array([1e30, 0.0]))
+      Array([1., 0.], dtype=float32)
+      >>> jsoftmax.softmax(jnp.array([1.0, 5.0, 1.0]),
+      ...                  where=jnp.array([True, False, True]))
+      Array([0.5, 0. , 0.5], dtype=float32)
+    """
+    x, axes, where = _prepare("softmax", x, axis, where)
+    return _softmax(x, where, axes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax(x, where, axes):
+    e = jnp.exp(_shifted(x, where, axes))
+    s = jnp.sum(e, axes, keepdims=True)
+    # Rows with no valid entry have s == 0: their output is 0, not 0 / 0.
+    # (A NaN sum, from +inf or NaN input, stays NaN.)
+    inv = jnp.where(s == 0, 0, 1 / _nonzero(s))
+    return (e * inv).astype(x.dtype)
+
+
+def _softmax_fwd(x, where, axes):
+    y = _softmax(x, where, axes)
+    return y, (y, where)
+
+
+# dx = y * (g - sum(g * y, axis))
+def _softmax_bwd(axes, res, g):
+    y, where = res
+    dtype = compute_dtype(y.dtype)
+    y32 = y.astype(dtype)
+    g32 = _masked(g.astype(dtype), where, 0)
+    dx = y32 * (g32 - jnp.sum(g32 * y32, axes, keepdims=True))
+    return dx.astype(y.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.Array:
+    r"""Log-softmax along ``axis``, with a backward pass that reuses the output.
+
+    .. math::
+        \mathrm{log\_softmax}(x)_i = x_i - \log \sum_j \exp(x_j)
+
+    With output :math:`o`, :math:`\partial o_i / \partial x_j = \delta_{ij} -
+    e^{o_j}`, so the vector-Jacobian product is
+    :math:`\bar x = \bar o - e^{o} \sum_i \bar o_i`. Only ``o`` (and ``where``) is
+    saved for it.
+
+    Args:
+      x: input array. Integers and booleans are promoted to the default float
+        dtype; float16 and bfloat16 are computed in float32 and returned in
+        their own dtype, and so are their gradients.
+      axis: the axis or axes to normalise over: an int, a tuple of ints, or
+        ``None`` for all axes. Negative values count from the end.
+      where: optional boolean mask broadcastable to ``x``; only entries where it
+        is ``True`` take part. Masked-out outputs are ``-inf`` and their
+        gradients are exactly 0, whatever the masked-out logits hold.
+
+    Returns:
+      An array of the shape and (floating) dtype of ``x``.
+
+    Rows with no valid entry (all masked out, or all ``-inf``) give ``-inf`` and
+    a zero gradient instead of NaN. ``-inf`` entries in an otherwise valid row
+    give ``-inf`` with the gradient ``jax.nn.log_softmax`` gives them. A row
+    that holds ``+inf`` or NaN is NaN throughout, as in ``jax.nn``.
+
+    Raises:
+      TypeError: ``x`` is complex.
+      ValueError: ``axis`` is out of range or repeated, or ``where`` does not
+        broadcast to ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> jsoftmax.log_softmax(jnp.array([0.0, 0.0]))
+      Array([-0.6931472, -0.6931472], dtype=float32)
+      >>> jsoftmax.log_softmax(jnp.array([-jnp.inf, -jnp.inf]))
+      Array([-inf, -inf], dtype=float32)
+    """
+    x, axes, where = _prepare("log_softmax", x, axis, where)
+    return _log_softmax(x, where, axes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _log_softmax(x, where, axes):
+    shifted = _shifted(x, where, axes)
+    s = jnp.sum(jnp.exp(shifted), axes, keepdims=True)
+    # Rows with no valid entry have s == 0 and stay at -inf instead of NaN.
+    return (shifted - jnp.log(_nonzero(s))).astype(x.dtype)
+
+
+def _log_softmax_fwd(x, where, axes):
+    o = _log_softmax(x, where, axes)
+    return o, (o, where)
+
+
+# dx = g - exp(o) * sum(g, axis)
+def _log_softmax_bwd(axes, res, g):
+    o, where = res
+    dtype = compute_dtype(o.dtype)
+    o32 = o.astype(dtype)
+    g32 = _masked(g.astype(dtype), where, 0)
+    dx = g32 - jnp.exp(o32) * jnp.sum(g32, axes, keepdims=True)
+    # A row with no valid entry is constant (-inf): its gradient is 0.
+    valid = jnp.max(o32, axes, keepdims=True) > -jnp.inf
+    return jnp.where(valid, dx, 0).astype(o.dtype), None
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)

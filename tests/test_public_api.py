@@ -1,0 +1,25 @@
+"""Every public name imports and is listed in __all__."""
+
+import jsoftmax
+
+PUBLIC = [
+    "log_softmax",
+    "softmax",
+    "softmax_jacobian",
+    "testing",
+]
+
+
+def test_every_public_name_imports():
+    for name in PUBLIC:
+        assert getattr(jsoftmax, name) is not None, name
+    assert sorted(jsoftmax.__all__) == sorted(PUBLIC)
+
+
+def test_testing_helpers_are_public():
+    from jsoftmax.testing import (  # noqa: F401
+        assert_finite_differences,
+        assert_vjp_matches,
+        tolerances,
+        vjp_errors,
+    )
