@@ -36,8 +36,7 @@ def normalize_axis(axis: Axis, ndim: int, shape: tuple[int, ...]) -> tuple[int, 
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"axis {a} is out of range for an array of shape {shape} "
-                f"(ndim {ndim})"
+                f"axis {a} is out of range for an array of shape {shape} (ndim {ndim})"
             )
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):

@@ -31,6 +31,8 @@ __all__ = [
     "VjpErrors",
     "assert_finite_differences",
     "assert_vjp_matches",
+    "reference_log_softmax",
+    "reference_softmax",
     "tolerances",
     "vjp_errors",
 ]
@@ -58,6 +60,36 @@ class VjpErrors:
     transform: str
     value_error: float
     jacobian_error: float
+    value_mismatch: str | None = None
+    jacobian_mismatch: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Both the value and the Jacobian are within tolerance."""
+        return self.value_mismatch is None and self.jacobian_mismatch is None
+
+
+def reference_softmax(x, axis=-1, where=None):
+    """Plain-autodiff softmax, independent of jsoftmax's rules."""
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
+    e = jnp.exp(x - shift)
+    y = e / jnp.sum(e, axis, keepdims=True)
+    return y if where is None else jnp.where(where, y, 0.0)
+
+
+def reference_log_softmax(x, axis=-1, where=None):
+    """Plain-autodiff log-softmax, independent of jsoftmax's rules.
+
+    Masked-out outputs are the constant ``-inf``, as ``jax.nn`` documents.
+    """
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
+    shifted = x - shift
+    o = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True))
+    return o if where is None else jnp.where(where, o, -jnp.inf)
 
 
 def _reference_input(x: jax.Array) -> jax.Array:
@@ -94,20 +126,42 @@ def _evaluate(fn, reference, x, transform):
 
 
 def _max_abs_diff(a, b) -> float:
-    diffs = jax.tree.map(
-        lambda u, v: float(
-            jnp.max(jnp.abs(jnp.asarray(u, jnp.float32) - jnp.asarray(v, jnp.float32)))
-            if np.size(u)
-            else 0.0
-        ),
-        a,
-        b,
-    )
-    return max(jax.tree.leaves(diffs), default=0.0)
+    """Largest |a - b| over all leaves; equal entries (inf, -inf, NaN) count 0."""
+
+    def leaf(u, v):
+        u, v = jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32)
+        if u.size == 0:
+            return 0.0
+        same = (u == v) | (jnp.isnan(u) & jnp.isnan(v))
+        return float(jnp.max(jnp.where(same, 0.0, jnp.abs(u - v))))
+
+    return max(jax.tree.leaves(jax.tree.map(leaf, a, b)), default=0.0)
+
+
+def _all_close(got, want, atol, rtol) -> str | None:
+    """None if every leaf is close, else chex's message."""
+    try:
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), got),
+            jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), want),
+            atol=atol,
+            rtol=rtol,
+        )
+    except AssertionError as e:
+        return str(e)
+    return None
 
 
 def vjp_errors(
-    fn: Callable, reference: Callable, x: jax.typing.ArrayLike, *, transform="none"
+    fn: Callable,
+    reference: Callable,
+    x: jax.typing.ArrayLike,
+    *,
+    transform: str = "none",
+    atol: float | None = None,
+    rtol: float | None = None,
+    grad_atol: float | None = None,
+    grad_rtol: float | None = None,
 ) -> VjpErrors:
     """Measures how far ``fn`` and ``jax.jacrev(fn)`` are from a reference.
 
@@ -119,16 +173,36 @@ def vjp_errors(
       x: the point to compare at. Under ``"vmap"`` its leading axis is a batch
         axis that ``fn`` is vmapped over.
       transform: ``"none"``, ``"jit"`` or ``"vmap"``.
+      atol, rtol: tolerances of the value; default ``tolerances(x.dtype)[0]``.
+      grad_atol, grad_rtol: tolerances of the Jacobian; default
+        ``tolerances(x.dtype)[1]``.
 
     Returns:
-      The largest absolute differences of the value and of the Jacobian. For
-      16-bit inputs the reference runs in float32.
+      The largest absolute differences of the value and of the Jacobian, and
+      whether both are within tolerance (``|got - want| <= atol + rtol *
+      |want|`` element by element). For 16-bit inputs the reference runs in
+      float32.
     """
     x = jnp.asarray(x)
+    value_tol, grad_tol = tolerances(x.dtype)
     value, value_ref, jac, jac_ref = _evaluate(fn, reference, x, transform)
-    return VjpErrors(
-        transform, _max_abs_diff(value, value_ref), _max_abs_diff(jac, jac_ref)
+    value_msg = _all_close(
+        value, value_ref, _default(atol, value_tol), _default(rtol, value_tol)
     )
+    jac_msg = _all_close(
+        jac, jac_ref, _default(grad_atol, grad_tol), _default(grad_rtol, grad_tol)
+    )
+    return VjpErrors(
+        transform,
+        _max_abs_diff(value, value_ref),
+        _max_abs_diff(jac, jac_ref),
+        value_msg,
+        jac_msg,
+    )
+
+
+def _default(value, fallback):
+    return fallback if value is None else value
 
 
 def assert_vjp_matches(
@@ -137,24 +211,20 @@ def assert_vjp_matches(
     x: jax.typing.ArrayLike,
     *,
     transforms: Sequence[str] = TRANSFORMS,
-    atol: float | None = None,
-    rtol: float | None = None,
-    grad_atol: float | None = None,
-    grad_rtol: float | None = None,
+    **tolerances_,
 ) -> list[VjpErrors]:
     """Asserts that ``fn`` and its VJP match ``reference`` under each transform.
 
     Values and full Jacobians (``jax.jacrev``) are compared element by element
-    with ``chex.assert_trees_all_close``. Tolerances default to
-    ``tolerances(x.dtype)``.
+    with ``chex.assert_trees_all_close``.
 
     Args:
       fn: the function under test, of one array argument.
       reference: an independent implementation of the same function.
       x: the point to compare at; under ``"vmap"`` its leading axis is a batch.
       transforms: any of ``"none"``, ``"jit"``, ``"vmap"``.
-      atol, rtol: tolerances of the value.
-      grad_atol, grad_rtol: tolerances of the Jacobian.
+      **tolerances_: ``atol``, ``rtol``, ``grad_atol``, ``grad_rtol`` as in
+        :func:`vjp_errors`.
 
     Returns:
       The measured errors, one entry per transform.
@@ -162,28 +232,20 @@ def assert_vjp_matches(
     Raises:
       AssertionError: a value or a Jacobian is not close to the reference.
     """
-    x = jnp.asarray(x)
-    value_tol, grad_tol = tolerances(x.dtype)
     errors = []
     for transform in transforms:
-        value, value_ref, jac, jac_ref = _evaluate(fn, reference, x, transform)
-        for got, want, a, r, what in (
-            (value, value_ref, atol, rtol, "value"),
-            (jac, jac_ref, grad_atol, grad_rtol, "jacobian"),
-        ):
-            tol = value_tol if what == "value" else grad_tol
-            chex.assert_trees_all_close(
-                jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), got),
-                jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), want),
-                atol=tol if a is None else a,
-                rtol=tol if r is None else r,
-                custom_message=f"{what} differs from the reference under {transform}",
+        e = vjp_errors(fn, reference, x, transform=transform, **tolerances_)
+        if e.value_mismatch:
+            raise AssertionError(
+                f"value differs from the reference under {transform}: "
+                f"{e.value_mismatch}"
             )
-        errors.append(
-            VjpErrors(
-                transform, _max_abs_diff(value, value_ref), _max_abs_diff(jac, jac_ref)
+        if e.jacobian_mismatch:
+            raise AssertionError(
+                f"jacobian differs from the reference under {transform}: "
+                f"{e.jacobian_mismatch}"
             )
-        )
+        errors.append(e)
     return errors
 
 

@@ -4,9 +4,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from references import ref_softmax
 
 import jsoftmax
+from jsoftmax.testing import reference_softmax as ref_softmax
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16])

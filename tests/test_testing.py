@@ -5,10 +5,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import pytest
-from references import ref_softmax
 
 import jsoftmax
 from jsoftmax import testing
+from jsoftmax.testing import reference_softmax as ref_softmax
 
 
 @partial(jax.custom_vjp)
@@ -47,7 +47,9 @@ def test_fails_on_a_wrong_backward(transform):
         testing.assert_vjp_matches(
             _softmax_wrong_bwd, ref_softmax, _x(), transforms=(transform,)
         )
-    errors = testing.vjp_errors(_softmax_wrong_bwd, ref_softmax, _x(), transform=transform)
+    errors = testing.vjp_errors(
+        _softmax_wrong_bwd, ref_softmax, _x(), transform=transform
+    )
     assert errors.value_error < 1e-6
     assert errors.jacobian_error > 1e-2
 
@@ -78,3 +80,12 @@ def test_tolerance_table_and_unknown_transform():
     assert testing.tolerances(jnp.bfloat16) == (1e-2, 1e-1)
     with pytest.raises(ValueError, match="transform"):
         testing.vjp_errors(jsoftmax.softmax, ref_softmax, _x(), transform="pmap")
+
+
+def test_vjp_errors_reports_pass_and_fail():
+    good = testing.vjp_errors(jsoftmax.softmax, ref_softmax, _x(), transform="jit")
+    assert good.passed
+    bad = testing.vjp_errors(_softmax_wrong_bwd, ref_softmax, _x(), transform="jit")
+    assert not bad.passed
+    assert bad.value_mismatch is None
+    assert bad.jacobian_mismatch

@@ -1,0 +1,163 @@
+"""``python -m jsoftmax``: verify every op's VJP on every local backend.
+
+``python -m jsoftmax`` checks each op's value and Jacobian against
+``jax.jacrev`` of a plain-autodiff reference, under jit and vmap, in float32
+and bfloat16, on the CPU and on any accelerator JAX finds, and prints one
+table. It exits with 1 if any check fails.
+
+``python -m jsoftmax bench [--quick] [--gpu]`` runs the benchmark in
+``bench/`` (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import runpy
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+import jsoftmax
+from jsoftmax import testing
+
+
+def _jacobian_reference(x):
+    per_row = partial(jnp.vectorize, signature="(n)->(n,n)")
+    return per_row(jax.jacrev(testing.reference_softmax))(x)
+
+
+def _cases() -> list[tuple[str, Callable, Callable]]:
+    """(name, op of one array argument, independent reference)."""
+    mask = jnp.arange(12) % 3 != 1
+    return [
+        ("softmax", jsoftmax.softmax, testing.reference_softmax),
+        ("log_softmax", jsoftmax.log_softmax, testing.reference_log_softmax),
+        (
+            "softmax[where]",
+            partial(jsoftmax.softmax, where=mask),
+            partial(testing.reference_softmax, where=mask),
+        ),
+        (
+            "log_softmax[where]",
+            partial(jsoftmax.log_softmax, where=mask),
+            partial(testing.reference_log_softmax, where=mask),
+        ),
+        (
+            "softmax_jacobian",
+            lambda x: jsoftmax.softmax_jacobian(jsoftmax.softmax(x)),
+            _jacobian_reference,
+        ),
+    ]
+
+
+def _backends() -> list[jax.Device]:
+    """The first device of each local platform, the CPU always included."""
+    devices = {d.platform: d for d in reversed(jax.local_devices())}
+    devices.setdefault("cpu", jax.local_devices(backend="cpu")[0])
+    return [devices[p] for p in sorted(devices, key=lambda p: p != "cpu")]
+
+
+def verify(transforms=("jit", "vmap"), dtypes=("float32", "bfloat16")) -> list[dict]:
+    """Runs every check and returns one row per (op, backend, transform, dtype)."""
+    rows = []
+    for device in _backends():
+        for name, op, reference in _cases():
+            for dtype in dtypes:
+                # A batch of 4 rows of 12 classes; vmap maps over the 4 rows.
+                x = 3.0 * jax.random.normal(jax.random.key(0), (4, 12))
+                x = jax.device_put(x.astype(dtype), device)
+                for transform in transforms:
+                    with jax.default_device(device):
+                        e = testing.vjp_errors(op, reference, x, transform=transform)
+                    rows.append(
+                        dict(
+                            op=name,
+                            backend=device.platform,
+                            transform=transform,
+                            dtype=dtype,
+                            value_error=e.value_error,
+                            jacobian_error=e.jacobian_error,
+                            passed=e.passed,
+                        )
+                    )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        "op",
+        "backend",
+        "transform",
+        "dtype",
+        "value err",
+        "jacobian err",
+        "result",
+    )
+    body = [
+        (
+            r["op"],
+            r["backend"],
+            r["transform"],
+            r["dtype"],
+            f"{r['value_error']:.2e}",
+            f"{r['jacobian_error']:.2e}",
+            "pass" if r["passed"] else "FAIL",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+        for line in [header, *body]
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _run_bench(argv: list[str]) -> int:
+    """Runs the checkout's bench/bench.py (it is not part of the wheel)."""
+    candidates = [
+        pathlib.Path.cwd() / "bench" / "bench.py",
+        pathlib.Path(__file__).resolve().parent.parent / "bench" / "bench.py",
+    ]
+    script = next((p for p in candidates if p.is_file()), None)
+    if script is None:
+        print("bench/bench.py not found: run this from a jsoftmax checkout")
+        return 2
+    sys.argv = [str(script), *argv]
+    namespace = runpy.run_path(str(script))
+    return namespace["main"](argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jsoftmax", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="run bench/bench.py from a checkout; its options follow",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _run_bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    start = time.perf_counter()
+    rows = verify()
+    print(format_table(rows))
+    failed = sum(not r["passed"] for r in rows)
+    print(
+        f"\n{len(rows) - failed} passed, {failed} failed "
+        f"(jax {jax.__version__}, {time.perf_counter() - start:.1f} s)"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
