@@ -32,6 +32,8 @@ __all__ = [
     "assert_finite_differences",
     "assert_vjp_matches",
     "reference_log_softmax",
+    "reference_softmax_cross_entropy",
+    "reference_softmax_cross_entropy_with_integer_labels",
     "reference_softmax",
     "tolerances",
     "vjp_errors",
@@ -90,6 +92,32 @@ def reference_log_softmax(x, axis=-1, where=None):
     shifted = x - shift
     o = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True))
     return o if where is None else jnp.where(where, o, -jnp.inf)
+
+
+def reference_softmax_cross_entropy(
+    logits, labels, axis=-1, where=None, label_smoothing=0.0, z_loss=0.0, soft_cap=None
+):
+    """Plain-autodiff cross-entropy with probability labels (the definition)."""
+    z = logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
+    valid = (
+        jnp.ones(z.shape, bool) if where is None else jnp.broadcast_to(where, z.shape)
+    )
+    z = jnp.where(valid, z, -jnp.inf)
+    k = jnp.sum(valid, axis, keepdims=True)
+    q = (1 - label_smoothing) * labels + label_smoothing / k
+    lse = jax.nn.logsumexp(z, axis, keepdims=True)
+    loss = -jnp.sum(jnp.where(valid, q * (z - lse), 0.0), axis, keepdims=True)
+    return jnp.squeeze(loss + z_loss * lse**2, axis)
+
+
+def reference_softmax_cross_entropy_with_integer_labels(
+    logits, labels, axis=-1, where=None, label_smoothing=0.0, z_loss=0.0, soft_cap=None
+):
+    """Plain-autodiff cross-entropy with integer labels, via one-hot labels."""
+    onehot = jax.nn.one_hot(labels, logits.shape[axis], axis=axis, dtype=logits.dtype)
+    return reference_softmax_cross_entropy(
+        logits, onehot, axis, where, label_smoothing, z_loss, soft_cap
+    )
 
 
 def _reference_input(x: jax.Array) -> jax.Array:

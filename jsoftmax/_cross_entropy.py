@@ -1,0 +1,323 @@
+"""Per-example softmax cross-entropy with hand-written backward passes."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jsoftmax._checks import (
+    Axis,
+    compute_dtype,
+    float_input,
+    mask_input,
+    normalize_axis,
+)
+
+# Shared by the per-example losses and the fused linear loss.
+
+
+def check_loss_options(name, label_smoothing, z_loss, soft_cap):
+    """Checks the static loss options; returns them as Python floats."""
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}"
+        )
+    if z_loss < 0.0:
+        raise ValueError(f"{name}: z_loss must be >= 0, got {z_loss}")
+    if soft_cap is not None:
+        soft_cap = float(soft_cap)
+        if not soft_cap > 0.0:
+            raise ValueError(f"{name}: soft_cap must be > 0 or None, got {soft_cap}")
+    return label_smoothing, z_loss, soft_cap
+
+
+def cap(z, soft_cap):
+    """``soft_cap * tanh(z / soft_cap)`` (Gemma 2), or ``z`` when None."""
+    return z if soft_cap is None else soft_cap * jnp.tanh(z / soft_cap)
+
+
+def cap_grad(dz, z_capped, soft_cap):
+    """Chain rule through ``cap``: d/dz c tanh(z/c) = 1 - tanh^2 = 1 - (capped/c)^2."""
+    if soft_cap is None:
+        return dz
+    return dz * (1 - jnp.square(z_capped / soft_cap))
+
+
+def logsumexp_parts(z, axes):
+    """Row logsumexp of ``z`` (masked entries already -inf), 0 for empty rows.
+
+    Shifted by the row max, so ``exp`` cannot overflow; a row with no valid
+    entry gets 0 so that it contributes no loss and no NaN.
+    """
+    m = jnp.max(z, axes, keepdims=True)
+    m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0, m))
+    s = jnp.sum(jnp.exp(z - m), axes, keepdims=True)
+    return jnp.where(s == 0, 0, m + jnp.log(jnp.where(s == 0, 1, s)))
+
+
+def _prepare_logits(logits, where, axes, soft_cap):
+    """Capped, masked logits in the compute dtype and the per-row lse."""
+    z = cap(logits.astype(compute_dtype(logits.dtype)), soft_cap)
+    z = _masked_fill(z, where, -jnp.inf)
+    return z, logsumexp_parts(z, axes)
+
+
+def _masked_fill(x, where, fill):
+    if where is None:
+        return x
+    return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
+
+
+def _class_count(where, shape, axes):
+    """Number of valid classes per row (keepdims), as float32."""
+    if where is None:
+        return np.float32(np.prod([shape[a] for a in axes]))
+    full = jnp.broadcast_to(where, shape)
+    return jnp.sum(full, axes, keepdims=True, dtype=jnp.float32)
+
+
+def _smoothed(q, where, axes, label_smoothing):
+    """``(1 - a) q + a / K`` over the valid classes, 0 at masked classes."""
+    if label_smoothing:
+        k = _class_count(where, q.shape, axes)
+        q = (1 - label_smoothing) * q + label_smoothing / jnp.maximum(k, 1)
+    return _masked_fill(q, where, 0)
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    *,
+    where=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    r"""Cross-entropy between softmax(logits) and probability labels.
+
+    With :math:`z = c \tanh(\mathrm{logits} / c)` when ``soft_cap`` is ``c``
+    (else the logits), :math:`\tilde q = (1 - a) q + a / K` for
+    ``label_smoothing`` :math:`a` over the :math:`K` valid classes, and
+    :math:`L = \log \sum_j e^{z_j}`:
+
+    .. math::
+        \ell = \sum_i \tilde q_i (L - z_i) + \zeta L^2
+
+    where :math:`\zeta` is ``z_loss`` (PaLM). The backward pass is
+    hand-written: :math:`\partial \ell / \partial z = (\sum_i \tilde q_i +
+    2 \zeta L) p - \tilde q` with :math:`p = e^{z - L}`, and
+    :math:`\partial \ell / \partial q_i = (1 - a)(L - z_i)` for the labels
+    (distillation differentiates through both). Only the logits, the labels and
+    the per-row :math:`L` are saved; the probabilities are recomputed.
+
+    Args:
+      logits: unnormalised scores, any float dtype (16-bit floats are computed
+        in float32).
+      labels: probabilities with the shape of ``logits``.
+      axis: the class axis or axes.
+      where: optional class mask broadcastable to ``logits``, with
+        ``jax.nn.softmax``'s meaning: masked-out classes take no part, and get
+        zero gradient.
+      label_smoothing: :math:`a \in [0, 1]`, a static float.
+      z_loss: :math:`\zeta \ge 0`, a static float.
+      soft_cap: :math:`c > 0` or None, a static float.
+
+    Returns:
+      Per-example losses: the shape of ``logits`` without ``axis``, in the
+      dtype of ``logits``. A row with no valid class has loss 0 and gradient 0.
+      Terms with a zero (smoothed) label count 0 even where the logit is
+      ``-inf``.
+
+    Raises:
+      TypeError: complex inputs.
+      ValueError: shapes that do not match (named in the message), a bad
+        ``axis`` or bad options.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[0.0, 0.0], [0.0, jnp.log(3.0)]])
+      >>> jsoftmax.softmax_cross_entropy(logits, jnp.array([[1.0, 0.0], [0.0, 1.0]]))
+      Array([0.6931472 , 0.28768212], dtype=float32)
+    """
+    name = "softmax_cross_entropy"
+    logits = float_input(name, logits)
+    labels = float_input(name, labels)
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"{name}: labels of shape {labels.shape} must have the shape of "
+            f"logits {logits.shape}"
+        )
+    axes = normalize_axis(axis, logits.ndim, logits.shape)
+    where = mask_input(name, where, logits.shape)
+    options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    return _softmax_cross_entropy(logits, labels, where, axes, *options)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _softmax_cross_entropy(
+    logits, labels, where, axes, label_smoothing, z_loss, soft_cap
+):
+    return _softmax_cross_entropy_fwd(
+        logits, labels, where, axes, label_smoothing, z_loss, soft_cap
+    )[0]
+
+
+def _softmax_cross_entropy_fwd(
+    logits, labels, where, axes, label_smoothing, z_loss, soft_cap
+):
+    z, lse = _prepare_logits(logits, where, axes, soft_cap)
+    q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing)
+    # 0 * (L - z) counts 0 even at z = -inf (as in x log x at 0).
+    terms = jnp.where(q == 0, 0, q * (lse - z))
+    loss = jnp.sum(terms, axes, keepdims=True) + z_loss * jnp.square(lse)
+    loss = jnp.squeeze(loss, axes).astype(logits.dtype)
+    return loss, (logits, labels, where, lse)
+
+
+# dz = g * ((sum(q) + 2 z_loss L) * p - q);  dq = g * (1 - a) * (L - z)
+def _softmax_cross_entropy_bwd(axes, label_smoothing, z_loss, soft_cap, res, g):
+    logits, labels, where, lse = res
+    z, _ = _prepare_logits(logits, where, axes, soft_cap)
+    q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing)
+    g = jnp.expand_dims(g.astype(z.dtype), axes)
+    p = jnp.exp(z - lse)
+    scale = jnp.sum(q, axes, keepdims=True) + 2 * z_loss * lse
+    # Masked classes are 0: their capped logit is -inf, so cap_grad is NaN there.
+    dz = _masked_fill(cap_grad(g * (scale * p - q), z, soft_cap), where, 0)
+    dlabels = _masked_fill(g * (1 - label_smoothing) * (lse - z), where, 0)
+    return dz.astype(logits.dtype), dlabels.astype(labels.dtype), None
+
+
+_softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
+
+
+def check_integer_labels(name, labels, want_shape):
+    """Checks integer labels: an integer dtype and the expected shape."""
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{name}: labels must be integer class ids, got {labels.dtype}")
+    if labels.shape != tuple(want_shape):
+        raise ValueError(
+            f"{name}: labels of shape {labels.shape} do not match the expected "
+            f"shape {tuple(want_shape)}"
+        )
+    return labels
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int = -1,
+    *,
+    where=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    r"""Cross-entropy between softmax(logits) and integer class ids.
+
+    The same loss as :func:`softmax_cross_entropy` with one-hot labels:
+
+    .. math::
+        \ell = L - (1 - a) z_y - \frac{a}{K} \sum_{j\ \mathrm{valid}} z_j
+        + \zeta L^2
+
+    with :math:`\partial \ell / \partial z = (1 + 2 \zeta L) p - (1 - a)
+    e_y - a / K`. Only the logits, labels and per-row :math:`L` are saved.
+
+    Args:
+      logits: unnormalised scores.
+      labels: integer class ids with the shape of ``logits`` without ``axis``.
+      axis: the class axis (a single int).
+      where: optional class mask broadcastable to ``logits`` (as in
+        :func:`softmax_cross_entropy`).
+      label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
+
+    Returns:
+      Per-example losses of the shape of ``labels``, in the dtype of
+      ``logits``. A label outside ``[0, K)`` gives a NaN loss and NaN
+      gradients for that example, so the bug is loud. A label on a masked-out
+      class gives ``+inf`` (its probability is 0).
+
+    Raises:
+      TypeError: labels that are not integers, complex logits.
+      ValueError: shapes that do not match (named in the message), a bad
+        ``axis`` or bad options.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> logits = jnp.array([[0.0, 0.0], [0.0, jnp.log(3.0)]])
+      >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]))
+      Array([0.6931472 , 0.28768212], dtype=float32)
+    """
+    name = "softmax_cross_entropy_with_integer_labels"
+    logits = float_input(name, logits)
+    if not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name}: axis must be a single int, got {axis!r}")
+    (ax,) = normalize_axis(axis, logits.ndim, logits.shape)
+    labels = check_integer_labels(
+        name, labels, logits.shape[:ax] + logits.shape[ax + 1 :]
+    )
+    where = mask_input(name, where, logits.shape)
+    options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    return _integer_cross_entropy(logits, labels, where, ax, *options)
+
+
+def _target_parts(z, labels, axis):
+    """One-hot of ``labels`` along ``axis`` and whether each label is in range."""
+    k = z.shape[axis]
+    labels = jnp.expand_dims(labels, axis)
+    classes = lax.broadcasted_iota(labels.dtype, z.shape, axis)
+    in_range = (labels >= 0) & (labels < k)
+    return classes == labels, in_range
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _integer_cross_entropy(
+    logits, labels, where, axis, label_smoothing, z_loss, soft_cap
+):
+    return _integer_cross_entropy_fwd(
+        logits, labels, where, axis, label_smoothing, z_loss, soft_cap
+    )[0]
+
+
+def _integer_cross_entropy_fwd(
+    logits, labels, where, axis, label_smoothing, z_loss, soft_cap
+):
+    axes = (axis,)
+    z, lse = _prepare_logits(logits, where, axes, soft_cap)
+    onehot, in_range = _target_parts(z, labels, axis)
+    z_target = jnp.sum(jnp.where(onehot, z, 0), axes, keepdims=True)
+    loss = lse - (1 - label_smoothing) * z_target + z_loss * jnp.square(lse)
+    if label_smoothing:
+        k = _class_count(where, z.shape, axes)
+        z_valid = _masked_fill(z, where, 0)
+        z_sum = jnp.sum(z_valid, axes, keepdims=True)
+        loss = loss - label_smoothing * z_sum / jnp.maximum(k, 1)
+    loss = jnp.where(in_range, loss, jnp.nan)
+    loss = jnp.squeeze(loss, axes).astype(logits.dtype)
+    return loss, (logits, labels, where, lse)
+
+
+# dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / K)
+def _integer_cross_entropy_bwd(axis, label_smoothing, z_loss, soft_cap, res, g):
+    logits, labels, where, lse = res
+    axes = (axis,)
+    z, _ = _prepare_logits(logits, where, axes, soft_cap)
+    onehot, in_range = _target_parts(z, labels, axis)
+    g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
+    q = _smoothed(onehot.astype(z.dtype), where, axes, label_smoothing)
+    p = jnp.exp(z - lse)
+    dz = cap_grad(g * ((1 + 2 * z_loss * lse) * p - q), z, soft_cap)
+    return _masked_fill(dz, where, 0).astype(logits.dtype), None, None
+
+
+_integer_cross_entropy.defvjp(_integer_cross_entropy_fwd, _integer_cross_entropy_bwd)

@@ -1,0 +1,268 @@
+"""Fused, chunked linear + softmax cross-entropy that never holds all logits."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jsoftmax._checks import float_input, mask_input
+from jsoftmax._cross_entropy import (
+    cap,
+    cap_grad,
+    check_integer_labels,
+    check_loss_options,
+)
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+# The chunk's logits (tokens x chunk_size, float32) stay near this many
+# elements: 2**21 is 8 MiB, small next to the full logits and large enough for
+# the matmuls to run near full speed.
+_CHUNK_ELEMENTS = 2**21
+
+
+def default_chunk_size(num_tokens: int, vocab: int) -> int:
+    """Vocabulary columns per chunk: about 8 MiB of float32 logits per chunk.
+
+    A power of two between 128 and 8192, at most ``vocab``. Memory grows with
+    the chunk (a few chunk-sized buffers are live at once), speed with fewer,
+    larger matmuls; 8 MiB keeps the temporaries in the tens of MiB.
+    """
+    size = _CHUNK_ELEMENTS // max(num_tokens, 1)
+    size = 1 << max(int(size).bit_length() - 1, 0)
+    return int(min(vocab, min(max(size, 128), 8192)))
+
+
+def linear_softmax_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    r"""Cross-entropy of ``softmax(x @ w + bias)`` without materialising the logits.
+
+    The same loss as :func:`softmax_cross_entropy_with_integer_labels` applied
+    to ``x @ w + bias``, computed by walking the vocabulary in chunks of
+    ``chunk_size`` columns. The forward pass keeps an online logsumexp
+    (running max and rescaled sum) and saves only the per-token logsumexp
+    :math:`L`; the backward pass recomputes each chunk's logits, forms
+    :math:`\partial \ell / \partial z = (1 + 2 \zeta L) p - (1 - a) e_y - a / V`
+    (times the soft-cap derivative) and accumulates ``dx`` and writes the
+    chunk's columns of ``dw`` and ``dbias``. Peak memory is a few
+    ``tokens x chunk_size`` buffers instead of ``tokens x V``.
+
+    Args:
+      x: ``[B, D]`` activations.
+      w: ``[D, V]`` output weights.
+      labels: ``[B]`` integer class ids.
+      bias: optional ``[V]`` bias.
+      where: optional boolean ``[B]`` mask of the tokens that count. Masked
+        tokens have loss 0 and zero gradient, whatever their label.
+      reduction: ``"mean"`` over the counted tokens (0 if none), ``"sum"``, or
+        ``"none"`` for per-token losses ``[B]``.
+      chunk_size: vocabulary columns per chunk (static); ``V`` need not be a
+        multiple. Default :func:`default_chunk_size`: about 8 MiB of float32
+        logits per chunk.
+      label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
+
+    Returns:
+      A scalar for ``"mean"``/``"sum"``, else ``[B]``, in the dtype of ``x``
+      and ``w``. bfloat16/float16 inputs run their matmuls in that dtype with
+      float32 accumulation; all softmax arithmetic is float32. A counted token
+      whose label is outside ``[0, V)`` has a NaN loss and NaN gradients.
+
+    Raises:
+      TypeError: complex inputs or non-integer labels.
+      ValueError: shapes that do not match (named), a bad ``reduction`` or
+        ``chunk_size``, bad options.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> w = jnp.array([[0.0, jnp.log(3.0)], [0.0, 0.0]])
+      >>> labels = jnp.array([1, 0])
+      >>> jsoftmax.linear_softmax_cross_entropy(x, w, labels, reduction="none")
+      Array([0.28768207, 0.6931472 ], dtype=float32)
+    """
+    name = "linear_softmax_cross_entropy"
+    x, w = float_input(name, x), float_input(name, w)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"{name}: x must be [B, D] and w [D, V] with the same D, got x "
+            f"{x.shape} and w {w.shape}"
+        )
+    num_tokens, vocab = x.shape[0], w.shape[1]
+    labels = check_integer_labels(name, labels, (num_tokens,))
+    if bias is not None:
+        bias = float_input(name, bias)
+        if bias.shape != (vocab,):
+            raise ValueError(f"{name}: bias of shape {bias.shape} must be ({vocab},)")
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.shape != (num_tokens,):
+            raise ValueError(
+                f"{name}: where of shape {where.shape} must be a [B] token mask "
+                f"({num_tokens},)"
+            )
+        where = mask_input(name, where, (num_tokens,))
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_tokens, vocab)
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(
+            f"{name}: chunk_size must be a positive int, got {chunk_size!r}"
+        )
+    chunk_size = int(min(chunk_size, vocab))
+    options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
+
+    losses = _linear_cross_entropy(x, w, bias, labels, where, chunk_size, *options)
+    if reduction == "none":
+        return losses.astype(dtype)
+    total = jnp.sum(losses)
+    if reduction == "mean":
+        count = num_tokens if where is None else jnp.sum(where, dtype=jnp.float32)
+        total = total / jnp.maximum(count, 1)
+    return total.astype(dtype)
+
+
+def _chunks(vocab, chunk_size):
+    """Start columns of the full chunks, and the size of the last partial one."""
+    full, rest = divmod(vocab, chunk_size)
+    return jnp.arange(full, dtype=jnp.int32) * chunk_size, rest
+
+
+def _chunk_logits(x, w, bias, start, size, soft_cap):
+    """Capped float32 logits ``x @ w[:, start:start+size] + bias``."""
+    w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+    z = jnp.dot(x, w_c, preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(jnp.float32)
+    return cap(z, soft_cap)
+
+
+def _target_logits(x, w, bias, labels, soft_cap):
+    """Capped float32 logit of each token's label (0 where out of range)."""
+    safe = jnp.clip(labels, 0, w.shape[1] - 1)
+    w_y = jnp.take(w, safe, axis=1)  # [D, B]: one column per token
+    z = jnp.einsum("bd,db->b", x, w_y, preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + bias[safe].astype(jnp.float32)
+    return cap(z, soft_cap)
+
+
+def _online_logsumexp(x, w, bias, chunk_size, soft_cap, want_sum):
+    """Per-token logsumexp over all columns, one chunk of logits at a time.
+
+    Keeps a running max ``m`` and a sum ``s`` of ``exp(z - m)`` rescaled when
+    the max grows: the stable online form, never more than one chunk of
+    logits alive. Also the plain sum of the logits when ``want_sum``.
+    """
+    num_tokens = x.shape[0]
+
+    def step(carry, start, size):
+        m, s, total = carry
+        z = _chunk_logits(x, w, bias, start, size, soft_cap)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        if want_sum:
+            total = total + jnp.sum(z, axis=1)
+        return (m_new, s, total), None
+
+    zeros = jnp.zeros((num_tokens,), jnp.float32)
+    carry = (jnp.full((num_tokens,), -jnp.inf, jnp.float32), zeros, zeros)
+    starts, rest = _chunks(w.shape[1], chunk_size)
+    carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
+    if rest:
+        carry, _ = step(carry, w.shape[1] - rest, rest)
+    m, s, total = carry
+    return m + jnp.log(s), total
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _linear_cross_entropy(
+    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap
+):
+    return _linear_cross_entropy_fwd(
+        x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap
+    )[0]
+
+
+def _linear_cross_entropy_fwd(
+    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap
+):
+    vocab = w.shape[1]
+    lse, z_sum = _online_logsumexp(
+        x, w, bias, chunk_size, soft_cap, want_sum=bool(label_smoothing)
+    )
+    z_target = _target_logits(x, w, bias, labels, soft_cap)
+    loss = lse - (1 - label_smoothing) * z_target + z_loss * jnp.square(lse)
+    if label_smoothing:
+        loss = loss - label_smoothing * z_sum / vocab
+    loss = jnp.where((labels >= 0) & (labels < vocab), loss, jnp.nan)
+    if where is not None:
+        loss = jnp.where(where, loss, 0)
+    return loss, (x, w, bias, labels, where, lse)
+
+
+# dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / V) * cap'(z)
+# dx = sum_chunks dz @ w_c.T;  dw_c = x.T @ dz;  dbias_c = sum(dz, tokens)
+def _linear_cross_entropy_bwd(chunk_size, label_smoothing, z_loss, soft_cap, res, g):
+    x, w, bias, labels, where, lse = res
+    vocab = w.shape[1]
+    g = g.astype(jnp.float32)
+    g = jnp.where((labels >= 0) & (labels < vocab), g, jnp.nan)
+    if where is not None:
+        g = jnp.where(where, g, 0)
+    p_coef = (g * (1 + 2 * z_loss * lse))[:, None]
+    target_coef = (g * (1 - label_smoothing))[:, None]
+    uniform = (g * label_smoothing / vocab)[:, None]
+
+    def step(carry, start, size):
+        dx, dw, db = carry
+        z = _chunk_logits(x, w, bias, start, size, soft_cap)
+        p = jnp.exp(z - lse[:, None])
+        columns = start + lax.broadcasted_iota(labels.dtype, (1, size), 1)
+        dz = p_coef * p - jnp.where(labels[:, None] == columns, target_coef, 0)
+        if label_smoothing:
+            dz = dz - uniform
+        dz = cap_grad(dz, z, soft_cap).astype(x.dtype)
+        w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+        dx = dx + jnp.dot(dz, w_c.T, preferred_element_type=jnp.float32)
+        dw_c = jnp.dot(x.T, dz, preferred_element_type=jnp.float32)
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), start, axis=1)
+        if db is not None:
+            db_c = jnp.sum(dz, axis=0, dtype=jnp.float32).astype(db.dtype)
+            db = lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
+        return (dx, dw, db), None
+
+    carry = (
+        jnp.zeros(x.shape, jnp.float32),
+        jnp.zeros_like(w),
+        None if bias is None else jnp.zeros_like(bias),
+    )
+    starts, rest = _chunks(vocab, chunk_size)
+    carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
+    if rest:
+        carry, _ = step(carry, vocab - rest, rest)
+    dx, dw, db = carry
+    return dx.astype(x.dtype), dw, db, None, None
+
+
+_linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
