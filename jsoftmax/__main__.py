@@ -21,6 +21,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jsoftmax
 from jsoftmax import testing
@@ -31,9 +32,26 @@ def _jacobian_reference(x):
     return per_row(jax.jacrev(testing.reference_softmax))(x)
 
 
+def _soft_labels(shape):
+    """Fixed probability labels of ``shape``, so that vmap sees one example."""
+    return jax.nn.softmax(jnp.sin(jnp.arange(np.prod(shape)).reshape(shape)))
+
+
+def _int_labels(shape, classes):
+    return (jnp.arange(np.prod(shape), dtype=jnp.int32).reshape(shape) * 3) % classes
+
+
+def _linear(op, x):
+    """The fused linear loss of ``x`` (rows of 12 features) into 7 classes."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w = jnp.cos(jnp.arange(12 * 7).reshape(12, 7)).astype(x.dtype)
+    return op(x2, w, _int_labels(x2.shape[:1], 7)).reshape(x.shape[:-1])
+
+
 def _cases() -> list[tuple[str, Callable, Callable]]:
     """(name, op of one array argument, independent reference)."""
     mask = jnp.arange(12) % 3 != 1
+    ce_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0)
     return [
         ("softmax", jsoftmax.softmax, testing.reference_softmax),
         ("log_softmax", jsoftmax.log_softmax, testing.reference_log_softmax),
@@ -51,6 +69,43 @@ def _cases() -> list[tuple[str, Callable, Callable]]:
             "softmax_jacobian",
             lambda x: jsoftmax.softmax_jacobian(jsoftmax.softmax(x)),
             _jacobian_reference,
+        ),
+        (
+            "softmax_cross_entropy",
+            lambda x: jsoftmax.softmax_cross_entropy(
+                x, _soft_labels(x.shape), **ce_opts
+            ),
+            lambda x: testing.reference_softmax_cross_entropy(
+                x, _soft_labels(x.shape), **ce_opts
+            ),
+        ),
+        (
+            "ce_with_integer_labels",
+            lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(
+                x, _int_labels(x.shape[:-1], 12), where=mask, **ce_opts
+            ),
+            lambda x: testing.reference_softmax_cross_entropy_with_integer_labels(
+                x, _int_labels(x.shape[:-1], 12), where=mask, **ce_opts
+            ),
+        ),
+        (
+            "linear_softmax_cross_entropy",
+            partial(
+                _linear,
+                partial(
+                    jsoftmax.linear_softmax_cross_entropy,
+                    chunk_size=3,
+                    reduction="none",
+                ),
+            ),
+            partial(
+                _linear,
+                lambda x, w, y: (
+                    testing.reference_softmax_cross_entropy_with_integer_labels(
+                        x @ w, y
+                    )
+                ),
+            ),
         ),
     ]
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax._checks import float_input, mask_input
+from jsoftmax._checks import compute_dtype, float_input, mask_input
 from jsoftmax._cross_entropy import (
     cap,
     cap_grad,
@@ -79,8 +79,9 @@ def linear_softmax_cross_entropy(
     Returns:
       A scalar for ``"mean"``/``"sum"``, else ``[B]``, in the dtype of ``x``
       and ``w``. bfloat16/float16 inputs run their matmuls in that dtype with
-      float32 accumulation; all softmax arithmetic is float32. A counted token
-      whose label is outside ``[0, V)`` has a NaN loss and NaN gradients.
+      float32 accumulation, and all softmax arithmetic is float32 (float64
+      inputs stay float64). A counted token whose label is outside
+      ``[0, V)`` has a NaN loss and NaN gradients.
 
     Raises:
       TypeError: complex inputs or non-integer labels.
@@ -93,8 +94,8 @@ def linear_softmax_cross_entropy(
       >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
       >>> w = jnp.array([[0.0, jnp.log(3.0)], [0.0, 0.0]])
       >>> labels = jnp.array([1, 0])
-      >>> jsoftmax.linear_softmax_cross_entropy(x, w, labels, reduction="none")
-      Array([0.28768207, 0.6931472 ], dtype=float32)
+      >>> jsoftmax.linear_softmax_cross_entropy(x, w, labels, reduction="none").round(4)
+      Array([0.2877, 0.6931], dtype=float32)
     """
     name = "linear_softmax_cross_entropy"
     x, w = float_input(name, x), float_input(name, w)
@@ -104,7 +105,8 @@ def linear_softmax_cross_entropy(
             f"{x.shape} and w {w.shape}"
         )
     num_tokens, vocab = x.shape[0], w.shape[1]
-    labels = check_integer_labels(name, labels, (num_tokens,))
+    # Chunk starts are int32: labels join them in that dtype.
+    labels = check_integer_labels(name, labels, (num_tokens,)).astype(jnp.int32)
     if bias is not None:
         bias = float_input(name, bias)
         if bias.shape != (vocab,):
@@ -137,9 +139,14 @@ def linear_softmax_cross_entropy(
         return losses.astype(dtype)
     total = jnp.sum(losses)
     if reduction == "mean":
-        count = num_tokens if where is None else jnp.sum(where, dtype=jnp.float32)
+        count = num_tokens if where is None else jnp.sum(where, dtype=total.dtype)
         total = total / jnp.maximum(count, 1)
     return total.astype(dtype)
+
+
+def acc(x):
+    """The accumulation dtype: float32 for 16-bit inputs, else x's dtype."""
+    return compute_dtype(x.dtype)
 
 
 def _chunks(vocab, chunk_size):
@@ -149,21 +156,21 @@ def _chunks(vocab, chunk_size):
 
 
 def _chunk_logits(x, w, bias, start, size, soft_cap):
-    """Capped float32 logits ``x @ w[:, start:start+size] + bias``."""
+    """Capped logits, in ``acc(x)``, ``x @ w[:, start:start+size] + bias``."""
     w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-    z = jnp.dot(x, w_c, preferred_element_type=jnp.float32)
+    z = jnp.dot(x, w_c, preferred_element_type=acc(x))
     if bias is not None:
-        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(jnp.float32)
+        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(acc(x))
     return cap(z, soft_cap)
 
 
 def _target_logits(x, w, bias, labels, soft_cap):
-    """Capped float32 logit of each token's label (0 where out of range)."""
+    """Capped logit, in ``acc(x)``, of each token's label (0 where out of range)."""
     safe = jnp.clip(labels, 0, w.shape[1] - 1)
     w_y = jnp.take(w, safe, axis=1)  # [D, B]: one column per token
-    z = jnp.einsum("bd,db->b", x, w_y, preferred_element_type=jnp.float32)
+    z = jnp.einsum("bd,db->b", x, w_y, preferred_element_type=acc(x))
     if bias is not None:
-        z = z + bias[safe].astype(jnp.float32)
+        z = z + bias[safe].astype(acc(x))
     return cap(z, soft_cap)
 
 
@@ -185,8 +192,8 @@ def _online_logsumexp(x, w, bias, chunk_size, soft_cap, want_sum):
             total = total + jnp.sum(z, axis=1)
         return (m_new, s, total), None
 
-    zeros = jnp.zeros((num_tokens,), jnp.float32)
-    carry = (jnp.full((num_tokens,), -jnp.inf, jnp.float32), zeros, zeros)
+    zeros = jnp.zeros((num_tokens,), acc(x))
+    carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
@@ -226,7 +233,7 @@ def _linear_cross_entropy_fwd(
 def _linear_cross_entropy_bwd(chunk_size, label_smoothing, z_loss, soft_cap, res, g):
     x, w, bias, labels, where, lse = res
     vocab = w.shape[1]
-    g = g.astype(jnp.float32)
+    g = g.astype(acc(x))
     g = jnp.where((labels >= 0) & (labels < vocab), g, jnp.nan)
     if where is not None:
         g = jnp.where(where, g, 0)
@@ -244,16 +251,16 @@ def _linear_cross_entropy_bwd(chunk_size, label_smoothing, z_loss, soft_cap, res
             dz = dz - uniform
         dz = cap_grad(dz, z, soft_cap).astype(x.dtype)
         w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-        dx = dx + jnp.dot(dz, w_c.T, preferred_element_type=jnp.float32)
-        dw_c = jnp.dot(x.T, dz, preferred_element_type=jnp.float32)
+        dx = dx + jnp.dot(dz, w_c.T, preferred_element_type=acc(x))
+        dw_c = jnp.dot(x.T, dz, preferred_element_type=acc(x))
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), start, axis=1)
         if db is not None:
-            db_c = jnp.sum(dz, axis=0, dtype=jnp.float32).astype(db.dtype)
+            db_c = jnp.sum(dz, axis=0, dtype=acc(x)).astype(db.dtype)
             db = lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
         return (dx, dw, db), None
 
     carry = (
-        jnp.zeros(x.shape, jnp.float32),
+        jnp.zeros(x.shape, acc(x)),
         jnp.zeros_like(w),
         None if bias is None else jnp.zeros_like(bias),
     )

@@ -3,6 +3,9 @@
 import jsoftmax
 
 PUBLIC = [
+    "linear_softmax_cross_entropy",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "log_softmax",
     "softmax",
     "softmax_jacobian",

@@ -1,0 +1,232 @@
+"""Fused linear + cross-entropy: equal to the unfused definition, chunk by chunk."""
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jsoftmax
+from jsoftmax._linear_cross_entropy import default_chunk_size
+from jsoftmax.testing import (
+    reference_softmax_cross_entropy_with_integer_labels as ref_int_ce,
+)
+
+B, D, V = 6, 5, 37
+
+
+def _data(seed=0, b=B, d=D, v=V):
+    k = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(k[0], (b, d))
+    w = jax.random.normal(k[1], (d, v))
+    bias = jax.random.normal(k[2], (v,))
+    labels = jax.random.randint(k[3], (b,), 0, v)
+    return x, w, bias, labels
+
+
+def reference(x, w, bias, labels, where=None, reduction="mean", **opts):
+    """The unfused definition: full logits, then the per-example loss."""
+    logits = x @ w + (0.0 if bias is None else bias)
+    loss = ref_int_ce(logits, labels, **opts)
+    if where is not None:
+        loss = jnp.where(where, loss, 0.0)
+    if reduction == "none":
+        return loss
+    count = x.shape[0] if where is None else jnp.sum(where, dtype=jnp.float32)
+    return jnp.sum(loss) / (count if reduction == "mean" else 1.0)
+
+
+OPTIONS = [
+    {},
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-2),
+    dict(soft_cap=2.0),
+    dict(label_smoothing=0.2, z_loss=0.1, soft_cap=3.0),
+]
+
+
+CASES = [
+    # (options, reduction, chunk_size); V = 37 = 7 * 5 + 2 = 4 * 8 + 5.
+    *[(opts, "mean", 5) for opts in OPTIONS],
+    *[(opts, "none", 8) for opts in OPTIONS],
+    ({}, "sum", 37),
+    ({}, "mean", 100),
+    (dict(label_smoothing=0.2, z_loss=0.1, soft_cap=3.0), "sum", 16),
+]
+
+
+@pytest.mark.parametrize(
+    "opts,reduction,chunk_size", CASES, ids=lambda c: str(c).replace(" ", "")
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_value_and_grads_match_unfused(opts, reduction, chunk_size, masked):
+    x, w, bias, labels = _data()
+    where = jnp.array([1, 1, 0, 1, 1, 0], bool) if masked else None
+
+    def ours(x, w, bias):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, bias=bias, where=where, reduction=reduction,
+            chunk_size=chunk_size, **opts,
+        )  # fmt: skip
+
+    ref = partial(reference, labels=labels, where=where, reduction=reduction, **opts)
+    chex.assert_trees_all_close(
+        jax.jit(ours)(x, w, bias), ref(x, w, bias), atol=1e-5, rtol=1e-5
+    )
+    got = jax.jit(jax.jacrev(ours, (0, 1, 2)))(x, w, bias)
+    want = jax.jacrev(ref, (0, 1, 2))(x, w, bias)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_without_bias_and_matches_optax():
+    x, w, _, labels = _data(1, b=16, d=8, v=300)
+    ours = jax.value_and_grad(
+        lambda x, w: jsoftmax.linear_softmax_cross_entropy(x, w, labels, chunk_size=64),
+        (0, 1),
+    )
+    theirs = jax.value_and_grad(
+        lambda x, w: optax.softmax_cross_entropy_with_integer_labels(
+            x @ w, labels
+        ).mean(),
+        (0, 1),
+    )
+    chex.assert_trees_all_close(ours(x, w), theirs(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_finite_differences_float64_second_order():
+    with jax.enable_x64(True):
+        x, w, bias, labels = (
+            a.astype(jnp.float64) if a.dtype == jnp.float32 else a
+            for a in _data(2, b=3, d=4, v=11)
+        )
+        f = partial(
+            jsoftmax.linear_softmax_cross_entropy,
+            labels=labels,
+            chunk_size=4,
+            label_smoothing=0.1,
+            z_loss=0.01,
+            soft_cap=5.0,
+        )
+        where = jnp.array([True, False, True])
+        jax.test_util.check_grads(
+            lambda x, w, b: f(x, w, bias=b, where=where),
+            (x, w, bias),
+            order=1,
+            modes=["rev"],
+        )
+
+
+def test_vmap_checkpoint_scan():
+    x, w, bias, labels = _data(3)
+    xs = jnp.stack([x, 2 * x, -x])
+
+    def loss(fn, x):
+        return fn(x, w, labels, bias=bias)
+
+    ours = partial(jsoftmax.linear_softmax_cross_entropy, chunk_size=8)
+    ref = partial(reference)
+    got = jax.vmap(jax.grad(partial(loss, ours)))(xs)
+    want = jax.vmap(jax.grad(lambda x: ref(x, w, bias, labels)))(xs)
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+
+    def scan_loss(fn, xs):
+        return jax.lax.scan(lambda c, x: (c + loss(fn, x), None), 0.0, xs)[0]
+
+    with jax.checking_leaks():
+        got = jax.jit(jax.grad(jax.checkpoint(partial(scan_loss, ours))))(xs)
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+def test_masked_tokens_count_zero_even_with_bad_labels():
+    x, w, bias, labels = _data(4)
+    where = jnp.array([True, True, False, True, False, True])
+    labels = jnp.where(where, labels, -100)  # padding ids, as in many pipelines
+    loss, grads = jax.value_and_grad(
+        lambda x, w: jsoftmax.linear_softmax_cross_entropy(x, w, labels, where=where),
+        (0, 1),
+    )(x, w)
+    assert bool(jnp.isfinite(loss))
+    assert bool(jnp.all(jnp.isfinite(grads[1])))
+    chex.assert_trees_all_equal(grads[0][2], jnp.zeros(D))
+    want = reference(x, w, None, jnp.where(where, labels, 0), where=where)
+    chex.assert_trees_all_close(loss, want, atol=1e-6)
+    none_counted = jsoftmax.linear_softmax_cross_entropy(
+        x, w, labels, where=jnp.zeros(B, bool)
+    )
+    assert float(none_counted) == 0.0
+
+
+def test_counted_label_out_of_range_is_nan():
+    x, w, _, labels = _data(5)
+    per_token = jsoftmax.linear_softmax_cross_entropy(
+        x, w, labels.at[1].set(V), reduction="none"
+    )
+    assert bool(jnp.isnan(per_token[1]))
+    assert bool(jnp.all(jnp.isfinite(jnp.delete(per_token, 1))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(dtype):
+    x, w, bias, labels = _data(6, b=32, d=16, v=500)
+    x16, w16 = x.astype(dtype), w.astype(dtype)
+    loss, (dx, dw) = jax.value_and_grad(
+        lambda x, w: jsoftmax.linear_softmax_cross_entropy(x, w, labels, chunk_size=64),
+        (0, 1),
+    )(x16, w16)
+    chex.assert_type((loss, dx, dw), dtype)
+    want, (dx32, dw32) = jax.value_and_grad(
+        lambda x, w: reference(x, w, None, labels), (0, 1)
+    )(x16.astype(jnp.float32), w16.astype(jnp.float32))
+    chex.assert_trees_all_close(loss.astype(jnp.float32), want, rtol=1e-2)
+    scale = jnp.max(jnp.abs(dw32))
+    chex.assert_trees_all_close(dw.astype(jnp.float32) / scale, dw32 / scale, atol=1e-2)
+    scale = jnp.max(jnp.abs(dx32))
+    chex.assert_trees_all_close(dx.astype(jnp.float32) / scale, dx32 / scale, atol=1e-2)
+
+
+def test_never_materialises_the_logits():
+    b, d, v = 1024, 64, 16384
+    shapes = (
+        jax.ShapeDtypeStruct((b, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    fused = jax.jit(
+        jax.value_and_grad(jsoftmax.linear_softmax_cross_entropy, (0, 1))
+    ).lower(*shapes)
+    unfused = jax.jit(
+        jax.value_and_grad(lambda x, w, y: reference(x, w, None, y), (0, 1))
+    ).lower(*shapes)
+    logits_bytes = b * v * 4
+    fused_temp = fused.compile().memory_analysis().temp_size_in_bytes
+    unfused_temp = unfused.compile().memory_analysis().temp_size_in_bytes
+    assert unfused_temp >= logits_bytes
+    assert fused_temp < logits_bytes / 4
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(4096, 32768) == 512
+    assert default_chunk_size(8, 32768) == 8192
+    assert default_chunk_size(10**6, 32768) == 128
+    assert default_chunk_size(4096, 100) == 100
+
+
+def test_errors_name_shapes():
+    x, w, bias, labels = _data()
+    f = jsoftmax.linear_softmax_cross_entropy
+    with pytest.raises(ValueError, match=r"\(6, 5\).*\(4, 37\)"):
+        f(x, w[:4], labels)
+    with pytest.raises(ValueError, match=r"\(7,\).*\(6,\)"):
+        f(x, w, jnp.zeros(7, jnp.int32))
+    with pytest.raises(ValueError, match=r"bias of shape \(36,\)"):
+        f(x, w, labels, bias=bias[:36])
+    with pytest.raises(ValueError, match=r"where of shape \(6, 37\)"):
+        f(x, w, labels, where=jnp.ones((6, 37), bool))
+    with pytest.raises(ValueError, match="reduction"):
+        f(x, w, labels, reduction="max")
+    with pytest.raises(ValueError, match="chunk_size"):
+        f(x, w, labels, chunk_size=0)
+    with pytest.raises(TypeError, match="integer"):
+        f(x, w, labels.astype(jnp.float32))
