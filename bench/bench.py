@@ -1,0 +1,385 @@
+"""Benchmark jsoftmax against jax.nn, naive autodiff and the memory floor.
+
+Run from a checkout with the package installed (``pip install -e '.[bench]'``):
+
+    python -m jsoftmax bench            # CPU sweep, writes bench/results/
+    python -m jsoftmax bench --quick    # tiny shapes, a smoke run
+    python -m jsoftmax bench --gpu      # the GPU shape set, file named by device
+
+Everything runs in one process, side by side: for each shape every
+implementation is compiled, checked against jax.nn, warmed up, then timed in
+interleaved rounds (each round runs every implementation once, in turn), and
+the median, min and max over rounds are reported. Ratios are what to read;
+these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import config as jax_config
+from jax._src.ad_checkpoint import saved_residuals
+
+import jsoftmax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def naive_softmax(x, where=None):
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, -1, keepdims=True)))
+    y = e / jnp.sum(e, -1, keepdims=True)
+    return y if where is None else jnp.where(where, y, 0.0)
+
+
+def naive_log_softmax(x, where=None):
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    s = x - jax.lax.stop_gradient(jnp.max(x, -1, keepdims=True))
+    o = s - jnp.log(jnp.sum(jnp.exp(s), -1, keepdims=True))
+    return o if where is None else jnp.where(where, o, -jnp.inf)
+
+
+@contextlib.contextmanager
+def _custom_jvp_flag(value):
+    with jax_config.softmax_custom_jvp(value):
+        yield
+
+
+def implementations(op):
+    """name -> (function of (x, where), config context)."""
+    ours = {"softmax": jsoftmax.softmax, "log_softmax": jsoftmax.log_softmax}[op]
+    nn = {"softmax": jax.nn.softmax, "log_softmax": jax.nn.log_softmax}[op]
+    naive = {"softmax": naive_softmax, "log_softmax": naive_log_softmax}[op]
+    impls = {
+        "jsoftmax": (lambda x, w: ours(x, where=w), contextlib.nullcontext),
+        "jax.nn": (lambda x, w: nn(x, where=w), lambda: _custom_jvp_flag(False)),
+        "naive": (naive, contextlib.nullcontext),
+    }
+    if op == "softmax":
+        # log_softmax has no custom_jvp variant in jax.nn.
+        impls["jax.nn(custom_jvp)"] = (
+            lambda x, w: nn(x, where=w),
+            lambda: _custom_jvp_flag(True),
+        )
+    return impls
+
+
+def floor_fns():
+    """Elementwise ops that move the bytes a softmax must move, and no more."""
+    fwd = jax.jit(lambda x: x * 2.0)  # read N, write N
+    bwd = jax.jit(lambda y, g: y * g)  # read 2N, write N
+    return fwd, bwd
+
+
+def _timed(fn, args, ctx, number):
+    """Seconds per call, over ``number`` back-to-back calls."""
+    with ctx():
+        start = time.perf_counter()
+        for _ in range(number):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / number
+
+
+def _calls_per_sample(fn, args, ctx):
+    """Enough calls that one sample lasts about 5 ms, so dispatch noise averages out."""
+    once = _timed(fn, args, ctx, 1)
+    return int(min(max(5e-3 / max(once, 1e-7), 1), 200))
+
+
+def measure(shape, dtype, masked, op, rounds, check=True):
+    key = jax.random.key(0)
+    x = (3 * jax.random.normal(key, shape)).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+    where = (
+        (jax.random.uniform(jax.random.key(2), shape[-1:]) > 0.2).at[0].set(True)
+        if masked
+        else None
+    )
+    impls = implementations(op)
+    runs = {}
+    info = {}
+    for name, (f, ctx) in impls.items():
+        fwd = jax.jit(lambda x, f=f: f(x, where))
+
+        def fwd_bwd(x, g, f=f):
+            y, vjp = jax.vjp(lambda x: f(x, where), x)
+            return y, vjp(g)[0]
+
+        fwd_bwd = jax.jit(fwd_bwd)
+        with ctx():
+            t0 = time.perf_counter()
+            compiled = fwd_bwd.lower(x, g).compile()
+            compile_s = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            res = saved_residuals(lambda x, f=f: f(x, where), x)
+            jax.block_until_ready(fwd(x))
+            jax.block_until_ready(fwd_bwd(x, g))
+        info[name] = dict(
+            compile_s=compile_s,
+            temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
+            residual_bytes=int(
+                sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a, _ in res)
+            ),
+        )
+        runs[name] = (fwd, fwd_bwd, ctx)
+    if check:
+        _check(runs, x, g)
+    floor_fwd, floor_bwd = floor_fns()
+    y = jax.block_until_ready(floor_fwd(x))
+    jax.block_until_ready(floor_bwd(y, g))
+    null = contextlib.nullcontext
+    number = _calls_per_sample(runs["jax.nn"][1], (x, g), runs["jax.nn"][2])
+    times = {name: {"fwd": [], "fwd_bwd": []} for name in runs}
+    times["floor"] = {"fwd": [], "fwd_bwd": []}
+    for _ in range(rounds):
+        for name, (fwd, fwd_bwd, ctx) in runs.items():
+            times[name]["fwd"].append(_timed(fwd, (x,), ctx, number))
+            times[name]["fwd_bwd"].append(_timed(fwd_bwd, (x, g), ctx, number))
+        tf = _timed(floor_fwd, (x,), null, number)
+        tb = _timed(floor_bwd, (y, g), null, number)
+        times["floor"]["fwd"].append(tf)
+        times["floor"]["fwd_bwd"].append(tf + tb)
+    return times, info
+
+
+def _check(runs, x, g):
+    """Every implementation agrees with jax.nn before it is timed."""
+    outs = {}
+    for name, (_, fwd_bwd, ctx) in runs.items():
+        with ctx():
+            outs[name] = [np.asarray(a, np.float32) for a in fwd_bwd(x, g)]
+    base = outs["jax.nn"]
+    tol = 1e-4 if x.dtype == jnp.float32 else 5e-2
+    for name, (y, dx) in outs.items():
+        for got, want, what in ((y, base[0], "value"), (dx, base[1], "gradient")):
+            ok = np.isfinite(want)
+            scale = 1 + np.max(np.abs(want[ok]), initial=0)
+            err = np.max(np.abs(got[ok] - want[ok]), initial=0) / scale
+            if err > tol:
+                raise AssertionError(f"{name}: {what} differs from jax.nn by {err}")
+
+
+def sweep(gpu, quick):
+    """(label, shape, dtype, masked) cases."""
+    if quick:
+        shapes = [("rows128", (64, 128)), ("rows4096", (8, 4096))]
+        return [(label, s, d, False) for label, s in shapes for d in ("float32",)] + [
+            ("rows128+where", (64, 128), "float32", True)
+        ]
+    if gpu:
+        shapes = [
+            ("rows128", (8192, 128)),
+            ("rows4096", (4096, 4096)),
+            ("rows4096", (32768, 4096)),
+            ("rows131072", (512, 131072)),
+            ("attn[b,h,q,k]", (8, 16, 1024, 1024)),
+        ]
+    else:
+        shapes = [
+            ("rows128", (80, 128)),
+            ("rows128", (8192, 128)),
+            ("rows4096", (256, 4096)),
+            ("rows4096", (2048, 4096)),
+            ("rows131072", (8, 131072)),
+            ("rows131072", (128, 131072)),
+            ("attn[b,h,q,k]", (4, 8, 512, 512)),
+            ("rows4096", (24576, 4096)),
+        ]
+    cases = [
+        (label, s, d, False) for label, s in shapes for d in ("float32", "bfloat16")
+    ]
+    cases.append(("rows4096+where", (2048, 4096), "float32", True))
+    return cases
+
+
+def machine():
+    dev = jax.devices()[0]
+    return (
+        f"{dev.device_kind} ({dev.platform}), {os.cpu_count()} CPU cores, "
+        f"{platform.machine()}, jax {jax.__version__}"
+    )
+
+
+def _rounds(n_elements, quick):
+    if quick:
+        return 2
+    return 15 if n_elements < 1e6 else 9 if n_elements < 2e7 else 5
+
+
+def run(gpu=False, quick=False):
+    rows = []
+    for op in ("softmax", "log_softmax"):
+        for label, shape, dtype, masked in sweep(gpu, quick):
+            n = int(np.prod(shape))
+            times, info = measure(shape, dtype, masked, op, _rounds(n, quick))
+            for name, t in times.items():
+                row = dict(
+                    op=op,
+                    label=label,
+                    shape=list(shape),
+                    n=n,
+                    dtype=dtype,
+                    masked=masked,
+                    impl=name,
+                )
+                for mode in ("fwd", "fwd_bwd"):
+                    v = np.array(t[mode])
+                    row[mode] = dict(
+                        median=float(np.median(v)),
+                        min=float(v.min()),
+                        max=float(v.max()),
+                    )
+                row.update(info.get(name, {}))
+                rows.append(row)
+            print(f"{op:11s} {label:15s} {str(shape):22s} {dtype:8s} done", flush=True)
+    return rows
+
+
+def ratios(rows):
+    """jsoftmax / other, per case, for medians."""
+    out = []
+    key = lambda r: (r["op"], r["label"], tuple(r["shape"]), r["dtype"], r["masked"])  # noqa: E731
+    cases = {}
+    for r in rows:
+        cases.setdefault(key(r), {})[r["impl"]] = r
+    for k, impls in cases.items():
+        ours = impls["jsoftmax"]
+        entry = dict(zip(("op", "label", "shape", "dtype", "masked"), k, strict=True))
+        entry["n"] = ours["n"]
+        for mode in ("fwd", "fwd_bwd"):
+            for other in impls:
+                if other == "jsoftmax":
+                    continue
+                entry[f"{mode}/{other}"] = (
+                    ours[mode]["median"] / impls[other][mode]["median"]
+                )
+        entry["residual_bytes"] = {
+            n: r["residual_bytes"] for n, r in impls.items() if n != "floor"
+        }
+        entry["temp_bytes"] = {
+            n: r["temp_bytes"] for n, r in impls.items() if n != "floor"
+        }
+        entry["compile_s"] = {
+            n: r["compile_s"] for n, r in impls.items() if n != "floor"
+        }
+        out.append(entry)
+    return out
+
+
+def markdown(rows, title):
+    lines = [f"# {title}", "", f"Machine: {machine()}.", ""]
+    lines += [
+        "Ratios are jsoftmax's median time over the other's (below 1: jsoftmax is "
+        "faster), from interleaved rounds in one process. `floor` is an elementwise "
+        "op moving the minimum bytes (forward: read N, write N; backward: read 2N, "
+        "write N).",
+        "",
+        "| op | shape | dtype | where | fwd / jax.nn | fwd+bwd / jax.nn | "
+        "fwd+bwd / jax.nn(custom_jvp) | fwd+bwd / naive | fwd / floor | "
+        "fwd+bwd / floor | residual bytes (ours / jax.nn) | temp bytes (ours / jax.nn) "
+        "| compile s (ours / jax.nn) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in ratios(rows):
+        cj = e.get("fwd_bwd/jax.nn(custom_jvp)")
+        lines.append(
+            f"| {e['op']} | {tuple(e['shape'])} | {e['dtype']} "
+            f"| {'yes' if e['masked'] else ''} "
+            f"| {e['fwd/jax.nn']:.2f} | {e['fwd_bwd/jax.nn']:.2f} | "
+            f"{'' if cj is None else f'{cj:.2f}'} | {e['fwd_bwd/naive']:.2f} | "
+            f"{e['fwd/floor']:.2f} | {e['fwd_bwd/floor']:.2f} | "
+            f"{e['residual_bytes']['jsoftmax']} / {e['residual_bytes']['jax.nn']} | "
+            f"{e['temp_bytes']['jsoftmax']} / {e['temp_bytes']['jax.nn']} | "
+            f"{e['compile_s']['jsoftmax']:.2f} / {e['compile_s']['jax.nn']:.2f} |"
+        )
+    lines += ["", "## Summary", ""]
+    for op in ("softmax", "log_softmax"):
+        for dtype in ("float32", "bfloat16"):
+            es = [e for e in ratios(rows) if e["op"] == op and e["dtype"] == dtype]
+            if not es:
+                continue
+            fb = np.array([e["fwd_bwd/jax.nn"] for e in es])
+            fw = np.array([e["fwd/jax.nn"] for e in es])
+            lines.append(
+                f"- {op} {dtype}: fwd+bwd / jax.nn median {np.median(fb):.2f}, worst "
+                f"{fb.max():.2f}; fwd / jax.nn median {np.median(fw):.2f}, worst "
+                f"{fw.max():.2f}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for i, op in enumerate(("softmax", "log_softmax")):
+        for j, mode in enumerate(("fwd", "fwd_bwd")):
+            ax = axes[i][j]
+            sel = [
+                r
+                for r in rows
+                if r["op"] == op and r["dtype"] == "float32" and not r["masked"]
+            ]
+            for impl in sorted({r["impl"] for r in sel}):
+                pts = sorted(
+                    (r["n"], r[mode]["median"] / r["n"])
+                    for r in sel
+                    if r["impl"] == impl
+                )
+                ax.loglog(
+                    [p[0] for p in pts], [p[1] * 1e9 for p in pts], "o-", label=impl
+                )
+            ax.set_title(f"{op} {mode.replace('_', '+')} (float32)")
+            ax.set_xlabel("elements")
+            ax.set_ylabel("ns per element")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(machine(), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jsoftmax bench")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke run")
+    parser.add_argument("--gpu", action="store_true", help="GPU shape set")
+    parser.add_argument("--out", default=None, help="results folder")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run(gpu=args.gpu, quick=args.quick)
+    if args.quick:
+        stem = "softmax_quick"
+    elif args.gpu:
+        stem = "softmax_" + jax.devices()[0].device_kind.replace(" ", "_")
+    else:
+        stem = "softmax_cpu"
+    (out / f"{stem}.json").write_text(
+        json.dumps(dict(machine=machine(), rows=rows), indent=1)
+    )
+    (out / f"{stem}.md").write_text(
+        markdown(rows, f"jsoftmax softmax benchmark ({stem})")
+    )
+    plot(rows, out / f"{stem}.png")
+    print((out / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
