@@ -16,6 +16,7 @@ from jsoftmax._checks import (
     mask_input,
     normalize_axis,
 )
+from jsoftmax._collectives import num_shards, pmax, psum, shard_offset
 
 # Shared by the per-example losses and the fused linear loss.
 
@@ -48,23 +49,23 @@ def cap_grad(dz, z_capped, soft_cap):
     return dz * (1 - jnp.square(z_capped / soft_cap))
 
 
-def logsumexp_parts(z, axes):
+def logsumexp_parts(z, axes, axis_name=None):
     """Row logsumexp of ``z`` (masked entries already -inf), 0 for empty rows.
 
     Shifted by the row max, so ``exp`` cannot overflow; a row with no valid
     entry gets 0 so that it contributes no loss and no NaN.
     """
-    m = jnp.max(z, axes, keepdims=True)
+    m = pmax(jnp.max(z, axes, keepdims=True), axis_name)
     m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0, m))
-    s = jnp.sum(jnp.exp(z - m), axes, keepdims=True)
+    s = psum(jnp.sum(jnp.exp(z - m), axes, keepdims=True), axis_name)
     return jnp.where(s == 0, 0, m + jnp.log(jnp.where(s == 0, 1, s)))
 
 
-def _prepare_logits(logits, where, axes, soft_cap):
+def _prepare_logits(logits, where, axes, soft_cap, axis_name):
     """Capped, masked logits in the compute dtype and the per-row lse."""
     z = cap(logits.astype(compute_dtype(logits.dtype)), soft_cap)
     z = _masked_fill(z, where, -jnp.inf)
-    return z, logsumexp_parts(z, axes)
+    return z, logsumexp_parts(z, axes, axis_name)
 
 
 def _masked_fill(x, where, fill):
@@ -73,18 +74,19 @@ def _masked_fill(x, where, fill):
     return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
 
 
-def _class_count(where, shape, axes, dtype):
-    """Number of valid classes per row (keepdims), in ``dtype``."""
+def _class_count(where, shape, axes, dtype, axis_name):
+    """Number of valid classes per row (keepdims), in ``dtype``, all shards."""
     if where is None:
-        return np.asarray(np.prod([shape[a] for a in axes]), dtype)
+        local = np.prod([shape[a] for a in axes])
+        return jnp.asarray(local * num_shards(axis_name), dtype)
     full = jnp.broadcast_to(where, shape)
-    return jnp.sum(full, axes, keepdims=True, dtype=dtype)
+    return psum(jnp.sum(full, axes, keepdims=True, dtype=dtype), axis_name)
 
 
-def _smoothed(q, where, axes, label_smoothing):
+def _smoothed(q, where, axes, label_smoothing, axis_name):
     """``(1 - a) q + a / K`` over the valid classes, 0 at masked classes."""
     if label_smoothing:
-        k = _class_count(where, q.shape, axes, q.dtype)
+        k = _class_count(where, q.shape, axes, q.dtype, axis_name)
         q = (1 - label_smoothing) * q + label_smoothing / jnp.maximum(k, 1)
     return _masked_fill(q, where, 0)
 
@@ -98,6 +100,7 @@ def softmax_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     soft_cap: float | None = None,
+    axis_name=None,
 ) -> jax.Array:
     r"""Cross-entropy between softmax(logits) and probability labels.
 
@@ -127,6 +130,10 @@ def softmax_cross_entropy(
       label_smoothing: :math:`a \in [0, 1]`, a static float.
       z_loss: :math:`\zeta \ge 0`, a static float.
       soft_cap: :math:`c > 0` or None, a static float.
+      axis_name: inside ``jax.shard_map``, the mesh axis over which the class
+        axis (logits and labels alike) is split. The forward pass takes one
+        ``pmax`` and one ``psum`` (loss terms and label sums travel together);
+        the backward pass needs no collective. ``None``: no collectives.
 
     Returns:
       Per-example losses: the shape of ``logits`` without ``axis``, in the
@@ -158,38 +165,45 @@ def softmax_cross_entropy(
     axes = normalize_axis(axis, logits.ndim, logits.shape)
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
-    return _softmax_cross_entropy(logits, labels, where, axes, *options)
+    return _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _softmax_cross_entropy(
-    logits, labels, where, axes, label_smoothing, z_loss, soft_cap
+    logits, labels, where, axes, label_smoothing, z_loss, soft_cap, axis_name
 ):
     return _softmax_cross_entropy_fwd(
-        logits, labels, where, axes, label_smoothing, z_loss, soft_cap
+        logits, labels, where, axes, label_smoothing, z_loss, soft_cap, axis_name
     )[0]
 
 
 def _softmax_cross_entropy_fwd(
-    logits, labels, where, axes, label_smoothing, z_loss, soft_cap
+    logits, labels, where, axes, label_smoothing, z_loss, soft_cap, axis_name
 ):
-    z, lse = _prepare_logits(logits, where, axes, soft_cap)
-    q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing)
+    z, lse = _prepare_logits(logits, where, axes, soft_cap, axis_name)
+    q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
     # 0 * (L - z) counts 0 even at z = -inf (as in x log x at 0).
     terms = jnp.where(q == 0, 0, q * (lse - z))
-    loss = jnp.sum(terms, axes, keepdims=True) + z_loss * jnp.square(lse)
+    # sum(q) is kept for the backward pass, so that it needs no collective.
+    total, q_sum = psum(
+        (jnp.sum(terms, axes, keepdims=True), jnp.sum(q, axes, keepdims=True)),
+        axis_name,
+    )
+    loss = total + z_loss * jnp.square(lse)
     loss = jnp.squeeze(loss, axes).astype(logits.dtype)
-    return loss, (logits, labels, where, lse)
+    return loss, (logits, labels, where, lse, q_sum)
 
 
 # dz = g * ((sum(q) + 2 z_loss L) * p - q);  dq = g * (1 - a) * (L - z)
-def _softmax_cross_entropy_bwd(axes, label_smoothing, z_loss, soft_cap, res, g):
-    logits, labels, where, lse = res
-    z, _ = _prepare_logits(logits, where, axes, soft_cap)
-    q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing)
+def _softmax_cross_entropy_bwd(
+    axes, label_smoothing, z_loss, soft_cap, axis_name, res, g
+):
+    logits, labels, where, lse, q_sum = res
+    z = _masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
+    q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
     g = jnp.expand_dims(g.astype(z.dtype), axes)
     p = jnp.exp(z - lse)
-    scale = jnp.sum(q, axes, keepdims=True) + 2 * z_loss * lse
+    scale = q_sum + 2 * z_loss * lse
     # Masked classes are 0: their capped logit is -inf, so cap_grad is NaN there.
     dz = _masked_fill(cap_grad(g * (scale * p - q), z, soft_cap), where, 0)
     dlabels = _masked_fill(g * (1 - label_smoothing) * (lse - z), where, 0)
@@ -221,6 +235,7 @@ def softmax_cross_entropy_with_integer_labels(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     soft_cap: float | None = None,
+    axis_name=None,
 ) -> jax.Array:
     r"""Cross-entropy between softmax(logits) and integer class ids.
 
@@ -240,6 +255,10 @@ def softmax_cross_entropy_with_integer_labels(
       where: optional class mask broadcastable to ``logits`` (as in
         :func:`softmax_cross_entropy`).
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
+      axis_name: inside ``jax.shard_map``, the mesh axis over which the class
+        axis is split. Labels stay global class ids: each shard finds its own
+        slice of classes from ``lax.axis_index``. The forward pass takes one
+        ``pmax`` and one ``psum``; the backward pass needs no collective.
 
     Returns:
       Per-example losses of the shape of ``labels``, in the dtype of
@@ -270,39 +289,45 @@ def softmax_cross_entropy_with_integer_labels(
     )
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
-    return _integer_cross_entropy(logits, labels, where, ax, *options)
+    return _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
 
 
-def _target_parts(z, labels, axis):
-    """One-hot of ``labels`` along ``axis`` and whether each label is in range."""
-    k = z.shape[axis]
+def _target_parts(z, labels, axis, axis_name):
+    """One-hot of ``labels`` along ``axis`` on this shard's classes, and
+    whether each label is a valid global class id."""
+    local = z.shape[axis]
     labels = jnp.expand_dims(labels, axis)
     classes = lax.broadcasted_iota(labels.dtype, z.shape, axis)
-    in_range = (labels >= 0) & (labels < k)
+    classes = classes + jnp.asarray(shard_offset(axis_name, local), labels.dtype)
+    in_range = (labels >= 0) & (labels < local * num_shards(axis_name))
     return classes == labels, in_range
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _integer_cross_entropy(
-    logits, labels, where, axis, label_smoothing, z_loss, soft_cap
+    logits, labels, where, axis, label_smoothing, z_loss, soft_cap, axis_name
 ):
     return _integer_cross_entropy_fwd(
-        logits, labels, where, axis, label_smoothing, z_loss, soft_cap
+        logits, labels, where, axis, label_smoothing, z_loss, soft_cap, axis_name
     )[0]
 
 
 def _integer_cross_entropy_fwd(
-    logits, labels, where, axis, label_smoothing, z_loss, soft_cap
+    logits, labels, where, axis, label_smoothing, z_loss, soft_cap, axis_name
 ):
     axes = (axis,)
-    z, lse = _prepare_logits(logits, where, axes, soft_cap)
-    onehot, in_range = _target_parts(z, labels, axis)
+    z, lse = _prepare_logits(logits, where, axes, soft_cap, axis_name)
+    onehot, in_range = _target_parts(z, labels, axis, axis_name)
     z_target = jnp.sum(jnp.where(onehot, z, 0), axes, keepdims=True)
+    if label_smoothing:
+        # The target logit and the logits' sum travel in one psum.
+        z_sum = jnp.sum(_masked_fill(z, where, 0), axes, keepdims=True)
+        z_target, z_sum = psum((z_target, z_sum), axis_name)
+    else:
+        z_target = psum(z_target, axis_name)
     loss = lse - (1 - label_smoothing) * z_target + z_loss * jnp.square(lse)
     if label_smoothing:
-        k = _class_count(where, z.shape, axes, z.dtype)
-        z_valid = _masked_fill(z, where, 0)
-        z_sum = jnp.sum(z_valid, axes, keepdims=True)
+        k = _class_count(where, z.shape, axes, z.dtype, axis_name)
         loss = loss - label_smoothing * z_sum / jnp.maximum(k, 1)
     loss = jnp.where(in_range, loss, jnp.nan)
     loss = jnp.squeeze(loss, axes).astype(logits.dtype)
@@ -310,13 +335,15 @@ def _integer_cross_entropy_fwd(
 
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / K)
-def _integer_cross_entropy_bwd(axis, label_smoothing, z_loss, soft_cap, res, g):
+def _integer_cross_entropy_bwd(
+    axis, label_smoothing, z_loss, soft_cap, axis_name, res, g
+):
     logits, labels, where, lse = res
     axes = (axis,)
-    z, _ = _prepare_logits(logits, where, axes, soft_cap)
-    onehot, in_range = _target_parts(z, labels, axis)
+    z = _masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
+    onehot, in_range = _target_parts(z, labels, axis, axis_name)
     g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
-    q = _smoothed(onehot.astype(z.dtype), where, axes, label_smoothing)
+    q = _smoothed(onehot.astype(z.dtype), where, axes, label_smoothing, axis_name)
     p = jnp.exp(z - lse)
     dz = cap_grad(g * ((1 + 2 * z_loss * lse) * p - q), z, soft_cap)
     return _masked_fill(dz, where, 0).astype(logits.dtype), None, None

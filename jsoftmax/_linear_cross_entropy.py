@@ -10,6 +10,7 @@ import numpy as np
 from jax import lax
 
 from jsoftmax._checks import compute_dtype, float_input, mask_input
+from jsoftmax._collectives import num_shards, pmax, psum, shard_offset
 from jsoftmax._cross_entropy import (
     cap,
     cap_grad,
@@ -49,6 +50,7 @@ def linear_softmax_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     soft_cap: float | None = None,
+    axis_name=None,
 ) -> jax.Array:
     r"""Cross-entropy of ``softmax(x @ w + bias)`` without materialising the logits.
 
@@ -75,6 +77,12 @@ def linear_softmax_cross_entropy(
         multiple. Default :func:`default_chunk_size`: about 8 MiB of float32
         logits per chunk.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
+      axis_name: inside ``jax.shard_map``, the mesh axis over which the vocab
+        columns of ``w`` (and ``bias``) are split, ``x`` being the same on
+        every shard (vocab parallelism). Labels stay global ids. The forward
+        pass takes one ``pmax`` and one ``psum``; the backward pass one
+        ``psum``, of ``dx`` (each shard holds a partial sum); ``dw`` and
+        ``dbias`` stay local. Each shard walks its own columns in chunks.
 
     Returns:
       A scalar for ``"mean"``/``"sum"``, else ``[B]``, in the dtype of ``x``
@@ -134,7 +142,9 @@ def linear_softmax_cross_entropy(
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
 
-    losses = _linear_cross_entropy(x, w, bias, labels, where, chunk_size, *options)
+    losses = _linear_cross_entropy(
+        x, w, bias, labels, where, chunk_size, *options, axis_name
+    )
     if reduction == "none":
         return losses.astype(dtype)
     total = jnp.sum(losses)
@@ -147,6 +157,24 @@ def linear_softmax_cross_entropy(
 def acc(x):
     """The accumulation dtype: float32 for 16-bit inputs, else x's dtype."""
     return compute_dtype(x.dtype)
+
+
+def _vma(a):
+    """The mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
+    return set(jax.typeof(a).manual_axis_type.varying)
+
+
+def _varying_like(tree, *arrays):
+    """Marks ``tree`` as varying over every mesh axis any of ``arrays`` varies
+    over, as ``lax.scan`` inside ``shard_map`` needs of a carry that the loop
+    body mixes with them. Outside ``shard_map`` nothing varies: a no-op."""
+    axes = set().union(*(_vma(a) for a in arrays if a is not None))
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - _vma(leaf)))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
 
 
 def _chunks(vocab, chunk_size):
@@ -175,7 +203,8 @@ def _target_logits(x, w, bias, labels, soft_cap):
 
 
 def _online_logsumexp(x, w, bias, chunk_size, soft_cap, want_sum):
-    """Per-token logsumexp over all columns, one chunk of logits at a time.
+    """Per-token running max, rescaled sum of exponentials (and plain sum of
+    the logits when ``want_sum``) over all columns, one chunk at a time.
 
     Keeps a running max ``m`` and a sum ``s`` of ``exp(z - m)`` rescaled when
     the max grows: the stable online form, never more than one chunk of
@@ -194,31 +223,45 @@ def _online_logsumexp(x, w, bias, chunk_size, soft_cap, want_sum):
 
     zeros = jnp.zeros((num_tokens,), acc(x))
     carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros)
+    carry = _varying_like(carry, x, w, bias)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
         carry, _ = step(carry, w.shape[1] - rest, rest)
-    m, s, total = carry
-    return m + jnp.log(s), total
+    return carry
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _linear_cross_entropy(
-    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap
+    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap, axis_name
 ):
     return _linear_cross_entropy_fwd(
-        x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap
-    )[0]
+        x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap,
+        axis_name,
+    )[0]  # fmt: skip
+
+
+def _local_labels(labels, w, axis_name):
+    """Labels relative to this shard's first column, and the global vocab size."""
+    local = w.shape[1]
+    offset = shard_offset(axis_name, local)
+    return labels - jnp.asarray(offset, labels.dtype), local * num_shards(axis_name)
 
 
 def _linear_cross_entropy_fwd(
-    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap
+    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap, axis_name
 ):
-    vocab = w.shape[1]
-    lse, z_sum = _online_logsumexp(
+    local_labels, vocab = _local_labels(labels, w, axis_name)
+    m, s, z_sum = _online_logsumexp(
         x, w, bias, chunk_size, soft_cap, want_sum=bool(label_smoothing)
     )
-    z_target = _target_logits(x, w, bias, labels, soft_cap)
+    here = (local_labels >= 0) & (local_labels < w.shape[1])
+    z_target = jnp.where(here, _target_logits(x, w, bias, local_labels, soft_cap), 0)
+    # Across shards: one pmax, then the rescaled sums and the target logit (held
+    # by one shard) in one psum.
+    m_all = pmax(m, axis_name)
+    s, z_sum, z_target = psum((s * jnp.exp(m - m_all), z_sum, z_target), axis_name)
+    lse = m_all + jnp.log(s)
     loss = lse - (1 - label_smoothing) * z_target + z_loss * jnp.square(lse)
     if label_smoothing:
         loss = loss - label_smoothing * z_sum / vocab
@@ -230,9 +273,11 @@ def _linear_cross_entropy_fwd(
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / V) * cap'(z)
 # dx = sum_chunks dz @ w_c.T;  dw_c = x.T @ dz;  dbias_c = sum(dz, tokens)
-def _linear_cross_entropy_bwd(chunk_size, label_smoothing, z_loss, soft_cap, res, g):
+def _linear_cross_entropy_bwd(
+    chunk_size, label_smoothing, z_loss, soft_cap, axis_name, res, g
+):
     x, w, bias, labels, where, lse = res
-    vocab = w.shape[1]
+    local_labels, vocab = _local_labels(labels, w, axis_name)
     g = g.astype(acc(x))
     g = jnp.where((labels >= 0) & (labels < vocab), g, jnp.nan)
     if where is not None:
@@ -246,7 +291,8 @@ def _linear_cross_entropy_bwd(chunk_size, label_smoothing, z_loss, soft_cap, res
         z = _chunk_logits(x, w, bias, start, size, soft_cap)
         p = jnp.exp(z - lse[:, None])
         columns = start + lax.broadcasted_iota(labels.dtype, (1, size), 1)
-        dz = p_coef * p - jnp.where(labels[:, None] == columns, target_coef, 0)
+        is_target = local_labels[:, None] == columns
+        dz = p_coef * p - jnp.where(is_target, target_coef, 0)
         if label_smoothing:
             dz = dz - uniform
         dz = cap_grad(dz, z, soft_cap).astype(x.dtype)
@@ -264,11 +310,15 @@ def _linear_cross_entropy_bwd(chunk_size, label_smoothing, z_loss, soft_cap, res
         jnp.zeros_like(w),
         None if bias is None else jnp.zeros_like(bias),
     )
-    starts, rest = _chunks(vocab, chunk_size)
+    carry = _varying_like(carry, x, w, bias)
+    local = w.shape[1]
+    starts, rest = _chunks(local, chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
-        carry, _ = step(carry, vocab - rest, rest)
+        carry, _ = step(carry, local - rest, rest)
     dx, dw, db = carry
+    # x is shared by every shard: its gradient is the sum of the shards' parts.
+    dx = psum(dx, axis_name)
     return dx.astype(x.dtype), dw, db, None, None
 
 

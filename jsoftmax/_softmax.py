@@ -16,6 +16,7 @@ from jsoftmax._checks import (
     mask_input,
     normalize_axis,
 )
+from jsoftmax._collectives import pmax, psum
 
 
 def _prepare(name, x, axis, where):
@@ -31,7 +32,7 @@ def _masked(x, where, fill):
     return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
 
 
-def _shifted(x, where, axes):
+def _shifted(x, where, axes, axis_name):
     """``x - max(x)`` in the compute dtype, with masked entries at -inf.
 
     The shift is the row max, so the largest exponent is exactly 0 and ``exp``
@@ -49,10 +50,13 @@ def _shifted(x, where, axes):
     x = _masked(x.astype(compute_dtype(x.dtype)), where, -jnp.inf)
     lowest = np.array(jnp.finfo(x.dtype).min, x.dtype)
     m = lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes)
+    m = lax.stop_gradient(pmax(m, axis_name))
     return x - jnp.expand_dims(m, axes)
 
 
-def softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.Array:
+def softmax(
+    x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None, axis_name=None
+) -> jax.Array:
     r"""Softmax along ``axis``, with a backward pass that reuses the output.
 
     .. math::
@@ -72,6 +76,11 @@ def softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.Arra
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are 0 and their gradients are
         exactly 0, whatever the masked-out logits hold (huge, inf or NaN).
+      axis_name: inside ``jax.shard_map``, the mesh axis over which the
+        softmax axis is split (vocab / tensor parallelism). The local
+        reductions are finished by one ``pmax`` and one ``psum`` in the forward
+        pass and one ``psum`` in the backward pass; the result and its gradient
+        equal the unsharded op's. ``None`` (default): no collectives.
 
     Returns:
       An array of the shape and (floating) dtype of ``x``.
@@ -98,38 +107,40 @@ def softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.Arra
       Array([0.5, 0. , 0.5], dtype=float32)
     """
     x, axes, where = _prepare("softmax", x, axis, where)
-    return _softmax(x, where, axes)
+    return _softmax(x, where, axes, axis_name)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _softmax(x, where, axes):
-    e = jnp.exp(_shifted(x, where, axes))
-    s = jnp.sum(e, axes, keepdims=True)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax(x, where, axes, axis_name):
+    e = jnp.exp(_shifted(x, where, axes, axis_name))
+    s = psum(jnp.sum(e, axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0: their output is 0, not 0 / 0.
     # (A NaN sum, from +inf or NaN input, stays NaN.)
     inv = jnp.where(s == 0, 0, 1 / s)
     return (e * inv).astype(x.dtype)
 
 
-def _softmax_fwd(x, where, axes):
-    y = _softmax(x, where, axes)
+def _softmax_fwd(x, where, axes, axis_name):
+    y = _softmax(x, where, axes, axis_name)
     return y, (y, where)
 
 
 # dx = y * (g - sum(g * y, axis))
-def _softmax_bwd(axes, res, g):
+def _softmax_bwd(axes, axis_name, res, g):
     y, where = res
     dtype = compute_dtype(y.dtype)
     y32 = y.astype(dtype)
     g32 = _masked(g.astype(dtype), where, 0)
-    dx = y32 * (g32 - jnp.sum(g32 * y32, axes, keepdims=True))
+    dx = y32 * (g32 - psum(jnp.sum(g32 * y32, axes, keepdims=True), axis_name))
     return dx.astype(y.dtype), None
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.Array:
+def log_softmax(
+    x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None, axis_name=None
+) -> jax.Array:
     r"""Log-softmax along ``axis``, with a backward pass that reuses the output.
 
     .. math::
@@ -150,6 +161,11 @@ def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are ``-inf`` and their
         gradients are exactly 0, whatever the masked-out logits hold.
+      axis_name: inside ``jax.shard_map``, the mesh axis over which the
+        softmax axis is split (vocab / tensor parallelism). The local
+        reductions are finished by one ``pmax`` and one ``psum`` in the forward
+        pass and one ``psum`` in the backward pass; the result and its gradient
+        equal the unsharded op's. ``None`` (default): no collectives.
 
     Returns:
       An array of the shape and (floating) dtype of ``x``.
@@ -175,31 +191,31 @@ def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None) -> jax.
       Array([-inf, -inf], dtype=float32)
     """
     x, axes, where = _prepare("log_softmax", x, axis, where)
-    return _log_softmax(x, where, axes)
+    return _log_softmax(x, where, axes, axis_name)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _log_softmax(x, where, axes):
-    shifted = _shifted(x, where, axes)
-    s = jnp.sum(jnp.exp(shifted), axes, keepdims=True)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _log_softmax(x, where, axes, axis_name):
+    shifted = _shifted(x, where, axes, axis_name)
+    s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0 and stay at -inf instead of NaN.
     return (shifted - jnp.log(jnp.where(s == 0, 1, s))).astype(x.dtype)
 
 
-def _log_softmax_fwd(x, where, axes):
-    o = _log_softmax(x, where, axes)
+def _log_softmax_fwd(x, where, axes, axis_name):
+    o = _log_softmax(x, where, axes, axis_name)
     return o, o
 
 
 # dx = g - exp(o) * sum(g, axis), with g taken as 0 where o == -inf
-def _log_softmax_bwd(axes, o, g):
+def _log_softmax_bwd(axes, axis_name, o, g):
     dtype = compute_dtype(o.dtype)
     o32 = o.astype(dtype)
     # An output at -inf (masked out, a -inf input, or a row with no valid
     # entry) does not depend on x: it drops out of the sum and its gradient is
     # 0. The mask needs no saving: masked outputs are exactly -inf.
     g32 = jnp.where(o32 == -jnp.inf, 0, g.astype(dtype))
-    dx = g32 - jnp.exp(o32) * jnp.sum(g32, axes, keepdims=True)
+    dx = g32 - jnp.exp(o32) * psum(jnp.sum(g32, axes, keepdims=True), axis_name)
     return dx.astype(o.dtype), None
 
 

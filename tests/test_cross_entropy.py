@@ -163,7 +163,8 @@ def test_second_order_and_finite_differences_float64():
 def test_saves_logits_labels_and_row_logsumexp_only():
     logits, probs, ids = _data((8, 16))
     res = saved_residuals(jsoftmax.softmax_cross_entropy, logits, probs)
-    assert sorted(a.shape for a, _ in res) == [(8, 1), (8, 16), (8, 16)]
+    # logits, labels, and per row: logsumexp and the label sum.
+    assert sorted(a.shape for a, _ in res) == [(8, 1), (8, 1), (8, 16), (8, 16)]
     res = saved_residuals(
         lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(z, ids), logits
     )

@@ -1,0 +1,178 @@
+"""Checks the ops over a class axis sharded across N host devices.
+
+Run as ``python tests/sharded_worker.py N``: it sets XLA_FLAGS for N CPU
+devices before importing jax (which is why it is a separate process), asserts
+that every sharded op equals the unsharded op (values and gradients), and
+prints one JSON line with the collective counts it found in the compiled HLO.
+"""
+
+import json
+import os
+import sys
+
+N = int(sys.argv[1])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N}"
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jsoftmax  # noqa: E402
+
+mesh = jax.make_mesh((N,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
+B, V = 4, 24  # 24 classes: 12, 6 or 3 per shard
+keys = jax.random.split(jax.random.key(N), 6)
+x = 3.0 * jax.random.normal(keys[0], (B, V))
+weights = jax.random.normal(keys[1], (B, V))
+where = (jnp.arange(V) % 5 != 3)[None, :].repeat(B, 0)
+probs = jax.nn.softmax(jax.random.normal(keys[2], (B, V)))
+ids = jax.random.randint(keys[3], (B,), 0, V)
+ids = jnp.where(where[0][ids], ids, 0)
+TOL = dict(atol=2e-6, rtol=2e-5)
+
+
+def sharded(f, in_specs, out_specs):
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+
+
+def count_collectives(fn, *args):
+    text = fn.lower(*args).compile().as_text()
+    return {
+        "all-reduce": text.count(" all-reduce("),
+        "all-reduce-start": text.count(" all-reduce-start("),
+    }
+
+
+report = {}
+
+# softmax and log_softmax, with and without a mask.
+for name in ("softmax", "log_softmax"):
+    op = getattr(jsoftmax, name)
+    for mask in (None, where):
+
+        def loss(x, w, m, op=op, sharded_axis=None):
+            y = op(x, where=m, axis_name=sharded_axis)
+            y = jnp.where(m, y, 0.0) if m is not None else y
+            return jnp.sum(jnp.sin(y) * w)
+
+        spec = P(None, "v")
+        m_spec = None if mask is None else spec
+        fwd = sharded(
+            lambda x, m, op=op: op(x, where=m, axis_name="v"), (spec, m_spec), spec
+        )
+        chex.assert_trees_all_close(fwd(x, mask), op(x, where=mask), **TOL)
+        # The summed loss: each shard sums its columns, then one psum.
+        grad = sharded(
+            jax.grad(
+                lambda x, w, m: jax.lax.psum(loss(x, w, m, sharded_axis="v"), "v")
+            ),
+            (spec, spec, m_spec),
+            spec,
+        )
+        want = jax.grad(loss)(x, weights, mask)
+        chex.assert_trees_all_close(grad(x, weights, mask), want, **TOL)
+        if mask is None:
+            report[f"{name}/fwd"] = count_collectives(fwd, x, None)
+            vjp = sharded(
+                lambda x, g, op=op: jax.vjp(lambda x: op(x, axis_name="v"), x)[1](g)[0],
+                (spec, spec),
+                spec,
+            )
+            chex.assert_trees_all_close(
+                vjp(x, weights), jax.vjp(op, x)[1](weights)[0], **TOL
+            )
+            report[f"{name}/fwd+bwd"] = count_collectives(vjp, x, weights)
+
+# Per-example losses: logits split over classes, loss replicated.
+opts = dict(label_smoothing=0.1, z_loss=1e-2, soft_cap=4.0)
+for kw in ({}, opts, dict(opts, where=where)):
+    spec = P(None, "v")
+    m = kw.get("where")
+    rest = {k: v for k, v in kw.items() if k != "where"}
+
+    def ce(z, q, m, sharded_axis=None, rest=rest):
+        return jsoftmax.softmax_cross_entropy(
+            z, q, where=m, axis_name=sharded_axis, **rest
+        )
+
+    def int_ce(z, y, m, sharded_axis=None, rest=rest):
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(
+            z, y, where=m, axis_name=sharded_axis, **rest
+        )
+
+    m_spec = None if m is None else spec
+    f = sharded(lambda z, q, m: ce(z, q, m, "v"), (spec, spec, m_spec), P())
+    chex.assert_trees_all_close(f(x, probs, m), ce(x, probs, m), **TOL)
+    g = sharded(
+        jax.grad(
+            lambda z, q, m: jnp.sum(ce(z, q, m, "v") * jnp.arange(1.0, B + 1)), (0, 1)
+        ),
+        (spec, spec, m_spec),
+        (spec, spec),
+    )
+    want = jax.grad(
+        lambda z, q, m: jnp.sum(ce(z, q, m) * jnp.arange(1.0, B + 1)), (0, 1)
+    )
+    chex.assert_trees_all_close(g(x, probs, m), want(x, probs, m), **TOL)
+
+    f = sharded(lambda z, y, m: int_ce(z, y, m, "v"), (spec, P(), m_spec), P())
+    chex.assert_trees_all_close(f(x, ids, m), int_ce(x, ids, m), **TOL)
+    g = sharded(
+        jax.grad(lambda z, y, m: jnp.sum(int_ce(z, y, m, "v"))),
+        (spec, P(), m_spec),
+        spec,
+    )
+    chex.assert_trees_all_close(
+        g(x, ids, m), jax.grad(lambda z, m: jnp.sum(int_ce(z, ids, m)))(x, m), **TOL
+    )
+    if not kw:
+        chex.assert_trees_all_close(
+            f(x, ids, None),
+            optax.softmax_cross_entropy_with_integer_labels(x, ids),
+            **TOL,
+        )
+        report["ce_integer/fwd"] = count_collectives(f, x, ids, None)
+        report["ce_integer/fwd+bwd"] = count_collectives(g, x, ids, None)
+
+# Fused linear loss: w and bias split over vocab columns, x replicated.
+D, VL = 8, 40  # 40 columns: 20, 10 or 5 per shard, walked in chunks of 3
+x2 = jax.random.normal(keys[4], (B * 3, D))
+w2 = jax.random.normal(keys[5], (D, VL))
+b2 = jnp.linspace(-1.0, 1.0, VL)
+y2 = jax.random.randint(keys[3], (B * 3,), 0, VL)
+tok = jnp.arange(B * 3) % 4 != 1
+for kw in ({}, dict(opts, where=tok)):
+
+    def lin(x, w, b, sharded_axis=None, kw=kw):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, y2, bias=b, chunk_size=3, axis_name=sharded_axis, **kw
+        )
+
+    in_specs = (P(), P(None, "v"), P("v"))
+    f = sharded(lambda x, w, b: lin(x, w, b, "v"), in_specs, P())
+    chex.assert_trees_all_close(f(x2, w2, b2), lin(x2, w2, b2), **TOL)
+    g = sharded(
+        jax.grad(lambda x, w, b: lin(x, w, b, "v"), (0, 1, 2)), in_specs, in_specs
+    )
+    chex.assert_trees_all_close(
+        g(x2, w2, b2), jax.grad(lin, (0, 1, 2))(x2, w2, b2), **TOL
+    )
+    if not kw:
+        want = optax.softmax_cross_entropy_with_integer_labels(x2 @ w2 + b2, y2).mean()
+        chex.assert_trees_all_close(f(x2, w2, b2), want, **TOL)
+        report["linear/fwd"] = count_collectives(f, x2, w2, b2)
+        report["linear/fwd+bwd"] = count_collectives(g, x2, w2, b2)
+
+# Batch-sharded inputs under plain jit (no shard_map) just work and stay sharded.
+batch = NamedSharding(mesh, P("v"))
+xb = jax.device_put(jnp.tile(x, (2 * N, 1)), batch)
+yb = jax.jit(jsoftmax.softmax)(xb)
+assert yb.sharding.is_equivalent_to(batch, 2), yb.sharding
+chex.assert_trees_all_close(yb, jsoftmax.softmax(jnp.tile(x, (2 * N, 1))), **TOL)
+gb = jax.jit(jax.grad(lambda x: jnp.sum(jsoftmax.log_softmax(x) ** 2)))(xb)
+assert gb.sharding.is_equivalent_to(batch, 2), gb.sharding
+
+print(json.dumps(report))
