@@ -55,8 +55,11 @@ def logsumexp_parts(z, axes, axis_name=None):
     Shifted by the row max, so ``exp`` cannot overflow; a row with no valid
     entry gets 0 so that it contributes no loss and no NaN.
     """
-    m = pmax(jnp.max(z, axes, keepdims=True), axis_name)
-    m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0, m))
+    # The max starts from the lowest finite value (see _softmax._shifted): empty
+    # rows get a finite shift, and XLA keeps max -> exp -> sum fused.
+    lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
+    m = lax.reduce(lax.stop_gradient(z), lowest, lax.max, axes)
+    m = jnp.expand_dims(lax.stop_gradient(pmax(m, axis_name)), axes)
     s = psum(jnp.sum(jnp.exp(z - m), axes, keepdims=True), axis_name)
     return jnp.where(s == 0, 0, m + jnp.log(jnp.where(s == 0, 1, s)))
 
@@ -293,14 +296,14 @@ def softmax_cross_entropy_with_integer_labels(
 
 
 def _target_parts(z, labels, axis, axis_name):
-    """One-hot of ``labels`` along ``axis`` on this shard's classes, and
-    whether each label is a valid global class id."""
+    """Each label relative to this shard's classes, whether this shard holds
+    it, and whether it is a valid global class id (all keepdims along axis)."""
     local = z.shape[axis]
     labels = jnp.expand_dims(labels, axis)
-    classes = lax.broadcasted_iota(labels.dtype, z.shape, axis)
-    classes = classes + jnp.asarray(shard_offset(axis_name, local), labels.dtype)
+    here = labels - jnp.asarray(shard_offset(axis_name, local), labels.dtype)
+    holds = (here >= 0) & (here < local)
     in_range = (labels >= 0) & (labels < local * num_shards(axis_name))
-    return classes == labels, in_range
+    return here, holds, in_range
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -317,8 +320,10 @@ def _integer_cross_entropy_fwd(
 ):
     axes = (axis,)
     z, lse = _prepare_logits(logits, where, axes, soft_cap, axis_name)
-    onehot, in_range = _target_parts(z, labels, axis, axis_name)
-    z_target = jnp.sum(jnp.where(onehot, z, 0), axes, keepdims=True)
+    here, holds, in_range = _target_parts(z, labels, axis, axis_name)
+    # The target logit is a gather of one entry per row, not a pass over z.
+    safe = jnp.clip(here, 0, z.shape[axis] - 1)
+    z_target = jnp.where(holds, jnp.take_along_axis(z, safe, axis), 0)
     if label_smoothing:
         # The target logit and the logits' sum travel in one psum.
         z_sum = jnp.sum(_masked_fill(z, where, 0), axes, keepdims=True)
@@ -341,11 +346,15 @@ def _integer_cross_entropy_bwd(
     logits, labels, where, lse = res
     axes = (axis,)
     z = _masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
-    onehot, in_range = _target_parts(z, labels, axis, axis_name)
+    here, _, in_range = _target_parts(z, labels, axis, axis_name)
     g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
-    q = _smoothed(onehot.astype(z.dtype), where, axes, label_smoothing, axis_name)
-    p = jnp.exp(z - lse)
-    dz = cap_grad(g * ((1 + 2 * z_loss * lse) * p - q), z, soft_cap)
+    classes = lax.broadcasted_iota(here.dtype, z.shape, axis)
+    dz = g * (1 + 2 * z_loss * lse) * jnp.exp(z - lse)
+    dz = dz - jnp.where(classes == here, g * (1 - label_smoothing), 0)
+    if label_smoothing:
+        k = _class_count(where, z.shape, axes, z.dtype, axis_name)
+        dz = dz - g * label_smoothing / jnp.maximum(k, 1)
+    dz = cap_grad(dz, z, soft_cap)
     return _masked_fill(dz, where, 0).astype(logits.dtype), None, None
 
 
