@@ -171,11 +171,10 @@ def log_softmax(
       An array of the shape and (floating) dtype of ``x``.
 
     Rows with no valid entry (all masked out, or all ``-inf``) give ``-inf`` and
-    a zero gradient instead of NaN. A ``-inf`` entry in an otherwise valid row
-    gives ``-inf`` like ``jax.nn``, and is treated like a masked-out entry in
-    the backward pass: its gradient is 0 (``jax.nn`` passes the cotangent
-    through it). A row that holds ``+inf`` or NaN is NaN throughout, as in
-    ``jax.nn``.
+    a zero gradient instead of NaN. ``-inf`` entries in an otherwise valid row
+    behave as in ``jax.nn`` (output ``-inf``, and without a mask the cotangent
+    passes through them); with a mask, every ``-inf`` output counts as masked.
+    A row that holds ``+inf`` or NaN is NaN throughout, as in ``jax.nn``.
 
     Raises:
       TypeError: ``x`` is complex.
@@ -191,32 +190,44 @@ def log_softmax(
       Array([-inf, -inf], dtype=float32)
     """
     x, axes, where = _prepare("log_softmax", x, axis, where)
-    return _log_softmax(x, where, axes, axis_name)
+    return _log_softmax(x, where, axes, axis_name, where is not None)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _log_softmax(x, where, axes, axis_name):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _log_softmax(x, where, axes, axis_name, masked):
+    del masked  # Only the backward pass needs to know.
     shifted = _shifted(x, where, axes, axis_name)
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0 and stay at -inf instead of NaN.
     return (shifted - jnp.log(jnp.where(s == 0, 1, s))).astype(x.dtype)
 
 
-def _log_softmax_fwd(x, where, axes, axis_name):
-    o = _log_softmax(x, where, axes, axis_name)
+def _log_softmax_fwd(x, where, axes, axis_name, masked):
+    o = _log_softmax(x, where, axes, axis_name, masked)
     return o, o
 
 
-# dx = g - exp(o) * sum(g, axis), with g taken as 0 where o == -inf
-def _log_softmax_bwd(axes, axis_name, o, g):
+# dx = g - exp(o) * sum(g, axis)
+def _log_softmax_bwd(axes, axis_name, masked, o, g):
     dtype = compute_dtype(o.dtype)
-    o32 = o.astype(dtype)
-    # An output at -inf (masked out, a -inf input, or a row with no valid
-    # entry) does not depend on x: it drops out of the sum and its gradient is
-    # 0. The mask needs no saving: masked outputs are exactly -inf.
-    g32 = jnp.where(o32 == -jnp.inf, 0, g.astype(dtype))
-    dx = g32 - jnp.exp(o32) * psum(jnp.sum(g32, axes, keepdims=True), axis_name)
-    return dx.astype(o.dtype), None
+    o32, g32 = o.astype(dtype), g.astype(dtype)
+    if masked:
+        # Masked-out outputs are the constant -inf: their cotangents take no
+        # part. The mask itself needs no saving: those outputs are exactly -inf.
+        g32 = jnp.where(o32 == -jnp.inf, 0, g32)
+    total = jnp.sum(g32, axes, keepdims=True)
+    # A row whose outputs are all -inf (no valid entry) is constant: gradient
+    # 0. Its largest output tells; a max keeps XLA's reductions fused, where a
+    # count of finite outputs would materialise a converted copy of o. Across
+    # shards, the count shares the psum of the cotangent sum instead.
+    if axis_name is None:
+        valid = jnp.max(o32, axes, keepdims=True) > -jnp.inf
+    else:
+        finite = jnp.sum(o32 > -jnp.inf, axes, keepdims=True, dtype=dtype)
+        total, finite = psum((total, finite), axis_name)
+        valid = finite > 0
+    dx = g32 - jnp.exp(o32) * total
+    return jnp.where(valid, dx, 0).astype(o.dtype), None
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
