@@ -97,3 +97,10 @@ def mask_input(
     if where.dtype != jnp.bool_:
         where = where.astype(jnp.bool_)
     return where
+
+
+def masked_fill(x, where, fill):
+    """``x`` where the mask is set and ``fill`` elsewhere; ``x`` if no mask."""
+    if where is None:
+        return x
+    return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)

@@ -14,6 +14,7 @@ from jsoftmax._checks import (
     compute_dtype,
     float_input,
     mask_input,
+    masked_fill,
     normalize_axis,
 )
 from jsoftmax._collectives import num_shards, pmax, psum, shard_offset
@@ -67,14 +68,8 @@ def logsumexp_parts(z, axes, axis_name=None):
 def _prepare_logits(logits, where, axes, soft_cap, axis_name):
     """Capped, masked logits in the compute dtype and the per-row lse."""
     z = cap(logits.astype(compute_dtype(logits.dtype)), soft_cap)
-    z = _masked_fill(z, where, -jnp.inf)
+    z = masked_fill(z, where, -jnp.inf)
     return z, logsumexp_parts(z, axes, axis_name)
-
-
-def _masked_fill(x, where, fill):
-    if where is None:
-        return x
-    return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
 
 
 def _class_count(where, shape, axes, dtype, axis_name):
@@ -91,7 +86,7 @@ def _smoothed(q, where, axes, label_smoothing, axis_name):
     if label_smoothing:
         k = _class_count(where, q.shape, axes, q.dtype, axis_name)
         q = (1 - label_smoothing) * q + label_smoothing / jnp.maximum(k, 1)
-    return _masked_fill(q, where, 0)
+    return masked_fill(q, where, 0)
 
 
 def softmax_cross_entropy(
@@ -202,14 +197,14 @@ def _softmax_cross_entropy_bwd(
     axes, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     logits, labels, where, lse, q_sum = res
-    z = _masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
+    z = masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
     g = jnp.expand_dims(g.astype(z.dtype), axes)
     p = jnp.exp(z - lse)
     scale = q_sum + 2 * z_loss * lse
     # Masked classes are 0: their capped logit is -inf, so cap_grad is NaN there.
-    dz = _masked_fill(cap_grad(g * (scale * p - q), z, soft_cap), where, 0)
-    dlabels = _masked_fill(g * (1 - label_smoothing) * (lse - z), where, 0)
+    dz = masked_fill(cap_grad(g * (scale * p - q), z, soft_cap), where, 0)
+    dlabels = masked_fill(g * (1 - label_smoothing) * (lse - z), where, 0)
     return dz.astype(logits.dtype), dlabels.astype(labels.dtype), None
 
 
@@ -326,7 +321,7 @@ def _integer_cross_entropy_fwd(
     z_target = jnp.where(holds, jnp.take_along_axis(z, safe, axis), 0)
     if label_smoothing:
         # The target logit and the logits' sum travel in one psum.
-        z_sum = jnp.sum(_masked_fill(z, where, 0), axes, keepdims=True)
+        z_sum = jnp.sum(masked_fill(z, where, 0), axes, keepdims=True)
         z_target, z_sum = psum((z_target, z_sum), axis_name)
     else:
         z_target = psum(z_target, axis_name)
@@ -345,7 +340,7 @@ def _integer_cross_entropy_bwd(
 ):
     logits, labels, where, lse = res
     axes = (axis,)
-    z = _masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
+    z = masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
     here, _, in_range = _target_parts(z, labels, axis, axis_name)
     g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
     classes = lax.broadcasted_iota(here.dtype, z.shape, axis)
@@ -355,7 +350,7 @@ def _integer_cross_entropy_bwd(
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
         dz = dz - g * label_smoothing / jnp.maximum(k, 1)
     dz = cap_grad(dz, z, soft_cap)
-    return _masked_fill(dz, where, 0).astype(logits.dtype), None, None
+    return masked_fill(dz, where, 0).astype(logits.dtype), None, None
 
 
 _integer_cross_entropy.defvjp(_integer_cross_entropy_fwd, _integer_cross_entropy_bwd)

@@ -14,6 +14,7 @@ from jsoftmax._checks import (
     compute_dtype,
     float_input,
     mask_input,
+    masked_fill,
     normalize_axis,
 )
 from jsoftmax._collectives import pmax, psum
@@ -23,13 +24,6 @@ def _prepare(name, x, axis, where):
     x = float_input(name, x)
     axes = normalize_axis(axis, x.ndim, x.shape)
     return x, axes, mask_input(name, where, x.shape)
-
-
-def _masked(x, where, fill):
-    """``x`` where the mask is set and ``fill`` elsewhere; ``x`` if no mask."""
-    if where is None:
-        return x
-    return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
 
 
 def _shifted(x, where, axes, axis_name):
@@ -47,7 +41,7 @@ def _shifted(x, where, axes, axis_name):
     which keeps autodiff of these lines, used for higher-order derivatives,
     free of the max's subgradient.
     """
-    x = _masked(x.astype(compute_dtype(x.dtype)), where, -jnp.inf)
+    x = masked_fill(x.astype(compute_dtype(x.dtype)), where, -jnp.inf)
     lowest = np.array(jnp.finfo(x.dtype).min, x.dtype)
     m = lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes)
     m = lax.stop_gradient(pmax(m, axis_name))
@@ -130,7 +124,7 @@ def _softmax_bwd(axes, axis_name, res, g):
     y, where = res
     dtype = compute_dtype(y.dtype)
     y32 = y.astype(dtype)
-    g32 = _masked(g.astype(dtype), where, 0)
+    g32 = masked_fill(g.astype(dtype), where, 0)
     dx = y32 * (g32 - psum(jnp.sum(g32 * y32, axes, keepdims=True), axis_name))
     return dx.astype(y.dtype), None
 
