@@ -35,17 +35,19 @@ def _shifted(x, where, axes, axis_name):
     finite value and stays at -inf instead of turning to NaN (-inf - -inf).
     That start value sits in the reduction itself: a select or a ``maximum``
     on the row max instead splits XLA's fused max/subtract/exp kernel and
-    costs about 1.3x on CPU.
+    costs about 1.3x on CPU. The max is taken in the input's own dtype (exact:
+    it is one of the inputs) and only the subtraction is upcast.
 
     The shift is a constant for the derivative (softmax is shift invariant),
     which keeps autodiff of these lines, used for higher-order derivatives,
     free of the max's subgradient.
     """
-    x = masked_fill(x.astype(compute_dtype(x.dtype)), where, -jnp.inf)
+    x = masked_fill(x, where, -jnp.inf)
     lowest = np.array(jnp.finfo(x.dtype).min, x.dtype)
     m = lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes)
-    m = lax.stop_gradient(pmax(m, axis_name))
-    return x - jnp.expand_dims(m, axes)
+    dtype = compute_dtype(x.dtype)
+    m = lax.stop_gradient(pmax(m, axis_name)).astype(dtype)
+    return x.astype(dtype) - jnp.expand_dims(m, axes)
 
 
 def softmax(
@@ -108,9 +110,11 @@ def softmax(
 def _softmax(x, where, axes, axis_name):
     e = jnp.exp(_shifted(x, where, axes, axis_name))
     s = psum(jnp.sum(e, axes, keepdims=True), axis_name)
-    # Rows with no valid entry have s == 0: their output is 0, not 0 / 0.
-    # (A NaN sum, from +inf or NaN input, stays NaN.)
-    inv = jnp.where(s == 0, 0, 1 / s)
+    # A valid row's sum is at least 1 (its largest entry contributes exp(0));
+    # a row with no valid entry has s == 0 and e == 0, so clamping the sum at 1
+    # gives it 0 rather than 0 / 0. A maximum, unlike a select, stays inside
+    # XLA:CPU's fused max/exp/sum/scale kernel. A NaN sum stays NaN.
+    inv = 1 / jnp.maximum(s, 1)
     return (e * inv).astype(x.dtype)
 
 
@@ -192,8 +196,9 @@ def _log_softmax(x, where, axes, axis_name, masked):
     del masked  # Only the backward pass needs to know.
     shifted = _shifted(x, where, axes, axis_name)
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
-    # Rows with no valid entry have s == 0 and stay at -inf instead of NaN.
-    return (shifted - jnp.log(jnp.where(s == 0, 1, s))).astype(x.dtype)
+    # Rows with no valid entry have s == 0 and stay at -inf instead of NaN
+    # (see _softmax for why a clamp at 1 and not a select).
+    return (shifted - jnp.log(jnp.maximum(s, 1))).astype(x.dtype)
 
 
 def _log_softmax_fwd(x, where, axes, axis_name, masked):
