@@ -334,6 +334,18 @@ def _integer_cross_entropy_fwd(
     return loss, (logits, labels, where, lse)
 
 
+def _add_at_target(x, here, holds, value, axis):
+    """``x`` plus ``value`` at each row's target class, where this shard holds
+    it (``here``, ``holds`` and ``value`` keep a size-1 ``axis``)."""
+    # Rows whose target lives on another shard point past the end: dropped.
+    target = jnp.where(holds, here, x.shape[axis])
+    index = tuple(
+        target if d == axis else lax.broadcasted_iota(target.dtype, target.shape, d)
+        for d in range(x.ndim)
+    )
+    return x.at[index].add(value, mode="drop")
+
+
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / K)
 def _integer_cross_entropy_bwd(
     axis, label_smoothing, z_loss, soft_cap, axis_name, res, g
@@ -341,14 +353,16 @@ def _integer_cross_entropy_bwd(
     logits, labels, where, lse = res
     axes = (axis,)
     z = masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
-    here, _, in_range = _target_parts(z, labels, axis, axis_name)
+    here, holds, in_range = _target_parts(z, labels, axis, axis_name)
     g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
-    classes = lax.broadcasted_iota(here.dtype, z.shape, axis)
-    dz = g * (1 + 2 * z_loss * lse) * jnp.exp(z - lse)
-    dz = dz - jnp.where(classes == here, g * (1 - label_smoothing), 0)
+    scale = g * (1 + 2 * z_loss * lse) if z_loss else g
+    dz = scale * jnp.exp(z - lse)
     if label_smoothing:
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
         dz = dz - g * label_smoothing / jnp.maximum(k, 1)
+    # The one-hot term touches one entry per row: a scatter into dz, not a
+    # compare against every class.
+    dz = _add_at_target(dz, here, holds, -g * (1 - label_smoothing), axis)
     dz = cap_grad(dz, z, soft_cap)
     return masked_fill(dz, where, 0).astype(logits.dtype), None, None
 
