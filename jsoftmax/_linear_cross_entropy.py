@@ -21,17 +21,20 @@ from jsoftmax._cross_entropy import (
 _REDUCTIONS = ("mean", "sum", "none")
 
 # The chunk's logits (tokens x chunk_size, float32) stay near this many
-# elements: 2**21 is 8 MiB, small next to the full logits and large enough for
-# the matmuls to run near full speed.
-_CHUNK_ELEMENTS = 2**21
+# elements: 2**22 is 16 MiB, small next to the full logits, and large enough
+# that the matmuls run near full speed and the per-chunk work (accumulating
+# dx, slicing w) stays small. Measured at B=4096, D=512, V=32768 on a 2-core
+# CPU: chunks of 512 / 1024 / 2048 columns (8 / 16 / 32 MiB) took about 1.16 /
+# 1.10 / 1.07x optax's time for 17 / 26 / 44 MiB of temporaries.
+_CHUNK_ELEMENTS = 2**22
 
 
 def default_chunk_size(num_tokens: int, vocab: int) -> int:
-    """Vocabulary columns per chunk: about 8 MiB of float32 logits per chunk.
+    """Vocabulary columns per chunk: about 16 MiB of float32 logits per chunk.
 
     A power of two between 128 and 8192, at most ``vocab``. Memory grows with
     the chunk (a few chunk-sized buffers are live at once), speed with fewer,
-    larger matmuls; 8 MiB keeps the temporaries in the tens of MiB.
+    larger matmuls; 16 MiB keeps the temporaries in the tens of MiB.
     """
     size = _CHUNK_ELEMENTS // max(num_tokens, 1)
     size = 1 << max(int(size).bit_length() - 1, 0)
@@ -74,7 +77,7 @@ def linear_softmax_cross_entropy(
       reduction: ``"mean"`` over the counted tokens (0 if none), ``"sum"``, or
         ``"none"`` for per-token losses ``[B]``.
       chunk_size: vocabulary columns per chunk (static); ``V`` need not be a
-        multiple. Default :func:`default_chunk_size`: about 8 MiB of float32
+        multiple. Default :func:`default_chunk_size`: about 16 MiB of float32
         logits per chunk.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
       axis_name: inside ``jax.shard_map``, the mesh axis over which the vocab
@@ -285,6 +288,10 @@ def _linear_cross_entropy_bwd(
     p_coef = (g * (1 + 2 * z_loss * lse))[:, None]
     target_coef = (g * (1 - label_smoothing))[:, None]
     uniform = (g * label_smoothing / vocab)[:, None]
+    # x transposed once, outside the loop: each chunk's dW then runs as a plain
+    # matmul (XLA:CPU hands it to its fast kernel; x.T inside the loop was a
+    # transposed-operand dot, about 12% slower).
+    x_t = x.T
 
     def step(carry, start, size):
         dx, dw, db = carry
@@ -298,7 +305,7 @@ def _linear_cross_entropy_bwd(
         dz = cap_grad(dz, z, soft_cap).astype(x.dtype)
         w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
         dx = dx + jnp.dot(dz, w_c.T, preferred_element_type=acc(x))
-        dw_c = jnp.dot(x.T, dz, preferred_element_type=acc(x))
+        dw_c = jnp.dot(x_t, dz, preferred_element_type=acc(x))
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), start, axis=1)
         if db is not None:
             db_c = jnp.sum(dz, axis=0, dtype=acc(x)).astype(db.dtype)

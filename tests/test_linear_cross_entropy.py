@@ -187,7 +187,7 @@ def test_low_precision_accumulates_in_float32(dtype):
 
 
 def test_never_materialises_the_logits():
-    b, d, v = 1024, 64, 16384
+    b, d, v = 1024, 64, 65536
     shapes = (
         jax.ShapeDtypeStruct((b, d), jnp.float32),
         jax.ShapeDtypeStruct((d, v), jnp.float32),
@@ -207,7 +207,8 @@ def test_never_materialises_the_logits():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(4096, 32768) == 512
+    assert default_chunk_size(4096, 32768) == 1024
+    assert default_chunk_size(8192, 262144) == 512
     assert default_chunk_size(8, 32768) == 8192
     assert default_chunk_size(10**6, 32768) == 128
     assert default_chunk_size(4096, 100) == 100
