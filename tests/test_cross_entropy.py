@@ -273,3 +273,14 @@ def test_errors_name_shapes_and_options():
         jsoftmax.softmax_cross_entropy(logits, probs, axis=2)
     with pytest.raises(TypeError, match="complex"):
         jsoftmax.softmax_cross_entropy(logits.astype(jnp.complex64), probs)
+
+
+def test_positive_label_on_neg_inf_logit_is_huge_not_nan():
+    logits = jnp.array([[0.0, -jnp.inf, 1.0]])
+    zero_label = jnp.array([[0.5, 0.0, 0.5]])
+    positive_label = jnp.array([[0.5, 0.5, 0.0]])
+    ok = jsoftmax.softmax_cross_entropy(logits, zero_label)
+    ref = -jnp.sum(jnp.array([0.5, 0.5]) * jax.nn.log_softmax(jnp.array([0.0, 1.0])))
+    chex.assert_trees_all_close(ok, ref[None], atol=1e-6)
+    bad = jsoftmax.softmax_cross_entropy(logits, positive_label)
+    assert jnp.isfinite(bad).all() and float(bad[0]) > 1e38
