@@ -60,9 +60,14 @@ def logsumexp_parts(z, axes, axis_name=None):
     # rows get a finite shift, and XLA keeps max -> exp -> sum fused.
     lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
     m = lax.reduce(lax.stop_gradient(z), lowest, lax.max, axes)
-    m = jnp.expand_dims(lax.stop_gradient(pmax(m, axis_name)), axes)
-    s = psum(jnp.sum(jnp.exp(z - m), axes, keepdims=True), axis_name)
-    return jnp.where(s == 0, 0, m + jnp.log(jnp.where(s == 0, 1, s)))
+    m = lax.stop_gradient(pmax(m, axis_name))
+    s = psum(jnp.sum(jnp.exp(z - jnp.expand_dims(m, axes)), axes), axis_name)
+    lse = jnp.where(s == 0, 0, m + jnp.log(jnp.maximum(s, 1)))
+    # The per-row math above stays free of size-1 axes; they are added last.
+    # A fused per-row result with a size-1 axis reaches the full-size kernels
+    # through a bitcast that XLA:CPU's YNNPACK fusions do not take, and the
+    # broadcast lse was then written out at full size.
+    return jnp.expand_dims(lse, axes)
 
 
 def _prepare_logits(logits, where, axes, soft_cap, axis_name):
@@ -138,8 +143,8 @@ def softmax_cross_entropy(
       dtype of ``logits``. A row with no valid class has loss 0 and gradient 0.
       Terms with a zero (smoothed) label count 0 even where the logit is
       ``-inf``. A positive label on an unmasked ``-inf`` logit (a class the
-      logits rule out) gives a huge finite loss, the label times the largest
-      finite float (about ``3.4e38 q`` in float32), rather than ``inf``.
+      logits rule out) gives a loss of at least the label times the largest
+      finite float (about ``3.4e38 q`` in float32), or ``inf``.
 
     Raises:
       TypeError: complex inputs.
@@ -182,17 +187,20 @@ def _softmax_cross_entropy_fwd(
 ):
     z, lse = _prepare_logits(logits, where, axes, soft_cap, axis_name)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
-    # 0 * (L - z) counts 0 even at z = -inf (as in x log x at 0): -inf logits
-    # are clamped to the lowest finite value. A clamp, unlike a select on
-    # q == 0, stays inside XLA:CPU's fused multiply/sum kernel (1.3x faster
-    # forward at (8192, 128)).
+    # sum(q (L - z)) = L sum(q) - sum(q z): two plain reductions, so the
+    # full-size broadcast of L is left to the backward pass alone (used by
+    # both, XLA:CPU wrote it out at full size). 0 * (L - z) must count 0 even
+    # at z = -inf (as in x log x at 0): -inf logits are clamped to the lowest
+    # finite value; a clamp, unlike a select on q == 0, stays inside XLA:CPU's
+    # fused multiply/sum kernel (1.3x faster forward at (8192, 128)).
     lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
-    terms = q * (lse - jnp.maximum(z, lowest))
-    # sum(q) is kept for the backward pass, so that it needs no collective.
-    total, q_sum = psum(
-        (jnp.sum(terms, axes, keepdims=True), jnp.sum(q, axes, keepdims=True)),
+    qz = q * jnp.maximum(z, lowest)
+    # sum(q) is also kept for the backward pass, so that it needs no collective.
+    qz_sum, q_sum = psum(
+        (jnp.sum(qz, axes, keepdims=True), jnp.sum(q, axes, keepdims=True)),
         axis_name,
     )
+    total = lse * q_sum - qz_sum
     loss = total + z_loss * jnp.square(lse) if z_loss else total
     loss = jnp.squeeze(loss, axes).astype(logits.dtype)
     return loss, (logits, labels, where, lse, q_sum)
