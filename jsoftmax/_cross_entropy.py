@@ -348,6 +348,17 @@ def _integer_cross_entropy_fwd(
     return loss, (logits, labels, where, lse)
 
 
+def _softmax_from_logits(z, axes):
+    """``softmax(z)`` over ``axes`` (masked entries already -inf), 0 in rows
+    with no valid entry, with the same max and sum as :func:`logsumexp_parts`.
+    Unsharded only: the sum is this shard's alone."""
+    lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
+    m = lax.reduce(lax.stop_gradient(z), lowest, lax.max, axes)
+    e = jnp.exp(z - jnp.expand_dims(m, axes))
+    # A valid row's sum is at least 1, an empty row's is 0 (see _softmax).
+    return e * (1 / jnp.maximum(jnp.sum(e, axes, keepdims=True), 1))
+
+
 def _add_at_target(x, here, holds, value, axis):
     """``x`` plus ``value`` at each row's target class, where this shard holds
     it (``here``, ``holds`` and ``value`` keep a size-1 ``axis``)."""
@@ -370,7 +381,16 @@ def _integer_cross_entropy_bwd(
     here, holds, in_range = _target_parts(z, labels, axis, axis_name)
     g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
     scale = g * (1 + 2 * z_loss * lse) if z_loss else g
-    dz = scale * jnp.exp(z - lse)
+    # p = softmax(z), recomputed the way the forward pass computed its sum
+    # (row max, exp, sum) rather than as exp(z - L). Inside one jitted
+    # value_and_grad, XLA then shares the forward's exponentials with this
+    # pass, writing them straight into the gradient's buffer (no temporary:
+    # measured with memory_analysis): 1.07-1.21x optax became 0.92-1.00x on
+    # a 2-core CPU. A backward compiled apart from its forward pays a max and
+    # a sum more than exp(z - L) would (1.1-1.4x on that pass).
+    # Across shards the sum is global: exp(z - L) with the global L.
+    p = jnp.exp(z - lse) if axis_name else _softmax_from_logits(z, axes)
+    dz = scale * p
     if label_smoothing:
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
         dz = dz - g * label_smoothing / jnp.maximum(k, 1)
