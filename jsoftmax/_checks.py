@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Axis = int | Sequence[int] | None
 
@@ -104,3 +105,18 @@ def masked_fill(x, where, fill):
     if where is None:
         return x
     return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
+
+
+def lowest(dtype):
+    """The lowest finite value of a float dtype, as a NumPy scalar."""
+    return np.array(jnp.finfo(dtype).min, dtype)
+
+
+def row_max(x, axes):
+    """Max of ``x`` over ``axes``, a constant for autodiff, starting from the
+    lowest finite value: a row of -inf (no valid entry) gets a finite max,
+    so shifting by it keeps -inf instead of making NaN. The start value sits
+    in the reduction itself; a ``maximum`` or select on the result splits
+    XLA:CPU's fused max/subtract/exp kernel (bench/README.md, item 4)."""
+    x = lax.stop_gradient(x)
+    return lax.reduce(x, lowest(x.dtype), lax.max, axes)

@@ -13,9 +13,11 @@ from jsoftmax._checks import (
     Axis,
     compute_dtype,
     float_input,
+    lowest,
     mask_input,
     masked_fill,
     normalize_axis,
+    row_max,
 )
 from jsoftmax._collectives import num_shards, pmax, psum, shard_offset
 
@@ -58,9 +60,7 @@ def logsumexp_parts(z, axes, axis_name=None):
     """
     # The max starts from the lowest finite value (see _softmax._shifted): empty
     # rows get a finite shift, and XLA keeps max -> exp -> sum fused.
-    lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
-    m = lax.reduce(lax.stop_gradient(z), lowest, lax.max, axes)
-    m = lax.stop_gradient(pmax(m, axis_name))
+    m = lax.stop_gradient(pmax(row_max(z, axes), axis_name))
     s = psum(jnp.sum(jnp.exp(z - jnp.expand_dims(m, axes)), axes), axis_name)
     lse = jnp.where(s == 0, 0, m + jnp.log(jnp.maximum(s, 1)))
     # The per-row math above stays free of size-1 axes; they are added last.
@@ -193,8 +193,7 @@ def _softmax_cross_entropy_fwd(
     # at z = -inf (as in x log x at 0): -inf logits are clamped to the lowest
     # finite value; a clamp, unlike a select on q == 0, stays inside XLA:CPU's
     # fused multiply/sum kernel (1.3x faster forward at (8192, 128)).
-    lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
-    qz = q * jnp.maximum(z, lowest)
+    qz = q * jnp.maximum(z, lowest(z.dtype))
     # sum(q) is also kept for the backward pass, so that it needs no collective.
     qz_sum, q_sum = psum(
         (jnp.sum(qz, axes, keepdims=True), jnp.sum(q, axes, keepdims=True)),
@@ -352,8 +351,7 @@ def _softmax_from_logits(z, axes):
     """``softmax(z)`` over ``axes`` (masked entries already -inf), 0 in rows
     with no valid entry, with the same max and sum as :func:`logsumexp_parts`.
     Unsharded only: the sum is this shard's alone."""
-    lowest = np.array(jnp.finfo(z.dtype).min, z.dtype)
-    m = lax.reduce(lax.stop_gradient(z), lowest, lax.max, axes)
+    m = row_max(z, axes)
     e = jnp.exp(z - jnp.expand_dims(m, axes))
     # A valid row's sum is at least 1, an empty row's is 0 (see _softmax).
     return e * (1 / jnp.maximum(jnp.sum(e, axes, keepdims=True), 1))

@@ -6,7 +6,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jsoftmax._checks import (
@@ -16,6 +15,7 @@ from jsoftmax._checks import (
     mask_input,
     masked_fill,
     normalize_axis,
+    row_max,
 )
 from jsoftmax._collectives import pmax, psum
 
@@ -43,8 +43,7 @@ def _shifted(x, where, axes, axis_name):
     free of the max's subgradient.
     """
     x = masked_fill(x, where, -jnp.inf)
-    lowest = np.array(jnp.finfo(x.dtype).min, x.dtype)
-    m = lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes)
+    m = row_max(x, axes)
     dtype = compute_dtype(x.dtype)
     m = lax.stop_gradient(pmax(m, axis_name)).astype(dtype)
     return x.astype(dtype) - jnp.expand_dims(m, axes)

@@ -199,6 +199,24 @@ def test_row_with_no_valid_class_has_zero_loss_and_grad():
     chex.assert_trees_all_equal(grads[1][1], jnp.zeros(4))
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_integer_labels_row_with_no_valid_class_has_zero_grad(jit):
+    # Under jit, XLA shares the forward's exponentials with the backward pass.
+    logits, _, _ = _data((2, 4))
+    where = jnp.array([[True, True, False, True], [False] * 4])
+    ids = jnp.array([1, 2])
+    grad_fn = jax.grad(
+        lambda z: jnp.sum(
+            jsoftmax.softmax_cross_entropy_with_integer_labels(z, ids, where=where)
+        )
+    )
+    grad = (jax.jit(grad_fn) if jit else grad_fn)(logits)
+    chex.assert_trees_all_equal(grad[1], jnp.zeros(4))
+    p = jax.nn.softmax(logits[0], where=where[0])
+    expected = jnp.where(where[0], p - jax.nn.one_hot(1, 4), 0)
+    chex.assert_trees_all_close(grad[0], expected, atol=1e-6)
+
+
 def test_label_out_of_range_is_nan_and_masked_target_is_inf():
     logits, _, _ = _data((3, 4))
     loss = jsoftmax.softmax_cross_entropy_with_integer_labels(
