@@ -52,16 +52,30 @@ def cap_grad(dz, z_capped, soft_cap):
     return dz * (1 - jnp.square(z_capped / soft_cap))
 
 
+def _shifted_exp(z, axes, axis_name=None):
+    """The row max ``m`` (no size-1 axes, a constant for autodiff) and
+    ``exp(z - m)``. The max starts from the lowest finite value (see
+    _softmax._shifted): empty rows get a finite shift, and XLA keeps max ->
+    exp -> sum fused. One function for the forward's logsumexp and the
+    integer-label backward's softmax, so that XLA can share the two."""
+    m = lax.stop_gradient(pmax(row_max(z, axes), axis_name))
+    return m, jnp.exp(z - jnp.expand_dims(m, axes))
+
+
+def _capped_logits(logits, where, soft_cap, dtype):
+    """``logits`` in ``dtype``, soft-capped, masked entries at -inf."""
+    z = cap(logits.astype(dtype), soft_cap)
+    return masked_fill(z, where, -jnp.inf)
+
+
 def logsumexp_parts(z, axes, axis_name=None):
     """Row logsumexp of ``z`` (masked entries already -inf), 0 for empty rows.
 
     Shifted by the row max, so ``exp`` cannot overflow; a row with no valid
     entry gets 0 so that it contributes no loss and no NaN.
     """
-    # The max starts from the lowest finite value (see _softmax._shifted): empty
-    # rows get a finite shift, and XLA keeps max -> exp -> sum fused.
-    m = lax.stop_gradient(pmax(row_max(z, axes), axis_name))
-    s = psum(jnp.sum(jnp.exp(z - jnp.expand_dims(m, axes)), axes), axis_name)
+    m, e = _shifted_exp(z, axes, axis_name)
+    s = psum(jnp.sum(e, axes), axis_name)
     lse = jnp.where(s == 0, 0, m + jnp.log(jnp.maximum(s, 1)))
     # The per-row math above stays free of size-1 axes; they are added last.
     # A fused per-row result with a size-1 axis reaches the full-size kernels
@@ -72,8 +86,7 @@ def logsumexp_parts(z, axes, axis_name=None):
 
 def _prepare_logits(logits, where, axes, soft_cap, axis_name):
     """Capped, masked logits in the compute dtype and the per-row lse."""
-    z = cap(logits.astype(compute_dtype(logits.dtype)), soft_cap)
-    z = masked_fill(z, where, -jnp.inf)
+    z = _capped_logits(logits, where, soft_cap, compute_dtype(logits.dtype))
     return z, logsumexp_parts(z, axes, axis_name)
 
 
@@ -210,7 +223,7 @@ def _softmax_cross_entropy_bwd(
     axes, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     logits, labels, where, lse, q_sum = res
-    z = masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
+    z = _capped_logits(logits, where, soft_cap, lse.dtype)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
     g = jnp.expand_dims(g.astype(z.dtype), axes)
     p = jnp.exp(z - lse)
@@ -351,8 +364,7 @@ def _softmax_from_logits(z, axes):
     """``softmax(z)`` over ``axes`` (masked entries already -inf), 0 in rows
     with no valid entry, with the same max and sum as :func:`logsumexp_parts`.
     Unsharded only: the sum is this shard's alone."""
-    m = row_max(z, axes)
-    e = jnp.exp(z - jnp.expand_dims(m, axes))
+    _, e = _shifted_exp(z, axes)
     # A valid row's sum is at least 1, an empty row's is 0 (see _softmax).
     return e * (1 / jnp.maximum(jnp.sum(e, axes, keepdims=True), 1))
 
@@ -375,7 +387,7 @@ def _integer_cross_entropy_bwd(
 ):
     logits, labels, where, lse = res
     axes = (axis,)
-    z = masked_fill(cap(logits.astype(lse.dtype), soft_cap), where, -jnp.inf)
+    z = _capped_logits(logits, where, soft_cap, lse.dtype)
     here, holds, in_range = _target_parts(z, labels, axis, axis_name)
     g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
     scale = g * (1 + 2 * z_loss * lse) if z_loss else g
