@@ -8,9 +8,11 @@ Run from a checkout with the package installed (``pip install -e '.[bench]'``):
 
 Everything runs in one process, side by side: for each shape every
 implementation is compiled, checked against jax.nn, warmed up, then timed in
-interleaved rounds (each round runs every implementation once, in turn), and
-the median, min and max over rounds are reported. Ratios are what to read;
-these machines are noisy.
+interleaved rounds (each round runs every implementation once, in a random
+order), and the median, min and max over rounds are reported. Ratios are what
+to read; these machines are noisy. A second, separately compiled copy of
+jax.nn is timed as a control: its ratio to jax.nn (the same program) shows
+how far a ratio moves by noise alone for that case.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jax._src.ad_checkpoint import saved_residuals
 import jsoftmax
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CONTROL = "jax.nn copy"
 
 
 def naive_softmax(x, where=None):
@@ -64,6 +67,9 @@ def implementations(op):
     impls = {
         "jsoftmax": (lambda x, w: ours(x, where=w), contextlib.nullcontext),
         "jax.nn": (lambda x, w: nn(x, where=w), lambda: _custom_jvp_flag(False)),
+        # The same program compiled a second time: its ratio to jax.nn is the
+        # noise floor of this machine for the case (an A/A test).
+        CONTROL: (lambda x, w: nn(x, where=w), lambda: _custom_jvp_flag(False)),
         "naive": (naive, contextlib.nullcontext),
     }
     if op == "softmax":
@@ -143,14 +149,21 @@ def measure(shape, dtype, masked, op, rounds, check=True):
     number = _calls_per_sample(runs["jax.nn"][1], (x, g), runs["jax.nn"][2])
     times = {name: {"fwd": [], "fwd_bwd": []} for name in runs}
     times["floor"] = {"fwd": [], "fwd_bwd": []}
+    # Each round runs every implementation once, in a fresh random order, so
+    # that no implementation always follows the same neighbour.
+    rng = np.random.default_rng(0)
+    names = [*runs, "floor"]
     for _ in range(rounds):
-        for name, (fwd, fwd_bwd, ctx) in runs.items():
+        for name in rng.permutation(names):
+            if name == "floor":
+                tf = _timed(floor_fwd, (x,), null, number)
+                tb = _timed(floor_bwd, (y, g), null, number)
+                times["floor"]["fwd"].append(tf)
+                times["floor"]["fwd_bwd"].append(tf + tb)
+                continue
+            fwd, fwd_bwd, ctx = runs[name]
             times[name]["fwd"].append(_timed(fwd, (x,), ctx, number))
             times[name]["fwd_bwd"].append(_timed(fwd_bwd, (x, g), ctx, number))
-        tf = _timed(floor_fwd, (x,), null, number)
-        tb = _timed(floor_bwd, (y, g), null, number)
-        times["floor"]["fwd"].append(tf)
-        times["floor"]["fwd_bwd"].append(tf + tb)
     return times, info
 
 
@@ -265,6 +278,11 @@ def ratios(rows):
                 entry[f"{mode}/{other}"] = (
                     ours[mode]["median"] / impls[other][mode]["median"]
                 )
+        if CONTROL in impls:
+            for mode in ("fwd", "fwd_bwd"):
+                entry[f"control_{mode}"] = (
+                    impls[CONTROL][mode]["median"] / impls["jax.nn"][mode]["median"]
+                )
         entry["residual_bytes"] = {
             n: r["residual_bytes"] for n, r in impls.items() if n != "floor"
         }
@@ -284,13 +302,16 @@ def markdown(rows, title):
         "Ratios are jsoftmax's median time over the other's (below 1: jsoftmax is "
         "faster), from interleaved rounds in one process. `floor` is an elementwise "
         "op moving the minimum bytes (forward: read N, write N; backward: read 2N, "
-        "write N).",
+        "write N). `A/A` is the control: a second compiled copy of jax.nn over "
+        "jax.nn, the same program, so its distance from 1.00 is the noise in that "
+        "row (fwd, fwd+bwd).",
         "",
         "| op | shape | dtype | where | fwd / jax.nn | fwd+bwd / jax.nn | "
+        "A/A (fwd, fwd+bwd) | "
         "fwd+bwd / jax.nn(custom_jvp) | fwd+bwd / naive | fwd / floor | "
         "fwd+bwd / floor | residual bytes (ours / jax.nn) | temp bytes (ours / jax.nn) "
         "| compile s (ours / jax.nn) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in ratios(rows):
         cj = e.get("fwd_bwd/jax.nn(custom_jvp)")
@@ -298,6 +319,7 @@ def markdown(rows, title):
             f"| {e['op']} | {tuple(e['shape'])} | {e['dtype']} "
             f"| {'yes' if e['masked'] else ''} "
             f"| {e['fwd/jax.nn']:.2f} | {e['fwd_bwd/jax.nn']:.2f} | "
+            f"{e['control_fwd']:.2f}, {e['control_fwd_bwd']:.2f} | "
             f"{'' if cj is None else f'{cj:.2f}'} | {e['fwd_bwd/naive']:.2f} | "
             f"{e['fwd/floor']:.2f} | {e['fwd_bwd/floor']:.2f} | "
             f"{e['residual_bytes']['jsoftmax']} / {e['residual_bytes']['jax.nn']} | "
@@ -312,10 +334,11 @@ def markdown(rows, title):
                 continue
             fb = np.array([e["fwd_bwd/jax.nn"] for e in es])
             fw = np.array([e["fwd/jax.nn"] for e in es])
+            aa = np.array([[e["control_fwd"], e["control_fwd_bwd"]] for e in es])
             lines.append(
                 f"- {op} {dtype}: fwd+bwd / jax.nn median {np.median(fb):.2f}, worst "
                 f"{fb.max():.2f}; fwd / jax.nn median {np.median(fw):.2f}, worst "
-                f"{fw.max():.2f}"
+                f"{fw.max():.2f}; A/A control from {aa.min():.2f} to {aa.max():.2f}"
             )
     return "\n".join(lines) + "\n"
 
@@ -339,7 +362,8 @@ def plot(rows, path):
                 for r in rows
                 if r["op"] == op and r["dtype"] == "float32" and not r["masked"]
             ]
-            for impl in sorted({r["impl"] for r in sel}):
+            # The control is jax.nn again; a second line on top adds nothing.
+            for impl in sorted({r["impl"] for r in sel} - {CONTROL}):
                 # Several shapes share an element count (e.g. (256, 4096) and
                 # (8, 131072)): each shows as a dot, the line joins their
                 # median, so it does not zigzag between them.
