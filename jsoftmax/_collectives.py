@@ -8,6 +8,7 @@ path is unchanged.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -33,3 +34,16 @@ def shard_offset(axis_name, local_size):
 
 def num_shards(axis_name):
     return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
+def shard_labels(labels, local_size, axis_name):
+    """Integer labels seen from this shard, which holds ``local_size`` classes.
+
+    Returns each label relative to the shard's first class, whether the shard
+    holds it, and whether it names a class at all (``0 <= label < local_size *
+    shards``); the same shapes as ``labels``.
+    """
+    here = labels - jnp.asarray(shard_offset(axis_name, local_size), labels.dtype)
+    holds = (here >= 0) & (here < local_size)
+    in_range = (labels >= 0) & (labels < local_size * num_shards(axis_name))
+    return here, holds, in_range

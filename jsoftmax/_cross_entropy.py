@@ -19,7 +19,7 @@ from jsoftmax._checks import (
     normalize_axis,
     row_max,
 )
-from jsoftmax._collectives import num_shards, pmax, psum, shard_offset
+from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
 
 # Shared by the per-example losses and the fused linear loss.
 
@@ -317,14 +317,9 @@ def softmax_cross_entropy_with_integer_labels(
 
 
 def _target_parts(z, labels, axis, axis_name):
-    """Each label relative to this shard's classes, whether this shard holds
-    it, and whether it is a valid global class id (all keepdims along axis)."""
-    local = z.shape[axis]
-    labels = jnp.expand_dims(labels, axis)
-    here = labels - jnp.asarray(shard_offset(axis_name, local), labels.dtype)
-    holds = (here >= 0) & (here < local)
-    in_range = (labels >= 0) & (labels < local * num_shards(axis_name))
-    return here, holds, in_range
+    """:func:`shard_labels` for ``z``'s class axis, each keeping a size-1
+    ``axis`` so that it broadcasts against ``z``."""
+    return shard_labels(jnp.expand_dims(labels, axis), z.shape[axis], axis_name)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -351,7 +346,9 @@ def _integer_cross_entropy_fwd(
         z_target, z_sum = psum((z_target, z_sum), axis_name)
     else:
         z_target = psum(z_target, axis_name)
-    loss = lse - (1 - label_smoothing) * z_target + z_loss * jnp.square(lse)
+    loss = lse - (1 - label_smoothing) * z_target
+    if z_loss:
+        loss = loss + z_loss * jnp.square(lse)
     if label_smoothing:
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
         loss = loss - label_smoothing * z_sum / jnp.maximum(k, 1)

@@ -10,7 +10,7 @@ import numpy as np
 from jax import lax
 
 from jsoftmax._checks import compute_dtype, float_input, mask_input
-from jsoftmax._collectives import num_shards, pmax, psum, shard_offset
+from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
 from jsoftmax._cross_entropy import (
     cap,
     cap_grad,
@@ -245,31 +245,30 @@ def _linear_cross_entropy(
     )[0]  # fmt: skip
 
 
-def _local_labels(labels, w, axis_name):
-    """Labels relative to this shard's first column, and the global vocab size."""
-    local = w.shape[1]
-    offset = shard_offset(axis_name, local)
-    return labels - jnp.asarray(offset, labels.dtype), local * num_shards(axis_name)
+def _vocab(w, axis_name):
+    """The number of classes over all shards."""
+    return w.shape[1] * num_shards(axis_name)
 
 
 def _linear_cross_entropy_fwd(
     x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap, axis_name
 ):
-    local_labels, vocab = _local_labels(labels, w, axis_name)
+    local_labels, holds, in_range = shard_labels(labels, w.shape[1], axis_name)
     m, s, z_sum = _online_logsumexp(
         x, w, bias, chunk_size, soft_cap, want_sum=bool(label_smoothing)
     )
-    here = (local_labels >= 0) & (local_labels < w.shape[1])
-    z_target = jnp.where(here, _target_logits(x, w, bias, local_labels, soft_cap), 0)
+    z_target = jnp.where(holds, _target_logits(x, w, bias, local_labels, soft_cap), 0)
     # Across shards: one pmax, then the rescaled sums and the target logit (held
     # by one shard) in one psum.
     m_all = pmax(m, axis_name)
     s, z_sum, z_target = psum((s * jnp.exp(m - m_all), z_sum, z_target), axis_name)
     lse = m_all + jnp.log(s)
-    loss = lse - (1 - label_smoothing) * z_target + z_loss * jnp.square(lse)
+    loss = lse - (1 - label_smoothing) * z_target
+    if z_loss:
+        loss = loss + z_loss * jnp.square(lse)
     if label_smoothing:
-        loss = loss - label_smoothing * z_sum / vocab
-    loss = jnp.where((labels >= 0) & (labels < vocab), loss, jnp.nan)
+        loss = loss - label_smoothing * z_sum / _vocab(w, axis_name)
+    loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, 0)
     return loss, (x, w, bias, labels, where, lse)
@@ -281,14 +280,14 @@ def _linear_cross_entropy_bwd(
     chunk_size, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     x, w, bias, labels, where, lse = res
-    local_labels, vocab = _local_labels(labels, w, axis_name)
+    local_labels, _, in_range = shard_labels(labels, w.shape[1], axis_name)
     g = g.astype(acc(x))
-    g = jnp.where((labels >= 0) & (labels < vocab), g, jnp.nan)
+    g = jnp.where(in_range, g, jnp.nan)
     if where is not None:
         g = jnp.where(where, g, 0)
-    p_coef = (g * (1 + 2 * z_loss * lse))[:, None]
+    p_coef = (g * (1 + 2 * z_loss * lse) if z_loss else g)[:, None]
     target_coef = (g * (1 - label_smoothing))[:, None]
-    uniform = (g * label_smoothing / vocab)[:, None]
+    uniform = (g * label_smoothing / _vocab(w, axis_name))[:, None]
     # x transposed once, outside the loop: each chunk's dW then runs as a plain
     # matmul (XLA:CPU hands it to its fast kernel; x.T inside the loop was a
     # transposed-operand dot, about 12% slower).
