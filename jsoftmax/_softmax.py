@@ -82,8 +82,8 @@ def softmax(
 
     Rows with no valid entry (all masked out, or all ``-inf``) give 0 and a
     zero gradient instead of NaN. ``-inf`` entries in an otherwise valid row get
-    probability 0. A row that holds ``+inf`` or NaN is NaN throughout, as in
-    ``jax.nn.softmax`` (``inf / inf`` has no value).
+    probability 0. A row that holds ``+inf`` or NaN is NaN throughout, output
+    and gradient, as in ``jax.nn.softmax`` (``inf / inf`` has no value).
 
     Raises:
       TypeError: ``x`` is complex.
@@ -171,7 +171,8 @@ def log_softmax(
     a zero gradient instead of NaN. ``-inf`` entries in an otherwise valid row
     behave as in ``jax.nn`` (output ``-inf``, and without a mask the cotangent
     passes through them); with a mask, every ``-inf`` output counts as masked.
-    A row that holds ``+inf`` or NaN is NaN throughout, as in ``jax.nn``.
+    A row that holds ``+inf`` or NaN is NaN throughout, output and gradient,
+    as in ``jax.nn``.
 
     Raises:
       TypeError: ``x`` is complex.
@@ -212,18 +213,24 @@ def _log_softmax_bwd(axes, axis_name, masked, o, g):
     if masked:
         # Masked-out outputs are the constant -inf: their cotangents take no
         # part. The mask itself needs no saving: those outputs are exactly -inf.
+        # A row with no valid entry then has no cotangent left and gets 0
+        # without a row flag.
         g32 = jnp.where(o32 == -jnp.inf, 0, g32)
+        total = psum(jnp.sum(g32, axes, keepdims=True), axis_name)
+        return (g32 - jnp.exp(o32) * total).astype(o.dtype), None
     total = jnp.sum(g32, axes, keepdims=True)
     # A row whose outputs are all -inf (no valid entry) is constant: gradient
     # 0. Its largest output tells; a max keeps XLA's reductions fused, where a
-    # count of finite outputs would materialise a converted copy of o. Across
-    # shards, the count shares the psum of the cotangent sum instead.
+    # count of outputs would materialise a converted copy of o. Across shards,
+    # the count shares the psum of the cotangent sum instead. The test is
+    # "not -inf" rather than "> -inf" so that a NaN row (from +inf or NaN
+    # inputs) keeps a NaN gradient instead of a silent 0.
     if axis_name is None:
-        valid = jnp.max(o32, axes, keepdims=True) > -jnp.inf
+        valid = jnp.max(o32, axes, keepdims=True) != -jnp.inf
     else:
-        finite = jnp.sum(o32 > -jnp.inf, axes, keepdims=True, dtype=dtype)
-        total, finite = psum((total, finite), axis_name)
-        valid = finite > 0
+        count = jnp.sum(o32 != -jnp.inf, axes, keepdims=True, dtype=dtype)
+        total, count = psum((total, count), axis_name)
+        valid = count > 0
     dx = g32 - jnp.exp(o32) * total
     return jnp.where(valid, dx, 0).astype(o.dtype), None
 

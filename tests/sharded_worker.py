@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N}"
 import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -85,6 +86,24 @@ for name in ("softmax", "log_softmax"):
                 vjp(x, weights), jax.vjp(op, x)[1](weights)[0], **TOL
             )
             report[f"{name}/fwd+bwd"] = count_collectives(vjp, x, weights)
+
+# Special rows, split over the shards: no valid entry (gradient 0), one finite
+# entry held by one shard only, and NaN or +inf (NaN throughout, gradients too).
+special = jnp.full((4, V), -jnp.inf)
+special = special.at[1, V - 1].set(2.0)
+special = special.at[2].set(x[2]).at[2, 1].set(jnp.nan)
+special = special.at[3].set(x[3]).at[3, V - 2].set(jnp.inf)
+for name in ("softmax", "log_softmax"):
+    op = getattr(jsoftmax, name)
+    spec = P(None, "v")
+    got = sharded(
+        lambda x, g, op=op: jax.vjp(lambda x: op(x, axis_name="v"), x)[1](g)[0],
+        (spec, spec),
+        spec,
+    )(special, weights)
+    want = jax.vjp(op, special)[1](weights)[0]
+    np.testing.assert_allclose(got, want, equal_nan=True, **TOL)
+    assert not np.any(got[0]) and np.all(np.isnan(got[2:]))
 
 # Per-example losses: logits split over classes, loss replicated.
 opts = dict(label_smoothing=0.1, z_loss=1e-2, soft_cap=4.0)

@@ -281,6 +281,26 @@ def test_pos_inf_makes_the_row_nan_like_jax_nn(name):
     chex.assert_trees_all_close(y[1], nn_op(x)[1], atol=1e-6)
 
 
+@op_names
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_nan_and_pos_inf_rows_have_nan_gradients(name, masked, jit):
+    # The empty-row guard must not turn a NaN row's gradient into a silent 0.
+    op = OPS[name][0]
+    x = jnp.array(
+        [[1.0, jnp.nan, 0.0], [1.0, jnp.inf, 0.0], [1.0, 2.0, 3.0], [-jnp.inf] * 3]
+    )
+    where = jnp.array([True, True, False]) if masked else None
+    cotangent = jnp.array([[2.0, 1.0, -1.0]] * 4)
+
+    def vjp(x, g):
+        return jax.vjp(lambda x: op(x, where=where), x)[1](g)[0]
+
+    dx = (jax.jit(vjp) if jit else vjp)(x, cotangent)
+    assert bool(jnp.all(jnp.isnan(dx[:2])))
+    assert bool(jnp.all(jnp.isfinite(dx[2]))) and not bool(jnp.any(dx[3]))
+
+
 def test_huge_logits_are_stable():
     chex.assert_trees_all_equal(
         jsoftmax.softmax(jnp.array([1e30, 0.0])), jnp.array([1.0, 0.0])
