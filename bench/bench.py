@@ -88,8 +88,9 @@ def floor_fns():
     return fwd, bwd
 
 
-def _timed(fn, args, ctx, number):
-    """Seconds per call, over ``number`` back-to-back calls."""
+def timed(fn, args, number, ctx=contextlib.nullcontext):
+    """Seconds per call, over ``number`` back-to-back calls (also used by
+    losses.py)."""
     with ctx():
         start = time.perf_counter()
         for _ in range(number):
@@ -98,9 +99,9 @@ def _timed(fn, args, ctx, number):
         return (time.perf_counter() - start) / number
 
 
-def _calls_per_sample(fn, args, ctx):
+def calls_per_sample(fn, args, ctx=contextlib.nullcontext):
     """Enough calls that one sample lasts about 5 ms, so dispatch noise averages out."""
-    once = _timed(fn, args, ctx, 1)
+    once = timed(fn, args, 1, ctx)
     return int(min(max(5e-3 / max(once, 1e-7), 1), 200))
 
 
@@ -145,8 +146,7 @@ def measure(shape, dtype, masked, op, rounds, check=True):
     floor_fwd, floor_bwd = floor_fns()
     y = jax.block_until_ready(floor_fwd(x))
     jax.block_until_ready(floor_bwd(y, g))
-    null = contextlib.nullcontext
-    number = _calls_per_sample(runs["jax.nn"][1], (x, g), runs["jax.nn"][2])
+    number = calls_per_sample(runs["jax.nn"][1], (x, g), runs["jax.nn"][2])
     times = {name: {"fwd": [], "fwd_bwd": []} for name in runs}
     times["floor"] = {"fwd": [], "fwd_bwd": []}
     # Each round runs every implementation once, in a fresh random order, so
@@ -156,14 +156,14 @@ def measure(shape, dtype, masked, op, rounds, check=True):
     for _ in range(rounds):
         for name in rng.permutation(names):
             if name == "floor":
-                tf = _timed(floor_fwd, (x,), null, number)
-                tb = _timed(floor_bwd, (y, g), null, number)
+                tf = timed(floor_fwd, (x,), number)
+                tb = timed(floor_bwd, (y, g), number)
                 times["floor"]["fwd"].append(tf)
                 times["floor"]["fwd_bwd"].append(tf + tb)
                 continue
             fwd, fwd_bwd, ctx = runs[name]
-            times[name]["fwd"].append(_timed(fwd, (x,), ctx, number))
-            times[name]["fwd_bwd"].append(_timed(fwd_bwd, (x, g), ctx, number))
+            times[name]["fwd"].append(timed(fwd, (x,), number, ctx))
+            times[name]["fwd_bwd"].append(timed(fwd_bwd, (x, g), number, ctx))
     return times, info
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 
 import jsoftmax
-from bench import machine
+from bench import calls_per_sample, machine, timed
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MiB = 2**20
@@ -83,26 +82,18 @@ def _data(b, d, v, dtype=jnp.float32):
     return x, w, y
 
 
-def time_side_by_side(fns, args, rounds, sample_s=0.005):
+def time_side_by_side(fns, args, rounds):
     """Seconds per call of each function, one sample per function per round,
     rounds interleaved. A sample is enough back-to-back calls to last about
-    ``sample_s`` (one call for the slow ones), so that millisecond-scale
-    functions are not measured at the timer's and the scheduler's grain."""
+    5 ms (one call for the slow ones), so that millisecond-scale functions
+    are not measured at the timer's and the scheduler's grain."""
     jitted = {n: jax.jit(f) for n, f in fns.items()}
     outs = {n: jax.block_until_ready(f(*args)) for n, f in jitted.items()}
-    calls = {}
-    for n, f in jitted.items():
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        calls[n] = max(1, int(sample_s / max(time.perf_counter() - start, 1e-9)))
+    calls = {n: calls_per_sample(f, args) for n, f in jitted.items()}
     times = {n: [] for n in jitted}
     for _ in range(rounds):
         for n, f in jitted.items():
-            start = time.perf_counter()
-            for _ in range(calls[n]):
-                out = f(*args)
-            jax.block_until_ready(out)
-            times[n].append((time.perf_counter() - start) / calls[n])
+            times[n].append(timed(f, args, calls[n]))
     return outs, {n: np.array(t) for n, t in times.items()}
 
 
