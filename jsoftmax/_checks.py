@@ -6,6 +6,7 @@ with a clear message before anything is computed.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -25,9 +26,8 @@ def normalize_axis(axis: Axis, ndim: int, shape: tuple[int, ...]) -> tuple[int, 
     """
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    if not all(isinstance(a, (int, np.integer)) for a in axes):
-        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
+    scalar = isinstance(axis, (int, np.integer)) or np.ndim(axis) == 0
+    axes = tuple(_axis_index(a, axis) for a in ((axis,) if scalar else axis))
     if ndim == 0:
         raise ValueError(
             f"axis {axis!r} is out of range for a scalar (shape {shape}): "
@@ -43,6 +43,25 @@ def normalize_axis(axis: Axis, ndim: int, shape: tuple[int, ...]) -> tuple[int, 
     if len(set(out)) != len(out):
         raise ValueError(f"axis {axis!r} names the same axis twice (shape {shape})")
     return tuple(sorted(out))
+
+
+def _axis_index(a, axis) -> int:
+    """One axis as a Python int: ints and concrete 0-d integer arrays pass."""
+    if isinstance(a, (bool, np.bool_)) or np.ndim(a) != 0:
+        a = None
+    try:
+        return operator.index(a)
+    except (
+        jax.errors.TracerIntegerConversionError,
+        jax.errors.ConcretizationTypeError,
+    ):
+        raise TypeError(
+            f"axis must be static: got a traced value {axis!r}; pass a Python int "
+            "(under jit, mark it static with static_argnames)"
+        ) from None
+    except TypeError:
+        pass
+    raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
 
 
 def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:
@@ -65,6 +84,20 @@ def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     return x
 
 
+def widen_8bit(x: jax.Array) -> jax.Array:
+    """``x`` in float32 if it is an 8-bit (or narrower) float, else ``x``.
+
+    Most 8-bit formats (``float8_e4m3fn`` and the ``fnuz`` family) have no
+    infinity, so the ``-inf`` fill of masked entries would become NaN in them.
+    The ops take such inputs in float32 and cast the result back, so 8-bit
+    floats behave like the 16-bit ones: computed in float32, returned (and
+    differentiated) in their own dtype.
+    """
+    if jnp.finfo(x.dtype).bits <= 8:
+        return x.astype(jnp.float32)
+    return x
+
+
 def compute_dtype(dtype) -> np.dtype:
     """The dtype the arithmetic runs in: float32 for 16-bit floats."""
     if jnp.finfo(dtype).bits < 32:
@@ -81,11 +114,19 @@ def mask_input(
     saved for the backward pass.
 
     Raises:
+      TypeError: ``where`` is not boolean. An additive mask (0 and -inf) or
+        float weights would otherwise be read as truth values, silently.
       ValueError: ``where`` does not broadcast to ``shape``.
     """
     if where is None:
         return None
     where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"{name}: where must be a boolean mask, got dtype {where.dtype}. An "
+            "additive mask (0 / -inf) belongs in the input itself: add it to the "
+            "logits (as a bias) instead of passing it as where"
+        )
     try:
         out_shape = np.broadcast_shapes(where.shape, shape)
     except ValueError:
@@ -95,8 +136,6 @@ def mask_input(
             f"{name}: where of shape {where.shape} does not broadcast to the "
             f"input of shape {tuple(shape)}"
         )
-    if where.dtype != jnp.bool_:
-        where = where.astype(jnp.bool_)
     return where
 
 

@@ -16,14 +16,16 @@ from jsoftmax._checks import (
     masked_fill,
     normalize_axis,
     row_max,
+    widen_8bit,
 )
 from jsoftmax._collectives import pmax, psum
 
 
 def _prepare(name, x, axis, where):
+    """Checked input (8-bit floats widened), axes, mask and the output dtype."""
     x = float_input(name, x)
     axes = normalize_axis(axis, x.ndim, x.shape)
-    return x, axes, mask_input(name, where, x.shape)
+    return widen_8bit(x), axes, mask_input(name, where, x.shape), x.dtype
 
 
 def _shifted(x, where, axes, axis_name):
@@ -64,7 +66,7 @@ def softmax(
 
     Args:
       x: input array. Integers and booleans are promoted to the default float
-        dtype; float16 and bfloat16 are computed in float32 and returned in
+        dtype; 16- and 8-bit floats are computed in float32 and returned in
         their own dtype, and so are their gradients.
       axis: the axis or axes the output sums to one over: an int, a tuple of
         ints, or ``None`` for all axes. Negative values count from the end.
@@ -86,7 +88,8 @@ def softmax(
     and gradient, as in ``jax.nn.softmax`` (``inf / inf`` has no value).
 
     Raises:
-      TypeError: ``x`` is complex.
+      TypeError: ``x`` is complex, ``where`` is not boolean (add an additive
+        mask to ``x`` instead), or ``axis`` is not static.
       ValueError: ``axis`` is out of range or repeated, or ``where`` does not
         broadcast to ``x``.
 
@@ -101,8 +104,8 @@ def softmax(
       ...                  where=jnp.array([True, False, True]))
       Array([0.5, 0. , 0.5], dtype=float32)
     """
-    x, axes, where = _prepare("softmax", x, axis, where)
-    return _softmax(x, where, axes, axis_name)
+    x, axes, where, dtype = _prepare("softmax", x, axis, where)
+    return _softmax(x, where, axes, axis_name).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -145,13 +148,12 @@ def log_softmax(
 
     With output :math:`o`, :math:`\partial o_i / \partial x_j = \delta_{ij} -
     e^{o_j}`, so the vector-Jacobian product is
-    :math:`\bar x = \bar o - e^{o} \sum_i \bar o_i`. Only ``o`` is
-    saved for it: masked-out outputs are exactly ``-inf``, so not even the mask
-    needs saving.
+    :math:`\bar x = \bar o - e^{o} \sum_i \bar o_i`. Only ``o`` (and
+    ``where``, as given) is saved for it.
 
     Args:
       x: input array. Integers and booleans are promoted to the default float
-        dtype; float16 and bfloat16 are computed in float32 and returned in
+        dtype; 16- and 8-bit floats are computed in float32 and returned in
         their own dtype, and so are their gradients.
       axis: the axis or axes to normalise over: an int, a tuple of ints, or
         ``None`` for all axes. Negative values count from the end.
@@ -169,13 +171,14 @@ def log_softmax(
 
     Rows with no valid entry (all masked out, or all ``-inf``) give ``-inf`` and
     a zero gradient instead of NaN. ``-inf`` entries in an otherwise valid row
-    behave as in ``jax.nn`` (output ``-inf``, and without a mask the cotangent
-    passes through them); with a mask, every ``-inf`` output counts as masked.
+    behave as in ``jax.nn`` (output ``-inf``, and the cotangent passes through
+    them), mask or not: an all-True mask changes nothing.
     A row that holds ``+inf`` or NaN is NaN throughout, output and gradient,
     as in ``jax.nn``.
 
     Raises:
-      TypeError: ``x`` is complex.
+      TypeError: ``x`` is complex, ``where`` is not boolean (add an additive
+        mask to ``x`` instead), or ``axis`` is not static.
       ValueError: ``axis`` is out of range or repeated, or ``where`` does not
         broadcast to ``x``.
 
@@ -187,13 +190,12 @@ def log_softmax(
       >>> jsoftmax.log_softmax(jnp.array([-jnp.inf, -jnp.inf]))
       Array([-inf, -inf], dtype=float32)
     """
-    x, axes, where = _prepare("log_softmax", x, axis, where)
-    return _log_softmax(x, where, axes, axis_name, where is not None)
+    x, axes, where, dtype = _prepare("log_softmax", x, axis, where)
+    return _log_softmax(x, where, axes, axis_name).astype(dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _log_softmax(x, where, axes, axis_name, masked):
-    del masked  # Only the backward pass needs to know.
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _log_softmax(x, where, axes, axis_name):
     shifted = _shifted(x, where, axes, axis_name)
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0 and stay at -inf instead of NaN
@@ -201,23 +203,21 @@ def _log_softmax(x, where, axes, axis_name, masked):
     return (shifted - jnp.log(jnp.maximum(s, 1))).astype(x.dtype)
 
 
-def _log_softmax_fwd(x, where, axes, axis_name, masked):
-    o = _log_softmax(x, where, axes, axis_name, masked)
-    return o, o
+def _log_softmax_fwd(x, where, axes, axis_name):
+    o = _log_softmax(x, where, axes, axis_name)
+    return o, (o, where)
 
 
 # dx = g - exp(o) * sum(g, axis)
-def _log_softmax_bwd(axes, axis_name, masked, o, g):
+def _log_softmax_bwd(axes, axis_name, res, g):
+    o, where = res
     dtype = compute_dtype(o.dtype)
-    o32, g32 = o.astype(dtype), g.astype(dtype)
-    if masked:
-        # Masked-out outputs are the constant -inf: their cotangents take no
-        # part. The mask itself needs no saving: those outputs are exactly -inf.
-        # A row with no valid entry then has no cotangent left and gets 0
-        # without a row flag.
-        g32 = jnp.where(o32 == -jnp.inf, 0, g32)
-        total = psum(jnp.sum(g32, axes, keepdims=True), axis_name)
-        return (g32 - jnp.exp(o32) * total).astype(o.dtype), None
+    o32 = o.astype(dtype)
+    # Masked-out outputs are the constant -inf: their cotangents take no part.
+    # Unmasked -inf outputs (-inf inputs) pass theirs through, as without a
+    # mask: an all-True mask changes nothing. That distinction is why the
+    # mask (boolean, unbroadcast) is saved with the output.
+    g32 = masked_fill(g.astype(dtype), where, 0)
     total = jnp.sum(g32, axes, keepdims=True)
     # A row whose outputs are all -inf (no valid entry) is constant: gradient
     # 0. Its largest output tells; a max keeps XLA's reductions fused, where a

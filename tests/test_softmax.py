@@ -198,13 +198,15 @@ def test_softmax_saves_only_the_output_and_the_mask():
     assert _residual_elements(lambda x, w: f(x, where=w), x, where) == x.size + 16
 
 
-def test_log_softmax_saves_only_the_output_even_with_a_mask():
-    # Masked-out outputs are exactly -inf, which is all the backward needs.
+def test_log_softmax_saves_the_output_and_the_unbroadcast_mask():
+    # The mask tells masked -inf outputs (no cotangent) from -inf inputs (the
+    # cotangent passes), so it is saved as given; without one, only the output.
     x = _normal((8, 16))
     where = _mask((16,), seed=10)
     f = jsoftmax.log_softmax
-    assert _residual_elements(lambda x: f(x, where=where), x) == x.size
-    assert _residual_elements(lambda x, w: f(x, where=w), x, where) == x.size
+    assert _residual_elements(f, x) == x.size
+    assert _residual_elements(lambda x: f(x, where=where), x) == x.size + 16
+    assert _residual_elements(lambda x, w: f(x, where=w), x, where) == x.size + 16
 
 
 @op_names
@@ -481,3 +483,79 @@ def test_property_jacobian_symmetric_and_matches_jacrev(x):
     chex.assert_trees_all_close(jac, jac.T, atol=1e-7)
     chex.assert_trees_all_close(jac, jax.jacrev(jsoftmax.softmax)(x), atol=1e-6)
     chex.assert_trees_all_close(jac, jax.jacrev(ref_softmax)(x), atol=1e-6)
+
+
+# Hardening: masks, 8-bit floats, axis values.
+
+
+@op_names
+@pytest.mark.parametrize("jit", [False, True])
+def test_all_true_mask_changes_nothing_even_with_neg_inf_inputs(name, jit):
+    # log_softmax(x, where=all True) gave [-.08, 0, .08] where jax.nn and the
+    # unmasked op give [-.61, 2, -1.39].
+    op, _, nn_op = OPS[name]
+    x = jnp.array([[0.5, -jnp.inf, 1.0], [-jnp.inf, -jnp.inf, -jnp.inf], [1, 2, 3.0]])
+    g = jnp.array([[1.0, 2.0, 0.0], [1.0, -1.0, 3.0], [0.5, 0.0, -2.0]])
+    everywhere = jnp.ones(3, bool)
+
+    def vjp(where):
+        f = partial(op, where=where)
+        f = jax.jit(f) if jit else f
+        y, pullback = jax.vjp(f, x)
+        return y, pullback(g)[0]
+
+    chex.assert_trees_all_equal(vjp(everywhere), vjp(None))
+    y, dx = vjp(everywhere)
+    want_y, nn_pullback = jax.vjp(nn_op, x[::2])
+    chex.assert_trees_all_close(y[::2], want_y, atol=1e-6)
+    chex.assert_trees_all_close(dx[::2], nn_pullback(g[::2])[0], atol=1e-6)
+
+
+@op_names
+@pytest.mark.parametrize(
+    "where", [[0.0, 0.0, -1e9, -jnp.inf], [1.0, 0.5, 1.0, 1.0], [1, 0, 1, 1]]
+)
+def test_non_boolean_where_is_refused(name, where):
+    # An additive mask was inverted, float weights acted as all-True. jax.nn
+    # refuses non-boolean where too.
+    op, _, _ = OPS[name]
+    with pytest.raises(TypeError, match="boolean.*bias"):
+        op(jnp.zeros(4), where=jnp.array(where))
+
+
+@op_names
+@pytest.mark.parametrize(
+    "dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"]
+)
+def test_float8_with_where_is_computed_in_float32(name, dtype):
+    # -inf has no float8_e4m3fn encoding: the mask fill made every entry NaN.
+    op, _, _ = OPS[name]
+    x8 = _normal((3, 6), scale=1.0).astype(dtype)
+    where = jnp.array([True, True, False, True, False, True])
+    got = op(x8, where=where)
+    assert got.dtype == jnp.dtype(dtype)
+    want = op(x8.astype(jnp.float32), where=where).astype(dtype)
+    # log_softmax's masked -inf is NaN in the formats that have no infinity.
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(want, np.float32)
+    )
+    valid = jnp.broadcast_to(where, x8.shape)
+    assert not jnp.any(jnp.isnan(got.astype(jnp.float32))[valid])
+    g = jax.grad(lambda x: jnp.sum(jnp.where(where, op(x, where=where), 0)))(x8)
+    assert g.dtype == jnp.dtype(dtype)
+    assert not jnp.any(jnp.isnan(g.astype(jnp.float32)))
+
+
+@op_names
+def test_axis_as_a_concrete_array_and_bad_axis_values(name):
+    # axis=jnp.array(0) failed with "iteration over a 0-d array"; jax.nn
+    # accepts it.
+    op, _, nn_op = OPS[name]
+    x = _normal((3, 4))
+    chex.assert_trees_all_close(op(x, axis=jnp.array(0)), nn_op(x, axis=0), atol=1e-6)
+    chex.assert_trees_all_close(op(x, axis=np.int64(-1)), nn_op(x, axis=-1), atol=1e-6)
+    for bad in (1.0, "0", True, [0.5]):
+        with pytest.raises(TypeError, match="axis must be"):
+            op(x, axis=bad)
+    with pytest.raises(TypeError, match="axis must be static"):
+        jax.jit(lambda a: op(x, axis=a))(0)
