@@ -9,6 +9,7 @@ path is unchanged.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -36,14 +37,45 @@ def num_shards(axis_name):
     return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-def shard_labels(labels, local_size, axis_name):
+def index_dtype(*sizes) -> np.dtype:
+    """int32 when every size fits in it (always, in practice), else int64.
+
+    Symbolic sizes (``jax.export``) are taken to fit.
+    """
+    known = [s for s in sizes if isinstance(s, (int, np.integer))]
+    return np.dtype(np.int32 if max(known, default=0) < 2**31 else np.int64)
+
+
+def labels_in_range(labels, classes: int):
+    """``0 <= labels < classes``, compared in the labels' own dtype.
+
+    No conversion happens before the test, so no label can wrap into range:
+    a ``uint8`` label is never compared as ``int8``, and an ``int64`` label
+    ``2**32 + 1`` is not truncated to class 1.
+    """
+    info = jnp.iinfo(labels.dtype)
+    nonneg = labels >= np.array(0, labels.dtype)
+    if classes == 0:
+        return jnp.zeros(labels.shape, bool)
+    if classes - 1 >= info.max:  # every non-negative label names a class
+        return nonneg
+    return nonneg & (labels <= np.array(classes - 1, labels.dtype))
+
+
+def shard_labels(labels, local_size, axis_name, *, batch_shape=()):
     """Integer labels seen from this shard, which holds ``local_size`` classes.
 
-    Returns each label relative to the shard's first class, whether the shard
-    holds it, and whether it names a class at all (``0 <= label < local_size *
-    shards``); the same shapes as ``labels``.
+    Returns each label relative to the shard's first class, in an index dtype
+    wide enough for the class count and ``batch_shape`` (int32 in practice),
+    whether the shard holds it, and whether it names a class at all (``0 <=
+    label < local_size * shards``); the same shapes as ``labels``. Labels of
+    any integer dtype work: the range test runs in their own dtype, and
+    out-of-range labels are replaced by 0 before the conversion.
     """
-    here = labels - jnp.asarray(shard_offset(axis_name, local_size), labels.dtype)
-    holds = (here >= 0) & (here < local_size)
-    in_range = (labels >= 0) & (labels < local_size * num_shards(axis_name))
+    classes = local_size * num_shards(axis_name)
+    in_range = labels_in_range(labels, classes)
+    dtype = index_dtype(classes, *batch_shape)
+    ids = jnp.where(in_range, labels, np.array(0, labels.dtype)).astype(dtype)
+    here = ids - jnp.asarray(shard_offset(axis_name, local_size), dtype)
+    holds = in_range & (here >= 0) & (here < local_size)
     return here, holds, in_range

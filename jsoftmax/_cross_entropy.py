@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from functools import partial
 
 import jax
@@ -18,15 +20,48 @@ from jsoftmax._checks import (
     masked_fill,
     normalize_axis,
     row_max,
+    widen_8bit,
 )
 from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
 
 # Shared by the per-example losses and the fused linear loss.
 
 
+def _option(name, arg, value):
+    """A static, real, finite loss option as a Python float.
+
+    Raises:
+      TypeError: a string, a bool, a non-scalar or a traced value.
+      ValueError: NaN or infinite.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name}: {arg} must be a static number, got a traced value. Under "
+            f"jit, close over it or pass it with static_argnames=({arg!r},)"
+        )
+    if isinstance(value, (str, bytes, bool, np.bool_)) or np.ndim(value) != 0:
+        raise TypeError(f"{name}: {arg} must be a real number, got {value!r}")
+    value = np.asarray(value)
+    if not (
+        isinstance(value.item(), numbers.Real) and np.issubdtype(value.dtype, np.number)
+    ):
+        raise TypeError(f"{name}: {arg} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: {arg} must be finite, got {value}")
+    return value
+
+
 def check_loss_options(name, label_smoothing, z_loss, soft_cap):
-    """Checks the static loss options; returns them as Python floats."""
-    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    """Checks the static loss options; returns them as Python floats.
+
+    Raises:
+      TypeError: an option is not a real number (a string, a bool, a traced
+        value), naming the option.
+      ValueError: an option is out of range or not finite, naming it.
+    """
+    label_smoothing = _option(name, "label_smoothing", label_smoothing)
+    z_loss = _option(name, "z_loss", z_loss)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(
             f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}"
@@ -34,7 +69,7 @@ def check_loss_options(name, label_smoothing, z_loss, soft_cap):
     if z_loss < 0.0:
         raise ValueError(f"{name}: z_loss must be >= 0, got {z_loss}")
     if soft_cap is not None:
-        soft_cap = float(soft_cap)
+        soft_cap = _option(name, "soft_cap", soft_cap)
         if not soft_cap > 0.0:
             raise ValueError(f"{name}: soft_cap must be > 0 or None, got {soft_cap}")
     return label_smoothing, z_loss, soft_cap
@@ -46,7 +81,12 @@ def cap(z, soft_cap):
 
 
 def cap_grad(dz, z_capped, soft_cap):
-    """Chain rule through ``cap``: d/dz c tanh(z/c) = 1 - tanh^2 = 1 - (capped/c)^2."""
+    """Chain rule through ``cap``: d/dz c tanh(z/c) = 1 - tanh^2 = 1 - (capped/c)^2.
+
+    ``z_capped`` must be finite where ``dz`` will be kept: a masked entry's
+    -inf would make ``0 * (1 - inf^2)``, a NaN even if masked out afterwards
+    (and a NaN in second derivatives and under ``jax_debug_nans``).
+    """
     if soft_cap is None:
         return dz
     return dz * (1 - jnp.square(z_capped / soft_cap))
@@ -63,31 +103,44 @@ def _shifted_exp(z, axes, axis_name=None):
 
 
 def _capped_logits(logits, where, soft_cap, dtype):
-    """``logits`` in ``dtype``, soft-capped, masked entries at -inf."""
-    z = cap(logits.astype(dtype), soft_cap)
-    return masked_fill(z, where, -jnp.inf)
+    """Soft-capped logits in ``dtype``: ``(z, z_capped)``.
+
+    ``z`` has masked entries at -inf. ``z_capped`` is finite where ``z`` is
+    finite and where the mask is off (masked entries are capped from 0), for
+    :func:`cap_grad`; it is ``z`` itself when there is no cap. Masking before
+    the cap keeps whatever sits behind the mask (huge, inf, NaN) away from
+    tanh and its derivative, also in second derivatives.
+    """
+    z = logits.astype(dtype)
+    if soft_cap is not None:
+        z = cap(masked_fill(z, where, 0), soft_cap)
+    return masked_fill(z, where, -jnp.inf), z
 
 
-def logsumexp_parts(z, axes, axis_name=None):
-    """Row logsumexp of ``z`` (masked entries already -inf), 0 for empty rows.
+def row_stats(z, axes, axis_name=None):
+    """Per-row max ``m`` (global, a constant for autodiff) and ``log_s``, with
+    ``L = m + log_s`` the row's logsumexp; no size-1 axes.
 
-    Shifted by the row max, so ``exp`` cannot overflow; a row with no valid
-    entry gets 0 so that it contributes no loss and no NaN.
+    ``log_s = log(sum(exp(z - m)))`` lies in ``[0, log n]``: the largest entry
+    contributes exp(0) = 1. Keeping ``m`` and ``log_s`` apart, rather than
+    their sum ``L``, is what keeps the losses precise at large logits: the
+    loss and ``p = exp((z - m) - log_s)`` then use ``z - m``, exact for
+    entries near the max, where ``z - L`` would carry the rounding of a large
+    ``L`` (float32 logits near 1e4: about 1e-3 absolute). A row with no
+    valid entry (all masked or all -inf) has ``log_s = -inf``: the flag the
+    callers turn into a loss and a gradient of 0.
     """
     m, e = _shifted_exp(z, axes, axis_name)
     s = psum(jnp.sum(e, axes), axis_name)
-    lse = jnp.where(s == 0, 0, m + jnp.log(jnp.maximum(s, 1)))
-    # The per-row math above stays free of size-1 axes; they are added last.
-    # A fused per-row result with a size-1 axis reaches the full-size kernels
-    # through a bitcast that XLA:CPU's YNNPACK fusions do not take, and the
-    # broadcast lse was then written out at full size.
-    return jnp.expand_dims(lse, axes)
+    return m, jnp.log(s)
 
 
-def _prepare_logits(logits, where, axes, soft_cap, axis_name):
-    """Capped, masked logits in the compute dtype and the per-row lse."""
-    z = _capped_logits(logits, where, soft_cap, compute_dtype(logits.dtype))
-    return z, logsumexp_parts(z, axes, axis_name)
+def split_empty(log_s):
+    """``(valid, log_s)``: rows with an entry, and ``log_s`` with 0 in place of
+    the -inf of empty rows, so that no -inf - -inf appears downstream. A NaN
+    row stays valid and NaN."""
+    valid = log_s != -jnp.inf
+    return valid, jnp.where(valid, log_s, 0)
 
 
 def _class_count(where, shape, axes, dtype, axis_name):
@@ -136,16 +189,16 @@ def softmax_cross_entropy(
     the per-row :math:`L` are saved; the probabilities are recomputed.
 
     Args:
-      logits: unnormalised scores, any float dtype (16-bit floats are computed
-        in float32).
+      logits: unnormalised scores, any float dtype (16- and 8-bit floats are
+        computed in float32).
       labels: probabilities with the shape of ``logits``.
       axis: the class axis or axes.
-      where: optional class mask broadcastable to ``logits``, with
+      where: optional boolean class mask broadcastable to ``logits``, with
         ``jax.nn.softmax``'s meaning: masked-out classes take no part, and get
-        zero gradient.
-      label_smoothing: :math:`a \in [0, 1]`, a static float.
-      z_loss: :math:`\zeta \ge 0`, a static float.
-      soft_cap: :math:`c > 0` or None, a static float.
+        zero gradient. A ``[B, 1]`` mask masks whole examples.
+      label_smoothing: :math:`a \in [0, 1]`, a static (not traced) number.
+      z_loss: :math:`\zeta \ge 0`, finite, a static number.
+      soft_cap: :math:`c > 0`, finite, a static number; or None.
       axis_name: inside ``jax.shard_map``, the mesh axis over which the class
         axis (logits and labels alike) is split. The forward pass takes one
         ``pmax`` and one ``psum`` (loss terms and label sums travel together);
@@ -153,16 +206,18 @@ def softmax_cross_entropy(
 
     Returns:
       Per-example losses: the shape of ``logits`` without ``axis``, in the
-      dtype of ``logits``. A row with no valid class has loss 0 and gradient 0.
+      dtype of ``logits``. A row with no valid class (all masked, or all
+      ``-inf``) has loss 0 and gradient 0, whatever its labels.
       Terms with a zero (smoothed) label count 0 even where the logit is
       ``-inf``. A positive label on an unmasked ``-inf`` logit (a class the
       logits rule out) gives a loss of at least the label times the largest
       finite float (about ``3.4e38 q`` in float32), or ``inf``.
 
     Raises:
-      TypeError: complex inputs.
+      TypeError: complex inputs, a non-boolean ``where``, an option that is
+        not a real number (a string, a bool, a traced value; named).
       ValueError: shapes that do not match (named in the message), a bad
-        ``axis`` or bad options.
+        ``axis``, an option out of range or not finite (named).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -175,6 +230,8 @@ def softmax_cross_entropy(
     name = "softmax_cross_entropy"
     logits = float_input(name, logits)
     labels = float_input(name, labels)
+    dtype = logits.dtype
+    logits, labels = widen_8bit(logits), widen_8bit(labels)
     if labels.shape != logits.shape:
         raise ValueError(
             f"{name}: labels of shape {labels.shape} must have the shape of "
@@ -183,7 +240,8 @@ def softmax_cross_entropy(
     axes = normalize_axis(axis, logits.ndim, logits.shape)
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
-    return _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
+    loss = _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
+    return loss.astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -198,39 +256,43 @@ def _softmax_cross_entropy(
 def _softmax_cross_entropy_fwd(
     logits, labels, where, axes, label_smoothing, z_loss, soft_cap, axis_name
 ):
-    z, lse = _prepare_logits(logits, where, axes, soft_cap, axis_name)
+    z, _ = _capped_logits(logits, where, soft_cap, compute_dtype(logits.dtype))
+    m, log_s = row_stats(z, axes, axis_name)
+    valid, safe_log_s = split_empty(log_s)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
-    # sum(q (L - z)) = L sum(q) - sum(q z): two plain reductions, so the
-    # full-size broadcast of L is left to the backward pass alone (used by
-    # both, XLA:CPU wrote it out at full size). 0 * (L - z) must count 0 even
-    # at z = -inf (as in x log x at 0): -inf logits are clamped to the lowest
-    # finite value; a clamp, unlike a select on q == 0, stays inside XLA:CPU's
-    # fused multiply/sum kernel (1.3x faster forward at (8192, 128)).
-    qz = q * jnp.maximum(z, lowest(z.dtype))
+    # sum(q (L - z)) = log_s sum(q) - sum(q (z - m)): two plain reductions of
+    # terms that are both >= 0 and free of the large m (row_stats), so there
+    # is no cancellation at large logits. 0 * (z - m) must count 0 even at z =
+    # -inf (as in x log x at 0): -inf is clamped to the lowest finite value; a
+    # clamp, unlike a select on q == 0, stays inside XLA:CPU's fused
+    # multiply/sum kernel (1.3x faster forward at (8192, 128)).
+    qz = q * jnp.maximum(z - jnp.expand_dims(m, axes), lowest(z.dtype))
     # sum(q) is also kept for the backward pass, so that it needs no collective.
-    qz_sum, q_sum = psum(
-        (jnp.sum(qz, axes, keepdims=True), jnp.sum(q, axes, keepdims=True)),
-        axis_name,
-    )
-    total = lse * q_sum - qz_sum
-    loss = total + z_loss * jnp.square(lse) if z_loss else total
-    loss = jnp.squeeze(loss, axes).astype(logits.dtype)
-    return loss, (logits, labels, where, lse, q_sum)
+    qz_sum, q_sum = psum((jnp.sum(qz, axes), jnp.sum(q, axes)), axis_name)
+    loss = safe_log_s * q_sum - qz_sum
+    if z_loss:
+        loss = loss + z_loss * jnp.square(m + safe_log_s)
+    # A row with no valid class has no loss, whatever its labels.
+    loss = jnp.where(valid, loss, 0).astype(logits.dtype)
+    return loss, (logits, labels, where, m, log_s, q_sum)
 
 
 # dz = g * ((sum(q) + 2 z_loss L) * p - q);  dq = g * (1 - a) * (L - z)
 def _softmax_cross_entropy_bwd(
     axes, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
-    logits, labels, where, lse, q_sum = res
-    z = _capped_logits(logits, where, soft_cap, lse.dtype)
+    logits, labels, where, m, log_s, q_sum = res
+    z, z_capped = _capped_logits(logits, where, soft_cap, m.dtype)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
-    g = jnp.expand_dims(g.astype(z.dtype), axes)
-    p = jnp.exp(z - lse)
-    scale = q_sum + 2 * z_loss * lse
-    # Masked classes are 0: their capped logit is -inf, so cap_grad is NaN there.
-    dz = masked_fill(cap_grad(g * (scale * p - q), z, soft_cap), where, 0)
-    dlabels = masked_fill(g * (1 - label_smoothing) * (lse - z), where, 0)
+    valid, log_s = split_empty(log_s)
+    g = jnp.where(valid, g.astype(z.dtype), 0)  # empty rows: gradient 0
+    scale = q_sum + 2 * z_loss * (m + log_s) if z_loss else q_sum
+    g, scale, m, log_s = (jnp.expand_dims(a, axes) for a in (g, scale, m, log_s))
+    shifted = z - m
+    p = jnp.exp(shifted - log_s)
+    # Masked classes are 0 (cap_grad gets finite capped logits there).
+    dz = masked_fill(cap_grad(g * (scale * p - q), z_capped, soft_cap), where, 0)
+    dlabels = masked_fill(g * (1 - label_smoothing) * (log_s - shifted), where, 0)
     return dz.astype(logits.dtype), dlabels.astype(labels.dtype), None
 
 
@@ -274,7 +336,9 @@ def softmax_cross_entropy_with_integer_labels(
 
     Args:
       logits: unnormalised scores.
-      labels: integer class ids with the shape of ``logits`` without ``axis``.
+      labels: integer class ids with the shape of ``logits`` without ``axis``,
+        of any integer dtype (the range test runs in that dtype, indices in
+        int32).
       axis: the class axis (a single int).
       where: optional class mask broadcastable to ``logits`` (as in
         :func:`softmax_cross_entropy`).
@@ -286,12 +350,16 @@ def softmax_cross_entropy_with_integer_labels(
 
     Returns:
       Per-example losses of the shape of ``labels``, in the dtype of
-      ``logits``. A label outside ``[0, K)`` gives a NaN loss and NaN
-      gradients for that example, so the bug is loud. A label on a masked-out
-      class gives ``+inf`` (its probability is 0).
+      ``logits``. A label outside ``[0, K)`` gives a NaN loss, and NaN
+      gradients for that example when its cotangent is not 0: the bug is
+      loud, while ``jnp.where(labels != -100, loss, 0)`` gives the padding
+      zero gradients. A label on a masked-out class of a row with valid
+      classes gives ``+inf`` (its probability is 0); a row with no valid
+      class gives 0, whatever its label.
 
     Raises:
-      TypeError: labels that are not integers, complex logits.
+      TypeError: labels that are not integers, complex logits, a non-boolean
+        ``where``, an option that is not a real number (named).
       ValueError: shapes that do not match (named in the message), a bad
         ``axis`` or bad options.
 
@@ -305,7 +373,9 @@ def softmax_cross_entropy_with_integer_labels(
     """
     name = "softmax_cross_entropy_with_integer_labels"
     logits = float_input(name, logits)
-    if not isinstance(axis, (int, np.integer)):
+    dtype = logits.dtype
+    logits = widen_8bit(logits)
+    if axis is None or np.ndim(axis) != 0:
         raise TypeError(f"{name}: axis must be a single int, got {axis!r}")
     (ax,) = normalize_axis(axis, logits.ndim, logits.shape)
     labels = check_integer_labels(
@@ -313,13 +383,16 @@ def softmax_cross_entropy_with_integer_labels(
     )
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
-    return _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
+    loss = _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
+    return loss.astype(dtype)
 
 
 def _target_parts(z, labels, axis, axis_name):
     """:func:`shard_labels` for ``z``'s class axis, each keeping a size-1
     ``axis`` so that it broadcasts against ``z``."""
-    return shard_labels(jnp.expand_dims(labels, axis), z.shape[axis], axis_name)
+    return shard_labels(
+        jnp.expand_dims(labels, axis), z.shape[axis], axis_name, batch_shape=z.shape
+    )
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -335,31 +408,40 @@ def _integer_cross_entropy_fwd(
     logits, labels, where, axis, label_smoothing, z_loss, soft_cap, axis_name
 ):
     axes = (axis,)
-    z, lse = _prepare_logits(logits, where, axes, soft_cap, axis_name)
+    z, _ = _capped_logits(logits, where, soft_cap, compute_dtype(logits.dtype))
+    m, e = _shifted_exp(z, axes, axis_name)
+    m_k = jnp.expand_dims(m, axes)
     here, holds, in_range = _target_parts(z, labels, axis, axis_name)
-    # The target logit is a gather of one entry per row, not a pass over z.
+    # The target logit is a gather of one entry per row, not a pass over z,
+    # shifted by the max like everything else (row_stats: no large L).
     safe = jnp.clip(here, 0, z.shape[axis] - 1)
-    z_target = jnp.where(holds, jnp.take_along_axis(z, safe, axis), 0)
+    target = jnp.where(holds, jnp.take_along_axis(z, safe, axis) - m_k, 0)
+    target = jnp.squeeze(target, axes)
+    # The sum of the exponentials, the target and the logits' sum travel in
+    # one psum.
+    parts = [jnp.sum(e, axes), target]
     if label_smoothing:
-        # The target logit and the logits' sum travel in one psum.
-        z_sum = jnp.sum(masked_fill(z, where, 0), axes, keepdims=True)
-        z_target, z_sum = psum((z_target, z_sum), axis_name)
-    else:
-        z_target = psum(z_target, axis_name)
-    loss = lse - (1 - label_smoothing) * z_target
+        parts.append(jnp.sum(masked_fill(z - m_k, where, 0), axes))
+    parts = psum(tuple(parts), axis_name)
+    log_s = jnp.log(parts[0])
+    valid, safe_log_s = split_empty(log_s)
+    # log_s - (z_y - m) >= 0 term by term: a cross-entropy is never negative.
+    loss = safe_log_s - (1 - label_smoothing) * parts[1]
     if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
+        loss = loss + z_loss * jnp.square(m + safe_log_s)
     if label_smoothing:
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
-        loss = loss - label_smoothing * z_sum / jnp.maximum(k, 1)
-    loss = jnp.where(in_range, loss, jnp.nan)
-    loss = jnp.squeeze(loss, axes).astype(logits.dtype)
-    return loss, (logits, labels, where, lse)
+        k = jnp.squeeze(k, axes) if k.ndim else k
+        loss = loss - label_smoothing * parts[2] / jnp.maximum(k, 1)
+    loss = jnp.where(jnp.squeeze(in_range, axes), loss, jnp.nan)
+    # A row with no valid class has no loss, whatever its label.
+    loss = jnp.where(valid, loss, 0).astype(logits.dtype)
+    return loss, (logits, labels, where, m, log_s)
 
 
 def _softmax_from_logits(z, axes):
     """``softmax(z)`` over ``axes`` (masked entries already -inf), 0 in rows
-    with no valid entry, with the same max and sum as :func:`logsumexp_parts`.
+    with no valid entry, with the same max and sum as :func:`row_stats`.
     Unsharded only: the sum is this shard's alone."""
     _, e = _shifted_exp(z, axes)
     # A valid row's sum is at least 1, an empty row's is 0 (see _softmax).
@@ -382,12 +464,20 @@ def _add_at_target(x, here, holds, value, axis):
 def _integer_cross_entropy_bwd(
     axis, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
-    logits, labels, where, lse = res
+    logits, labels, where, m, log_s = res
     axes = (axis,)
-    z = _capped_logits(logits, where, soft_cap, lse.dtype)
+    z, z_capped = _capped_logits(logits, where, soft_cap, m.dtype)
     here, holds, in_range = _target_parts(z, labels, axis, axis_name)
-    g = jnp.where(in_range, jnp.expand_dims(g.astype(z.dtype), axes), jnp.nan)
-    scale = g * (1 + 2 * z_loss * lse) if z_loss else g
+    valid, log_s = split_empty(log_s)
+    g = g.astype(z.dtype)
+    # An out-of-range label makes its gradient NaN (loud) only where it
+    # reaches the result: a zero cotangent, as from the usual
+    # where(labels != -100, loss, 0), gives a zero gradient. Rows with no
+    # valid class get 0 whatever the label.
+    g = jnp.where(jnp.squeeze(in_range, axes) | (g == 0), g, jnp.nan)
+    g = jnp.where(valid, g, 0)
+    scale = g * (1 + 2 * z_loss * (m + log_s)) if z_loss else g
+    g, scale = jnp.expand_dims(g, axes), jnp.expand_dims(scale, axes)
     # p = softmax(z), recomputed the way the forward pass computed its sum
     # (row max, exp, sum) rather than as exp(z - L). Inside one jitted
     # value_and_grad, XLA then shares the forward's exponentials with this
@@ -395,8 +485,12 @@ def _integer_cross_entropy_bwd(
     # measured with memory_analysis): 1.07-1.21x optax became 0.92-1.00x on
     # a 2-core CPU. A backward compiled apart from its forward pays a max and
     # a sum more than exp(z - L) would (1.1-1.4x on that pass).
-    # Across shards the sum is global: exp(z - L) with the global L.
-    p = jnp.exp(z - lse) if axis_name else _softmax_from_logits(z, axes)
+    # Across shards the sum is global: exp(z - m - log_s) with the global m.
+    if axis_name:
+        m, log_s = jnp.expand_dims(m, axes), jnp.expand_dims(log_s, axes)
+        p = jnp.exp((z - m) - log_s)
+    else:
+        p = _softmax_from_logits(z, axes)
     dz = scale * p
     if label_smoothing:
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
@@ -404,7 +498,7 @@ def _integer_cross_entropy_bwd(
     # The one-hot term touches one entry per row: a scatter into dz, not a
     # compare against every class.
     dz = _add_at_target(dz, here, holds, -g * (1 - label_smoothing), axis)
-    dz = cap_grad(dz, z, soft_cap)
+    dz = cap_grad(dz, z_capped, soft_cap)
     return masked_fill(dz, where, 0).astype(logits.dtype), None, None
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax._checks import compute_dtype, float_input, mask_input
+from jsoftmax._checks import compute_dtype, float_input, mask_input, widen_8bit
 from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
 from jsoftmax._cross_entropy import (
     cap,
@@ -30,13 +30,22 @@ _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMENTS = 2**22
 
 
-def default_chunk_size(num_tokens: int, vocab: int) -> int:
+# The chunk when the number of tokens is not known at trace time (a symbolic
+# batch under jax.export): what 4096 tokens get.
+_SYMBOLIC_BATCH_CHUNK = 1024
+
+
+def default_chunk_size(num_tokens, vocab: int) -> int:
     """Vocabulary columns per chunk: about 16 MiB of float32 logits per chunk.
 
     A power of two between 128 and 8192, at most ``vocab``. Memory grows with
     the chunk (a few chunk-sized buffers are live at once), speed with fewer,
-    larger matmuls; 16 MiB keeps the temporaries in the tens of MiB.
+    larger matmuls; 16 MiB keeps the temporaries in the tens of MiB. A
+    symbolic ``num_tokens`` (``jax.export`` with a symbolic batch) gets 1024
+    columns, what 4096 tokens get: pass ``chunk_size`` to choose otherwise.
     """
+    if not isinstance(num_tokens, (int, np.integer)):
+        return int(min(vocab, _SYMBOLIC_BATCH_CHUNK))
     size = _CHUNK_ELEMENTS // max(num_tokens, 1)
     size = 1 << max(int(size).bit_length() - 1, 0)
     return int(min(vocab, min(max(size, 128), 8192)))
@@ -71,7 +80,7 @@ def linear_softmax_cross_entropy(
     Args:
       x: ``[B, D]`` activations.
       w: ``[D, V]`` output weights.
-      labels: ``[B]`` integer class ids.
+      labels: ``[B]`` integer class ids, any integer dtype.
       bias: optional ``[V]`` bias.
       where: optional boolean ``[B]`` mask of the tokens that count. Masked
         tokens have loss 0 and zero gradient, whatever their label.
@@ -93,10 +102,14 @@ def linear_softmax_cross_entropy(
       and ``w``. bfloat16/float16 inputs run their matmuls in that dtype with
       float32 accumulation, and all softmax arithmetic is float32 (float64
       inputs stay float64). A counted token whose label is outside
-      ``[0, V)`` has a NaN loss and NaN gradients.
+      ``[0, V)`` has a NaN loss, and NaN gradients where its cotangent is not
+      0 (masking per-token losses with ``jnp.where`` afterwards gives zero
+      gradients). Losses are never negative: the target logit comes from the
+      same chunk matmul as the logsumexp.
 
     Raises:
-      TypeError: complex inputs or non-integer labels.
+      TypeError: complex inputs, non-integer labels, a non-boolean ``where``,
+        an option that is not a real number (named).
       ValueError: shapes that do not match (named), a bad ``reduction`` or
         ``chunk_size``, bad options.
 
@@ -111,16 +124,20 @@ def linear_softmax_cross_entropy(
     """
     name = "linear_softmax_cross_entropy"
     x, w = float_input(name, x), float_input(name, w)
+    out_dtype = jnp.result_type(x.dtype, w.dtype)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(
             f"{name}: x must be [B, D] and w [D, V] with the same D, got x "
             f"{x.shape} and w {w.shape}"
         )
     num_tokens, vocab = x.shape[0], w.shape[1]
-    # Chunk starts are int32: labels join them in that dtype.
-    labels = check_integer_labels(name, labels, (num_tokens,)).astype(jnp.int32)
+    if vocab == 0:
+        raise ValueError(f"{name}: w of shape {w.shape} has no classes (V = 0)")
+    # Labels keep their dtype: the range test runs in it (shard_labels), so a
+    # large int64 or unsigned label cannot wrap into range.
+    labels = check_integer_labels(name, labels, (num_tokens,))
     if bias is not None:
-        bias = float_input(name, bias)
+        bias = widen_8bit(float_input(name, bias))
         if bias.shape != (vocab,):
             raise ValueError(f"{name}: bias of shape {bias.shape} must be ({vocab},)")
     if where is not None:
@@ -144,18 +161,18 @@ def linear_softmax_cross_entropy(
     chunk_size = int(min(chunk_size, vocab))
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
-    x, w = x.astype(dtype), w.astype(dtype)
+    x, w = widen_8bit(x.astype(dtype)), widen_8bit(w.astype(dtype))
 
     losses = _linear_cross_entropy(
         x, w, bias, labels, where, chunk_size, *options, axis_name
     )
     if reduction == "none":
-        return losses.astype(dtype)
+        return losses.astype(out_dtype)
     total = jnp.sum(losses)
     if reduction == "mean":
         count = num_tokens if where is None else jnp.sum(where, dtype=total.dtype)
         total = total / jnp.maximum(count, 1)
-    return total.astype(dtype)
+    return total.astype(out_dtype)
 
 
 def acc(x):
@@ -196,37 +213,39 @@ def _chunk_logits(x, w, bias, start, size, soft_cap):
     return cap(z, soft_cap)
 
 
-def _target_logits(x, w, bias, labels, soft_cap):
-    """Capped logit, in ``acc(x)``, of each token's label (0 where out of range)."""
-    safe = jnp.clip(labels, 0, w.shape[1] - 1)
-    w_y = jnp.take(w, safe, axis=1)  # [D, B]: one column per token
-    z = jnp.einsum("bd,db->b", x, w_y, preferred_element_type=acc(x))
-    if bias is not None:
-        z = z + bias[safe].astype(acc(x))
-    return cap(z, soft_cap)
+def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
+    """Per-token running max ``m``, rescaled sum ``s`` of exponentials, the
+    target logit and (when ``want_sum``) the sum of ``z - m``, over all
+    columns, one chunk at a time.
 
-
-def _online_logsumexp(x, w, bias, chunk_size, soft_cap, want_sum):
-    """Per-token running max, rescaled sum of exponentials (and plain sum of
-    the logits when ``want_sum``) over all columns, one chunk at a time.
-
-    Keeps a running max ``m`` and a sum ``s`` of ``exp(z - m)`` rescaled when
-    the max grows: the stable online form, never more than one chunk of
-    logits alive. Also the plain sum of the logits when ``want_sum``.
+    ``m`` and ``s`` are the stable online logsumexp: ``s`` is rescaled when
+    the max grows, and never more than one chunk of logits is alive. The
+    target logit is picked out of the same chunk logits (a compare per
+    column), not recomputed by another matmul: a different rounding there
+    made losses slightly negative when the target was the max. The sum of
+    ``z - m`` is kept relative to the running max too (shifted when it
+    grows), so the label-smoothing term has no large-offset cancellation.
     """
     num_tokens = x.shape[0]
 
     def step(carry, start, size):
-        m, s, total = carry
+        m, s, target, total = carry
         z = _chunk_logits(x, w, bias, start, size, soft_cap)
         m_new = jnp.maximum(m, jnp.max(z, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        columns = start + lax.broadcasted_iota(labels.dtype, (1, size), 1)
+        target = target + jnp.sum(jnp.where(labels[:, None] == columns, z, 0), axis=1)
         if want_sum:
-            total = total + jnp.sum(z, axis=1)
-        return (m_new, s, total), None
+            # The `start` columns before this chunk move to the new max: a
+            # shift of start * (m - m_new) <= 0 (none before the first chunk,
+            # where m is still -inf).
+            seen = jnp.asarray(start, acc(x))
+            shift = jnp.where(seen > 0, seen * (m - m_new), 0)
+            total = total + shift + jnp.sum(z - m_new[:, None], axis=1)
+        return (m_new, s, target, total), None
 
     zeros = jnp.zeros((num_tokens,), acc(x))
-    carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros)
+    carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros, zeros)
     carry = _varying_like(carry, x, w, bias)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
@@ -250,28 +269,41 @@ def _vocab(w, axis_name):
     return w.shape[1] * num_shards(axis_name)
 
 
+def _local_labels(labels, w, x, axis_name):
+    """:func:`shard_labels`, with -1 (no column) for labels this shard does
+    not hold."""
+    here, holds, in_range = shard_labels(
+        labels, w.shape[1], axis_name, batch_shape=x.shape
+    )
+    return jnp.where(holds, here, -1), holds, in_range
+
+
 def _linear_cross_entropy_fwd(
     x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap, axis_name
 ):
-    local_labels, holds, in_range = shard_labels(labels, w.shape[1], axis_name)
-    m, s, z_sum = _online_logsumexp(
-        x, w, bias, chunk_size, soft_cap, want_sum=bool(label_smoothing)
+    local_labels, holds, in_range = _local_labels(labels, w, x, axis_name)
+    m, s, target, total = _online_logsumexp(
+        x, w, bias, local_labels, chunk_size, soft_cap, bool(label_smoothing)
     )
-    z_target = jnp.where(holds, _target_logits(x, w, bias, local_labels, soft_cap), 0)
-    # Across shards: one pmax, then the rescaled sums and the target logit (held
-    # by one shard) in one psum.
+    # Across shards: one pmax, then the rescaled sums, the shifted target
+    # (held by one shard) and the shifted sum of logits in one psum.
     m_all = pmax(m, axis_name)
-    s, z_sum, z_target = psum((s * jnp.exp(m - m_all), z_sum, z_target), axis_name)
-    lse = m_all + jnp.log(s)
-    loss = lse - (1 - label_smoothing) * z_target
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
+    target = jnp.where(holds, target - m_all, 0)
     if label_smoothing:
-        loss = loss - label_smoothing * z_sum / _vocab(w, axis_name)
+        total = total + w.shape[1] * (m - m_all)
+    s, target, total = psum((s * jnp.exp(m - m_all), target, total), axis_name)
+    log_s = jnp.log(s)
+    # (1 - a)(log_s - (z_y - m)) + a (log_s - mean(z - m)): each term >= 0, so
+    # the loss is >= 0, and none carries the large m.
+    loss = log_s - (1 - label_smoothing) * target
+    if label_smoothing:
+        loss = loss - label_smoothing * total / _vocab(w, axis_name)
+    if z_loss:
+        loss = loss + z_loss * jnp.square(m_all + log_s)
     loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, 0)
-    return loss, (x, w, bias, labels, where, lse)
+    return loss, (x, w, bias, labels, where, m_all, log_s)
 
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / V) * cap'(z)
@@ -279,15 +311,20 @@ def _linear_cross_entropy_fwd(
 def _linear_cross_entropy_bwd(
     chunk_size, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
-    x, w, bias, labels, where, lse = res
-    local_labels, _, in_range = shard_labels(labels, w.shape[1], axis_name)
+    x, w, bias, labels, where, m, log_s = res
+    local_labels, _, in_range = _local_labels(labels, w, x, axis_name)
     g = g.astype(acc(x))
-    g = jnp.where(in_range, g, jnp.nan)
+    # NaN (loud) only where an out-of-range label reaches the result: a zero
+    # cotangent (where(labels != -100, losses, 0)) gives a zero gradient.
+    g = jnp.where(in_range | (g == 0), g, jnp.nan)
     if where is not None:
         g = jnp.where(where, g, 0)
-    p_coef = (g * (1 + 2 * z_loss * lse) if z_loss else g)[:, None]
+    p_coef = (g * (1 + 2 * z_loss * (m + log_s)) if z_loss else g)[:, None]
     target_coef = (g * (1 - label_smoothing))[:, None]
     uniform = (g * label_smoothing / _vocab(w, axis_name))[:, None]
+    # p = exp((z - m) - log_s): z - m is exact near the max, where z - L would
+    # carry the rounding of a large L (see _cross_entropy.row_stats).
+    m, log_s = m[:, None], log_s[:, None]
     # x transposed once, outside the loop: each chunk's dW then runs as a plain
     # matmul (XLA:CPU hands it to its fast kernel; x.T inside the loop was a
     # transposed-operand dot, about 12% slower).
@@ -296,8 +333,8 @@ def _linear_cross_entropy_bwd(
     def step(carry, start, size):
         dx, dw, db = carry
         z = _chunk_logits(x, w, bias, start, size, soft_cap)
-        p = jnp.exp(z - lse[:, None])
-        columns = start + lax.broadcasted_iota(labels.dtype, (1, size), 1)
+        p = jnp.exp((z - m) - log_s)
+        columns = start + lax.broadcasted_iota(local_labels.dtype, (1, size), 1)
         is_target = local_labels[:, None] == columns
         dz = p_coef * p - jnp.where(is_target, target_coef, 0)
         if label_smoothing:

@@ -5,6 +5,7 @@ from functools import partial
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -231,3 +232,143 @@ def test_errors_name_shapes():
         f(x, w, labels, chunk_size=0)
     with pytest.raises(TypeError, match="integer"):
         f(x, w, labels.astype(jnp.float32))
+
+
+# Hardening: label dtypes, masking idioms, precision, sign, options, export.
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16", "uint32"])
+def test_labels_of_every_integer_dtype_match_int32(dtype):
+    x, w, bias, labels = _data(7, b=300, v=200)
+    labels = labels % min(200, int(jnp.iinfo(dtype).max) + 1)
+    f = jax.value_and_grad(
+        lambda x, w, y: jsoftmax.linear_softmax_cross_entropy(x, w, y, chunk_size=64),
+        (0, 1),
+    )
+    chex.assert_trees_all_close(f(x, w, labels.astype(dtype)), f(x, w, labels))
+
+
+@pytest.mark.parametrize("reduce", ["where", "multiply"])
+def test_minus_100_padding_masked_after_the_loss_has_zero_gradient(reduce):
+    # jnp.where(keep, per_token_loss, 0) made every entry of dW NaN.
+    x, w, bias, labels = _data(8)
+    labels = labels.at[jnp.array([1, 4])].set(-100)
+    keep = labels != -100
+
+    def loss(x, w, bias):
+        per_token = jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, bias=bias, reduction="none", chunk_size=8
+        )
+        kept = jnp.where(keep, per_token, 0) if reduce == "where" else per_token
+        return jnp.sum(kept if reduce == "where" else jnp.where(keep, kept, 0) * 1.0)
+
+    got = jax.grad(loss, (0, 1, 2))(x, w, bias)
+    want = jax.grad(
+        lambda x, w, b: reference(
+            x, w, b, jnp.where(keep, labels, 0), where=keep, reduction="sum"
+        ),
+        (0, 1, 2),
+    )(x, w, bias)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1), dict(soft_cap=3.0)])
+def test_loss_is_never_negative_when_the_target_is_the_max(dtype, opts):
+    # The target logit came from a different matmul than the logsumexp:
+    # -7.6e-6 (float32) and -7.6e-5 (bfloat16).
+    x, w, _, _ = _data(9, b=256, d=32, v=100)
+    x = 3.0 * x
+    labels = jnp.argmax(x @ w, axis=-1)
+    loss = jsoftmax.linear_softmax_cross_entropy(
+        x.astype(dtype), w.astype(dtype), labels, reduction="none", chunk_size=16,
+        **opts,
+    )  # fmt: skip
+    assert jnp.all(loss >= 0), jnp.min(loss)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e4])
+def test_precision_at_large_logits_no_worse_than_twice_optax(offset):
+    # exp(z - L) with a large L: dx error 5.8e-5 at offset 1e4, optax 8.7e-6.
+    x, w, bias, labels = _data(10, b=16, d=8, v=64)
+    bias = bias + offset
+
+    def ours(x):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, bias=bias, chunk_size=16, reduction="sum"
+        )
+
+    def theirs(x, w=w, bias=bias):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            x @ w + bias, labels
+        ).sum()
+
+    with jax.enable_x64(True):
+        x64 = x.astype(jnp.float64)
+        v64, g64 = jax.value_and_grad(theirs)(
+            x64, w.astype(jnp.float64), bias.astype(jnp.float64)
+        )
+        v64, g64 = np.asarray(v64), np.asarray(g64)
+    errors = {}
+    for name, fn in (("ours", ours), ("optax", theirs)):
+        v, g = jax.value_and_grad(fn)(x)
+        errors[name] = (
+            float(np.max(np.abs(np.asarray(g, np.float64) - g64))),
+            float(np.abs(np.asarray(v, np.float64) - v64)),
+        )
+    eps = float(jnp.finfo(jnp.float32).eps)
+    (our_g, our_v), (optax_g, optax_v) = errors["ours"], errors["optax"]
+    assert our_g <= 2 * optax_g + eps * float(np.max(np.abs(g64))), errors
+    assert our_v <= 2 * optax_v + eps * float(np.abs(v64)), errors
+
+
+def test_empty_vocabulary_and_empty_batch():
+    with pytest.raises(ValueError, match=r"no classes \(V = 0\)"):
+        jsoftmax.linear_softmax_cross_entropy(
+            jnp.ones((2, 3)), jnp.ones((3, 0)), jnp.zeros(2, jnp.int32)
+        )
+    with pytest.raises(ValueError, match=r"no classes \(V = 0\)"):
+        jsoftmax.linear_softmax_cross_entropy(
+            jnp.ones((2, 3)), jnp.ones((3, 0)), jnp.zeros(2, jnp.int32), chunk_size=4
+        )
+    x, w = jnp.ones((0, 3)), jnp.ones((3, 5))
+    loss, (dx, dw) = jax.value_and_grad(
+        lambda x, w: jsoftmax.linear_softmax_cross_entropy(
+            x, w, jnp.zeros(0, jnp.int32)
+        ),
+        (0, 1),
+    )(x, w)
+    assert loss == 0 and dx.shape == (0, 3) and not jnp.any(dw)
+
+
+def test_non_boolean_token_mask_is_refused():
+    x, w, _, labels = _data()
+    with pytest.raises(TypeError, match="boolean.*bias"):
+        jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, where=jnp.ones(B, jnp.float32)
+        )
+
+
+def test_export_with_a_symbolic_batch():
+    # The default chunk size divided by the batch: floordiv(4194304, b).
+    from jax import export
+
+    (b,) = export.symbolic_shape("b")
+
+    def loss(x, w, y):
+        return jsoftmax.linear_softmax_cross_entropy(x, w, y)
+
+    args = (
+        jax.ShapeDtypeStruct((b, D), jnp.float32),
+        jax.ShapeDtypeStruct((D, V), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    exported = export.export(jax.jit(jax.value_and_grad(loss, (0, 1))))(*args)
+    restored = export.deserialize(exported.serialize())
+    x, w, _, labels = _data(11)
+    chex.assert_trees_all_close(
+        restored.call(x, w, labels),
+        jax.value_and_grad(loss, (0, 1))(x, w, labels),
+        atol=1e-6,
+    )
+    assert default_chunk_size(b, 4096) == 1024
