@@ -2,9 +2,14 @@
 
 Run from a checkout with the package installed (``pip install -e '.[bench]'``):
 
-    python -m jsoftmax bench            # CPU sweep, writes bench/results/
+    python -m jsoftmax bench            # CPU sweep
     python -m jsoftmax bench --quick    # tiny shapes, a smoke run
     python -m jsoftmax bench --gpu      # the GPU shape set, file named by device
+    python -m jsoftmax bench --out bench/results   # replace the committed tables
+
+Without ``--out`` a run writes to a new folder in the system's temporary
+directory (``jsoftmax-bench-<time>-*``) and prints its path, so that it never
+overwrites the committed results in ``bench/results/``.
 
 Everything runs in one process, side by side: for each shape every
 implementation is compiled, checked against jax.nn, warmed up, then timed in
@@ -23,6 +28,7 @@ import json
 import os
 import pathlib
 import platform
+import tempfile
 import time
 
 import jax
@@ -403,10 +409,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jsoftmax bench")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke run")
     parser.add_argument("--gpu", action="store_true", help="GPU shape set")
-    parser.add_argument("--out", default=None, help="results folder")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: a new jsoftmax-bench-<time>-* folder in "
+        f"the system's temporary directory; {RESULTS} holds the committed results)",
+    )
     args = parser.parse_args(argv)
-    out = pathlib.Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path(tempfile.mkdtemp(prefix=f"jsoftmax-bench-{stamp}-"))
     rows = run(gpu=args.gpu, quick=args.quick)
     if args.quick:
         stem = "softmax_quick"
@@ -422,6 +437,7 @@ def main(argv=None):
     )
     plot(rows, out / f"{stem}.png")
     print((out / f"{stem}.md").read_text())
+    print(f"Results written to {out}")
     return 0
 
 

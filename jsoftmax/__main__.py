@@ -5,8 +5,10 @@
 and bfloat16, on the CPU and on any accelerator JAX finds, and prints one
 table. It exits with 1 if any check fails.
 
-``python -m jsoftmax bench [--quick] [--gpu]`` runs the benchmark in
-``bench/`` (see bench/README.md).
+``python -m jsoftmax bench [--quick] [--gpu] [--out DIR]`` runs the benchmark
+in ``bench/`` of the checkout this package is imported from (see
+bench/README.md). Without ``--out`` it writes to a new folder in the system's
+temporary directory, never over the results in ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -175,18 +177,33 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _run_bench(argv: list[str]) -> int:
-    """Runs the checkout's bench/bench.py (it is not part of the wheel)."""
-    candidates = [
-        pathlib.Path.cwd() / "bench" / "bench.py",
-        pathlib.Path(__file__).resolve().parent.parent / "bench" / "bench.py",
-    ]
-    script = next((p for p in candidates if p.is_file()), None)
-    if script is None:
-        print("bench/bench.py not found: run this from a jsoftmax checkout")
+    """Runs bench/bench.py of the checkout that jsoftmax is imported from.
+
+    Never the current directory's: that can belong to another project. A
+    checkout holds pyproject.toml next to the package; an installed wheel has
+    neither it nor bench/ there.
+    """
+    root = pathlib.Path(jsoftmax.__file__).resolve().parent.parent
+    script = root / "bench" / "bench.py"
+    if not ((root / "pyproject.toml").is_file() and script.is_file()):
+        print(
+            f"python -m jsoftmax bench: no checkout with bench/bench.py at {root}, "
+            "where jsoftmax is imported from. The benchmark is not part of the "
+            "installed package: run it from a checkout installed with "
+            "pip install -e '.[bench]'.",
+            file=sys.stderr,
+        )
         return 2
     sys.argv = [str(script), *argv]
     namespace = runpy.run_path(str(script))
-    return namespace["main"](argv)
+    bench_main = namespace.get("main")
+    if not callable(bench_main):
+        print(
+            f"python -m jsoftmax bench: {script} defines no main(argv)",
+            file=sys.stderr,
+        )
+        return 2
+    return bench_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "bench",
         add_help=False,
-        help="run bench/bench.py from a checkout; its options follow",
+        help="run this checkout's bench/bench.py; its options follow",
     )
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":

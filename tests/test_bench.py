@@ -5,10 +5,13 @@ No timing is asserted here; the numbers live in bench/results/.
 
 import json
 import pathlib
+import runpy
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def test_softmax_bench_quick_writes_table_and_plot(tmp_path):
@@ -27,6 +30,32 @@ def test_softmax_bench_quick_writes_table_and_plot(tmp_path):
     rows = json.loads((tmp_path / "softmax_quick.json").read_text())["rows"]
     # Every case timed the control (a second copy of jax.nn) beside the others.
     assert sum(r["impl"] == "jax.nn copy" for r in rows) == 6
+
+
+def _contents(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_softmax_bench_without_out_leaves_committed_results_alone(
+    tmp_path, monkeypatch
+):
+    # Issue item 15: a run without --out overwrote bench/results/softmax_cpu.*.
+    committed = _contents(RESULTS)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    bench = runpy.run_path(str(ROOT / "bench" / "bench.py"))
+    # The full CPU sweep's code path (no --quick), on one tiny case, once.
+    bench["main"].__globals__.update(
+        sweep=lambda gpu, quick: [("rows128", (8, 128), "float32", False)],
+        _rounds=lambda n, quick: 1,
+    )
+    assert bench["main"]([]) == 0
+    assert _contents(RESULTS) == committed
+    (run,) = tmp_path.glob("jsoftmax-bench-*")
+    assert {p.name for p in run.iterdir()} == {
+        "softmax_cpu.json",
+        "softmax_cpu.md",
+        "softmax_cpu.png",
+    }
 
 
 def test_losses_bench_quick_writes_table(tmp_path):

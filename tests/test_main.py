@@ -5,6 +5,7 @@ import sys
 
 import jax.numpy as jnp
 
+import jsoftmax
 from jsoftmax import __main__ as cli
 from jsoftmax import testing
 
@@ -66,3 +67,49 @@ def test_module_entry_point_runs():
     )
     assert out.returncode == 0
     assert "bench" in out.stdout
+
+
+def _other_project(path):
+    """A folder holding another project's bench/bench.py, which has no main()."""
+    (path / "bench").mkdir(parents=True)
+    (path / "bench" / "bench.py").write_text('print("OTHER PROJECT\'S BENCH RAN")\n')
+    return path
+
+
+def test_bench_ignores_a_bench_in_the_current_directory(tmp_path):
+    # Issue item 15: it ran ./bench/bench.py and then failed with KeyError: 'main'.
+    out = subprocess.run(
+        [sys.executable, "-m", "jsoftmax", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=_other_project(tmp_path),
+    )
+    assert "OTHER PROJECT" not in out.stdout + out.stderr
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--quick" in out.stdout and "--out" in out.stdout
+
+
+def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
+    # jsoftmax installed from a wheel: no pyproject.toml or bench/ next to it,
+    # though site-packages may hold another distribution's bench/bench.py.
+    site = _other_project(tmp_path / "site-packages")
+    monkeypatch.setattr(jsoftmax, "__file__", str(site / "jsoftmax" / "__init__.py"))
+    monkeypatch.chdir(_other_project(tmp_path / "elsewhere"))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert cli.main(["bench", "--quick"]) == 2
+    out = capsys.readouterr()
+    assert "OTHER PROJECT" not in out.out
+    assert "not part of the installed package" in out.err
+    assert str(site) in out.err
+
+
+def test_bench_script_without_main_says_so(tmp_path, monkeypatch, capsys):
+    checkout = _other_project(tmp_path / "checkout")
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(
+        jsoftmax, "__file__", str(checkout / "jsoftmax" / "__init__.py")
+    )
+    monkeypatch.chdir(checkout)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert cli.main(["bench"]) == 2
+    assert "defines no main(argv)" in capsys.readouterr().err
