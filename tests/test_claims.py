@@ -80,15 +80,7 @@ def test_masked_values_with_neg_inf_logits_equal_jax_nn(name):
         ("softmax", "jax.nn"),
         ("log_softmax", "jax.nn"),
         ("softmax", "jsoftmax"),
-        pytest.param(
-            "log_softmax",
-            "jsoftmax",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="hardening issue item 4: the gradient at -inf entries "
-                "differs with an all-True mask; fixed on another branch",
-            ),
-        ),
+        ("log_softmax", "jsoftmax"),
     ],
 )
 def test_all_true_mask_is_the_same_as_no_mask(name, lib):
@@ -176,6 +168,9 @@ def test_what_jax_nn_saves_for_the_backward_pass(mask_shape):
     # jsoftmax.softmax: the output, and the mask as given.
     assert _residuals(jsoftmax.softmax, x) == ([full], set())
     assert _residuals(masked(jsoftmax.softmax), x) == ([full], {mask_shape})
+    # jsoftmax.log_softmax: the output, and the mask as given.
+    assert _residuals(jsoftmax.log_softmax, x) == ([full], set())
+    assert _residuals(masked(jsoftmax.log_softmax), x) == ([full], {mask_shape})
 
 
 @op_names
