@@ -8,6 +8,7 @@ path is unchanged.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -34,6 +35,34 @@ def shard_offset(axis_name, local_size):
 
 def num_shards(axis_name):
     return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
+def vma(x):
+    """The mesh axes ``x`` varies over inside ``shard_map`` with
+    ``check_vma=True``; empty elsewhere."""
+    return set(jax.typeof(x).manual_axis_type.varying)
+
+
+def varying_like(tree, *arrays):
+    """Marks ``tree`` as varying over every mesh axis any of ``arrays`` (None
+    skipped) varies over; a no-op where variation is not tracked.
+
+    A ``custom_vjp`` backward pass must give each input a cotangent of the
+    input's type. An input that is invariant over an axis that the others vary
+    over (replicated ``w`` with batch-sharded ``x``; replicated ``x`` with
+    vocab-sharded ``w``) gets a cotangent that varies, one part per shard: the
+    ops mark such inputs varying before their ``custom_vjp``, and JAX
+    transposes the mark into the ``psum`` of the parts, as it does for plain
+    code. Also what ``lax.scan`` needs of a carry that the loop body mixes
+    with ``arrays``.
+    """
+    axes = set().union(*(vma(a) for a in arrays if a is not None))
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - vma(leaf), key=str))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
 
 
 def shard_labels(labels, local_size, axis_name):

@@ -19,7 +19,13 @@ from jsoftmax._checks import (
     normalize_axis,
     row_max,
 )
-from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
+from jsoftmax._collectives import (
+    num_shards,
+    pmax,
+    psum,
+    shard_labels,
+    varying_like,
+)
 
 # Shared by the per-example losses and the fused linear loss.
 
@@ -183,6 +189,8 @@ def softmax_cross_entropy(
     axes = normalize_axis(axis, logits.ndim, logits.shape)
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    # Each input varies over the mesh axes any of them does (see varying_like).
+    logits, labels = varying_like((logits, labels), logits, labels, where)
     return _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
 
 
@@ -313,6 +321,8 @@ def softmax_cross_entropy_with_integer_labels(
     )
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    # logits vary over the mesh axes the labels or mask do (see varying_like).
+    logits = varying_like(logits, labels, where)
     return _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
 
 

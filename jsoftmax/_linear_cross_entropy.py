@@ -10,7 +10,13 @@ import numpy as np
 from jax import lax
 
 from jsoftmax._checks import compute_dtype, float_input, mask_input
-from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
+from jsoftmax._collectives import (
+    num_shards,
+    pmax,
+    psum,
+    shard_labels,
+    varying_like,
+)
 from jsoftmax._cross_entropy import (
     cap,
     cap_grad,
@@ -145,6 +151,9 @@ def linear_softmax_cross_entropy(
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = x.astype(dtype), w.astype(dtype)
+    # Each of x, w, bias varies over the mesh axes any input does: replicated x
+    # with vocab-sharded w, replicated w with batch-sharded x (see varying_like).
+    x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
 
     losses = _linear_cross_entropy(
         x, w, bias, labels, where, chunk_size, *options, axis_name
@@ -161,24 +170,6 @@ def linear_softmax_cross_entropy(
 def acc(x):
     """The accumulation dtype: float32 for 16-bit inputs, else x's dtype."""
     return compute_dtype(x.dtype)
-
-
-def _vma(a):
-    """The mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
-    return set(jax.typeof(a).manual_axis_type.varying)
-
-
-def _varying_like(tree, *arrays):
-    """Marks ``tree`` as varying over every mesh axis any of ``arrays`` varies
-    over, as ``lax.scan`` inside ``shard_map`` needs of a carry that the loop
-    body mixes with them. Outside ``shard_map`` nothing varies: a no-op."""
-    axes = set().union(*(_vma(a) for a in arrays if a is not None))
-
-    def cast(leaf):
-        missing = tuple(sorted(axes - _vma(leaf)))
-        return lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-    return jax.tree.map(cast, tree)
 
 
 def _chunks(vocab, chunk_size):
@@ -227,7 +218,7 @@ def _online_logsumexp(x, w, bias, chunk_size, soft_cap, want_sum):
 
     zeros = jnp.zeros((num_tokens,), acc(x))
     carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros)
-    carry = _varying_like(carry, x, w, bias)
+    carry = varying_like(carry, x, w, bias)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
@@ -317,15 +308,16 @@ def _linear_cross_entropy_bwd(
         jnp.zeros_like(w),
         None if bias is None else jnp.zeros_like(bias),
     )
-    carry = _varying_like(carry, x, w, bias)
+    carry = varying_like(carry, x, w, bias)
     local = w.shape[1]
     starts, rest = _chunks(local, chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
         carry, _ = step(carry, local - rest, rest)
+    # Each shard's dx is its columns' part. With vocab-sharded w, x was marked
+    # varying before this rule, and JAX sums the parts where x is shared: no
+    # psum here.
     dx, dw, db = carry
-    # x is shared by every shard: its gradient is the sum of the shards' parts.
-    dx = psum(dx, axis_name)
     return dx.astype(x.dtype), dw, db, None, None
 
 

@@ -17,13 +17,16 @@ from jsoftmax._checks import (
     normalize_axis,
     row_max,
 )
-from jsoftmax._collectives import pmax, psum
+from jsoftmax._collectives import pmax, psum, varying_like
 
 
 def _prepare(name, x, axis, where):
     x = float_input(name, x)
     axes = normalize_axis(axis, x.ndim, x.shape)
-    return x, axes, mask_input(name, where, x.shape)
+    where = mask_input(name, where, x.shape)
+    # x varies over every mesh axis the mask does, so that dx has x's type
+    # (JAX sums dx over the axes it marked x along; see varying_like).
+    return varying_like(x, where), axes, where
 
 
 def _shifted(x, where, axes, axis_name):

@@ -3,7 +3,9 @@
 Each case runs tests/sharded_worker.py in its own process, because the device
 count (XLA_FLAGS) must be set before jax is imported. The worker asserts that
 every sharded op, value and gradient, equals the unsharded op (and optax), and
-reports the collectives it finds in the compiled HLO.
+reports the collectives it finds in the compiled HLO. A second worker,
+tests/sharding_modes_worker.py, checks every op against plain autodiff of the
+same loss written with psum/pmax, in every way JAX can split an axis.
 """
 
 import json
@@ -39,6 +41,19 @@ def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
     # Fused linear loss: pmax + psum forward, one psum of dx backward.
     assert counts["linear/fwd"] == 2
     assert counts["linear/fwd+bwd"] == 3
+
+
+def test_every_op_equals_psum_autodiff_in_every_sharding_mode():
+    # shard_map, gradients inside and outside, cotangents that differ per
+    # shard, data parallelism with replicated parameters, and a data x vocab
+    # mesh.
+    out = subprocess.run(
+        [sys.executable, str(WORKER.with_name("sharding_modes_worker.py"))],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
 
 
 def test_vocab_parallel_example_matches_single_device():
