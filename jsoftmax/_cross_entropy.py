@@ -20,9 +20,12 @@ from jsoftmax._checks import (
     row_max,
 )
 from jsoftmax._collectives import (
+    loss_cotangent,
     num_shards,
+    per_shard,
     pmax,
     psum,
+    shard_axis,
     shard_labels,
     varying_like,
 )
@@ -191,6 +194,7 @@ def softmax_cross_entropy(
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     # Each input varies over the mesh axes any of them does (see varying_like).
     logits, labels = varying_like((logits, labels), logits, labels, where)
+    axis_name = shard_axis(axis_name)
     return _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
 
 
@@ -222,7 +226,7 @@ def _softmax_cross_entropy_fwd(
     )
     total = lse * q_sum - qz_sum
     loss = total + z_loss * jnp.square(lse) if z_loss else total
-    loss = jnp.squeeze(loss, axes).astype(logits.dtype)
+    loss = per_shard(jnp.squeeze(loss, axes).astype(logits.dtype), axis_name)
     return loss, (logits, labels, where, lse, q_sum)
 
 
@@ -231,6 +235,7 @@ def _softmax_cross_entropy_bwd(
     axes, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     logits, labels, where, lse, q_sum = res
+    g = loss_cotangent(g, axis_name)
     z = _capped_logits(logits, where, soft_cap, lse.dtype)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
     g = jnp.expand_dims(g.astype(z.dtype), axes)
@@ -323,6 +328,7 @@ def softmax_cross_entropy_with_integer_labels(
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     # logits vary over the mesh axes the labels or mask do (see varying_like).
     logits = varying_like(logits, labels, where)
+    axis_name = shard_axis(axis_name)
     return _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
 
 
@@ -363,7 +369,7 @@ def _integer_cross_entropy_fwd(
         k = _class_count(where, z.shape, axes, z.dtype, axis_name)
         loss = loss - label_smoothing * z_sum / jnp.maximum(k, 1)
     loss = jnp.where(in_range, loss, jnp.nan)
-    loss = jnp.squeeze(loss, axes).astype(logits.dtype)
+    loss = per_shard(jnp.squeeze(loss, axes).astype(logits.dtype), axis_name)
     return loss, (logits, labels, where, lse)
 
 
@@ -393,6 +399,7 @@ def _integer_cross_entropy_bwd(
     axis, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     logits, labels, where, lse = res
+    g = loss_cotangent(g, axis_name)
     axes = (axis,)
     z = _capped_logits(logits, where, soft_cap, lse.dtype)
     here, holds, in_range = _target_parts(z, labels, axis, axis_name)

@@ -11,9 +11,12 @@ from jax import lax
 
 from jsoftmax._checks import compute_dtype, float_input, mask_input
 from jsoftmax._collectives import (
+    loss_cotangent,
     num_shards,
+    per_shard,
     pmax,
     psum,
+    shard_axis,
     shard_labels,
     varying_like,
 )
@@ -154,6 +157,7 @@ def linear_softmax_cross_entropy(
     # Each of x, w, bias varies over the mesh axes any input does: replicated x
     # with vocab-sharded w, replicated w with batch-sharded x (see varying_like).
     x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
+    axis_name = shard_axis(axis_name)
 
     losses = _linear_cross_entropy(
         x, w, bias, labels, where, chunk_size, *options, axis_name
@@ -262,7 +266,7 @@ def _linear_cross_entropy_fwd(
     loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, 0)
-    return loss, (x, w, bias, labels, where, lse)
+    return per_shard(loss, axis_name), (x, w, bias, labels, where, lse)
 
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / V) * cap'(z)
@@ -272,7 +276,7 @@ def _linear_cross_entropy_bwd(
 ):
     x, w, bias, labels, where, lse = res
     local_labels, _, in_range = shard_labels(labels, w.shape[1], axis_name)
-    g = g.astype(acc(x))
+    g = loss_cotangent(g.astype(acc(x)), axis_name)
     g = jnp.where(in_range, g, jnp.nan)
     if where is not None:
         g = jnp.where(where, g, 0)
@@ -315,8 +319,8 @@ def _linear_cross_entropy_bwd(
     if rest:
         carry, _ = step(carry, local - rest, rest)
     # Each shard's dx is its columns' part. With vocab-sharded w, x was marked
-    # varying before this rule, and JAX sums the parts where x is shared: no
-    # psum here.
+    # varying before this rule (or, without variation tracking, is a per-shard
+    # argument), and JAX sums the parts where x is shared: no psum here.
     dx, dw, db = carry
     return dx.astype(x.dtype), dw, db, None, None
 

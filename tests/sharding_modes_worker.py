@@ -5,10 +5,13 @@ CPU devices before importing jax (hence a separate process). The ground truth
 in every mode is plain autodiff of the same loss written with ``jnp`` and
 ``lax.psum`` / ``lax.pmax``: each op, value and gradient, must equal it in
 
-- ``shard_map`` (``check_vma=True``), the gradient taken inside the body and
-  outside the ``shard_map``;
+- ``shard_map`` with ``check_vma=True`` and ``check_vma=False``, the gradient
+  taken inside the body and outside the ``shard_map``;
+- ``pmap`` with the gradient outside, and ``vmap(axis_name=...)`` with the
+  gradient inside and outside;
 - with a cotangent that differs from shard to shard: inside, each shard's
-  objective is weighted by its axis index plus one;
+  objective is weighted by its axis index plus one; outside ``pmap`` and
+  ``vmap``, each device gets its own cotangent;
 - data parallelism (``axis_name=None``): the batch split over a mesh axis, with
   some inputs replicated (``w``, ``bias``, probability labels, logits);
 - a 2 x 2 mesh, "data" x "vocab": the batch split over one axis and the
@@ -334,6 +337,38 @@ def shard_map_mode(mesh, check_vma, inside):
     return make
 
 
+def _split(a, spec):
+    """Global array -> [N, ...] stack of its shards under ``spec`` (axis 'v')."""
+    return jnp.stack(jnp.split(a, N, axis=list(spec).index("v")))
+
+
+def mapped_mode(transform, inside):
+    """``pmap`` or ``vmap`` with axis_name 'v' over the stacked shards."""
+
+    def make(f, impl, axis_name, args, specs, argnums, out_spec):
+        in_axes = tuple(None if s == R else 0 for s in specs)
+        body = partial(f, impl, axis_name)
+
+        def stack(a):  # the global args, each as its stack of shards
+            return [
+                x if s == R else _split(x, s) for x, s in zip(a, specs, strict=True)
+            ]
+
+        mapped = transform(body, axis_name="v", in_axes=in_axes)
+        cot = _cotangent(jax.eval_shape(lambda *a: mapped(*stack(a)), *args).shape)
+        if not inside:  # a different cotangent on each device
+            return lambda *a: _grad(mapped, argnums, cot)(*stack(a))
+
+        def inner(*a):
+            *a, c = a
+            return _grad(body, argnums, c, lax.axis_index("v") + 1.0)(*a)
+
+        mapped = transform(inner, axis_name="v", in_axes=(*in_axes, 0))
+        return lambda *a: mapped(*stack(a), cot)
+
+    return make
+
+
 mesh_v = jax.make_mesh((N,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
 mesh_d = jax.make_mesh((N,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 mesh_2 = jax.make_mesh(
@@ -341,7 +376,7 @@ mesh_2 = jax.make_mesh(
 )
 
 
-def shard_map_modes(mesh, check_vma=(True,)):
+def shard_map_modes(mesh, check_vma=(True, False)):
     return {
         f"shard_map(check_vma={vma})/grad {'inside' if inside else 'outside'}": (
             shard_map_mode(mesh, vma, inside)
@@ -357,9 +392,18 @@ SUITES = [
         "vocab",
         VOCAB_CASES,
         "v",
-        shard_map_modes(mesh_v),
+        {
+            **shard_map_modes(mesh_v),
+            # pmap is shard_map(check_vma=False) underneath (JAX 0.10): the
+            # gradient inside it is that mode's.
+            "pmap/grad outside": mapped_mode(jax.pmap, False),
+            "vmap/grad outside": mapped_mode(jax.vmap, False),
+            "vmap/grad inside": mapped_mode(jax.vmap, True),
+        },
     ),
-    ("data", DATA_CASES, None, shard_map_modes(mesh_d)),
+    # Without check_vma, data parallelism has nothing to get wrong: no op
+    # communicates, and the user sums the replicated inputs' gradients.
+    ("data", DATA_CASES, None, shard_map_modes(mesh_d, check_vma=(True,))),
     ("data x vocab", MESH2_CASES, "vocab", shard_map_modes(mesh_2)),
 ]
 

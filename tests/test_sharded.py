@@ -44,9 +44,9 @@ def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
 
 
 def test_every_op_equals_psum_autodiff_in_every_sharding_mode():
-    # shard_map, gradients inside and outside, cotangents that differ per
-    # shard, data parallelism with replicated parameters, and a data x vocab
-    # mesh.
+    # shard_map with and without check_vma, pmap, vmap(axis_name=...),
+    # gradients inside and outside, cotangents that differ per shard, data
+    # parallelism with replicated parameters, and a data x vocab mesh.
     out = subprocess.run(
         [sys.executable, str(WORKER.with_name("sharding_modes_worker.py"))],
         capture_output=True,
