@@ -10,6 +10,7 @@ same loss written with psum/pmax, in every way JAX can split an axis.
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -27,9 +28,9 @@ def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
     counts = {
-        name: c["all-reduce"] + c["all-reduce-start"]
-        for name, c in json.loads(out.stdout.strip().splitlines()[-1]).items()
+        name: c["all-reduce"] + c["all-reduce-start"] for name, c in report.items()
     }
     # softmax / log_softmax: one pmax and one psum forward, one psum backward.
     for op in ("softmax", "log_softmax"):
@@ -41,6 +42,14 @@ def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
     # Fused linear loss: pmax + psum forward, one psum of dx backward.
     assert counts["linear/fwd"] == 2
     assert counts["linear/fwd+bwd"] == 3
+    # Without variation tracking (shard_map(check_vma=False), pmap, vmap) the
+    # losses' backward passes sum the loss cotangent over the shards: at most
+    # one all-reduce more, of [B] (XLA may merge it into the forward's), and
+    # the fused loss then all-reduces no [B, D] dx, only vectors.
+    assert counts["ce_integer/no-vma fwd+bwd"] <= counts["ce_integer/no-vma fwd"] + 1
+    assert counts["linear/no-vma fwd+bwd"] <= counts["linear/fwd"] + 1
+    shapes = " ".join(report["linear/no-vma fwd+bwd"]["shapes"])
+    assert all("," not in dims for dims in re.findall(r"\[([\d,]*)\]", shapes))
 
 
 def test_every_op_equals_psum_autodiff_in_every_sharding_mode():
