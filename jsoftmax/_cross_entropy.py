@@ -155,10 +155,15 @@ def softmax_cross_entropy(
       label_smoothing: :math:`a \in [0, 1]`, a static float.
       z_loss: :math:`\zeta \ge 0`, a static float.
       soft_cap: :math:`c > 0` or None, a static float.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the class
-        axis (logits and labels alike) is split. The forward pass takes one
-        ``pmax`` and one ``psum`` (loss terms and label sums travel together);
-        the backward pass needs no collective. ``None``: no collectives.
+      axis_name: the named axis over which the class axis (logits and labels
+        alike) is split: a mesh axis inside ``jax.shard_map`` or ``jax.pmap``,
+        or a ``jax.vmap`` axis. The forward pass takes one ``pmax`` and one
+        ``psum`` (loss terms and label sums travel together). The backward
+        pass needs no collective inside ``shard_map`` with ``check_vma=True``
+        (the default), where the losses and their cotangent are the same on
+        every shard; elsewhere it sums the cotangent over the shards (one
+        ``psum`` of the losses' shape), and under ``vmap`` the losses come out
+        mapped. ``None``: no collectives.
 
     Returns:
       Per-example losses: the shape of ``logits`` without ``axis``, in the
@@ -292,10 +297,10 @@ def softmax_cross_entropy_with_integer_labels(
       where: optional class mask broadcastable to ``logits`` (as in
         :func:`softmax_cross_entropy`).
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the class
-        axis is split. Labels stay global class ids: each shard finds its own
-        slice of classes from ``lax.axis_index``. The forward pass takes one
-        ``pmax`` and one ``psum``; the backward pass needs no collective.
+      axis_name: the named axis over which the class axis is split (as in
+        :func:`softmax_cross_entropy`, with the same collectives). Labels stay
+        global class ids: each shard finds its own slice of classes from
+        ``lax.axis_index``.
 
     Returns:
       Per-example losses of the shape of ``labels``, in the dtype of

@@ -90,12 +90,17 @@ def linear_softmax_cross_entropy(
         multiple. Default :func:`default_chunk_size`: about 16 MiB of float32
         logits per chunk.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the vocab
-        columns of ``w`` (and ``bias``) are split, ``x`` being the same on
-        every shard (vocab parallelism). Labels stay global ids. The forward
-        pass takes one ``pmax`` and one ``psum``; the backward pass one
-        ``psum``, of ``dx`` (each shard holds a partial sum); ``dw`` and
-        ``dbias`` stay local. Each shard walks its own columns in chunks.
+      axis_name: the named axis over which the vocab columns of ``w`` (and
+        ``bias``) are split, ``x`` being the same on every shard (vocab
+        parallelism): a mesh axis inside ``jax.shard_map`` or ``jax.pmap``, or
+        a ``jax.vmap`` axis. Labels stay global ids. The forward pass takes one
+        ``pmax`` and one ``psum``; ``dw`` and ``dbias`` stay local. Inside
+        ``shard_map`` with ``check_vma=True`` (the default) the backward pass
+        takes one ``psum``, of ``dx`` (each shard holds a partial sum).
+        Elsewhere it takes one ``psum`` of the ``[B]`` loss cotangent instead,
+        and each shard's ``dx`` is its part, which JAX sums for a gradient
+        taken outside (as plain JAX code gives it). Each shard walks its own
+        columns in chunks.
 
     Returns:
       A scalar for ``"mean"``/``"sum"``, else ``[B]``, in the dtype of ``x``

@@ -74,11 +74,13 @@ def softmax(
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are 0 and their gradients are
         exactly 0, whatever the masked-out logits hold (huge, inf or NaN).
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the
-        softmax axis is split (vocab / tensor parallelism). The local
-        reductions are finished by one ``pmax`` and one ``psum`` in the forward
-        pass and one ``psum`` in the backward pass; the result and its gradient
-        equal the unsharded op's. ``None`` (default): no collectives.
+      axis_name: the named axis over which the softmax axis is split (vocab /
+        tensor parallelism): a mesh axis inside ``jax.shard_map`` (with or
+        without ``check_vma``) or ``jax.pmap``, or a ``jax.vmap`` axis. The
+        local reductions are finished by one ``pmax`` and one ``psum`` in the
+        forward pass and one ``psum`` in the backward pass; the result and its
+        gradient, taken inside or outside, equal the unsharded op's. ``None``
+        (default): no collectives.
 
     Returns:
       An array of the shape and (floating) dtype of ``x``.
@@ -161,11 +163,13 @@ def log_softmax(
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are ``-inf`` and their
         gradients are exactly 0, whatever the masked-out logits hold.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the
-        softmax axis is split (vocab / tensor parallelism). The local
-        reductions are finished by one ``pmax`` and one ``psum`` in the forward
-        pass and one ``psum`` in the backward pass; the result and its gradient
-        equal the unsharded op's. ``None`` (default): no collectives.
+      axis_name: the named axis over which the softmax axis is split (vocab /
+        tensor parallelism): a mesh axis inside ``jax.shard_map`` (with or
+        without ``check_vma``) or ``jax.pmap``, or a ``jax.vmap`` axis. The
+        local reductions are finished by one ``pmax`` and one ``psum`` in the
+        forward pass and one ``psum`` in the backward pass; the result and its
+        gradient, taken inside or outside, equal the unsharded op's. ``None``
+        (default): no collectives.
 
     Returns:
       An array of the shape and (floating) dtype of ``x``.
