@@ -1,21 +1,66 @@
 """Reductions over a class axis that may be split across devices.
 
-Inside ``jax.shard_map`` the ops take ``axis_name``: the local reduction runs
-first and one collective over the mesh axis finishes it. With
-``axis_name=None`` every helper is the identity, so the single-device code
-path is unchanged.
+Inside ``jax.shard_map`` (or ``pmap``, or ``vmap`` with an ``axis_name``) the
+ops take ``axis_name``: the local reduction runs first and one collective over
+the named axis finishes it. With ``axis_name=None`` every helper is the
+identity, so the single-device code path is unchanged.
+
+How a backward pass must treat a loss's cotangent depends on whether JAX
+tracks how values vary over the axis. ``shard_map(check_vma=True)`` (the
+default) does: a loss finished by a ``psum`` is invariant, so its cotangent is
+the same on every shard and the backward pass needs no collective. ``pmap``,
+``shard_map(check_vma=False)`` and ``vmap`` do not: autodiff transposes the
+``psum`` into another ``psum`` of the per-shard cotangents, and so must the
+rule (:func:`loss_cotangent`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Hashable
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardAxis:
+    """A named axis, and what the losses' backward passes must know of it.
+
+    Resolved where the op is called, because JAX traces a ``custom_vjp``
+    backward pass under ``vmap(axis_name=...)`` without the axis in scope
+    (``lax.axis_size`` raises NameError there). The collectives below take a
+    ShardAxis or a plain name.
+    """
+
+    name: Hashable
+    size: int
+    # shard_map(check_vma=True): JAX tracks how values vary over the axis.
+    tracked: bool
+
+
+def shard_axis(axis_name):
+    """``axis_name`` resolved into a :class:`ShardAxis` (None stays None)."""
+    if axis_name is None or isinstance(axis_name, ShardAxis):
+        return axis_name
+    # axis_index varies over the axis exactly when JAX tracks variation.
+    tracked = vma(lax.axis_index(axis_name)) >= set(_names(axis_name))
+    return ShardAxis(axis_name, lax.axis_size(axis_name), tracked)
+
+
+def _names(axis_name):
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _name(axis_name):
+    return axis_name.name if isinstance(axis_name, ShardAxis) else axis_name
+
+
 def pmax(x, axis_name):
     """Max over the shards of ``axis_name`` (identity when None)."""
-    return x if axis_name is None else lax.pmax(x, axis_name)
+    return x if axis_name is None else lax.pmax(x, _name(axis_name))
 
 
 def psum(x, axis_name):
@@ -23,18 +68,80 @@ def psum(x, axis_name):
 
     ``x`` may be a tuple: its leaves travel in one all-reduce.
     """
-    return x if axis_name is None else lax.psum(x, axis_name)
+    return x if axis_name is None else lax.psum(x, _name(axis_name))
 
 
 def shard_offset(axis_name, local_size):
     """First global class id held by this shard: ``axis_index * local_size``."""
     if axis_name is None:
         return 0
-    return lax.axis_index(axis_name) * local_size
+    return lax.axis_index(_name(axis_name)) * local_size
 
 
 def num_shards(axis_name):
-    return 1 if axis_name is None else lax.axis_size(axis_name)
+    if axis_name is None:
+        return 1
+    if isinstance(axis_name, ShardAxis):
+        return axis_name.size
+    return lax.axis_size(axis_name)
+
+
+def loss_cotangent(g, axis_name):
+    """The cotangent of per-example losses that the forward pass finished with
+    a ``psum`` over ``axis_name``, as autodiff of that ``psum`` passes it on.
+
+    Where JAX tracks variation over the axis, the losses are invariant and
+    ``g`` is the same on every shard: no collective. Elsewhere each shard may
+    hold its own cotangent (pmap with the gradient outside, a per-shard
+    weight), and the ``psum`` transposes into a ``psum`` of them: one
+    all-reduce of ``g``'s size.
+    """
+    if axis_name is None or axis_name.tracked:
+        return g
+    return lax.psum(g, _name(axis_name))
+
+
+def per_shard(losses, axis_name):
+    """``losses``, made to depend on the axis index where JAX does not track
+    variation (a select that keeps every value).
+
+    For ``vmap``: losses that do not depend on the mapped axis come out
+    unmapped, and ``vmap`` then hands the backward pass one cotangent already
+    summed over the instances, which :func:`loss_cotangent` would sum again.
+    Mapped losses get each instance's own cotangent, as under ``pmap``. (With
+    ``check_vma=True`` the losses stay invariant: no-op.)
+    """
+    if axis_name is None or axis_name.tracked:
+        return losses
+    return jnp.where(lax.axis_index(_name(axis_name)) >= 0, losses, 0)
+
+
+def vma(x):
+    """The mesh axes ``x`` varies over inside ``shard_map`` with
+    ``check_vma=True``; empty elsewhere."""
+    return set(jax.typeof(x).manual_axis_type.varying)
+
+
+def varying_like(tree, *arrays):
+    """Marks ``tree`` as varying over every mesh axis any of ``arrays`` (None
+    skipped) varies over; a no-op where variation is not tracked.
+
+    A ``custom_vjp`` backward pass must give each input a cotangent of the
+    input's type. An input that is invariant over an axis that the others vary
+    over (replicated ``w`` with batch-sharded ``x``; replicated ``x`` with
+    vocab-sharded ``w``) gets a cotangent that varies, one part per shard: the
+    ops mark such inputs varying before their ``custom_vjp``, and JAX
+    transposes the mark into the ``psum`` of the parts, as it does for plain
+    code. Also what ``lax.scan`` needs of a carry that the loop body mixes
+    with ``arrays``.
+    """
+    axes = set().union(*(vma(a) for a in arrays if a is not None))
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - vma(leaf), key=str))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
 
 
 def index_dtype(*sizes) -> np.dtype:

@@ -22,7 +22,16 @@ from jsoftmax._checks import (
     row_max,
     widen_8bit,
 )
-from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
+from jsoftmax._collectives import (
+    loss_cotangent,
+    num_shards,
+    per_shard,
+    pmax,
+    psum,
+    shard_axis,
+    shard_labels,
+    varying_like,
+)
 
 # Shared by the per-example losses and the fused linear loss.
 
@@ -199,10 +208,15 @@ def softmax_cross_entropy(
       label_smoothing: :math:`a \in [0, 1]`, a static (not traced) number.
       z_loss: :math:`\zeta \ge 0`, finite, a static number.
       soft_cap: :math:`c > 0`, finite, a static number; or None.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the class
-        axis (logits and labels alike) is split. The forward pass takes one
-        ``pmax`` and one ``psum`` (loss terms and label sums travel together);
-        the backward pass needs no collective. ``None``: no collectives.
+      axis_name: the named axis over which the class axis (logits and labels
+        alike) is split: a mesh axis inside ``jax.shard_map`` or ``jax.pmap``,
+        or a ``jax.vmap`` axis. The forward pass takes one ``pmax`` and one
+        ``psum`` (loss terms and label sums travel together). The backward
+        pass needs no collective inside ``shard_map`` with ``check_vma=True``
+        (the default), where the losses and their cotangent are the same on
+        every shard; elsewhere it sums the cotangent over the shards (one
+        ``psum`` of the losses' shape), and under ``vmap`` the losses come out
+        mapped. ``None``: no collectives.
 
     Returns:
       Per-example losses: the shape of ``logits`` without ``axis``, in the
@@ -240,6 +254,9 @@ def softmax_cross_entropy(
     axes = normalize_axis(axis, logits.ndim, logits.shape)
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    # Each input varies over the mesh axes any of them does (see varying_like).
+    logits, labels = varying_like((logits, labels), logits, labels, where)
+    axis_name = shard_axis(axis_name)
     loss = _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
     return loss.astype(dtype)
 
@@ -274,7 +291,7 @@ def _softmax_cross_entropy_fwd(
         loss = loss + z_loss * jnp.square(m + safe_log_s)
     # A row with no valid class has no loss, whatever its labels.
     loss = jnp.where(valid, loss, 0).astype(logits.dtype)
-    return loss, (logits, labels, where, m, log_s, q_sum)
+    return per_shard(loss, axis_name), (logits, labels, where, m, log_s, q_sum)
 
 
 # dz = g * ((sum(q) + 2 z_loss L) * p - q);  dq = g * (1 - a) * (L - z)
@@ -282,6 +299,7 @@ def _softmax_cross_entropy_bwd(
     axes, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     logits, labels, where, m, log_s, q_sum = res
+    g = loss_cotangent(g, axis_name)
     z, z_capped = _capped_logits(logits, where, soft_cap, m.dtype)
     q = _smoothed(labels.astype(z.dtype), where, axes, label_smoothing, axis_name)
     valid, log_s = split_empty(log_s)
@@ -343,10 +361,10 @@ def softmax_cross_entropy_with_integer_labels(
       where: optional class mask broadcastable to ``logits`` (as in
         :func:`softmax_cross_entropy`).
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the class
-        axis is split. Labels stay global class ids: each shard finds its own
-        slice of classes from ``lax.axis_index``. The forward pass takes one
-        ``pmax`` and one ``psum``; the backward pass needs no collective.
+      axis_name: the named axis over which the class axis is split (as in
+        :func:`softmax_cross_entropy`, with the same collectives). Labels stay
+        global class ids: each shard finds its own slice of classes from
+        ``lax.axis_index``.
 
     Returns:
       Per-example losses of the shape of ``labels``, in the dtype of
@@ -383,6 +401,9 @@ def softmax_cross_entropy_with_integer_labels(
     )
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
+    # logits vary over the mesh axes the labels or mask do (see varying_like).
+    logits = varying_like(logits, labels, where)
+    axis_name = shard_axis(axis_name)
     loss = _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
     return loss.astype(dtype)
 
@@ -436,7 +457,7 @@ def _integer_cross_entropy_fwd(
     loss = jnp.where(jnp.squeeze(in_range, axes), loss, jnp.nan)
     # A row with no valid class has no loss, whatever its label.
     loss = jnp.where(valid, loss, 0).astype(logits.dtype)
-    return loss, (logits, labels, where, m, log_s)
+    return per_shard(loss, axis_name), (logits, labels, where, m, log_s)
 
 
 def _softmax_from_logits(z, axes):
@@ -465,6 +486,7 @@ def _integer_cross_entropy_bwd(
     axis, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     logits, labels, where, m, log_s = res
+    g = loss_cotangent(g, axis_name)
     axes = (axis,)
     z, z_capped = _capped_logits(logits, where, soft_cap, m.dtype)
     here, holds, in_range = _target_parts(z, labels, axis, axis_name)

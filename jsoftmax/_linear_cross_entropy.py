@@ -10,7 +10,16 @@ import numpy as np
 from jax import lax
 
 from jsoftmax._checks import compute_dtype, float_input, mask_input, widen_8bit
-from jsoftmax._collectives import num_shards, pmax, psum, shard_labels
+from jsoftmax._collectives import (
+    loss_cotangent,
+    num_shards,
+    per_shard,
+    pmax,
+    psum,
+    shard_axis,
+    shard_labels,
+    varying_like,
+)
 from jsoftmax._cross_entropy import (
     cap,
     cap_grad,
@@ -90,12 +99,17 @@ def linear_softmax_cross_entropy(
         multiple. Default :func:`default_chunk_size`: about 16 MiB of float32
         logits per chunk.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the vocab
-        columns of ``w`` (and ``bias``) are split, ``x`` being the same on
-        every shard (vocab parallelism). Labels stay global ids. The forward
-        pass takes one ``pmax`` and one ``psum``; the backward pass one
-        ``psum``, of ``dx`` (each shard holds a partial sum); ``dw`` and
-        ``dbias`` stay local. Each shard walks its own columns in chunks.
+      axis_name: the named axis over which the vocab columns of ``w`` (and
+        ``bias``) are split, ``x`` being the same on every shard (vocab
+        parallelism): a mesh axis inside ``jax.shard_map`` or ``jax.pmap``, or
+        a ``jax.vmap`` axis. Labels stay global ids. The forward pass takes one
+        ``pmax`` and one ``psum``; ``dw`` and ``dbias`` stay local. Inside
+        ``shard_map`` with ``check_vma=True`` (the default) the backward pass
+        takes one ``psum``, of ``dx`` (each shard holds a partial sum).
+        Elsewhere it takes one ``psum`` of the ``[B]`` loss cotangent instead,
+        and each shard's ``dx`` is its part, which JAX sums for a gradient
+        taken outside (as plain JAX code gives it). Each shard walks its own
+        columns in chunks.
 
     Returns:
       A scalar for ``"mean"``/``"sum"``, else ``[B]``, in the dtype of ``x``
@@ -162,6 +176,10 @@ def linear_softmax_cross_entropy(
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = widen_8bit(x.astype(dtype)), widen_8bit(w.astype(dtype))
+    # Each of x, w, bias varies over the mesh axes any input does: replicated x
+    # with vocab-sharded w, replicated w with batch-sharded x (see varying_like).
+    x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
+    axis_name = shard_axis(axis_name)
 
     losses = _linear_cross_entropy(
         x, w, bias, labels, where, chunk_size, *options, axis_name
@@ -178,24 +196,6 @@ def linear_softmax_cross_entropy(
 def acc(x):
     """The accumulation dtype: float32 for 16-bit inputs, else x's dtype."""
     return compute_dtype(x.dtype)
-
-
-def _vma(a):
-    """The mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
-    return set(jax.typeof(a).manual_axis_type.varying)
-
-
-def _varying_like(tree, *arrays):
-    """Marks ``tree`` as varying over every mesh axis any of ``arrays`` varies
-    over, as ``lax.scan`` inside ``shard_map`` needs of a carry that the loop
-    body mixes with them. Outside ``shard_map`` nothing varies: a no-op."""
-    axes = set().union(*(_vma(a) for a in arrays if a is not None))
-
-    def cast(leaf):
-        missing = tuple(sorted(axes - _vma(leaf)))
-        return lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-    return jax.tree.map(cast, tree)
 
 
 def _chunks(vocab, chunk_size):
@@ -246,7 +246,7 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
 
     zeros = jnp.zeros((num_tokens,), acc(x))
     carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros, zeros)
-    carry = _varying_like(carry, x, w, bias)
+    carry = varying_like(carry, x, w, bias, labels)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
@@ -303,7 +303,7 @@ def _linear_cross_entropy_fwd(
     loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, 0)
-    return loss, (x, w, bias, labels, where, m_all, log_s)
+    return per_shard(loss, axis_name), (x, w, bias, labels, where, m_all, log_s)
 
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / V) * cap'(z)
@@ -313,7 +313,7 @@ def _linear_cross_entropy_bwd(
 ):
     x, w, bias, labels, where, m, log_s = res
     local_labels, _, in_range = _local_labels(labels, w, x, axis_name)
-    g = g.astype(acc(x))
+    g = loss_cotangent(g.astype(acc(x)), axis_name)
     # NaN (loud) only where an out-of-range label reaches the result: a zero
     # cotangent (where(labels != -100, losses, 0)) gives a zero gradient.
     g = jnp.where(in_range | (g == 0), g, jnp.nan)
@@ -354,15 +354,16 @@ def _linear_cross_entropy_bwd(
         jnp.zeros_like(w),
         None if bias is None else jnp.zeros_like(bias),
     )
-    carry = _varying_like(carry, x, w, bias)
+    carry = varying_like(carry, x, w, bias)
     local = w.shape[1]
     starts, rest = _chunks(local, chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
     if rest:
         carry, _ = step(carry, local - rest, rest)
+    # Each shard's dx is its columns' part. With vocab-sharded w, x was marked
+    # varying before this rule (or, without variation tracking, is a per-shard
+    # argument), and JAX sums the parts where x is shared: no psum here.
     dx, dw, db = carry
-    # x is shared by every shard: its gradient is the sum of the shards' parts.
-    dx = psum(dx, axis_name)
     return dx.astype(x.dtype), dw, db, None, None
 
 

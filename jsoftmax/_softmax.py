@@ -18,14 +18,17 @@ from jsoftmax._checks import (
     row_max,
     widen_8bit,
 )
-from jsoftmax._collectives import pmax, psum
+from jsoftmax._collectives import pmax, psum, varying_like
 
 
 def _prepare(name, x, axis, where):
     """Checked input (8-bit floats widened), axes, mask and the output dtype."""
     x = float_input(name, x)
     axes = normalize_axis(axis, x.ndim, x.shape)
-    return widen_8bit(x), axes, mask_input(name, where, x.shape), x.dtype
+    where = mask_input(name, where, x.shape)
+    # x varies over every mesh axis the mask does, so that dx has x's type
+    # (JAX sums dx over the axes it marked x along; see varying_like).
+    return varying_like(widen_8bit(x), where), axes, where, x.dtype
 
 
 def _shifted(x, where, axes, axis_name):
@@ -73,11 +76,13 @@ def softmax(
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are 0 and their gradients are
         exactly 0, whatever the masked-out logits hold (huge, inf or NaN).
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the
-        softmax axis is split (vocab / tensor parallelism). The local
-        reductions are finished by one ``pmax`` and one ``psum`` in the forward
-        pass and one ``psum`` in the backward pass; the result and its gradient
-        equal the unsharded op's. ``None`` (default): no collectives.
+      axis_name: the named axis over which the softmax axis is split (vocab /
+        tensor parallelism): a mesh axis inside ``jax.shard_map`` (with or
+        without ``check_vma``) or ``jax.pmap``, or a ``jax.vmap`` axis. The
+        local reductions are finished by one ``pmax`` and one ``psum`` in the
+        forward pass and one ``psum`` in the backward pass; the result and its
+        gradient, taken inside or outside, equal the unsharded op's. ``None``
+        (default): no collectives.
 
     Returns:
       An array of the shape and (floating) dtype of ``x``.
@@ -160,11 +165,13 @@ def log_softmax(
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are ``-inf`` and their
         gradients are exactly 0, whatever the masked-out logits hold.
-      axis_name: inside ``jax.shard_map``, the mesh axis over which the
-        softmax axis is split (vocab / tensor parallelism). The local
-        reductions are finished by one ``pmax`` and one ``psum`` in the forward
-        pass and one ``psum`` in the backward pass; the result and its gradient
-        equal the unsharded op's. ``None`` (default): no collectives.
+      axis_name: the named axis over which the softmax axis is split (vocab /
+        tensor parallelism): a mesh axis inside ``jax.shard_map`` (with or
+        without ``check_vma``) or ``jax.pmap``, or a ``jax.vmap`` axis. The
+        local reductions are finished by one ``pmax`` and one ``psum`` in the
+        forward pass and one ``psum`` in the backward pass; the result and its
+        gradient, taken inside or outside, equal the unsharded op's. ``None``
+        (default): no collectives.
 
     Returns:
       An array of the shape and (floating) dtype of ``x``.

@@ -7,4 +7,4 @@ tests enable it locally with ``jax.enable_x64(True)``.
 import jax
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-collect_ignore = ["sharded_worker.py"]
+collect_ignore = ["sharded_worker.py", "sharding_modes_worker.py"]

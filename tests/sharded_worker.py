@@ -8,6 +8,7 @@ prints one JSON line with the collective counts it found in the compiled HLO.
 
 import json
 import os
+import re
 import sys
 
 N = int(sys.argv[1])
@@ -35,8 +36,12 @@ ids = jnp.where(where[0][ids], ids, 0)
 TOL = dict(atol=2e-6, rtol=2e-5)
 
 
-def sharded(f, in_specs, out_specs):
-    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+def sharded(f, in_specs, out_specs, check_vma=True):
+    return jax.jit(
+        jax.shard_map(
+            f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
+        )
+    )
 
 
 def count_collectives(fn, *args):
@@ -44,6 +49,8 @@ def count_collectives(fn, *args):
     return {
         "all-reduce": text.count(" all-reduce("),
         "all-reduce-start": text.count(" all-reduce-start("),
+        # The operand shapes, e.g. "f32[12]" or "(f32[4], f32[4])".
+        "shapes": re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", text),
     }
 
 
@@ -155,6 +162,21 @@ for kw in ({}, opts, dict(opts, where=where)):
         )
         report["ce_integer/fwd"] = count_collectives(f, x, ids, None)
         report["ce_integer/fwd+bwd"] = count_collectives(g, x, ids, None)
+        # Without variation tracking (check_vma=False, pmap, vmap) the backward
+        # pass sums the loss cotangent over the shards: here one that differs
+        # from shard to shard (XLA drops the all-reduce of one it can prove
+        # replicated). Values and gradients in every mode are checked by
+        # tests/sharding_modes_worker.py.
+        f = sharded(
+            lambda z, y: int_ce(z, y, None, "v"), (spec, P()), P(), check_vma=False
+        )
+        g = sharded(
+            jax.grad(lambda z, y, c: jnp.sum(int_ce(z, y, None, "v") * c)),
+            (spec, P(), P("v")), spec, check_vma=False,
+        )  # fmt: skip
+        c = jnp.arange(1.0, N * B + 1)
+        report["ce_integer/no-vma fwd"] = count_collectives(f, x, ids)
+        report["ce_integer/no-vma fwd+bwd"] = count_collectives(g, x, ids, c)
 
 # Fused linear loss: w and bias split over vocab columns, x replicated.
 D, VL = 8, 40  # 40 columns: 20, 10 or 5 per shard, walked in chunks of 3
@@ -184,6 +206,23 @@ for kw in ({}, dict(opts, where=tok)):
         chex.assert_trees_all_close(f(x2, w2, b2), want, **TOL)
         report["linear/fwd"] = count_collectives(f, x2, w2, b2)
         report["linear/fwd+bwd"] = count_collectives(g, x2, w2, b2)
+
+        # Without variation tracking, the gradient taken inside the shard_map
+        # (each shard's dx is its part; JAX sums them for a gradient outside).
+        def lin_none(x, w, b, c):
+            return jnp.sum(
+                jsoftmax.linear_softmax_cross_entropy(
+                    x, w, y2, bias=b, chunk_size=3, axis_name="v", reduction="none"
+                )
+                * c
+            )
+
+        g = sharded(
+            jax.grad(lin_none, (0, 1, 2)), (*in_specs, P("v")),
+            (P("v"), P(None, "v"), P("v")), check_vma=False,
+        )  # fmt: skip
+        c = jnp.arange(1.0, N * B * 3 + 1)
+        report["linear/no-vma fwd+bwd"] = count_collectives(g, x2, w2, b2, c)
 
 # Batch-sharded inputs under plain jit (no shard_map) just work and stay sharded.
 batch = NamedSharding(mesh, P("v"))

@@ -3,11 +3,14 @@
 Each case runs tests/sharded_worker.py in its own process, because the device
 count (XLA_FLAGS) must be set before jax is imported. The worker asserts that
 every sharded op, value and gradient, equals the unsharded op (and optax), and
-reports the collectives it finds in the compiled HLO.
+reports the collectives it finds in the compiled HLO. A second worker,
+tests/sharding_modes_worker.py, checks every op against plain autodiff of the
+same loss written with psum/pmax, in every way JAX can split an axis.
 """
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,9 +28,9 @@ def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
     counts = {
-        name: c["all-reduce"] + c["all-reduce-start"]
-        for name, c in json.loads(out.stdout.strip().splitlines()[-1]).items()
+        name: c["all-reduce"] + c["all-reduce-start"] for name, c in report.items()
     }
     # softmax / log_softmax: one pmax and one psum forward, one psum backward.
     for op in ("softmax", "log_softmax"):
@@ -39,6 +42,27 @@ def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
     # Fused linear loss: pmax + psum forward, one psum of dx backward.
     assert counts["linear/fwd"] == 2
     assert counts["linear/fwd+bwd"] == 3
+    # Without variation tracking (shard_map(check_vma=False), pmap, vmap) the
+    # losses' backward passes sum the loss cotangent over the shards: at most
+    # one all-reduce more, of [B] (XLA may merge it into the forward's), and
+    # the fused loss then all-reduces no [B, D] dx, only vectors.
+    assert counts["ce_integer/no-vma fwd+bwd"] <= counts["ce_integer/no-vma fwd"] + 1
+    assert counts["linear/no-vma fwd+bwd"] <= counts["linear/fwd"] + 1
+    shapes = " ".join(report["linear/no-vma fwd+bwd"]["shapes"])
+    assert all("," not in dims for dims in re.findall(r"\[([\d,]*)\]", shapes))
+
+
+def test_every_op_equals_psum_autodiff_in_every_sharding_mode():
+    # shard_map with and without check_vma, pmap, vmap(axis_name=...),
+    # gradients inside and outside, cotangents that differ per shard, data
+    # parallelism with replicated parameters, and a data x vocab mesh.
+    out = subprocess.run(
+        [sys.executable, str(WORKER.with_name("sharding_modes_worker.py"))],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
 
 
 def test_vocab_parallel_example_matches_single_device():
