@@ -13,6 +13,8 @@ that the two loss curves are equal.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The 8 devices are host CPUs; set JAX_PLATFORMS to run it elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

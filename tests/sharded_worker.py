@@ -13,6 +13,8 @@ import sys
 
 N = int(sys.argv[1])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N}"
+# The N devices are host CPUs, also on a machine with a GPU.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import chex  # noqa: E402
 import jax  # noqa: E402
