@@ -1,4 +1,4 @@
-"""Helpers that check a function's hand-written VJP, built on chex asserts.
+r"""Helpers that check a function's hand-written VJP against a reference.
 
 The project's own tests use them, and so can anyone writing a custom rule:
 
@@ -12,14 +12,20 @@ The project's own tests use them, and so can anyone writing a custom rule:
 >>> errors = testing.assert_vjp_matches(jsoftmax.softmax, reference, x)
 >>> [e.transform for e in errors]
 ['none', 'jit', 'vmap']
+>>> all(e.passed and e.jacobian_ratio <= 1 for e in errors)
+True
+
+A wrong rule fails even where its error is far below any fixed absolute
+tolerance: the comparison is relative to the size of what it compares (see
+:func:`vjp_errors`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -39,31 +45,118 @@ __all__ = [
     "vjp_errors",
 ]
 
-# (value tolerance, gradient tolerance) per dtype, used as both atol and rtol.
+# (value, Jacobian) factors c of the default relative tolerances
+# c * (eps + sqrt(n) * eps_sum), see tolerances(). A 16-bit result is compared
+# with a float32 reference, so only its own roundings count: jsoftmax's ops use
+# at most 0.6 of this allowance (the softmax Jacobian's second derivatives in
+# python -m jsoftmax), while a 4-eps error uses 1.7 of it. A float32 or float64
+# reference rounds as much as the function under test and neither shows the
+# cancellations inside it (a matmul before a logsumexp: 0.4 of this allowance),
+# hence the larger factor; a 1% error still uses 300 times the allowance.
 TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-15, 1e-5),
-    "float32": (1e-6, 2e-3),
-    "float16": (1e-3, 1e-2),
-    "bfloat16": (1e-2, 1e-1),
+    "float64": (8.0, 8.0),
+    "float32": (8.0, 8.0),
+    "float16": (2.5, 2.5),
+    "bfloat16": (2.5, 2.5),
 }
 
 TRANSFORMS = ("none", "jit", "vmap")
 
+# A Jacobian row is measured against its own norm or, if larger, this fraction
+# of the largest row norm of the same output leaf (see vjp_errors).
+_ROW_FLOOR = 0.5
 
-def tolerances(dtype) -> tuple[float, float]:
-    """The ``(value, gradient)`` tolerances for ``dtype``, from ``TOLERANCES``."""
-    return TOLERANCES[np.dtype(dtype).name]
+
+def _known_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.name not in TOLERANCES:
+        raise TypeError(
+            f"no tolerances for dtype {dtype.name}: jsoftmax.testing compares "
+            f"{', '.join(TOLERANCES)} (cast other inputs to one of them)"
+        )
+    return dtype
+
+
+def _sum_eps(dtype: np.dtype) -> float:
+    """Epsilon of the dtype sums run in: float32 for 16-bit dtypes."""
+    finfo = jnp.finfo(dtype)
+    return float(jnp.finfo(jnp.float32).eps if finfo.bits < 32 else finfo.eps)
+
+
+def tolerances(dtype, n: int = 1) -> tuple[float, float]:
+    r"""The default ``(value, gradient)`` relative tolerances for ``dtype``.
+
+    Each is
+
+    .. math:: c \, (\epsilon + \sqrt{n} \, \epsilon_\Sigma)
+
+    with ``c`` the factor in ``TOLERANCES``, :math:`\epsilon` the dtype's
+    machine epsilon (the result is rounded to it), :math:`\epsilon_\Sigma` the
+    epsilon of the dtype sums run in (float32 for float16 and bfloat16, which
+    jsoftmax and the float32 reference compute in; the dtype itself
+    otherwise) and ``n`` the number of inputs the compared entry depends on
+    (the reduction length): a sum of ``n`` terms typically gathers
+    :math:`\sqrt{n}` roundings.
+
+    Args:
+      dtype: float64, float32, float16 or bfloat16.
+      n: the reduction length, at least 1.
+
+    Returns:
+      The relative tolerances of a value entry and of a Jacobian row.
+
+    Raises:
+      TypeError: ``dtype`` has no entry in ``TOLERANCES``.
+
+    Examples:
+      >>> from jsoftmax import testing
+      >>> [f"{t:.2e}" for t in testing.tolerances("bfloat16", n=1000)]
+      ['1.95e-02', '1.95e-02']
+      >>> [f"{t:.2e}" for t in testing.tolerances("float32", n=1000)]
+      ['3.11e-05', '3.11e-05']
+    """
+    dtype = _known_dtype(dtype)
+    value, grad = TOLERANCES[dtype.name]
+    return float(_rtol(dtype, n, value)), float(_rtol(dtype, n, grad))
+
+
+def _rtol(dtype: np.dtype, n, factor: float) -> np.ndarray:
+    """``c * (eps + sqrt(n) * eps_sum)`` for an array of reduction lengths."""
+    eps = float(jnp.finfo(dtype).eps)
+    return factor * (eps + np.sqrt(np.maximum(n, 1)) * _sum_eps(dtype))
 
 
 @dataclasses.dataclass(frozen=True)
 class VjpErrors:
-    """Largest absolute differences between a function and its reference."""
+    """How far a function and its Jacobian are from a reference.
+
+    Attributes:
+      transform: ``"none"``, ``"jit"`` or ``"vmap"``.
+      value_error: the largest absolute difference of a value entry.
+      jacobian_error: the largest absolute difference of a Jacobian entry.
+      value_mismatch: None if every value entry is within tolerance, else a
+        message naming the worst entry.
+      jacobian_mismatch: None if every Jacobian row is within tolerance, else
+        a message naming the worst row.
+      value_rel_error: the largest value error relative to its scale
+        (``|got - want| / scale``, see :func:`vjp_errors`).
+      jacobian_rel_error: the largest Jacobian row error relative to its
+        scale (``||got - want|| / scale``).
+      value_ratio: the largest value error over its allowance; at most 1 when
+        the values pass.
+      jacobian_ratio: the largest row error over its allowance; at most 1
+        when the Jacobian passes.
+    """
 
     transform: str
     value_error: float
     jacobian_error: float
     value_mismatch: str | None = None
     jacobian_mismatch: str | None = None
+    value_rel_error: float = 0.0
+    jacobian_rel_error: float = 0.0
+    value_ratio: float = 0.0
+    jacobian_ratio: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -130,59 +223,221 @@ def _reference_input(x: jax.Array) -> jax.Array:
     return x
 
 
-def _evaluate(fn, reference, x, transform):
-    """Values and Jacobians (w.r.t. ``x``) of ``fn`` and ``reference``."""
-    jac_fn = jax.jacrev(fn)
-    # The reference is plain autodiff code: jit only makes it quicker.
-    ref, jac_ref = jax.jit(reference), jax.jit(jax.jacrev(reference))
-    x_ref = _reference_input(x)
-    if transform == "none":
-        return fn(x), ref(x_ref), jac_fn(x), jac_ref(x_ref)
-    if transform == "jit":
-        return jax.jit(fn)(x), ref(x_ref), jax.jit(jac_fn)(x), jac_ref(x_ref)
-    if transform == "vmap":
-        # x carries a leading batch axis. The reference walks it with lax.map,
-        # one example at a time, so it shares no batching rule with fn.
-        return (
-            jax.vmap(fn)(x),
-            jax.lax.map(ref, x_ref),
-            jax.vmap(jac_fn)(x),
-            jax.lax.map(jac_ref, x_ref),
+def _transforms(transforms: str | Sequence[str]) -> tuple[str, ...]:
+    """``transforms`` as a tuple; a single name stands for itself."""
+    names = (transforms,) if isinstance(transforms, str) else tuple(transforms)
+    unknown = [t for t in names if t not in TRANSFORMS]
+    if unknown:
+        raise ValueError(
+            f"unknown transform {unknown[0]!r}: the transforms are "
+            f"{', '.join(map(repr, TRANSFORMS))}"
         )
-    raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    return names
 
 
-def _max_abs_diff(a, b) -> float:
-    """Largest |a - b| over all leaves; equal entries (inf, -inf, NaN) count 0."""
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the differentiated leaves of ``x`` sit among the held ones.
 
-    def leaf(u, v):
-        u, v = jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32)
-        if u.size == 0:
-            return 0.0
-        same = (u == v) | (jnp.isnan(u) & jnp.isnan(v))
-        return float(jnp.max(jnp.where(same, 0.0, jnp.abs(u - v))))
+    Hashable, so that the jitted helpers below can take it as a static
+    argument and reuse one compilation across calls.
+    """
 
-    return max(jax.tree.leaves(jax.tree.map(leaf, a, b)), default=0.0)
+    treedef: jax.tree_util.PyTreeDef
+    diff: tuple[int, ...]
+
+    def join(self, diff, fixed):
+        diff, fixed = iter(diff), iter(fixed)
+        leaves = [
+            next(diff) if i in self.diff else next(fixed)
+            for i in range(self.treedef.num_leaves)
+        ]
+        return jax.tree.unflatten(self.treedef, leaves)
 
 
-def _all_close(got, want, atol, rtol) -> str | None:
-    """None if every leaf is close, else chex's message."""
+def _split_input(x, batched: bool):
+    """``x``'s layout, leaf paths, float leaves and held (integer, bool) leaves.
+
+    Raises:
+      TypeError: a leaf is neither float64/32/16, bfloat16, integer nor bool,
+        or no leaf is float.
+      ValueError: under vmap, leaves differ in leading size.
+    """
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(x)
+    paths = [jax.tree_util.keystr(p) or "x" for p, _ in with_paths]
+    leaves = [jnp.asarray(v) for _, v in with_paths]
+    diff = []
+    for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            if leaf.dtype.name not in TOLERANCES:
+                raise TypeError(
+                    f"input {path} has dtype {leaf.dtype.name}: jsoftmax.testing "
+                    f"differentiates {', '.join(TOLERANCES)} leaves (cast it to one)"
+                )
+            diff.append(i)
+        elif not jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.dtype != bool:
+            raise TypeError(f"input {path} has unsupported dtype {leaf.dtype.name}")
+    if not diff:
+        raise TypeError(
+            "x has no float64, float32, float16 or bfloat16 leaf to "
+            f"differentiate: {_describe(paths, leaves)}"
+        )
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+    if batched and (len(sizes) != 1 or None in sizes):
+        raise ValueError(
+            "under 'vmap' every leaf of x is mapped over its leading axis, so "
+            f"all need one and the same leading size: {_describe(paths, leaves)}"
+        )
+    layout = _Layout(treedef, tuple(diff))
+    held = tuple(leaf for i, leaf in enumerate(leaves) if i not in diff)
+    return layout, paths, tuple(leaves[i] for i in diff), held
+
+
+def _describe(paths, leaves) -> str:
+    return ", ".join(
+        f"{p} {v.dtype.name}{list(v.shape)}" for p, v in zip(paths, leaves, strict=True)
+    )
+
+
+def _value(f, layout, diff, held):
+    return f(layout.join(diff, held))
+
+
+def _jacobian(f, layout, diff, held):
+    """The output's tree, each leaf a tuple of blocks, one per float leaf."""
+    return jax.jacrev(lambda d: f(layout.join(d, held)))(diff)
+
+
+def _per_example(g):
+    def mapped(f, layout, diff, held):
+        return jax.lax.map(lambda a: g(f, layout, *a), (diff, held))
+
+    return mapped
+
+
+_value_jit = jax.jit(_value, static_argnums=(0, 1))
+_jacobian_jit = jax.jit(_jacobian, static_argnums=(0, 1))
+_mapped_value_jit = jax.jit(_per_example(_value), static_argnums=(0, 1))
+_mapped_jacobian_jit = jax.jit(_per_example(_jacobian), static_argnums=(0, 1))
+
+
+def _hashable(f) -> bool:
     try:
-        chex.assert_trees_all_close(
-            jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), got),
-            jax.tree.map(lambda u: jnp.asarray(u, jnp.float32), want),
-            atol=atol,
-            rtol=rtol,
+        hash(f)
+    except TypeError:
+        return False
+    return True
+
+
+def _evaluate(fn, reference, layout, diff, held, transform):
+    """Values and Jacobians (w.r.t. the float leaves) of ``fn`` and ``reference``."""
+    diff_ref = tuple(_reference_input(a) for a in diff)
+    # The reference is plain autodiff code: jit only makes it quicker. Jitted
+    # with the function as a static argument, a reference used again (as in a
+    # test sweep) is compiled once.
+    if not _hashable(reference):
+        reference = functools.partial(reference)
+    if transform == "vmap":
+        # Every leaf carries a leading batch axis. The reference walks it with
+        # lax.map, one example at a time, so it shares no batching rule with fn.
+        return (
+            jax.vmap(functools.partial(_value, fn, layout))(diff, held),
+            _mapped_value_jit(reference, layout, diff_ref, held),
+            jax.vmap(functools.partial(_jacobian, fn, layout))(diff, held),
+            _mapped_jacobian_jit(reference, layout, diff_ref, held),
         )
-    except AssertionError as e:
-        return str(e)
-    return None
+    want = _value_jit(reference, layout, diff_ref, held)
+    want_jac = _jacobian_jit(reference, layout, diff_ref, held)
+    if transform == "jit":
+        return (
+            jax.jit(functools.partial(_value, fn, layout))(diff, held),
+            want,
+            jax.jit(functools.partial(_jacobian, fn, layout))(diff, held),
+            want_jac,
+        )
+    return (
+        _value(fn, layout, diff, held),
+        want,
+        _jacobian(fn, layout, diff, held),
+        want_jac,
+    )
+
+
+def _abs_diff(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """``|got - want|``: equal infs or NaNs count 0, unequal ones inf."""
+    with np.errstate(invalid="ignore"):
+        d = np.abs(got - want)
+    if np.isfinite(d).all():
+        return d
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    return np.where(same, 0.0, np.where(np.isnan(d), np.inf, d))
+
+
+def _finite(a: np.ndarray) -> np.ndarray:
+    return a if np.isfinite(a).all() else np.where(np.isfinite(a), a, 0.0)
+
+
+def _row_norms(a: np.ndarray) -> np.ndarray:
+    """2-norms of the rows of ``a``, inf if an entry is."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(np.einsum("ij,ij->i", a, a))
+
+
+@dataclasses.dataclass
+class _Check:
+    """Errors of one output leaf's entries or Jacobian rows, and their limits."""
+
+    error: np.ndarray
+    scale: np.ndarray
+    allowed: np.ndarray
+    name: Callable[[int], str]  # names entry/row i in a message
+    unit: str
+
+    def ratio(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.error == 0, 0.0, self.error / self.allowed)
+
+    def relative(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.error == 0, 0.0, self.error / self.scale)
+
+    def message(self) -> str | None:
+        ratio = self.ratio()
+        if not np.any(ratio > 1):
+            return None
+        i = int(np.argmax(ratio))
+        failing = f"{int(np.sum(ratio > 1))} of {ratio.size} {self.unit} fail"
+        if not np.isfinite(self.error[i]):
+            return f"{self.name(i)}: inf or NaN differs from the reference; {failing}"
+        return (
+            f"{self.name(i)}: error {self.error[i]:.3g} > allowed "
+            f"{self.allowed[i]:.3g} (relative error {self.relative()[i]:.3g} of "
+            f"scale {self.scale[i]:.3g}); {failing}"
+        )
+
+
+def _summary(
+    checks: list[_Check], problems: Sequence[str] = ()
+) -> tuple[float, float, str | None]:
+    """Worst ratio, worst relative error and the failures' messages."""
+    ratio = max((float(np.max(c.ratio(), initial=0.0)) for c in checks), default=0.0)
+    rel = max((float(np.max(c.relative(), initial=0.0)) for c in checks), default=0.0)
+    messages = [*problems, *(m for m in (c.message() for c in checks) if m)]
+    if problems:
+        ratio = rel = np.inf
+    return ratio, rel, "; ".join(messages) or None
+
+
+def _coarsest(dtypes) -> np.dtype:
+    """The dtype with the largest epsilon among those ``TOLERANCES`` knows."""
+    known = [np.dtype(d) for d in dtypes if np.dtype(d).name in TOLERANCES]
+    return max(known, key=lambda d: float(jnp.finfo(d).eps))
 
 
 def vjp_errors(
     fn: Callable,
     reference: Callable,
-    x: jax.typing.ArrayLike,
+    x,
     *,
     transform: str = "none",
     atol: float | None = None,
@@ -190,66 +445,223 @@ def vjp_errors(
     grad_atol: float | None = None,
     grad_rtol: float | None = None,
 ) -> VjpErrors:
-    """Measures how far ``fn`` and ``jax.jacrev(fn)`` are from a reference.
+    r"""Measures how far ``fn`` and ``jax.jacrev(fn)`` are from a reference.
+
+    The value and the full Jacobian (``jax.jacrev``) are each compared
+    relative to their own size, so that a wrong rule fails however small the
+    entries of a wide row are, and a right rule in float16 or bfloat16 passes.
+
+    **Values**, entry by entry, with :math:`J` the reference Jacobian:
+
+    .. math::
+
+        |v - v_\mathrm{ref}| \le \mathrm{atol} + \mathrm{rtol}_n \,
+        (|v_\mathrm{ref}| + (|J|\,|x|) + \mathrm{tiny}).
+
+    :math:`|J|\,|x|` is what a relative rounding of every input could change
+    (a log-softmax entry near 0 is only known to about :math:`\epsilon |x|`);
+    tiny is the dtype's smallest normal number.
+
+    **Jacobians**, row by row (a row is the gradient of one output entry with
+    respect to every float leaf of ``x``), in the 2-norm:
+
+    .. math::
+
+        \|J_i - J_{\mathrm{ref},i}\| \le \mathrm{grad\_atol}
+        + \mathrm{grad\_rtol}_n \, \max(\|J_{\mathrm{ref},i}\|,\;
+        \tfrac12 \max_k \|J_{\mathrm{ref},k}\|,\; \sqrt{n}\,\mathrm{tiny}),
+
+    the largest row :math:`k` taken over the same output leaf. A row is held
+    to its own norm, so a missing term that changes every entry of a
+    1000-wide softmax row by :math:`y_i y_j` (about 1e-6, but 5% of the row)
+    fails, as does a sign flipped on one class. Rows smaller than half the
+    largest are held to that half: their entries can be differences of larger
+    terms that the rounding of a correct rule shows, such as
+    :math:`1 - y_{\max}` in a saturated softmax row whose :math:`y` is kept
+    in 16 bits, or :math:`(1 - 2 y_i)\,\partial y_i` in the softmax Jacobian's
+    second derivatives. (A leaf of saturated rows only, with nothing larger
+    to compare them with, needs ``grad_atol``.) A row whose reference is zero
+    (a masked output) must be zero up to that floor. A row spans every float
+    leaf of ``x``, so a derivative that is zero by cancellation (softmax
+    w.r.t. a per-row shift) is held to the size of the others; leaves whose
+    gradients differ in size by orders of magnitude are better checked one
+    at a time (close over the others).
+
+    ``n`` is the number of inputs the entry depends on (the nonzero entries
+    of its reference Jacobian row), and ``rtol_n`` and ``grad_rtol_n`` are
+    :func:`tolerances` of the coarsest dtype among the output leaf and the
+    float input leaves. Entries that are equal but not finite (the same inf,
+    both NaN) count as equal; an inf or NaN on one side only fails.
+
+    The limits of what a comparison in a dtype can see: in bfloat16 a right
+    rule is off by up to about :math:`\epsilon`, so a gradient scaled by
+    1.01 (1.3 :math:`\epsilon`) passes there, as does a softmax rule missing
+    :math:`-y\langle g, y\rangle` beyond about 7000 classes of unit-variance
+    logits (that term is :math:`\|y\|_2` of the row). Jacobians are built
+    from unit cotangents: a rule that ignores the cotangent's size is caught
+    by the rows of the other outputs, whose cotangent is 0, but not under
+    ``"vmap"`` of a function with one scalar output per example.
+
+    The reference is jitted with the function as a static argument: passing
+    the same reference object again (a sweep over rules) reuses its
+    compilation.
 
     Args:
-      fn: the function under test, of one array argument (close over the rest
-        with ``functools.partial``).
+      fn: the function under test, of one argument (close over the rest with
+        ``functools.partial``).
       reference: an independent implementation of the same function, usually
-        plain ``jax.numpy`` code differentiated by autodiff.
-      x: the point to compare at. Under ``"vmap"`` its leading axis is a batch
-        axis that ``fn`` is vmapped over.
+        plain ``jax.numpy`` code differentiated by autodiff. For 16-bit inputs
+        it runs in float32 on the same rounded input.
+      x: the point to compare at: an array or a pytree of arrays (dict, tuple,
+        list), passed to ``fn`` as its one argument. Float leaves (float64,
+        float32, float16, bfloat16) are differentiated; integer and bool
+        leaves (labels, masks) are passed as they are and not differentiated.
+        Under ``"vmap"`` every leaf's leading axis is a batch axis that ``fn``
+        is vmapped over.
       transform: ``"none"``, ``"jit"`` or ``"vmap"``.
-      atol, rtol: tolerances of the value; default ``tolerances(x.dtype)[0]``.
-      grad_atol, grad_rtol: tolerances of the Jacobian; default
-        ``tolerances(x.dtype)[1]``.
+      atol: absolute allowance added to every value entry's; default 0.
+      rtol: relative tolerance of the values in place of ``rtol_n``.
+      grad_atol: absolute allowance added to every Jacobian row's (on its
+        2-norm); default 0.
+      grad_rtol: relative tolerance of the Jacobian rows in place of
+        ``grad_rtol_n``.
 
     Returns:
-      The largest absolute differences of the value and of the Jacobian, and
-      whether both are within tolerance (``|got - want| <= atol + rtol *
-      |want|`` element by element). For 16-bit inputs the reference runs in
-      float32.
+      The largest absolute and relative errors of the value and of the
+      Jacobian, the largest share of its allowance an error uses (at most 1
+      passes), and a message for each comparison that fails.
+
+    Raises:
+      ValueError: ``transform`` is unknown, or under ``"vmap"`` the leaves of
+        ``x`` differ in leading size.
+      TypeError: ``x`` has a leaf of another dtype (float8, complex, ...) or
+        no float leaf.
     """
-    x = jnp.asarray(x)
-    value_tol, grad_tol = tolerances(x.dtype)
-    value, value_ref, jac, jac_ref = _evaluate(fn, reference, x, transform)
-    value_msg = _all_close(
-        value, value_ref, _default(atol, value_tol), _default(rtol, value_tol)
-    )
-    jac_msg = _all_close(
-        jac, jac_ref, _default(grad_atol, grad_tol), _default(grad_rtol, grad_tol)
-    )
+    (transform,) = _transforms((transform,))
+    layout, paths, diff, held = _split_input(x, batched=transform == "vmap")
+    value, want, jac, want_jac = _evaluate(fn, reference, layout, diff, held, transform)
+    outputs, out_tree = jax.tree_util.tree_flatten_with_path(value)
+    wants, want_tree = jax.tree.flatten(want)
+    if out_tree != want_tree:
+        message = (
+            f"output structure {out_tree} differs from the reference's {want_tree}"
+        )
+        return VjpErrors(transform, np.inf, np.inf, message, message)
+    # Each output leaf's blocks, one per float input leaf, in order.
+    blocks = _chunks(jax.tree.leaves(jac), len(diff))
+    want_blocks = _chunks(jax.tree.leaves(want_jac), len(diff))
+    diff_paths = [paths[i] for i in layout.diff]
+    batch = diff[0].shape[0] if transform == "vmap" else 1
+    widths = [a[0].size if transform == "vmap" else a.size for a in diff]
+    x_abs = [
+        np.abs(_finite(_f64(a))).reshape(batch, w, 1)
+        for a, w in zip(diff, widths, strict=True)
+    ]
+
+    value_checks, jac_checks, problems = [], [], []
+    value_error = jac_error = 0.0
+    for k, ((key, got), ref) in enumerate(zip(outputs, wants, strict=True)):
+        path = jax.tree_util.keystr(key) or "output"
+        got, ref = jnp.asarray(got), jnp.asarray(ref)
+
+        def name(i, shape=got.shape, path=path):
+            if not shape:
+                return path
+            return f"{path}{list(map(int, np.unravel_index(i, shape)))}"
+
+        if got.shape != ref.shape:
+            problems.append(f"{path} has shape {got.shape}, the reference {ref.shape}")
+            continue
+        dtype = _coarsest([got.dtype, *(a.dtype for a in diff)])
+        value_factor, grad_factor = TOLERANCES[dtype.name]
+        tiny = float(jnp.finfo(dtype).smallest_normal)
+        rows = got.size
+        input_change = np.zeros(rows)  # |J| |x|
+        n = np.zeros(rows)  # how many inputs each entry depends on
+        norm2, error2 = np.zeros(rows), []  # squared row norms, by input leaf
+        for j, width in enumerate(widths):
+            jg = _f64(blocks[k][j]).reshape(rows, width)
+            jr = _f64(want_blocks[k][j]).reshape(rows, width)
+            d = _abs_diff(jg, jr)
+            jac_error = max(jac_error, float(np.max(d, initial=0.0)))
+            error2.append(_row_norms(d) ** 2)
+            jr = _finite(jr)
+            norm2 += _row_norms(jr) ** 2
+            n += np.count_nonzero(jr, axis=-1)
+            input_change += (np.abs(jr).reshape(batch, -1, width) @ x_abs[j]).ravel()
+        norm = np.sqrt(norm2)
+        scale = np.maximum(
+            np.maximum(norm, _ROW_FLOOR * np.max(norm, initial=0.0)),
+            np.sqrt(np.maximum(n, 1)) * tiny,
+        )
+        tol = _rtol(dtype, n, grad_factor) if grad_rtol is None else grad_rtol
+
+        def row_name(i, name=name, error2=error2):
+            # The input leaf with the largest share of the row's error.
+            wrt = diff_paths[int(np.argmax([e[i] for e in error2]))]
+            return f"d {name(i)} / d {wrt}"
+
+        jac_checks.append(
+            _Check(
+                np.sqrt(np.sum(error2, axis=0)),
+                scale,
+                (grad_atol or 0.0) + tol * scale,
+                row_name,
+                "rows",
+            )
+        )
+        d = _abs_diff(_f64(got).ravel(), _f64(ref).ravel())
+        value_error = max(value_error, float(np.max(d, initial=0.0)))
+        scale = np.abs(_finite(_f64(ref).ravel())) + input_change + tiny
+        tol = _rtol(dtype, n, value_factor) if rtol is None else rtol
+        value_checks.append(
+            _Check(d, scale, (atol or 0.0) + tol * scale, name, "entries")
+        )
+
+    value_ratio, value_rel, value_msg = _summary(value_checks, problems)
+    jac_ratio, jac_rel, jac_msg = _summary(jac_checks)
     return VjpErrors(
         transform,
-        _max_abs_diff(value, value_ref),
-        _max_abs_diff(jac, jac_ref),
+        value_error,
+        jac_error,
         value_msg,
         jac_msg,
+        value_rel,
+        jac_rel,
+        value_ratio,
+        jac_ratio,
     )
 
 
-def _default(value, fallback):
-    return fallback if value is None else value
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
 
 
 def assert_vjp_matches(
     fn: Callable,
     reference: Callable,
-    x: jax.typing.ArrayLike,
+    x,
     *,
-    transforms: Sequence[str] = TRANSFORMS,
+    transforms: str | Sequence[str] = TRANSFORMS,
     **tolerances_,
 ) -> list[VjpErrors]:
     """Asserts that ``fn`` and its VJP match ``reference`` under each transform.
 
-    Values and full Jacobians (``jax.jacrev``) are compared element by element
-    with ``chex.assert_trees_all_close``.
+    Values and full Jacobians (``jax.jacrev``) are compared as
+    :func:`vjp_errors` describes: entry by entry for values, row by row for
+    Jacobians, each relative to its own scale.
 
     Args:
-      fn: the function under test, of one array argument.
+      fn: the function under test, of one argument.
       reference: an independent implementation of the same function.
-      x: the point to compare at; under ``"vmap"`` its leading axis is a batch.
-      transforms: any of ``"none"``, ``"jit"``, ``"vmap"``.
+      x: the point to compare at: an array or a pytree of arrays; under
+        ``"vmap"`` every leaf's leading axis is a batch.
+      transforms: any of ``"none"``, ``"jit"``, ``"vmap"``; a single name
+        stands for itself.
       **tolerances_: ``atol``, ``rtol``, ``grad_atol``, ``grad_rtol`` as in
         :func:`vjp_errors`.
 
@@ -258,9 +670,10 @@ def assert_vjp_matches(
 
     Raises:
       AssertionError: a value or a Jacobian is not close to the reference.
+      ValueError: a transform is unknown (before anything runs).
     """
     errors = []
-    for transform in transforms:
+    for transform in _transforms(transforms):
         e = vjp_errors(fn, reference, x, transform=transform, **tolerances_)
         if e.value_mismatch:
             raise AssertionError(
