@@ -35,7 +35,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 # dx, slicing w) stays small. Measured at B=4096, D=512, V=32768 on a 2-core
 # CPU: chunks of 512 / 1024 / 2048 columns (8 / 16 / 32 MiB) took about 1.16 /
 # 1.10 / 1.07x optax's time for 17 / 26 / 44 MiB of temporaries (before the
-# backward kept a transposed copy of x, 8 MiB more there: 34 MiB at 1024).
+# backward kept a transposed copy of x, 8 MiB more there: 34 MiB at 1024;
+# with the per-chunk target compare of the forward pass, 40 MiB).
 _CHUNK_ELEMENTS = 2**22
 
 
