@@ -474,11 +474,15 @@ def _add_at_target(x, here, holds, value, axis):
     it (``here``, ``holds`` and ``value`` keep a size-1 ``axis``)."""
     # Rows whose target lives on another shard point past the end: dropped.
     target = jnp.where(holds, here, x.shape[axis])
+    # Under an explicit mesh every index shares the target's sharding.
+    sharding = jax.typeof(target).sharding
     index = tuple(
-        target if d == axis else lax.broadcasted_iota(target.dtype, target.shape, d)
+        target
+        if d == axis
+        else lax.broadcasted_iota(target.dtype, target.shape, d, out_sharding=sharding)
         for d in range(x.ndim)
     )
-    return x.at[index].add(value, mode="drop")
+    return x.at[index].add(value, mode="drop", out_sharding=jax.typeof(x).sharding)
 
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / K)

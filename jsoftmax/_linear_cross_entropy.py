@@ -227,7 +227,6 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
     ``z - m`` is kept relative to the running max too (shifted when it
     grows), so the label-smoothing term has no large-offset cancellation.
     """
-    num_tokens = x.shape[0]
 
     def step(carry, start, size):
         m, s, target, total = carry
@@ -245,8 +244,10 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
             total = total + shift + jnp.sum(z - m_new[:, None], axis=1)
         return (m_new, s, target, total), None
 
-    zeros = jnp.zeros((num_tokens,), acc(x))
-    carry = (jnp.full((num_tokens,), -jnp.inf, acc(x)), zeros, zeros, zeros)
+    # Per-token carries made from x's first column: sharded as x's batch axis
+    # is under an explicit mesh, so the loop body does not change their type.
+    zeros = jnp.zeros_like(x[:, 0], acc(x))
+    carry = (jnp.full_like(zeros, -jnp.inf), zeros, zeros, zeros)
     carry = varying_like(carry, x, w, bias, labels)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
@@ -343,7 +344,11 @@ def _linear_cross_entropy_bwd(
         dz = cap_grad(dz, z, soft_cap).astype(x.dtype)
         w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
         dx = dx + jnp.dot(dz, w_c.T, preferred_element_type=acc(x))
-        dw_c = jnp.dot(x_t, dz, preferred_element_type=acc(x))
+        # Contracts the token axis: under an explicit mesh that shards tokens,
+        # the parts are summed into w's sharding, as JAX's own dot transpose does.
+        dw_c = jnp.dot(
+            x_t, dz, preferred_element_type=acc(x), out_sharding=jax.typeof(w).sharding
+        )
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(w.dtype), start, axis=1)
         if db is not None:
             db_c = jnp.sum(dz, axis=0, dtype=acc(x)).astype(db.dtype)
@@ -351,7 +356,7 @@ def _linear_cross_entropy_bwd(
         return (dx, dw, db), None
 
     carry = (
-        jnp.zeros(x.shape, acc(x)),
+        jnp.zeros_like(x, acc(x)),
         jnp.zeros_like(w),
         None if bias is None else jnp.zeros_like(bias),
     )

@@ -13,7 +13,9 @@ in every mode is plain autodiff of the same loss written with ``jnp`` and
   objective is weighted by its axis index plus one; outside ``pmap`` and
   ``vmap``, each device gets its own cotangent;
 - data parallelism (``axis_name=None``): the batch split over a mesh axis, with
-  some inputs replicated (``w``, ``bias``, probability labels, logits);
+  some inputs replicated (``w``, ``bias``, probability labels, logits), in
+  ``shard_map`` and under plain ``jit`` over an ``Explicit`` mesh (sharding in
+  types);
 - a 2 x 2 mesh, "data" x "vocab": the batch split over one axis and the
   classes over the other.
 
@@ -21,6 +23,7 @@ It prints one JSON line, the number of checks and the failures (mode, case,
 what went wrong), and exits with status 1 if any check failed.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jsoftmax  # noqa: E402
@@ -259,6 +263,22 @@ for kw, tag in (({}, ""), (OPTS, "+options")):
         (Bd, Rd, Rd, Bd) + (Bd,) * len(t), (0, 1, 2), Bd,
     )  # fmt: skip
 
+# The same data parallelism under plain jit over an Explicit mesh: the cases
+# there are global computations, so every batch-sized input is split.
+xd = np.tile(x, (N, 1))
+EXPLICIT_CASES = {
+    op: (softmax_case(op), (xd, maskd), (Bd, Bd), (0,), Bd)
+    for op in ("softmax", "log_softmax")
+}
+for kw, tag in (({}, ""), (OPTS, "+options")):
+    EXPLICIT_CASES["ce" + tag] = (
+        ce_case(**kw), (xd, np.tile(probs, (N, 1))), (Bd, Bd), (0, 1), Bd
+    )  # fmt: skip
+    EXPLICIT_CASES["int_ce" + tag] = (
+        int_ce_case(**kw), (xd, rng.integers(0, V, N * B)), (Bd, Bd), (0,), Bd
+    )  # fmt: skip
+    EXPLICIT_CASES["linear" + tag] = DATA_CASES["linear" + tag]
+
 # 2 x 2 mesh: the batch over "data", the classes over "vocab".
 BV, CV = P("data", "vocab"), P(None, "vocab")
 x2, mask2, ids2 = np.tile(x, (2, 1)), np.tile(mask, (2, 1)), np.tile(ids, 2)
@@ -371,6 +391,28 @@ def mapped_mode(transform, inside):
     return make
 
 
+def explicit_mode(mesh):
+    """Plain ``jit`` over a mesh whose axes are ``Explicit`` (sharding in
+    types): every array's sharding is part of its type, so each op must give
+    its intermediates and cotangents consistent shardings."""
+
+    def make(f, impl, axis_name, args, specs, argnums, out_spec):
+        body = partial(f, impl, axis_name)
+        cot = _cotangent(jax.eval_shape(body, *args).shape)
+
+        def run(*a):
+            a = [
+                jax.sharding.reshard(x, NamedSharding(mesh, s))
+                for x, s in zip(a, specs, strict=True)
+            ]
+            return _grad(body, argnums, cot)(*a)
+
+        return run
+
+    make.mesh = mesh  # jit runs in this mesh's context (see the driver)
+    return make
+
+
 mesh_v = jax.make_mesh((N,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
 mesh_d = jax.make_mesh((N,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 mesh_2 = jax.make_mesh(
@@ -405,7 +447,24 @@ SUITES = [
     ),
     # Without check_vma, data parallelism has nothing to get wrong: no op
     # communicates, and the user sums the replicated inputs' gradients.
-    ("data", DATA_CASES, None, shard_map_modes(mesh_d, check_vma=(True,))),
+    (
+        "data",
+        DATA_CASES,
+        None,
+        shard_map_modes(mesh_d, check_vma=(True,)),
+    ),
+    (
+        "data",
+        EXPLICIT_CASES,
+        None,
+        {
+            "jit over an Explicit mesh": explicit_mode(
+                jax.make_mesh(
+                    (N,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)
+                )
+            )
+        },
+    ),
     ("data x vocab", MESH2_CASES, "vocab", shard_map_modes(mesh_2)),
 ]
 
@@ -461,7 +520,9 @@ for suite, cases, axis_name, modes in SUITES:
     for mode_name, mode in modes.items():
         checks += len(cases)
         t0 = time.perf_counter()
-        compare(f"{suite}: {mode_name}", mode, cases, axis_name)
+        mesh = getattr(mode, "mesh", None)
+        with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+            compare(f"{suite}: {mode_name}", mode, cases, axis_name)
         print(f"{time.perf_counter() - t0:.1f}s {suite}: {mode_name}", file=sys.stderr)
 
 
