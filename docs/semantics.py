@@ -1,0 +1,313 @@
+"""Runs jsoftmax, jax.nn and optax on their edge cases and writes the tables.
+
+``python docs/semantics.py [OUT]`` writes the markdown tables of
+``docs/semantics.md`` to OUT (default ``docs/_generated/semantics_tables.md``).
+The Sphinx build runs it first (see ``conf.py``), so the page always describes
+the installed versions, which it names: no cell is typed by hand, each is what
+the code below observed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import warnings
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax._src.ad_checkpoint import saved_residuals
+
+import jsoftmax
+
+T, F = True, False
+
+
+def describe(a) -> str:
+    """A few words for what an array holds: 0, -inf, NaN, finite, ..."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.size and np.isnan(a).all():
+        return "NaN"
+    if np.isnan(a).any():
+        return "NaN in part"
+    if (a == 0).all():
+        return "0"
+    if np.isneginf(a).all():
+        return "-inf"
+    if np.isposinf(a).all():
+        return "+inf"
+    if np.isfinite(a).all():
+        return "finite"
+    return "finite and ±inf"
+
+
+def outcome(thunk: Callable[[], str]) -> str:
+    """``thunk()``, or the name of the exception it raises."""
+    try:
+        return thunk()
+    except Exception as e:  # noqa: BLE001 - the exception's type is the result
+        return f"`{type(e).__name__}`"
+
+
+def value_and_grad_row(f, x, row: int, cotangent=None) -> str:
+    """'value …, gradient …' of row ``row`` of ``f(x)`` under a fixed cotangent."""
+
+    def thunk():
+        y, vjp = jax.vjp(f, x)
+        g = jnp.ones_like(y) if cotangent is None else cotangent
+        (dx,) = vjp(g)
+        return f"value {describe(y[row])}, gradient {describe(dx[row])}"
+
+    return outcome(thunk)
+
+
+def _row(case: str, *cells: str) -> str:
+    return "| " + " | ".join((case, *cells)) + " |"
+
+
+def _table(header: tuple[str, ...], rows: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + rows)
+
+
+def _forward_mode(f, x) -> str:
+    return outcome(lambda: (jax.jvp(f, (x,), (jnp.ones_like(x),)), "works")[1])
+
+
+def _residual_bytes(f, x) -> str:
+    def thunk():
+        saved = saved_residuals(f, x)
+        total = sum(np.prod(a.shape) * a.dtype.itemsize for a, _ in saved)
+        return f"{total / 2**20:.1f} MiB"
+
+    return outcome(thunk)
+
+
+def _max_relative_error(f, x, reference) -> float:
+    y = np.asarray(f(x).astype(jnp.float32), dtype=np.float64)
+    return float(np.max(np.abs(y - reference)) / np.max(np.abs(reference)))
+
+
+def _same_as_no_mask(op, x, g) -> str:
+    """Whether an all-True mask gives ``op``'s values and gradients bit for bit."""
+    a = jax.vjp(lambda v: op(v, where=jnp.ones_like(v, dtype=bool)), x)
+    b = jax.vjp(op, x)
+    same = np.array_equal(a[0], b[0], equal_nan=True) and np.array_equal(
+        a[1](g)[0], b[1](g)[0], equal_nan=True
+    )
+    return "same as no mask" if same else "differs from no mask"
+
+
+def _accepted(op, *args, **kwargs) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # casts that lose the imaginary part
+        op(*args, **kwargs)
+    return "accepted"
+
+
+def softmax_table() -> str:
+    x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    g = jnp.array([[1.0, -2.0, 0.5], [2.0, 1.0, -1.0]])
+    ops = {
+        "softmax": (jax.nn.softmax, jsoftmax.softmax),
+        "log_softmax": (jax.nn.log_softmax, jsoftmax.log_softmax),
+    }
+    masked = jnp.array([[T, T, T], [F, F, F]])
+    cases = [
+        ("row with every entry masked (`where` all False)", x, masked),
+        ("row of `-inf`, no mask", x.at[1].set(-jnp.inf), None),
+        (
+            "valid entries all `-inf`, the others masked",
+            x.at[1].set(jnp.array([-jnp.inf, 5.0, -jnp.inf])),
+            jnp.array([[T, T, T], [T, F, T]]),
+        ),
+        ("`+inf` in the row", x.at[1, 0].set(jnp.inf), None),
+        (
+            "masked entry holding NaN",
+            x.at[1, 0].set(jnp.nan),
+            jnp.array([[T, T, T], [F, T, T]]),
+        ),
+    ]
+    rows = []
+    for name, (nn_op, our_op) in ops.items():
+        for case, xs, where in cases:
+            cells = [
+                value_and_grad_row(lambda v, op=op, w=where: op(v, where=w), xs, 1, g)
+                for op in (nn_op, our_op)
+            ]
+            rows.append(_row(f"`{name}`: {case}", *cells))
+        # An all-True mask should change nothing; compare with no mask.
+        xs = x.at[1, 0].set(-jnp.inf)
+        cells = [
+            outcome(partial(_same_as_no_mask, op, xs, g)) for op in (nn_op, our_op)
+        ]
+        rows.append(_row(f"`{name}`: all-True mask, a `-inf` input", *cells))
+
+    z = 4.0 * jax.random.normal(jax.random.key(0), (256, 1024))
+    for name, (nn_op, our_op) in ops.items():
+        with jax.enable_x64():
+            reference = np.asarray(nn_op(jnp.asarray(np.asarray(z), jnp.float64)))
+        cells = [
+            f"{_max_relative_error(op, z.astype(jnp.bfloat16), reference):.1e}"
+            for op in (nn_op, our_op)
+        ]
+        rows.append(
+            _row(f"`{name}`: bfloat16 input, max error / max of float64 result", *cells)
+        )
+    ints = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+    for name, (nn_op, our_op) in ops.items():
+        cells = [outcome(lambda op=op: f"`{op(ints).dtype}`") for op in (nn_op, our_op)]
+        rows.append(_row(f"`{name}`: int32 input, output dtype", *cells))
+        cells = [
+            outcome(partial(_accepted, op, x, where=jnp.ones_like(x)))
+            for op in (nn_op, our_op)
+        ]
+        rows.append(_row(f"`{name}`: float `where` (an additive mask)", *cells))
+        cells = [
+            outcome(partial(_accepted, op, x.astype(jnp.complex64)))
+            for op in (nn_op, our_op)
+        ]
+        rows.append(_row(f"`{name}`: complex input", *cells))
+        cells = [_forward_mode(op, x) for op in (nn_op, our_op)]
+        rows.append(_row(f"`{name}`: forward mode (`jax.jvp`)", *cells))
+        big = jnp.zeros((1024, 1024))
+        cells = [_residual_bytes(op, big) for op in (nn_op, our_op)]
+        rows.append(
+            _row(f"`{name}`: saved for the backward pass, f32 [1024, 1024]", *cells)
+        )
+    return _table(("case", "jax.nn", "jsoftmax"), rows)
+
+
+def cross_entropy_table() -> str:
+    logits = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    labels = jnp.array([2, 0])
+    ops = {
+        "optax": optax.softmax_cross_entropy_with_integer_labels,
+        "jsoftmax": jsoftmax.softmax_cross_entropy_with_integer_labels,
+    }
+    padded = jnp.array([2, -100])
+    rows = []
+
+    def per_op(case, make_f, x=logits, row=1):
+        cells = [value_and_grad_row(make_f(op), x, row) for op in ops.values()]
+        rows.append(_row(case, *cells))
+
+    per_op("label -100 (outside `[0, K)`)", lambda op: lambda z: op(z, padded))
+    per_op(
+        "label -100, loss masked by `jnp.where(labels == -100, 0, loss)`",
+        lambda op: lambda z: jnp.where(padded == -100, 0.0, op(z, padded)),
+    )
+    per_op(
+        "row of `-inf` logits",
+        lambda op: lambda z: op(z, labels),
+        x=logits.at[1].set(-jnp.inf),
+    )
+    per_op(
+        "row with every class masked (`where` all False)",
+        lambda op: lambda z: op(z, labels, where=jnp.array([[T, T, T], [F, F, F]])),
+    )
+    per_op(
+        "label on a masked class",
+        lambda op: lambda z: op(z, labels, where=jnp.array([[T, T, T], [F, T, T]])),
+    )
+
+    wide = 2.0 * jax.random.normal(jax.random.key(1), (64, 256))
+    ids = jax.random.randint(jax.random.key(2), (64,), 0, 256)
+    cells = []
+    for op in ops.values():
+
+        def same_as_int32(op=op):
+            a = op(wide, ids.astype(jnp.uint8))
+            b = op(wide, ids)
+            return "same as int32" if np.allclose(a, b) else "differs from int32"
+
+        cells.append(outcome(same_as_int32))
+    rows.append(_row("`uint8` labels, 256 classes", *cells))
+
+    offset = 1e4 + 3.0 * jax.random.normal(jax.random.key(3), (64, 512))
+    targets = jax.random.randint(jax.random.key(4), (64,), 0, 512)
+    with jax.enable_x64():
+        exact = np.asarray(
+            optax.softmax_cross_entropy_with_integer_labels(
+                jnp.asarray(np.asarray(offset), jnp.float64), targets
+            )
+        )
+    cells = []
+    for op in ops.values():
+        loss = np.asarray(op(offset, targets), dtype=np.float64)
+        cells.append(f"{np.max(np.abs(loss - exact)):.1e}")
+    rows.append(_row("float32 logits near 1e4, max loss error against float64", *cells))
+    cells = [
+        outcome(partial(_accepted, op, logits, labels, where=jnp.ones_like(logits)))
+        for op in ops.values()
+    ]
+    rows.append(_row("float `where`", *cells))
+    cells = [
+        _forward_mode(lambda z, op=op: op(z, labels), logits) for op in ops.values()
+    ]
+    rows.append(_row("forward mode (`jax.jvp`)", *cells))
+    return _table(("case", "optax", "jsoftmax"), rows)
+
+
+def fused_loss_table() -> str:
+    """Compiled temporaries of the fused loss against optax on explicit logits."""
+    b, d, v = 2048, 256, 16384
+    x = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((b,), jnp.int32)
+
+    def unfused(x, w, y):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+    def temp_mib(loss):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w, y)
+        return compiled.compile().memory_analysis().temp_size_in_bytes / 2**20
+
+    ours = temp_mib(jsoftmax.linear_softmax_cross_entropy)
+    theirs = temp_mib(unfused)
+    rows = [
+        _row(
+            f"`value_and_grad` temporaries, B={b}, D={d}, V={v}, float32 (compiled)",
+            f"{theirs:.0f} MiB",
+            f"{ours:.0f} MiB",
+        )
+    ]
+    return _table(("case", "optax on `x @ w`", "`linear_softmax_cross_entropy`"), rows)
+
+
+def generate() -> str:
+    return "\n\n".join(
+        [
+            f"Generated with jax {jax.__version__}, optax {optax.__version__} and "
+            f"jsoftmax {jsoftmax.__version__} on {jax.default_backend().upper()}.",
+            "(softmax-tables)=\n### softmax and log_softmax against jax.nn\n\n"
+            "Cotangent `[2, 1, -1]` on the row shown; `where` as in `jax.nn`.\n\n"
+            + softmax_table(),
+            "(cross-entropy-tables)=\n### Integer-label cross-entropy against optax\n\n"
+            "Cotangent 1 on every example; the cells describe the second example.\n\n"
+            + cross_entropy_table(),
+            "(fused-loss-tables)=\n### The fused loss against optax\n\n"
+            + fused_loss_table(),
+        ]
+    )
+
+
+def main(argv: list[str]) -> int:
+    here = pathlib.Path(__file__).parent
+    out = pathlib.Path(argv[0]) if argv else here / "_generated" / "semantics_tables.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with jax.default_matmul_precision("highest"), warnings.catch_warnings():
+        # numpy's casts of complex and NaN inputs warn; the tables say what
+        # each library returned.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        text = generate()
+    out.write_text(text + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
