@@ -31,7 +31,9 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "_generated", "README.md"]
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+# The docstrings say what each argument takes; the expanded ArrayLike union
+# would only repeat it at length.
+autodoc_typehints = "none"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
