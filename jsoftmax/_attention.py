@@ -85,8 +85,7 @@ def dot_product_attention(
     entirely are skipped, not computed and masked: causal attention does
     about half the work of full attention, a window of width ``w`` about
     ``T * w``. Blocks past the longest ``key_value_seq_lengths`` (and query
-    blocks past the longest ``query_seq_lengths``) are skipped too. Only the
-    blocks on the mask's edge compute a mask.
+    blocks past the longest ``query_seq_lengths``) are skipped too.
 
     Args:
       query: ``[B, T, N, H]`` or ``[T, N, H]``.
@@ -352,20 +351,16 @@ def _block_visibility(config, t, s):
     return any_, all_ & any_
 
 
-def _ranges(any_, all_):
-    """Per row of the block matrix: ``(lo, a, b, hi)`` int32 arrays. Blocks
-    ``[lo, a)`` and ``[b, hi)`` need a mask, ``[a, b)`` are fully visible;
-    outside ``[lo, hi)`` nothing is visible. The band makes both sets
-    contiguous."""
-    rows = []
-    for seen, whole in zip(any_, all_, strict=True):
+def _ranges(any_):
+    """Per row of the block matrix, the visible blocks ``[lo, hi)`` as int32
+    arrays (the band makes them contiguous; ``lo = hi`` if none)."""
+    lo, hi = [], []
+    for seen in any_:
         idx = np.flatnonzero(seen)
-        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
-        idx = np.flatnonzero(whole)
-        a, b = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (hi, hi)
-        assert lo <= a <= b <= hi and seen[lo:hi].all() and whole[a:b].all()
-        rows.append((lo, a, b, hi))
-    return tuple(np.array(c, np.int32).reshape(-1) for c in zip(*rows, strict=True))
+        lo.append(int(idx[0]) if idx.size else 0)
+        hi.append(int(idx[-1]) + 1 if idx.size else 0)
+        assert seen[lo[-1] : hi[-1]].all()
+    return np.array(lo, np.int32), np.array(hi, np.int32)
 
 
 # -- Shared pieces --------------------------------------------------------------
@@ -393,7 +388,7 @@ def _pad_axis(x, axis, size, value=0):
 
 def _block(x, axis_starts, sizes):
     """``x[..., i0:i0+bq, j0:j0+bk]`` on the axes where ``x`` is not 1."""
-    starts = [0] * x.ndim
+    starts = [np.int32(0)] * x.ndim
     shape = list(x.shape)
     for axis, start in axis_starts.items():
         if x.shape[axis] != 1:
@@ -442,7 +437,7 @@ def _context(config, t, s, k, bias, mask, q_len, kv_len, q_seg, kv_seg):
 def _logits(ctx, qb, kb, i0, j0, structural):
     """One block's scores ``[B, K, G, bq, bk]`` in float32 (float64 for
     float64 inputs), the soft cap's tanh (or None) and the visible entries
-    (or None if all are)."""
+    (or None if all are). ``structural``: apply the band and key padding."""
     config = ctx.config
     bq, bk = config.query_chunk, config.key_chunk
     x = jnp.einsum("bkgqh,bkch->bkgqc", qb, kb, preferred_element_type=_acc(qb))
@@ -484,7 +479,7 @@ def _logits(ctx, qb, kb, i0, j0, structural):
     return x, tanh, valid
 
 
-def _dynamic_bounds(ctx, outer_start, lo, a, b, hi, outer_is_query):
+def _dynamic_bounds(ctx, outer_start, lo, hi, outer_is_query):
     """Narrows a block range by the longest sequence lengths (traced)."""
     config = ctx.config
     inner_len = ctx.kv_len if outer_is_query else ctx.q_len
@@ -496,17 +491,7 @@ def _dynamic_bounds(ctx, outer_start, lo, a, b, hi, outer_is_query):
     if outer_len is not None:
         longest = jnp.max(outer_len).astype(jnp.int32)
         hi = jnp.where(outer_start >= longest, lo, hi)
-    if inner_len is not None or outer_len is not None:
-        hi = jnp.maximum(hi, lo)
-        a, b = jnp.minimum(a, hi), jnp.minimum(b, hi)
-    return lo, a, b, hi
-
-
-def _three_loops(step, carry, lo, a, b, hi):
-    """``step`` over ``[lo, a)`` and ``[b, hi)`` with masks, ``[a, b)`` without."""
-    carry = lax.fori_loop(lo, a, partial(step, structural=True), carry)
-    carry = lax.fori_loop(a, b, partial(step, structural=False), carry)
-    return lax.fori_loop(b, hi, partial(step, structural=True), carry)
+    return lo, jnp.maximum(hi, lo)
 
 
 # -- The rule -------------------------------------------------------------------
@@ -529,14 +514,22 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
     ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
     qg, kg, vg = _layout(q, k, v, config, tp, sp)
     acc = _acc(q)
-    lo, a, b, hi = _ranges(*_block_visibility(config, t, s))
+    any_, all_ = _block_visibility(config, t, s)
+    lo, hi = _ranges(any_)
+    # One loop body for every block: with a mask where some visited block is
+    # partly hidden (the diagonal of a causal mask, a window's edges, the
+    # last block of keys when S is not a multiple). Measured: computing the
+    # mask in every block cost no time against a separate unmasked loop over
+    # the inner blocks (the exp dominates), and a single body halves the
+    # compile time.
+    structural = bool((any_ & ~all_).any())
 
     def query_block(_, xs):
-        i, lo, a, b, hi = xs
+        i, lo, hi = xs
         i0 = i * bq
         qb = lax.dynamic_slice_in_dim(qg, i0, bq, axis=3)
 
-        def step(j, carry, structural):
+        def step(j, carry):
             m, total, o = carry
             j0 = j * bk
             kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
@@ -561,8 +554,8 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
             jnp.zeros(rows, acc),
             jnp.zeros((*rows, h), acc),
         )
-        lo, a, b, hi = _dynamic_bounds(ctx, i0, lo, a, b, hi, True)
-        m, total, o = _three_loops(step, carry, lo, a, b, hi)
+        lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
+        m, total, o = lax.fori_loop(lo, hi, step, carry)
         if sinks is not None:
             sink = sinks.astype(acc).reshape(1, kh, g, 1)
             m_all = jnp.maximum(m, sink)
@@ -576,7 +569,7 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
         o = o / jnp.where(total == 0, 1, total_all)[..., None]
         return None, (o.astype(q.dtype), lse)
 
-    xs = (jnp.arange(nq, dtype=jnp.int32), *(jnp.asarray(r) for r in (lo, a, b, hi)))
+    xs = (jnp.arange(nq, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
     _, (o, lse) = lax.scan(query_block, None, xs)
     # [nq, B, K, G, bq, H] -> [B, T, N, H];  [nq, B, K, G, bq] -> [B, K, G, T]
     out = o.transpose(1, 0, 4, 2, 3, 5).reshape(batch, tp, n, h)[:, :t]
@@ -626,16 +619,18 @@ def _attention_bwd(config, res, cotangents):
     # that exp(s - L) = 0 there whatever s is.
     lse_safe = _pad_axis(jnp.where(lse == -jnp.inf, jnp.inf, lse), 3, tp, jnp.inf)
     delta_p = _pad_axis(delta, 3, tp)
-    lo, a, b, hi = _ranges(*(m.T for m in _block_visibility(config, t, s)))
+    any_, all_ = _block_visibility(config, t, s)
+    lo, hi = _ranges(any_.T)
+    structural = bool((any_ & ~all_).any())
 
     def key_block(carry, xs):
         d_q, d_bias = carry
-        j, lo, a, b, hi = xs
+        j, lo, hi = xs
         j0 = j * bk
         kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
         vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
 
-        def step(i, carry, structural):
+        def step(i, carry):
             d_k, d_v, d_q, d_bias = carry
             i0 = i * bq
             qb = lax.dynamic_slice_in_dim(qg, i0, bq, axis=3)
@@ -665,16 +660,14 @@ def _attention_bwd(config, res, cotangents):
             return d_k, d_v, d_q, d_bias
 
         zeros = jnp.zeros((batch, kh, bk, h), acc)
-        lo, a, b, hi = _dynamic_bounds(ctx, j0, lo, a, b, hi, False)
-        d_k, d_v, d_q, d_bias = _three_loops(
-            step, (zeros, zeros, d_q, d_bias), lo, a, b, hi
-        )
+        lo, hi = _dynamic_bounds(ctx, j0, lo, hi, False)
+        d_k, d_v, d_q, d_bias = lax.fori_loop(lo, hi, step, (zeros, zeros, d_q, d_bias))
         return (d_q, d_bias), (d_k, d_v)
 
     d_bias = None
     if ctx.bias is not None:
         d_bias = jnp.zeros(ctx.bias.shape, acc)
-    xs = (jnp.arange(nk, dtype=jnp.int32), *(jnp.asarray(r) for r in (lo, a, b, hi)))
+    xs = (jnp.arange(nk, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
     carry = (jnp.zeros((batch, kh, g, tp, h), acc), d_bias)
     (d_q, d_bias), (d_k, d_v) = lax.scan(key_block, carry, xs)
 
@@ -716,7 +709,7 @@ def _add_block(d_bias, ds, i0, j0, config):
     sizes = (None, None, None, config.query_chunk, config.key_chunk)
     starts = {3: i0, 4: j0}
     current = _block(d_bias, starts, sizes)
-    index = [0, 0, 0, 0, 0]
+    index = [np.int32(0)] * 5
     for axis, start in starts.items():
         if d_bias.shape[axis] != 1:
             index[axis] = start
