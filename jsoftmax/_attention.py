@@ -14,14 +14,15 @@ from jax import lax
 
 from jsoftmax._checks import compute_dtype, float_input, widen_8bit
 
-# Default block sizes, measured on a 2-core AMD EPYC with jax 0.10.2
-# (bench/attention.py, B=1, N=8, H=64, float32, T=S=1024 and 2048): query
-# blocks of 64 / 128 / 256 / 512 rows against key blocks of 128 / 256 / 512
-# columns. Larger blocks mean fewer, larger matmuls and fewer loop trips;
-# smaller blocks mean less wasted work on the diagonal of a causal mask and
-# smaller temporaries. See the docstring of dot_product_attention.
-_QUERY_CHUNK = 256
-_KEY_CHUNK = 256
+# Default block sizes, chosen by measurement: `python bench/attention.py
+# --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
+# T = S = 1024 and 2048, B=1, N=8, H=64, float32, causal and not, for query x
+# key blocks of 64x128 to 512x512 on a 2-core CPU (jax 0.10.2). 128x128 and
+# 256x256 tied on full attention (0.57-0.65x jax.nn's time); 128x128 was the
+# fastest causal one (0.31-0.38x against 0.33-0.45x: a smaller diagonal block
+# wastes less), and it keeps the per-block temporaries small.
+_QUERY_CHUNK = 128
+_KEY_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +119,17 @@ def dot_product_attention(
       sinks: optional float ``[N]``: a per-head logit that joins every row's
         softmax denominator and carries no value (attention sinks).
         Differentiable.
-      query_chunk_size: queries per block (static). Default 256, or ``T``
+      query_chunk_size: queries per block (static). Default 128, or ``T``
         if smaller. ``T`` need not be a multiple.
-      key_chunk_size: keys per block (static). Default 512, or ``S`` if
-        smaller. ``S`` need not be a multiple. The defaults were the fastest
-        of 64-512 x 128-512 for forward plus backward at ``T = S = 1024`` and
-        ``2048``, ``N = 8``, ``H = 64`` in float32 on a 2-core CPU
-        (``bench/attention.py --blocks``); the temporaries of a step are a
-        few ``B * N * query_chunk_size * key_chunk_size`` float32 buffers.
+      key_chunk_size: keys per block (static). Default 128, or ``S`` if
+        smaller. ``S`` need not be a multiple. The defaults were chosen by
+        timing forward plus backward for blocks of 64x128 to 512x512 at
+        ``T = S = 1024`` and ``2048``, ``N = 8``, ``H = 64``, float32, causal
+        and not, on a 2-core CPU (``python bench/attention.py --blocks``):
+        128x128 tied with 256x256 on full attention and was the fastest
+        causal one. The temporaries of a step are a few
+        ``B * N * query_chunk_size * key_chunk_size`` float32 buffers;
+        larger blocks can pay off on accelerators.
       return_residual: also return the per-row logsumexp ``L`` of the masked
         scores, ``[B, T, N]`` (``[T, N]`` unbatched), in the dtype of
         ``query``, not differentiated (as in jax.nn).
