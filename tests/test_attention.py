@@ -452,6 +452,36 @@ def test_16bit_no_less_accurate_than_jax_nn(dtype):
             assert err <= 1.25 * their_err + eps / 8, (mine, errors(theirs))
 
 
+def test_jax_nn_behaviour_the_readme_names():
+    # jax 0.10.2: a row that sees no key gets the mean of v and passes
+    # gradient into the masked values; a padded query row has output 0 and a
+    # finite lse; float16 does not compile on the CPU.
+    q, kk, v, _ = _data(5, 7, 2, 2, seed=16)
+    mask = np.ones((B, 1, 5, 7), bool)
+    mask[0, :, 2] = False
+    lengths = np.array([5, 3], np.int32)
+
+    @jax.jit
+    def run(q, k, v):
+        def f(v):
+            return _jax_nn(q, k, v, mask=mask, query_seq_lengths=lengths,
+                           return_residual=True)  # fmt: skip
+
+        (out, lse), pullback = jax.vjp(f, v)
+        d_v = pullback((jnp.zeros_like(out).at[0, 2].set(1.0), jnp.zeros_like(lse)))
+        return out, lse, d_v[0]
+
+    out, lse, d_v = run(q, kk, v)
+    np.testing.assert_allclose(out[0, 2], v[0].mean(0), rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(d_v[0]) != 0)
+    assert not np.any(np.asarray(out)[1, 3:]) and np.isfinite(lse[1, 3:]).all()
+    if jax.default_backend() == "cpu":
+        half = [a.astype(jnp.float16) for a in (q, kk, v)]
+        with jax.numpy_dtype_promotion("standard"):
+            with pytest.raises(ValueError, match="F16_F16_F32"):
+                jax.jit(_jax_nn)(*half)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs.
 
