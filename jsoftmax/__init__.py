@@ -1,6 +1,7 @@
 """jsoftmax: the softmax family for JAX, with hand-written backward passes."""
 
 from jsoftmax import testing as testing
+from jsoftmax._attention import dot_product_attention as dot_product_attention
 from jsoftmax._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from jsoftmax._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
@@ -15,6 +16,7 @@ from jsoftmax._softmax import softmax as softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "dot_product_attention",
     "linear_softmax_cross_entropy",
     "log_softmax",
     "softmax",

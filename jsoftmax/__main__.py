@@ -50,6 +50,15 @@ def _linear(op, x):
     return op(x2, w, _int_labels(x2.shape[:1], 7)).reshape(x.shape[:-1])
 
 
+def _attention(op, x):
+    """Causal grouped-query attention over 3 positions with 2 query heads and
+    1 key/value head of size 2, all taken from ``x`` (rows of 12)."""
+    q = x.reshape(*x.shape[:-1], 3, 2, 2)
+    k = jnp.flip(q[..., :1, :], -3)
+    v = jnp.flip(q[..., 1:, :], -1)
+    return op(q, k, v, is_causal=True).reshape(x.shape)
+
+
 def _cases() -> list[tuple[str, Callable, Callable]]:
     """(name, op of one array argument, independent reference)."""
     mask = jnp.arange(12) % 3 != 1
@@ -107,6 +116,21 @@ def _cases() -> list[tuple[str, Callable, Callable]]:
                         x @ w, y
                     )
                 ),
+            ),
+        ),
+        (
+            "dot_product_attention",
+            partial(
+                _attention,
+                partial(
+                    jsoftmax.dot_product_attention,
+                    query_chunk_size=2,
+                    key_chunk_size=2,
+                ),
+            ),
+            partial(
+                _attention,
+                partial(jax.nn.dot_product_attention, implementation="xla"),
             ),
         ),
     ]

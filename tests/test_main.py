@@ -13,7 +13,8 @@ from jsoftmax import testing
 def test_main_prints_a_passing_row_per_op_transform_and_dtype(capsys):
     assert cli.main([]) == 0
     out = capsys.readouterr().out
-    for op in ("softmax", "log_softmax", "softmax[where]", "softmax_jacobian"):
+    ops = ("softmax", "log_softmax", "softmax[where]", "softmax_jacobian")
+    for op in (*ops, "dot_product_attention"):
         for transform in ("jit", "vmap"):
             for dtype in ("float32", "bfloat16"):
                 line = [

@@ -3,6 +3,7 @@
 import jsoftmax
 
 PUBLIC = [
+    "dot_product_attention",
     "linear_softmax_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

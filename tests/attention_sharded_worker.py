@@ -1,0 +1,87 @@
+"""dot_product_attention on 8 host devices: batch- and head-sharded inputs.
+
+Run as ``python tests/attention_sharded_worker.py``: it sets XLA_FLAGS for 8
+CPU devices before importing jax (hence a separate process), checks that the
+output and gradients of jit(value_and_grad) with batch-sharded and with
+head-sharded ``NamedSharding`` inputs equal the unsharded ones and stay
+sharded, and that the compiled HLO holds no collective. Importing it (pytest
+collects doctests from every module) does nothing.
+"""
+
+import os
+import sys
+
+
+def main():
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    b, t, n, kh, h = 8, 24, 8, 8, 8
+    keys = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k = jax.random.normal(keys[1], (b, t, kh, h))
+    v = jax.random.normal(keys[2], (b, t, kh, h))
+    bias = jax.random.normal(keys[3], (b, n, t, t))
+    sinks = jax.random.normal(keys[4], (n,))
+    collectives = ("all-reduce", "all-gather", "all-to-all", "collective-permute")
+
+    def attention(q, k, v, bias, sinks):
+        return jsoftmax.dot_product_attention(
+            q, k, v, bias, is_causal=True, sinks=sinks, local_window_size=(9, 0),
+            query_chunk_size=8, key_chunk_size=8,
+        )  # fmt: skip
+
+    # The output and the VJP of a sharded cotangent: a scalar loss would add
+    # the all-reduce of its own sum. Replicated sinks with batch-sharded data
+    # need one all-reduce of their [N] gradient (any replicated parameter
+    # does), so d sinks is taken in the head-sharded case only.
+    def vjp(q, k, v, bias, sinks, ct, with_sinks):
+        if with_sinks:
+            out, pullback = jax.vjp(attention, q, k, v, bias, sinks)
+        else:
+            out, pullback = jax.vjp(
+                lambda q, k, v, bias: attention(q, k, v, bias, sinks), q, k, v, bias
+            )
+        return out, pullback(ct)
+
+    f = jax.jit(vjp, static_argnames="with_sinks")
+    ct = jnp.cos(q)
+    for name, spec, bias_spec, sink_spec in [
+        ("batch", P("d"), P("d"), P()),
+        ("heads", P(None, None, "d"), P(None, "d"), P("d")),
+    ]:
+        put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+        with_sinks = name == "heads"
+        args = (
+            put(q, spec), put(k, spec), put(v, spec), put(bias, bias_spec),
+            put(sinks, sink_spec), put(ct, spec),
+        )  # fmt: skip
+        want = f(q, k, v, bias, sinks, ct, with_sinks=with_sinks)
+        text = f.lower(*args, with_sinks=with_sinks).compile().as_text()
+        found = [
+            line.strip()[:160]
+            for line in text.splitlines()
+            if any(f" {c}(" in line or f" {c}-start(" in line for c in collectives)
+        ]
+        assert not found, (name, found)
+        got = f(*args, with_sinks=with_sinks)
+        out, grads = got
+        assert out.sharding.is_equivalent_to(NamedSharding(mesh, spec), 4), name
+        assert grads[0].sharding.is_equivalent_to(NamedSharding(mesh, spec), 4), name
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+        print(f"{name}-sharded: no collectives, equal to unsharded")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
