@@ -278,6 +278,100 @@ def fused_loss_table() -> str:
     return _table(("case", "optax on `x @ w`", "`linear_softmax_cross_entropy`"), rows)
 
 
+def attention_table() -> str:
+    """dot_product_attention against jax.nn's portable (xla) implementation."""
+    b, t, s, n, h = 1, 6, 8, 2, 4
+    keys = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k = jax.random.normal(keys[1], (b, s, n, h))
+    v = jax.random.normal(keys[2], (b, s, n, h))
+    ops = {
+        "jax.nn": partial(jax.nn.dot_product_attention, implementation="xla"),
+        "jsoftmax": jsoftmax.dot_product_attention,
+    }
+    blind = np.ones((b, 1, t, s), bool)
+    blind[0, :, 2] = False  # query row 2 sees no key
+    rows = []
+
+    def no_key_row(op, bias=None):
+        def f(v, bias):
+            out, lse = op(q, k, v, bias, blind, return_residual=True)
+            return out, lse
+
+        (out, lse), pullback = jax.vjp(f, v, bias)
+        cot = jnp.zeros_like(out).at[0, 2].set(1.0)
+        d_v, d_bias = pullback((cot, jnp.zeros_like(lse)))
+        mean_v = np.allclose(out[0, 2], v[0].mean(0), rtol=1e-5)
+        value = "mean of `v`" if mean_v else describe(out[0, 2])
+        text = f"output {value}, lse {describe(lse[0, 2])}, gradient of `v` "
+        text += describe(d_v)
+        if bias is not None:
+            text += f", of `bias` {describe(d_bias)}"
+        return text
+
+    cells = [outcome(partial(no_key_row, op)) for op in ops.values()]
+    rows.append(_row("query row that sees no key (mask)", *cells))
+    for fill in (3e38, jnp.inf):
+        bias = jnp.where(jnp.asarray(blind), 0.0, fill)
+        cells = [outcome(partial(no_key_row, op, bias)) for op in ops.values()]
+        rows.append(_row(f"the same, masked bias entries {fill:g}", *cells))
+
+    lengths = jnp.array([3], jnp.int32)
+    cells = []
+    for op in ops.values():
+
+        def padded(op=op):
+            out, lse = op(q, k, v, query_seq_lengths=lengths, return_residual=True)
+            return f"output {describe(out[0, 3:])}, lse {describe(lse[0, 3:])}"
+
+        cells.append(outcome(padded))
+    rows.append(_row("query rows past `query_seq_lengths`", *cells))
+    cells = [
+        outcome(partial(_accepted, op, q, k, v, mask=jnp.ones((t, s))))
+        for op in ops.values()
+    ]
+    rows.append(_row("float `mask`", *cells))
+    cells = [
+        outcome(
+            partial(_accepted, jax.jit(op), *(a.astype(jnp.float16) for a in (q, k, v)))
+        )
+        for op in ops.values()
+    ]
+    rows.append(_row(f"float16 inputs on {jax.default_backend().upper()}", *cells))
+    cells = [_forward_mode(lambda q, op=op: op(q, k, v), q) for op in ops.values()]
+    rows.append(_row("forward mode (`jax.jvp`)", *cells))
+
+    size = 1024
+    shape = jax.ShapeDtypeStruct((1, size, 8, 64), jnp.float32)
+    for causal in (False, True):
+        cells = []
+        for op in ops.values():
+
+            def memory(op=op, causal=causal):
+                def loss(q, k, v):
+                    return jnp.sum(op(q, k, v, is_causal=causal) * v)
+
+                saved = saved_residuals(loss, shape, shape, shape)
+                residual = sum(
+                    np.prod(a.shape) * a.dtype.itemsize
+                    for a, why in saved
+                    if "argument" not in why
+                )
+                grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+                temp = grad.lower(shape, shape, shape).compile().memory_analysis()
+                return (
+                    f"saves {residual / 2**20:.0f} MiB besides its inputs, "
+                    f"{temp.temp_size_in_bytes / 2**20:.0f} MiB of temporaries"
+                )
+
+            cells.append(outcome(memory))
+        kind = "causal" if causal else "not causal"
+        rows.append(
+            _row(f"`grad` at B=1, T=S={size}, N=8, H=64, float32, {kind}", *cells)
+        )
+    return _table(("case", 'jax.nn (`implementation="xla"`)', "jsoftmax"), rows)
+
+
 def generate() -> str:
     return "\n\n".join(
         [
@@ -291,6 +385,9 @@ def generate() -> str:
             + cross_entropy_table(),
             "(fused-loss-tables)=\n### The fused loss against optax\n\n"
             + fused_loss_table(),
+            "(attention-tables)=\n### dot_product_attention against jax.nn\n\n"
+            "B=1, T=6, S=8, N=2, H=4, float32; the cells describe query row 2 "
+            "(3 and later for the lengths).\n\n" + attention_table(),
         ]
     )
 
