@@ -10,6 +10,7 @@ PUBLIC = [
     "softmax",
     "softmax_jacobian",
     "testing",
+    "with_forward_mode",
 ]
 
 
