@@ -308,9 +308,7 @@ def _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents):
 
     def vjp(res_leaves, cts):
         """bwd on float output cotangents; one cotangent per float input leaf."""
-        full = [np.zeros(shape, jax.dtypes.float0) for shape in y_shapes]
-        for i, c in zip(outs, cts, strict=True):
-            full[i] = c
+        full = _with_float0_zeros(y_shapes, outs, cts)
         g = jax.tree.unflatten(out_tree, full)
         ct_args = fn.bwd(*statics, jax.tree.unflatten(res_tree, res_leaves), g)
         if not isinstance(ct_args, (tuple, list)) or len(ct_args) != len(skeletons):
@@ -343,10 +341,18 @@ def _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents):
     maps = _Maps(name, jvp, vjp, len(res_leaves), out_avals)
     t_in = [t_leaves[i] for i in diff]
     dy = custom_vjp_linear_p.bind(*res_leaves, *t_in, maps=maps) if outs else []
-    full = [np.zeros(shape, jax.dtypes.float0) for shape in y_shapes]
-    for i, d in zip(outs, dy, strict=True):
-        full[i] = d
+    full = _with_float0_zeros(y_shapes, outs, dy)
     return y, jax.tree.unflatten(out_tree, full)
+
+
+def _with_float0_zeros(shapes, outs, values):
+    """``values`` at the float outputs ``outs``, float0 zeros at the others
+    (made only there: a float output's shape may be symbolic, jax.export)."""
+    full = dict(zip(outs, values, strict=True))
+    return [
+        full[i] if i in full else np.zeros(shape, jax.dtypes.float0)
+        for i, shape in enumerate(shapes)
+    ]
 
 
 def _check_symmetric(name, t_avals, out_avals):
