@@ -6,6 +6,7 @@ from jsoftmax._cross_entropy import softmax_cross_entropy as softmax_cross_entro
 from jsoftmax._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
+from jsoftmax._forward_mode import with_forward_mode as with_forward_mode
 from jsoftmax._jacobian import softmax_jacobian as softmax_jacobian
 from jsoftmax._linear_cross_entropy import (
     linear_softmax_cross_entropy as linear_softmax_cross_entropy,
@@ -24,4 +25,5 @@ __all__ = [
     "softmax_cross_entropy_with_integer_labels",
     "softmax_jacobian",
     "testing",
+    "with_forward_mode",
 ]

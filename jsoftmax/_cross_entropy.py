@@ -23,6 +23,7 @@ from jsoftmax._checks import (
     widen_8bit,
 )
 from jsoftmax._collectives import (
+    labels_in_range,
     loss_cotangent,
     num_shards,
     per_shard,
@@ -32,6 +33,7 @@ from jsoftmax._collectives import (
     shard_labels,
     varying_like,
 )
+from jsoftmax._forward_mode import with_forward_mode
 
 # Shared by the per-example losses and the fused linear loss.
 
@@ -257,7 +259,9 @@ def softmax_cross_entropy(
     # Each input varies over the mesh axes any of them does (see varying_like).
     logits, labels = varying_like((logits, labels), logits, labels, where)
     axis_name = shard_axis(axis_name)
-    loss = _softmax_cross_entropy(logits, labels, where, axes, *options, axis_name)
+    loss = _softmax_cross_entropy_forward_mode(
+        logits, labels, where, axes, *options, axis_name
+    )
     return loss.astype(dtype)
 
 
@@ -310,11 +314,16 @@ def _softmax_cross_entropy_bwd(
     p = jnp.exp(shifted - log_s)
     # Masked classes are 0 (cap_grad gets finite capped logits there).
     dz = masked_fill(cap_grad(g * (scale * p - q), z_capped, soft_cap), where, 0)
-    dlabels = masked_fill(g * (1 - label_smoothing) * (log_s - shifted), where, 0)
+    # The mask is on the factor L - z, which is +inf at masked (and -inf)
+    # logits, rather than on the product: the forward-mode tangent map is this
+    # function transposed, where a mask on the product would come first and
+    # meet the inf as 0 * inf = NaN.
+    dlabels = g * (1 - label_smoothing) * masked_fill(log_s - shifted, where, 0)
     return dz.astype(logits.dtype), dlabels.astype(labels.dtype), None
 
 
 _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
+_softmax_cross_entropy_forward_mode = with_forward_mode(_softmax_cross_entropy)
 
 
 def check_integer_labels(name, labels, want_shape):
@@ -404,8 +413,41 @@ def softmax_cross_entropy_with_integer_labels(
     # logits vary over the mesh axes the labels or mask do (see varying_like).
     logits = varying_like(logits, labels, where)
     axis_name = shard_axis(axis_name)
-    loss = _integer_cross_entropy(logits, labels, where, ax, *options, axis_name)
-    return loss.astype(dtype)
+    loss = _integer_cross_entropy_forward_mode(
+        logits, labels, where, ax, *options, axis_name
+    )
+    classes = logits.shape[ax] * num_shards(axis_name)
+    return loud_labels(loss, labels, classes).astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _loud_labels(losses, labels, classes):
+    """``losses`` as they are; in reverse mode, a NaN cotangent for each loss
+    whose label is outside ``[0, classes)`` and whose cotangent is not 0.
+
+    The losses of such labels are already NaN; this makes their gradients NaN
+    too (the bug is loud) only where they reach the result, so that
+    ``jnp.where(labels != -100, loss, 0)`` still gives zero gradients. A test
+    ``g == 0`` is not linear in the cotangent, so it lives here, on its own,
+    rather than in the losses' backward passes, whose tangent maps are their
+    linear transposes (see _forward_mode). This map is diagonal, hence its own
+    transpose: with_forward_mode(symmetric=True) uses it as the tangent map.
+    """
+    return losses
+
+
+def _loud_labels_fwd(losses, labels, classes):
+    return losses, labels
+
+
+# dlosses = g, or NaN where the label is out of range and g != 0
+def _loud_labels_bwd(classes, labels, g):
+    in_range = labels_in_range(labels, classes)
+    return jnp.where(in_range | (g == 0), g, jnp.nan), None
+
+
+_loud_labels.defvjp(_loud_labels_fwd, _loud_labels_bwd)
+loud_labels = with_forward_mode(_loud_labels, symmetric=True)
 
 
 def _target_parts(z, labels, axis, axis_name):
@@ -493,15 +535,11 @@ def _integer_cross_entropy_bwd(
     g = loss_cotangent(g, axis_name)
     axes = (axis,)
     z, z_capped = _capped_logits(logits, where, soft_cap, m.dtype)
-    here, holds, in_range = _target_parts(z, labels, axis, axis_name)
+    here, holds, _ = _target_parts(z, labels, axis, axis_name)
     valid, log_s = split_empty(log_s)
-    g = g.astype(z.dtype)
-    # An out-of-range label makes its gradient NaN (loud) only where it
-    # reaches the result: a zero cotangent, as from the usual
-    # where(labels != -100, loss, 0), gives a zero gradient. Rows with no
-    # valid class get 0 whatever the label.
-    g = jnp.where(jnp.squeeze(in_range, axes) | (g == 0), g, jnp.nan)
-    g = jnp.where(valid, g, 0)
+    # An out-of-range label's cotangent arrives NaN where it is not 0 (see
+    # _loud_labels). Rows with no valid class get 0 whatever the label.
+    g = jnp.where(valid, g.astype(z.dtype), 0)
     scale = g * (1 + 2 * z_loss * (m + log_s)) if z_loss else g
     g, scale = jnp.expand_dims(g, axes), jnp.expand_dims(scale, axes)
     # p = softmax(z), recomputed the way the forward pass computed its sum
@@ -529,3 +567,4 @@ def _integer_cross_entropy_bwd(
 
 
 _integer_cross_entropy.defvjp(_integer_cross_entropy_fwd, _integer_cross_entropy_bwd)
+_integer_cross_entropy_forward_mode = with_forward_mode(_integer_cross_entropy)

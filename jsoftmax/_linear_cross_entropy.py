@@ -25,7 +25,9 @@ from jsoftmax._cross_entropy import (
     cap_grad,
     check_integer_labels,
     check_loss_options,
+    loud_labels,
 )
+from jsoftmax._forward_mode import with_forward_mode
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -182,9 +184,10 @@ def linear_softmax_cross_entropy(
     x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
     axis_name = shard_axis(axis_name)
 
-    losses = _linear_cross_entropy(
+    losses = _linear_cross_entropy_forward_mode(
         x, w, bias, labels, where, chunk_size, *options, axis_name
     )
+    losses = loud_labels(losses, labels, _vocab(w, axis_name))
     if reduction == "none":
         return losses.astype(out_dtype)
     total = jnp.sum(losses)
@@ -314,11 +317,10 @@ def _linear_cross_entropy_bwd(
     chunk_size, label_smoothing, z_loss, soft_cap, axis_name, res, g
 ):
     x, w, bias, labels, where, m, log_s = res
-    local_labels, _, in_range = _local_labels(labels, w, x, axis_name)
+    local_labels, _, _ = _local_labels(labels, w, x, axis_name)
+    # An out-of-range label's cotangent arrives NaN where it is not 0 (see
+    # loud_labels).
     g = loss_cotangent(g.astype(acc(x)), axis_name)
-    # NaN (loud) only where an out-of-range label reaches the result: a zero
-    # cotangent (where(labels != -100, losses, 0)) gives a zero gradient.
-    g = jnp.where(in_range | (g == 0), g, jnp.nan)
     if where is not None:
         g = jnp.where(where, g, 0)
     p_coef = (g * (1 + 2 * z_loss * (m + log_s)) if z_loss else g)[:, None]
@@ -374,3 +376,4 @@ def _linear_cross_entropy_bwd(
 
 
 _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
+_linear_cross_entropy_forward_mode = with_forward_mode(_linear_cross_entropy)

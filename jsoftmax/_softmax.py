@@ -19,6 +19,7 @@ from jsoftmax._checks import (
     widen_8bit,
 )
 from jsoftmax._collectives import pmax, psum, varying_like
+from jsoftmax._forward_mode import with_forward_mode
 
 
 def _prepare(name, x, axis, where):
@@ -110,11 +111,15 @@ def softmax(
       Array([0.5, 0. , 0.5], dtype=float32)
     """
     x, axes, where, dtype = _prepare("softmax", x, axis, where)
-    return _softmax(x, where, axes, axis_name).astype(dtype)
+    return _softmax_forward_mode(x, where, axes, axis_name).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _softmax(x, where, axes, axis_name):
+    return _softmax_fwd(x, where, axes, axis_name)[0]
+
+
+def _softmax_fwd(x, where, axes, axis_name):
     e = jnp.exp(_shifted(x, where, axes, axis_name))
     s = psum(jnp.sum(e, axes, keepdims=True), axis_name)
     # A valid row's sum is at least 1 (its largest entry contributes exp(0));
@@ -122,11 +127,7 @@ def _softmax(x, where, axes, axis_name):
     # gives it 0 rather than 0 / 0. A maximum, unlike a select, stays inside
     # XLA:CPU's fused max/exp/sum/scale kernel. A NaN sum stays NaN.
     inv = 1 / jnp.maximum(s, 1)
-    return (e * inv).astype(x.dtype)
-
-
-def _softmax_fwd(x, where, axes, axis_name):
-    y = _softmax(x, where, axes, axis_name)
+    y = (e * inv).astype(x.dtype)
     return y, (y, where)
 
 
@@ -141,6 +142,8 @@ def _softmax_bwd(axes, axis_name, res, g):
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
+# J = diag(y) - y y^T is symmetric: the backward pass is also the tangent map.
+_softmax_forward_mode = with_forward_mode(_softmax, symmetric=True)
 
 
 def log_softmax(
@@ -198,20 +201,20 @@ def log_softmax(
       Array([-inf, -inf], dtype=float32)
     """
     x, axes, where, dtype = _prepare("log_softmax", x, axis, where)
-    return _log_softmax(x, where, axes, axis_name).astype(dtype)
+    return _log_softmax_forward_mode(x, where, axes, axis_name).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _log_softmax(x, where, axes, axis_name):
+    return _log_softmax_fwd(x, where, axes, axis_name)[0]
+
+
+def _log_softmax_fwd(x, where, axes, axis_name):
     shifted = _shifted(x, where, axes, axis_name)
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0 and stay at -inf instead of NaN
     # (see _softmax for why a clamp at 1 and not a select).
-    return (shifted - jnp.log(jnp.maximum(s, 1))).astype(x.dtype)
-
-
-def _log_softmax_fwd(x, where, axes, axis_name):
-    o = _log_softmax(x, where, axes, axis_name)
+    o = (shifted - jnp.log(jnp.maximum(s, 1))).astype(x.dtype)
     return o, (o, where)
 
 
@@ -243,3 +246,5 @@ def _log_softmax_bwd(axes, axis_name, res, g):
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+# J = I - 1 exp(o)^T is not symmetric: the tangent map is bwd transposed.
+_log_softmax_forward_mode = with_forward_mode(_log_softmax)

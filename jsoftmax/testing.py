@@ -308,6 +308,11 @@ def _jacobian(f, layout, diff, held):
     return jax.jacrev(lambda d: f(layout.join(d, held)))(diff)
 
 
+def _forward_jacobian(f, layout, diff, held):
+    """``_jacobian`` by forward mode (``jax.jacfwd``)."""
+    return jax.jacfwd(lambda d: f(layout.join(d, held)))(diff)
+
+
 def _per_example(g):
     def mapped(f, layout, diff, held):
         return jax.lax.map(lambda a: g(f, layout, *a), (diff, held))
@@ -327,6 +332,22 @@ def _hashable(f) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _forward_jacobian_of(fn, layout, diff, held, transform):
+    """``jax.jacfwd`` of ``fn`` under ``transform``, or None where ``fn`` has
+    no forward mode (a plain ``jax.custom_vjp``)."""
+    jac = functools.partial(_forward_jacobian, fn, layout)
+    if transform == "vmap":
+        jac = jax.vmap(jac)
+    elif transform == "jit":
+        jac = jax.jit(jac)
+    try:
+        return jac(diff, held)
+    except TypeError as e:
+        if "custom_vjp" in str(e):
+            return None
+        raise
 
 
 def _evaluate(fn, reference, layout, diff, held, transform):
@@ -487,6 +508,12 @@ def vjp_errors(
     gradients differ in size by orders of magnitude are better checked one
     at a time (close over the others).
 
+    Where ``fn`` has forward mode (plain JAX code, or a ``custom_vjp`` given
+    one by :func:`jsoftmax.with_forward_mode`), ``jax.jacfwd(fn)`` is compared
+    with the same reference Jacobian, row by row, under the same allowance; a
+    row that fails there is named "by jax.jacfwd". A plain ``custom_vjp``
+    (no forward mode) is checked in reverse mode only.
+
     ``n`` is the number of inputs the entry depends on (the nonzero entries
     of its reference Jacobian row), and ``rtol_n`` and ``grad_rtol_n`` are
     :func:`tolerances` of the coarsest dtype among the output leaf and the
@@ -540,6 +567,7 @@ def vjp_errors(
     (transform,) = _transforms((transform,))
     layout, paths, diff, held = _split_input(x, batched=transform == "vmap")
     value, want, jac, want_jac = _evaluate(fn, reference, layout, diff, held, transform)
+    fwd_jac = _forward_jacobian_of(fn, layout, diff, held, transform)
     outputs, out_tree = jax.tree_util.tree_flatten_with_path(value)
     wants, want_tree = jax.tree.flatten(want)
     if out_tree != want_tree:
@@ -549,6 +577,9 @@ def vjp_errors(
         return VjpErrors(transform, np.inf, np.inf, message, message)
     # Each output leaf's blocks, one per float input leaf, in order.
     blocks = _chunks(jax.tree.leaves(jac), len(diff))
+    fwd_blocks = (
+        None if fwd_jac is None else _chunks(jax.tree.leaves(fwd_jac), len(diff))
+    )
     want_blocks = _chunks(jax.tree.leaves(want_jac), len(diff))
     diff_paths = [paths[i] for i in layout.diff]
     batch = diff[0].shape[0] if transform == "vmap" else 1
@@ -579,12 +610,19 @@ def vjp_errors(
         input_change = np.zeros(rows)  # |J| |x|
         n = np.zeros(rows)  # how many inputs each entry depends on
         norm2, error2 = np.zeros(rows), []  # squared row norms, by input leaf
+        fwd_error2 = np.zeros(rows)
         for j, width in enumerate(widths):
             jg = _f64(blocks[k][j]).reshape(rows, width)
             jr = _f64(want_blocks[k][j]).reshape(rows, width)
             d = _abs_diff(jg, jr)
             jac_error = max(jac_error, float(np.max(d, initial=0.0)))
             error2.append(_row_norms(d) ** 2)
+            if fwd_blocks is not None:
+                # The same row of jax.jacfwd(fn), held to the same allowance.
+                jf = _f64(fwd_blocks[k][j]).reshape(rows, width)
+                d = _abs_diff(jf, jr)
+                jac_error = max(jac_error, float(np.max(d, initial=0.0)))
+                fwd_error2 += _row_norms(d) ** 2
             jr = _finite(jr)
             norm2 += _row_norms(jr) ** 2
             n += np.count_nonzero(jr, axis=-1)
@@ -596,14 +634,19 @@ def vjp_errors(
         )
         tol = _rtol(dtype, n, grad_factor) if grad_rtol is None else grad_rtol
 
-        def row_name(i, name=name, error2=error2):
+        rev_error = np.sqrt(np.sum(error2, axis=0))
+        fwd_error = np.sqrt(fwd_error2)
+
+        def row_name(i, name=name, error2=error2, rev=rev_error, fwd=fwd_error):
             # The input leaf with the largest share of the row's error.
             wrt = diff_paths[int(np.argmax([e[i] for e in error2]))]
+            if not fwd[i] <= rev[i]:
+                return f"d {name(i)} / d ({diff_paths}) by jax.jacfwd"
             return f"d {name(i)} / d {wrt}"
 
         jac_checks.append(
             _Check(
-                np.sqrt(np.sum(error2, axis=0)),
+                np.fmax(rev_error, np.where(np.isnan(fwd_error), np.inf, fwd_error)),
                 scale,
                 (grad_atol or 0.0) + tol * scale,
                 row_name,

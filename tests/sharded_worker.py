@@ -226,6 +226,93 @@ for kw in ({}, dict(opts, where=tok)):
         c = jnp.arange(1.0, N * B * 3 + 1)
         report["linear/no-vma fwd+bwd"] = count_collectives(g, x2, w2, b2, c)
 
+# Forward mode inside shard_map: each op's jvp (the tangent map is its
+# backward pass, collectives included, or that pass transposed) equals the
+# unsharded op's, and so does a jvp-of-grad HVP. One compiled program per op.
+spec = P(None, "v")
+tx = jax.random.normal(keys[5], (B, V))
+for name in ("softmax", "log_softmax"):
+    op = getattr(jsoftmax, name)
+    jvp = sharded(
+        lambda x, t, op=op: jax.jvp(lambda x: op(x, axis_name="v"), (x,), (t,))[1],
+        (spec, spec),
+        spec,
+    )
+    chex.assert_trees_all_close(jvp(x, tx), jax.jvp(op, (x,), (tx,))[1], **TOL)
+
+
+def _hvp(x, t, sharded_axis=None):
+    def loss(x):
+        y = jsoftmax.log_softmax(x, axis_name=sharded_axis)
+        s = jnp.sum(jnp.sin(y) * weights_local(x, sharded_axis))
+        return s if sharded_axis is None else jax.lax.psum(s, sharded_axis)
+
+    return jax.jvp(jax.grad(loss), (x,), (t,))[1]
+
+
+def weights_local(x, sharded_axis):
+    if sharded_axis is None:
+        return weights
+    i = jax.lax.axis_index(sharded_axis) * x.shape[1]
+    return jax.lax.dynamic_slice_in_dim(weights, i, x.shape[1], axis=1)
+
+
+hvp = sharded(lambda x, t: _hvp(x, t, "v"), (spec, spec), spec)
+chex.assert_trees_all_close(hvp(x, tx), _hvp(x, tx), **TOL)
+tq = jax.random.normal(keys[4], (B, V))
+ce_jvp = sharded(
+    lambda z, q, tz, tq, m: jax.jvp(
+        lambda z, q: jsoftmax.softmax_cross_entropy(
+            z, q, where=m, axis_name="v", **opts
+        ),
+        (z, q),
+        (tz, tq),
+    )[1],
+    (spec, spec, spec, spec, spec),
+    P(),
+)
+want = jax.jvp(
+    lambda z, q: jsoftmax.softmax_cross_entropy(z, q, where=where, **opts),
+    (x, probs),
+    (tx, tq),
+)[1]
+chex.assert_trees_all_close(ce_jvp(x, probs, tx, tq, where), want, **TOL)
+int_jvp = sharded(
+    lambda z, y, tz: jax.jvp(
+        lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            z, y, axis_name="v", **opts
+        ),
+        (z,),
+        (tz,),
+    )[1],
+    (spec, P(), spec),
+    P(),
+)
+want = jax.jvp(
+    lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(z, ids, **opts),
+    (x,),
+    (tx,),
+)[1]
+chex.assert_trees_all_close(int_jvp(x, ids, tx), want, **TOL)
+lin_specs = (P(), P(None, "v"), P("v"))
+t_lin = (x2, jnp.cos(w2), jnp.sin(b2))
+
+
+def lin_jvp(x, w, b, tx, tw, tb, sharded_axis=None):
+    return jax.jvp(
+        lambda x, w, b: jsoftmax.linear_softmax_cross_entropy(
+            x, w, y2, bias=b, chunk_size=3, axis_name=sharded_axis, **opts
+        ),
+        (x, w, b),
+        (tx, tw, tb),
+    )[1]
+
+
+got = sharded(lambda *a: lin_jvp(*a, sharded_axis="v"), lin_specs * 2, P())(
+    x2, w2, b2, *t_lin
+)
+chex.assert_trees_all_close(got, lin_jvp(x2, w2, b2, *t_lin), **TOL)
+
 # Batch-sharded inputs under plain jit (no shard_map) just work and stay sharded.
 batch = NamedSharding(mesh, P("v"))
 xb = jax.device_put(jnp.tile(x, (2 * N, 1)), batch)

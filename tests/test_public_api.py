@@ -11,6 +11,7 @@ PUBLIC = [
     "softmax",
     "softmax_jacobian",
     "testing",
+    "with_forward_mode",
 ]
 
 

@@ -429,11 +429,14 @@ def test_no_tracer_leaks(name):
 
 
 @op_names
-def test_forward_mode_is_not_available(name):
-    # Documented in the README: plain custom_vjp has no JVP rule.
-    op, _, _ = OPS[name]
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(op, (jnp.ones(3),), (jnp.ones(3),))
+def test_forward_mode_matches_jax_nn(name):
+    # Documented in the README: with_forward_mode gives the custom_vjp a JVP
+    # (tests/test_forward_mode.py checks it under every transformation).
+    op, nn_op, _ = OPS[name]
+    x, t = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.3, 1.0, -2.0])
+    chex.assert_trees_all_close(
+        jax.jvp(op, (x,), (t,)), jax.jvp(nn_op, (x,), (t,)), atol=1e-6, rtol=1e-6
+    )
 
 
 # Property tests over random values. Shapes come from a small set so that each

@@ -541,3 +541,22 @@ def test_vjp_errors_reports_pass_and_fail():
     assert not bad.passed
     assert bad.value_mismatch is None
     assert bad.jacobian_mismatch
+
+
+def test_a_wrong_forward_mode_is_caught_with_a_right_reverse_mode():
+    # log_softmax's rule declared symmetric: its reverse mode is right, its
+    # forward mode (the backward pass used as J t) is J^T t, which is wrong.
+    from jsoftmax import _softmax
+
+    wrong = jsoftmax.with_forward_mode(_softmax._log_softmax, symmetric=True)
+
+    def op(x):
+        return wrong(x, None, (x.ndim - 1,), None)
+
+    x = jax.random.normal(jax.random.key(3), (3, 5))
+    assert jax.jacrev(op)(x) is not None
+    e = testing.vjp_errors(op, testing.reference_log_softmax, x)
+    assert e.jacobian_mismatch is not None and "jacfwd" in e.jacobian_mismatch
+    assert testing.vjp_errors(
+        jsoftmax.log_softmax, testing.reference_log_softmax, x
+    ).passed

@@ -1,0 +1,365 @@
+r"""Forward mode for a ``jax.custom_vjp`` function, derived from its own backward.
+
+A ``jax.custom_vjp`` function has no JVP rule: ``jax.jvp``, ``jax.jacfwd``,
+``jax.linearize`` and ``jax.hessian`` raise ``TypeError: can't apply
+forward-mode autodiff (jvp) to a custom_vjp function``. Its backward pass
+already holds the derivative, though: ``bwd(res, g) = Jᵀ g`` is linear in the
+cotangent ``g``, so ``J t`` is its transpose (or ``bwd`` itself where ``J`` is
+symmetric). :func:`with_forward_mode` builds on that:
+
+- a ``jax.custom_jvp`` whose primal is the ``custom_vjp`` function itself and
+  whose JVP rule is ``y, res = fwd(*args); dy = L(res, t)``;
+- ``L`` is one linear primitive, ``custom_vjp_linear``, with
+
+  - a **transpose** rule that calls the ``custom_vjp``'s ``bwd`` on ``res``:
+    reverse mode (``grad``, ``vjp``, ``jacrev``) linearises the ``custom_jvp``,
+    finds ``L`` linear in ``t`` and transposes it, so it runs exactly the
+    hand-written backward pass and saves exactly ``fwd``'s residuals;
+  - an **evaluation** rule ``J t``: ``bwd`` itself when ``symmetric``, else
+    ``jax.linear_transpose`` of ``bwd`` (no second formula to keep in sync);
+  - a **JVP** rule (``L`` on the tangent of ``t``, plus JAX's own JVP of the
+    map in the residuals) for ``jacfwd(jacfwd)``, ``hessian`` and HVPs;
+  - a **batching** rule that vmaps both maps (named axes included, so that
+    collectives inside ``bwd`` see the ``vmap`` axis);
+  - an MLIR **lowering** of the evaluation rule (``jit``, ``jax.export``).
+
+Everything here that touches JAX internals (``jax.extend.core.Primitive`` and
+the ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``)
+stays in this module; tests/test_forward_mode.py fails loudly if those move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import core as _core
+from jax._src.interpreters import ad, batching, mlir
+from jax.extend.core import Primitive
+
+__all__ = ["with_forward_mode"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Maps:
+    """The two linear maps of one ``custom_vjp`` call, with ``res`` as their
+    first argument (a list of residual leaves).
+
+    ``jvp(res, t) = J t`` takes the tangents of the differentiable input leaves
+    and returns those of the float output leaves (``out_avals``);
+    ``vjp(res, ct) = Jᵀ ct`` is the backward pass, returning one cotangent per
+    differentiable input leaf (None for a zero). Compared by identity: a
+    primitive parameter.
+    """
+
+    name: str
+    jvp: Callable
+    vjp: Callable
+    num_res: int
+    out_avals: tuple
+
+    def __repr__(self):
+        return f"<{self.name}>"
+
+
+custom_vjp_linear_p = Primitive("custom_vjp_linear")
+custom_vjp_linear_p.multiple_results = True
+
+
+def _split(operands, maps):
+    return list(operands[: maps.num_res]), list(operands[maps.num_res :])
+
+
+def _impl(*operands, maps):
+    res, t = _split(operands, maps)
+    return list(maps.jvp(res, t))
+
+
+custom_vjp_linear_p.def_impl(_impl)
+custom_vjp_linear_p.def_abstract_eval(lambda *avals, maps: list(maps.out_avals))
+mlir.register_lowering(
+    custom_vjp_linear_p, mlir.lower_fun(_impl, multiple_results=True)
+)
+
+
+def _zero_if_none(ct, aval):
+    return ad.Zero(aval) if ct is None else ct
+
+
+def _transpose(cts, *operands, maps):
+    """Reverse mode: the custom_vjp's own backward pass on its residuals."""
+    res, t = _split(operands, maps)
+    if any(ad.is_undefined_primal(r) for r in res):
+        raise TypeError(
+            f"{maps.name}: with_forward_mode's tangent map is linear in the "
+            "tangents only, not in the residuals of fwd"
+        )
+    t_avals = [x.aval for x in t]
+    if all(type(c) is ad.Zero for c in cts):
+        return [None] * len(res) + [ad.Zero(a) for a in t_avals]
+    cts = [ad.instantiate_zeros(c) for c in cts]
+    cts_t = maps.vjp(res, cts)
+    return [None] * len(res) + [
+        _zero_if_none(c, a) for c, a in zip(cts_t, t_avals, strict=True)
+    ]
+
+
+ad.primitive_transposes[custom_vjp_linear_p] = _transpose
+
+
+def _jvp(primals, tangents, *, maps):
+    """``d(J(res) t) = J(res) dt + (dJ(res)/dres · dres) t``."""
+    res, t = _split(primals, maps)
+    dres, dt = _split(tangents, maps)
+    out = custom_vjp_linear_p.bind(*primals, maps=maps)
+    tan = [ad.Zero(a.to_tangent_aval()) for a in maps.out_avals]
+    if any(type(d) is not ad.Zero for d in dt):
+        dt = [ad.instantiate_zeros(d) for d in dt]
+        tan = custom_vjp_linear_p.bind(*res, *dt, maps=maps)
+    moved = [i for i, d in enumerate(dres) if type(d) is not ad.Zero]
+    if moved:
+        # The map's own derivative in the residuals, t held fixed: plain JAX
+        # autodiff of the evaluation rule (a backward pass, or its transpose).
+        def in_res(*r):
+            full = list(res)
+            for i, v in zip(moved, r, strict=True):
+                full[i] = v
+            return list(maps.jvp(full, t))
+
+        _, more = jax.jvp(in_res, [res[i] for i in moved], [dres[i] for i in moved])
+        tan = [
+            m if type(a) is ad.Zero else a + m for a, m in zip(tan, more, strict=True)
+        ]
+    return out, tan
+
+
+ad.primitive_jvps[custom_vjp_linear_p] = _jvp
+
+
+def _batch(axis_data, operands, dims, *, maps):
+    """vmap: both maps vmapped, over the same named axis, outputs at axis 0.
+
+    Registered as a "fancy" batcher for the axis (its name and size), which
+    JAX also calls when no operand is batched: then nothing is mapped.
+    """
+    if all(d is None for d in dims):
+        out = custom_vjp_linear_p.bind(*operands, maps=maps)
+        return out, [None] * len(out)
+    size = axis_data.size
+    res, t = _split(operands, maps)
+    res_dims, t_dims = _split(dims, maps)
+    # Every tangent is moved to (or broadcast at) axis 0, so that the backward
+    # pass returns batched cotangents at axis 0 for all of them; JAX transposes
+    # the broadcast of an unbatched tangent into a sum.
+    t = [batching.bdim_at_front(x, d, size) for x, d in zip(t, t_dims, strict=True)]
+    vmap = functools.partial(
+        jax.vmap,
+        axis_name=axis_data.name,
+        axis_size=size,
+        spmd_axis_name=axis_data.spmd_name,
+    )
+    batched = _Maps(
+        maps.name,
+        vmap(maps.jvp, in_axes=(res_dims, 0), out_axes=0),
+        vmap(maps.vjp, in_axes=(res_dims, 0), out_axes=0),
+        maps.num_res,
+        tuple(_core.unmapped_aval(size, 0, a) for a in maps.out_avals),
+    )
+    out = custom_vjp_linear_p.bind(*res, *t, maps=batched)
+    return out, [0] * len(out)
+
+
+batching.fancy_primitive_batchers[custom_vjp_linear_p] = _batch
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jax.typeof(x).dtype, jnp.inexact)
+
+
+def _ct_leaves(ct, primal) -> list:
+    """The leaves of a backward pass's cotangent for ``primal``, with None
+    (a zero) standing for every leaf of the subtree it replaces."""
+    leaves = []
+
+    def add(c, p):
+        n = len(jax.tree.leaves(p))
+        leaves.extend([None] * n if c is None else [c])
+
+    jax.tree.map(add, ct, primal, is_leaf=lambda c: c is None)
+    return leaves
+
+
+def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callable:
+    r"""Gives a ``jax.custom_vjp`` function forward mode, from its own backward.
+
+    The result evaluates exactly as ``fn``. In reverse mode (``grad``, ``vjp``,
+    ``jacrev``, reverse-over-reverse) it runs ``fn``'s own ``bwd`` on exactly
+    the residuals ``fn``'s ``fwd`` returns: ``jit(value_and_grad)`` compiles
+    to the same program as for ``fn``. It also supports ``jax.jvp``,
+    ``jax.jacfwd``, ``jax.linearize``, ``jax.hessian``, jvp-of-grad
+    Hessian-vector products, ``jacfwd(jacrev)`` and ``jacfwd(jacfwd)``, and
+    composes with ``jit``, ``vmap`` (named axes and collectives included),
+    ``jax.checkpoint``, ``lax.scan``, ``shard_map`` and ``jax.export``.
+
+    The tangent map :math:`t \mapsto J t` comes from ``bwd``, which computes
+    :math:`g \mapsto J^\top g` and must be linear in ``g`` (JAX-transposable):
+    with ``symmetric=True`` (:math:`J = J^\top`, as for softmax) ``bwd`` is
+    the tangent map itself; otherwise it is ``jax.linear_transpose`` of
+    ``bwd``. Nothing needs to be written twice. Higher derivatives
+    differentiate ``fwd`` and ``bwd`` with JAX's own autodiff, so ``fwd``
+    must not call ``fn`` (a ``custom_vjp``, which has no forward mode): let
+    it compute the output directly, or call the function this returns.
+
+    ``fn`` may have ``nondiff_argnums`` (static arguments, passed to ``bwd``
+    first), pytree inputs and outputs, and integer or boolean inputs, which
+    get no tangent. Only float leaves are differentiated.
+
+    Args:
+      fn: a ``jax.custom_vjp`` function whose rules are defined (``defvjp``),
+        without ``symbolic_zeros``.
+      symmetric: declare :math:`J = J^\top`: the float input leaves and the
+        float output leaves correspond one to one, with equal shapes and
+        dtypes, and ``bwd`` is its own transpose. Saves a transposition; a
+        wrong declaration gives wrong tangents.
+
+    Returns:
+      A function with ``fn``'s signature. ``jax.make_jaxpr`` of it shows a
+      ``custom_jvp_call`` around ``fn``'s ``custom_vjp_call``.
+
+    Raises:
+      TypeError: ``fn`` is not a ``jax.custom_vjp`` with its rules defined, or
+        uses ``symbolic_zeros``. When differentiated: ``bwd`` is not linear in
+        the cotangent (``jax.linear_transpose`` says where), or a symmetric
+        ``fn`` has inputs and outputs that do not correspond.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> @jax.custom_vjp
+      ... def scale(x, s):
+      ...     return x * s
+      >>> def scale_fwd(x, s):
+      ...     return x * s, s
+      >>> def scale_bwd(s, g):
+      ...     return g * s, None  # no gradient for s
+      >>> scale.defvjp(scale_fwd, scale_bwd)
+      >>> scale = jsoftmax.with_forward_mode(scale)
+      >>> y, dy = jax.jvp(lambda x: scale(x, 3.0), (2.0,), (1.0,))
+      >>> dy
+      Array(3., dtype=float32, weak_type=True)
+      >>> jax.grad(lambda x: scale(x, 3.0))(2.0)
+      Array(3., dtype=float32, weak_type=True)
+    """
+    if not isinstance(fn, jax.custom_vjp):
+        raise TypeError(
+            "with_forward_mode takes a jax.custom_vjp function, got "
+            f"{type(fn).__name__} {fn!r}: a plain function already has forward "
+            "mode, and a jax.custom_jvp one has its own rule"
+        )
+    if getattr(fn, "fwd", None) is None or getattr(fn, "bwd", None) is None:
+        raise TypeError(
+            f"with_forward_mode: {fn!r} has no rules yet; call "
+            "fn.defvjp(fwd, bwd) before with_forward_mode(fn)"
+        )
+    if fn.symbolic_zeros:
+        raise TypeError(
+            "with_forward_mode does not support custom_vjp(symbolic_zeros=True)"
+        )
+    nondiff = tuple(fn.nondiff_argnums)
+    name = getattr(fn, "__name__", "custom_vjp")
+    wrapped = jax.custom_jvp(fn, nondiff_argnums=nondiff)
+
+    def rule(*args):
+        *statics, primals, tangents = args
+        return _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents)
+
+    wrapped.defjvp(rule)
+    return wrapped
+
+
+def _merge(nondiff, statics, primals):
+    """The full argument list: ``statics`` back at their ``nondiff`` places."""
+    statics, primals = iter(statics), list(primals)
+    rest = iter(primals)
+    return [
+        next(statics) if i in nondiff else next(rest)
+        for i in range(len(nondiff) + len(primals))
+    ]
+
+
+def _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents):
+    y, res = fn.fwd(*_merge(nondiff, statics, primals))
+    y_leaves, out_tree = jax.tree.flatten(y)
+    res_leaves, res_tree = jax.tree.flatten(res)
+    p_leaves = jax.tree.leaves(primals)
+    t_leaves = jax.tree.leaves(tangents)
+    diff = [i for i, p in enumerate(p_leaves) if _is_float(p)]
+    outs = [i for i, v in enumerate(y_leaves) if _is_float(v)]
+    out_avals = tuple(jax.typeof(y_leaves[i]).to_tangent_aval() for i in outs)
+    t_avals = [jax.typeof(p_leaves[i]).to_tangent_aval() for i in diff]
+    # The maps outlive this trace (in jaxprs and JAX's caches): they keep
+    # shapes and tree structures, never tracers.
+    y_shapes = [np.shape(v) for v in y_leaves]
+    skeletons = [jax.tree.map(lambda _: 0, p) for p in primals]
+
+    def vjp(res_leaves, cts):
+        """bwd on float output cotangents; one cotangent per float input leaf."""
+        full = _with_float0_zeros(y_shapes, outs, cts)
+        g = jax.tree.unflatten(out_tree, full)
+        ct_args = fn.bwd(*statics, jax.tree.unflatten(res_tree, res_leaves), g)
+        if not isinstance(ct_args, (tuple, list)) or len(ct_args) != len(skeletons):
+            raise TypeError(
+                f"{name}: bwd must return a tuple of {len(skeletons)} cotangents, "
+                "one per non-static argument"
+            )
+        leaves = []
+        for c, p in zip(ct_args, skeletons, strict=True):
+            leaves.extend(_ct_leaves(c, p))
+        return [leaves[i] for i in diff]
+
+    def dense_vjp(res_leaves, cts):
+        return [
+            ad.instantiate_zeros(_zero_if_none(c, a))
+            for c, a in zip(vjp(res_leaves, cts), t_avals, strict=True)
+        ]
+
+    if symmetric:
+        _check_symmetric(name, t_avals, out_avals)
+        jvp = dense_vjp
+    else:
+
+        def jvp(res_leaves, t):
+            transposed = jax.linear_transpose(
+                lambda *cts: dense_vjp(res_leaves, list(cts)), *out_avals
+            )
+            return list(transposed(t))
+
+    maps = _Maps(name, jvp, vjp, len(res_leaves), out_avals)
+    t_in = [t_leaves[i] for i in diff]
+    dy = custom_vjp_linear_p.bind(*res_leaves, *t_in, maps=maps) if outs else []
+    full = _with_float0_zeros(y_shapes, outs, dy)
+    return y, jax.tree.unflatten(out_tree, full)
+
+
+def _with_float0_zeros(shapes, outs, values):
+    """``values`` at the float outputs ``outs``, float0 zeros at the others
+    (made only there: a float output's shape may be symbolic, jax.export)."""
+    full = dict(zip(outs, values, strict=True))
+    return [
+        full[i] if i in full else np.zeros(shape, jax.dtypes.float0)
+        for i, shape in enumerate(shapes)
+    ]
+
+
+def _check_symmetric(name, t_avals, out_avals):
+    if [(a.shape, a.dtype) for a in t_avals] != [(a.shape, a.dtype) for a in out_avals]:
+        raise TypeError(
+            f"{name}: with_forward_mode(symmetric=True) needs its float inputs "
+            "and float outputs to correspond one to one in shape and dtype, got "
+            f"inputs {[a.str_short() for a in t_avals]} and outputs "
+            f"{[a.str_short() for a in out_avals]}"
+        )

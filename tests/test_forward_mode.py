@@ -1,0 +1,489 @@
+"""Forward mode for every op and for users' own custom_vjp (with_forward_mode).
+
+Every op is checked against plain autodiff of jax.nn / optax / jsoftmax.testing
+references: jvp, jacfwd, linearize and vmap(jvp); Hessians (jax.hessian is
+jacfwd(jacrev)), jvp-of-grad HVPs and jacfwd(jacfwd); float64 finite
+differences in both modes. Reverse mode must stay exactly what it was: the
+same residuals and the same compiled program as the bare custom_vjp. Shapes
+are small and each check runs once: the file takes about a minute.
+"""
+
+import functools
+import re
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax._src.ad_checkpoint import saved_residuals
+
+import jsoftmax
+from jsoftmax import (
+    _cross_entropy,
+    _forward_mode,
+    _linear_cross_entropy,
+    _softmax,
+    testing,
+)
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+TOL2 = dict(atol=2e-5, rtol=1e-4)  # second derivatives
+K = jax.random.split(jax.random.key(12), 8)
+X = 2.0 * jax.random.normal(K[0], (3, 5))
+Q = jax.nn.softmax(jax.random.normal(K[1], (3, 5)))
+IDS = jnp.array([1, 4, 0])
+MASK = jnp.array([True, True, False, True, True])
+OPTS = dict(label_smoothing=0.1, z_loss=1e-2, soft_cap=4.0)
+XL = jax.random.normal(K[2], (4, 3))
+W = jax.random.normal(K[3], (3, 4))
+BIAS = jnp.linspace(-1.0, 1.0, 4)
+YL = jnp.array([0, 3, 1, 2])
+
+
+def _linear(op):
+    def f(x, w, b):
+        return op(x, w, YL, bias=b, chunk_size=2, reduction="none", **OPTS)
+
+    return f
+
+
+def _linear_reference(x, w, b):
+    return testing.reference_softmax_cross_entropy_with_integer_labels(
+        x @ w + b, YL, **OPTS
+    )
+
+
+# name: (op, reference, differentiated arguments)
+OPS = {
+    "softmax": (jsoftmax.softmax, jax.nn.softmax, (X,)),
+    "softmax[where]": (
+        functools.partial(jsoftmax.softmax, where=MASK),
+        functools.partial(testing.reference_softmax, where=MASK),
+        (X,),
+    ),
+    "log_softmax": (jsoftmax.log_softmax, jax.nn.log_softmax, (X,)),
+    "softmax_cross_entropy": (
+        jsoftmax.softmax_cross_entropy,
+        optax.softmax_cross_entropy,
+        (X, Q),
+    ),
+    "softmax_cross_entropy[opts]": (
+        functools.partial(jsoftmax.softmax_cross_entropy, where=MASK, **OPTS),
+        functools.partial(testing.reference_softmax_cross_entropy, where=MASK, **OPTS),
+        (X, Q),
+    ),
+    "integer_labels": (
+        lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(z, IDS),
+        lambda z: optax.softmax_cross_entropy_with_integer_labels(z, IDS),
+        (X,),
+    ),
+    "integer_labels[opts]": (
+        lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            z, IDS, where=MASK, **OPTS
+        ),
+        lambda z: testing.reference_softmax_cross_entropy_with_integer_labels(
+            z, IDS, where=MASK, **OPTS
+        ),
+        (X,),
+    ),
+    "linear_softmax_cross_entropy": (
+        _linear(jsoftmax.linear_softmax_cross_entropy),
+        _linear_reference,
+        (XL, W, BIAS),
+    ),
+}
+op_names = pytest.mark.parametrize("name", list(OPS))
+
+
+def _tangents(args, seed=0):
+    keys = jax.random.split(jax.random.key(seed), len(args))
+    return tuple(
+        jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, args, strict=True)
+    )
+
+
+def _scalar(f):
+    """A scalar of f's output with a nonzero second derivative everywhere."""
+    return lambda *a: jnp.sum(
+        jnp.sin(f(*a)) * jnp.cos(jnp.arange(f(*a).size)).reshape(f(*a).shape)
+    )
+
+
+def _close(got, want, **tol):
+    chex.assert_trees_all_close(got, want, **(tol or TOL))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _first_order(f, args, t):
+    """jvp, jacfwd (reference: jacrev), linearize and vmap(jvp) of f."""
+    argnums = tuple(range(len(args)))
+    _, f_lin = jax.linearize(f, *args)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), (args, t))
+    return dict(
+        jvp=jax.jvp(f, args, t),
+        jacobian=jax.jacfwd(f, argnums)(*args),
+        linearize=f_lin(*t),
+        vmap=jax.vmap(lambda a, t: jax.jvp(f, a, t))(*stacked),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _second_order(f, args, t, fwd_fwd):
+    """Hessian (jacfwd(jacrev)), HVP (jvp of grad) and jacfwd(jacfwd)."""
+    s = _scalar(f)
+    argnums = tuple(range(len(args)))
+    out = dict(
+        hessian=jax.hessian(s, argnums)(*args),
+        hvp=jax.jvp(jax.grad(s, argnums), args, t)[1],
+    )
+    if fwd_fwd:
+        out["fwd_fwd"] = jax.jacfwd(jax.jacfwd(s, argnums), argnums)(*args)
+    return out
+
+
+@op_names
+def test_first_and_second_order_forward_mode_match_the_reference(name):
+    op, reference, args = OPS[name]
+    t = _tangents(args)
+    want = dict(_first_order(reference, args, t))
+    want["jacobian"] = jax.jacrev(reference, tuple(range(len(args))))(*args)
+    _close(_first_order(op, args, t), want)
+    # jacfwd(jacfwd) of the fused loss (a scan in a scan) compiles slowly, and
+    # shares all its code with the others'.
+    fwd_fwd = name != "linear_softmax_cross_entropy"
+    _close(
+        _second_order(op, args, t, fwd_fwd),
+        _second_order(reference, args, t, fwd_fwd),
+        **TOL2,
+    )
+
+
+def test_a_slightly_wrong_tangent_is_caught():
+    # A backward pass 0.1% off fails the first-order comparisons above, one 1%
+    # off the second-order ones (whose entries are smaller than TOL2's atol).
+    bwd = _softmax._softmax_bwd
+    scale = [1.0]
+
+    def wrong(axes, axis_name, res, g):
+        dx, dwhere = bwd(axes, axis_name, res, g)
+        return dx * scale[0], dwhere
+
+    t = _tangents((X,))
+    s, ref = _scalar(jsoftmax.softmax), _scalar(jax.nn.softmax)
+    _softmax._softmax.defvjp(_softmax._softmax_fwd, wrong)
+    try:
+        scale[0] = 1.001
+        with pytest.raises(AssertionError):
+            _close(jax.jvp(jsoftmax.softmax, (X,), t), jax.jvp(jax.nn.softmax, (X,), t))
+        scale[0] = 1.01
+        with pytest.raises(AssertionError):
+            _close(jax.hessian(s)(X[0]), jax.hessian(ref)(X[0]), **TOL2)
+    finally:
+        _softmax._softmax.defvjp(_softmax._softmax_fwd, bwd)
+    _close(jax.jvp(jsoftmax.softmax, (X,), t), jax.jvp(jax.nn.softmax, (X,), t))
+    _close(jax.hessian(s)(X[0]), jax.hessian(ref)(X[0]), **TOL2)
+
+
+@op_names
+def test_float64_finite_differences_forward_and_reverse(name):
+    op, _, args = OPS[name]
+    with jax.enable_x64(True):
+        args = tuple(a.astype(jnp.float64) for a in args)
+        jax.test_util.check_grads(
+            jax.jit(_scalar(op)),
+            args,
+            order=2,
+            modes=["fwd", "rev"],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+# Reverse mode unchanged: each op against its bare custom_vjp (the
+# with_forward_mode wrappers swapped back out).
+_WRAPPED = [
+    (_softmax, "_softmax_forward_mode", _softmax._softmax),
+    (_softmax, "_log_softmax_forward_mode", _softmax._log_softmax),
+    (
+        _cross_entropy,
+        "_softmax_cross_entropy_forward_mode",
+        _cross_entropy._softmax_cross_entropy,
+    ),
+    (
+        _cross_entropy,
+        "_integer_cross_entropy_forward_mode",
+        _cross_entropy._integer_cross_entropy,
+    ),
+    (_cross_entropy, "loud_labels", _cross_entropy._loud_labels),
+    (_linear_cross_entropy, "loud_labels", _cross_entropy._loud_labels),
+    (
+        _linear_cross_entropy,
+        "_linear_cross_entropy_forward_mode",
+        _linear_cross_entropy._linear_cross_entropy,
+    ),
+]
+
+
+def _bare(monkeypatch):
+    for module, name, custom_vjp in _WRAPPED:
+        assert isinstance(custom_vjp, jax.custom_vjp)
+        monkeypatch.setattr(module, name, custom_vjp)
+
+
+def compiled_hlo(f, *args):
+    """The optimised HLO of jit(f), without the module name and the source
+    locations (file names and line numbers of the Python that traced it)."""
+    text = jax.jit(f).lower(*args).compile().as_text()
+    text = text[text.index("\n%") if "\n%" in text else text.index("ENTRY") :]
+    return re.sub(r",? metadata=\{[^}]*\}", "", text)
+
+
+@op_names
+def test_reverse_mode_compiles_and_saves_exactly_as_the_bare_custom_vjp(
+    name, monkeypatch
+):
+    op, _, args = OPS[name]
+    argnums = tuple(range(len(args)))
+    loss = jax.value_and_grad(_scalar(op), argnums)
+    hlo, residuals = compiled_hlo(loss, *args), saved_residuals(op, *args)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(op)(*args))
+    _bare(monkeypatch)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(op, args, args)
+    assert compiled_hlo(loss, *args) == hlo
+    assert [a for a, _ in saved_residuals(op, *args)] == [a for a, _ in residuals]
+
+
+def test_compiled_hlo_comparison_sees_a_change():
+    f = _scalar(jsoftmax.softmax)
+    assert compiled_hlo(jax.grad(f), X) == compiled_hlo(jax.grad(f), X)
+    assert compiled_hlo(jax.grad(f), X) != compiled_hlo(
+        jax.grad(lambda x: f(x * 1.5)), X
+    )
+
+
+# Transformations around the forward-mode ops.
+
+
+def test_jit_checkpoint_and_scan():
+    t = _tangents((X,))[0]
+    want = jax.jvp(jax.nn.log_softmax, (X,), (t,))
+    _close(jax.jit(lambda x, t: jax.jvp(jsoftmax.log_softmax, (x,), (t,)))(X, t), want)
+    s, ref = _scalar(jsoftmax.log_softmax), _scalar(jax.nn.log_softmax)
+    for policy in (None, jax.checkpoint_policies.nothing_saveable):
+        remat = jax.checkpoint(s, policy=policy)
+        _close(jax.grad(remat)(X), jax.grad(ref)(X))
+        _close(jax.jvp(remat, (X,), (t,)), jax.jvp(ref, (X,), (t,)))
+        _close(jax.hessian(remat)(X[0]), jax.hessian(ref)(X[0]), **TOL2)
+
+    def rows(f):
+        def step(c, xt):
+            y, dy = jax.jvp(f, (xt[0],), (xt[1],))
+            return c + jnp.sum(dy) + _scalar(f)(xt[0]), (
+                y,
+                dy,
+                jax.grad(_scalar(f))(xt[0]),
+            )
+
+        return lax.scan(step, 0.0, (X, t))
+
+    _close(jax.jit(lambda: rows(jsoftmax.softmax))(), rows(jax.nn.softmax))
+
+
+def test_vmap_in_axes_nested_and_named_axis_with_collectives():
+    t = _tangents((X,))[0]
+
+    def jvp(f):
+        return lambda x, t: jax.jvp(f, (x,), (t,))[1]
+
+    # in_axes 1, nested vmaps, and an unbatched tangent.
+    got = jax.vmap(jvp(jsoftmax.softmax), in_axes=(1, None))(X, t[:, 0])
+    want = jax.vmap(jvp(jax.nn.softmax), in_axes=(1, None))(X, t[:, 0])
+    _close(got, want)
+    got = jax.vmap(jax.vmap(jvp(jsoftmax.log_softmax)), in_axes=(None, 0))(X, t[None])
+    _close(
+        got, jax.vmap(jax.vmap(jvp(jax.nn.log_softmax)), in_axes=(None, 0))(X, t[None])
+    )
+    # The class axis split over a vmap axis, one class per instance: the
+    # collectives inside the rules (pmax/psum forward, psum backward) run over
+    # it, in forward mode too.
+    t2 = _tangents((X,), seed=1)[0]
+
+    def fwd_fwd(f):
+        return lambda x, t, s: jax.jvp(lambda x: jvp(f)(x, t), (x,), (s,))[1]
+
+    for op, ref in [
+        (jsoftmax.softmax, jax.nn.softmax),
+        (jsoftmax.log_softmax, jax.nn.log_softmax),
+    ]:
+        op = functools.partial(op, axis_name="c")
+        for run, tol in [(jvp, TOL), (fwd_fwd, TOL2)]:
+            # fwd_fwd: the primitive's own JVP rule, over the axis.
+            split = jax.vmap(run(op), in_axes=1, out_axes=1, axis_name="c")
+            args = (X, t, t2)[: 2 if run is jvp else 3]
+            got = split(*(a[:, :, None] for a in args))[..., 0]
+            _close(got, run(ref)(*args), **tol)
+
+
+def test_export_serialize_deserialize_differentiate():
+    export = pytest.importorskip("jax.export")
+    t = _tangents((X,))[0]
+    jvp = jax.jit(lambda x, t: jax.jvp(jsoftmax.log_softmax, (x,), (t,))[1])
+    exported = export.deserialize(export.export(jvp)(X, t).serialize())
+    _close(exported.call(X, t), jax.jvp(jax.nn.log_softmax, (X,), (t,))[1])
+    f = jax.jit(_scalar(jsoftmax.softmax_cross_entropy))
+    exported = export.deserialize(export.export(f)(X, Q).serialize(vjp_order=1))
+    ref = _scalar(optax.softmax_cross_entropy)
+    _close(jax.grad(exported.call, (0, 1))(X, Q), jax.grad(ref, (0, 1))(X, Q))
+
+
+def test_out_of_range_labels_stay_loud_in_forward_mode():
+    # A label outside [0, K): its loss is NaN, and so is its derivative where a
+    # tangent (or cotangent) of its row is not 0; other rows are untouched.
+    bad = jnp.array([1, 9, 0])
+    for op in (
+        lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(z, bad),
+        lambda z: jsoftmax.linear_softmax_cross_entropy(
+            z[:, :3], jnp.pad(W, ((0, 0), (0, 3))), bad, chunk_size=2, reduction="none"
+        ),
+    ):
+        fwd, rev = np.asarray(jax.jacfwd(op)(X)), np.asarray(jax.jacrev(op)(X))
+        np.testing.assert_array_equal(np.isnan(fwd), np.isnan(rev))
+        assert np.isnan(fwd[1, 1]).any() and not np.isnan(fwd[[0, 2]]).any()
+        assert not np.isnan(fwd[1, [0, 2]]).any()
+        _close(np.nan_to_num(fwd), np.nan_to_num(rev))
+
+
+# with_forward_mode on users' own rules.
+
+
+@jax.custom_vjp
+def _sin(x):
+    return jnp.sin(x)
+
+
+def _sin_fwd(x):
+    return jnp.sin(x), jnp.cos(x)
+
+
+_sin.defvjp(_sin_fwd, lambda cos_x, g: (g * cos_x,))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_elementwise_rule(symmetric):
+    f = jsoftmax.with_forward_mode(_sin, symmetric=symmetric)
+    x, t = X[0], _tangents((X[0],))[0]
+    _close(jax.jvp(f, (x,), (t,)), jax.jvp(jnp.sin, (x,), (t,)))
+    _close(jax.jacfwd(f)(x), jax.jacrev(jnp.sin)(x))
+    for h in (jax.hessian, lambda g: jax.jacfwd(jax.jacfwd(g))):
+        _close(
+            h(lambda x: jnp.sum(f(x) ** 3))(x), h(lambda x: jnp.sum(jnp.sin(x) ** 3))(x)
+        )
+
+
+def _plain(p, ids, k):
+    z = p["w"][ids] * k + p["b"]
+    return {"z": z, "norm": jnp.sum(p["w"] ** 2), "ids": ids}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather(p, ids, k):
+    return _plain(p, ids, k)
+
+
+def _gather_fwd(p, ids, k):
+    return _plain(p, ids, k), (p["w"], ids)
+
+
+# dw = scatter_add(k dz at ids) + 2 w dnorm;  db = sum(dz, rows)
+def _gather_bwd(k, res, g):
+    w, ids = res
+    dw = jnp.zeros_like(w).at[ids].add(k * g["z"]) + 2 * w * g["norm"]
+    return {"w": dw, "b": jnp.sum(g["z"], 0)}, None
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def test_several_inputs_pytrees_static_and_integer_arguments():
+    # A pytree of two float inputs, an integer input without a tangent, a
+    # static argument, and a pytree output with an integer leaf.
+    f = jsoftmax.with_forward_mode(_gather)
+    p = {"w": X, "b": X[0]}
+    ids = jnp.array([2, 0, 2, 1])
+    t = {"w": _tangents((X,))[0], "b": -X[1]}
+
+    def run(g):
+        h = functools.partial(g, ids=ids, k=3.0)
+        _, dy = jax.jvp(h, (p,), (t,))
+        scalar = lambda p: jnp.sum(jnp.sin(h(p)["z"])) + h(p)["norm"] ** 2  # noqa: E731
+        return (
+            jax.tree.map(lambda a: a, {k: v for k, v in dy.items() if k != "ids"}),
+            jax.jacfwd(lambda p: h(p)["z"])(p),
+            jax.hessian(scalar)(p),
+            jax.jit(jax.grad(scalar))(p),
+        )
+
+    _close(run(f), run(_plain))
+    assert (
+        jax.jvp(lambda p: f(p, ids, 3.0), (p,), (t,))[1]["ids"].dtype
+        == jax.dtypes.float0
+    )
+
+
+def test_reverse_mode_runs_the_users_backward_pass():
+    # A deliberately wrong backward pass (twice the derivative): reverse mode
+    # shows it, so it is the one that runs; forward mode, derived from it,
+    # agrees with it; and it is traced once per reverse-mode trace.
+    calls = []
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    def bwd(cos_x, g):
+        calls.append(1)
+        return (2 * g * cos_x,)
+
+    f.defvjp(_sin_fwd, bwd)
+    wrapped = jsoftmax.with_forward_mode(f)
+    x = X[0]
+    _close(jax.grad(lambda x: jnp.sum(wrapped(x)))(x), 2 * jnp.cos(x))
+    assert len(calls) == 1
+    _close(jax.jvp(wrapped, (x,), (jnp.ones_like(x),))[1], 2 * jnp.cos(x))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(wrapped(x))))(x))
+    assert "custom_vjp_linear" not in jaxpr  # transposed into bwd's own ops
+
+
+def test_type_errors():
+    with pytest.raises(TypeError, match="takes a jax.custom_vjp function"):
+        jsoftmax.with_forward_mode(jnp.sin)
+    with pytest.raises(TypeError, match="takes a jax.custom_vjp function"):
+        jsoftmax.with_forward_mode(jax.custom_jvp(jnp.sin))
+    with pytest.raises(TypeError, match="defvjp"):
+        jsoftmax.with_forward_mode(jax.custom_vjp(jnp.sin))
+    bad = jsoftmax.with_forward_mode(_gather, symmetric=True)
+    with pytest.raises(TypeError, match="symmetric=True"):
+        jax.jvp(lambda w: bad({"w": w, "b": X[0]}, IDS, 1.0)["z"], (X,), (X,))
+
+
+def test_jax_internals_used_are_where_expected():
+    # with_forward_mode rests on JAX's primitive registries (pinned in
+    # pyproject.toml). If a JAX upgrade moves them, this fails first.
+    from jax._src import core
+    from jax._src.interpreters import ad, batching, mlir
+
+    p = _forward_mode.custom_vjp_linear_p
+    assert isinstance(p, jax.extend.core.Primitive) and p.multiple_results
+    assert ad.primitive_transposes[p] is _forward_mode._transpose
+    assert ad.primitive_jvps[p] is _forward_mode._jvp
+    assert batching.fancy_primitive_batchers[p] is _forward_mode._batch
+    assert p in mlir._lowerings
+    for name in ("Zero", "instantiate_zeros", "is_undefined_primal"):
+        assert callable(getattr(ad, name))
+    assert callable(core.unmapped_aval) and callable(mlir.lower_fun)
+    assert "jax" in sys.modules
