@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jsoftmax._checks import compute_dtype, float_input, widen_8bit
+from jsoftmax._collectives import varying_like
 
 # Default block sizes, chosen by measurement: `python bench/attention.py
 # --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
@@ -251,6 +253,11 @@ def dot_product_attention(
         query_chunk,
         key_chunk,
     )
+    # Inside shard_map(check_vma=True), every differentiable input varies
+    # over the mesh axes any input varies over: then a replicated bias or
+    # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
+    arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
+    query, key, value, bias, sinks = varying_like(arrays[:5], *arrays)
     out, lse = _attention(
         query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config
     )
@@ -258,8 +265,33 @@ def dot_product_attention(
     if not return_residual:
         return out
     # [B, K, G, T] -> [B, T, N]
-    lse = lax.stop_gradient(lse).reshape(batch, n, t).transpose(0, 2, 1)
+    lse = _reshape(lax.stop_gradient(lse), (batch, n, t), query, (0, 2, 1))
+    lse = lse.transpose(0, 2, 1)
     return out, lse.reshape(out_shape[:-1]).astype(out_dtype)
+
+
+def _reshape(x, shape, like, dims):
+    """``x.reshape(shape)``, sharded (under an explicit mesh) on each new axis
+    ``i`` as ``like`` is on its axis ``dims[i]`` (None: not sharded): JAX does
+    not infer the sharding of a reshape that merges or splits axes next to a
+    sharded one. An axis of ``like`` split in two (heads into key/value heads
+    and groups) shards the first part its shards divide."""
+    sharding = jax.typeof(like).sharding
+    spec = tuple(sharding.spec) + (None,) * (like.ndim - len(sharding.spec))
+    out, used = [], set()
+    for size, d in zip(shape, dims, strict=True):
+        entry = None if d is None or d in used else spec[d]
+        if entry is not None and size % _shards(sharding.mesh, entry) == 0:
+            used.add(d)
+        else:
+            entry = None
+        out.append(entry)
+    return lax.reshape(x, shape, out_sharding=sharding.update(spec=P(*out)))
+
+
+def _shards(mesh, entry):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names)
 
 
 def _scores_input(name, what, x, full, float_mask):
@@ -552,16 +584,18 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
             )
             return m_new, total, o * alpha[..., None] + pv
 
-        rows = (batch, kh, g, bq)
+        # Carries made from the query block: sharded (explicit mesh) and
+        # varying (shard_map) as the loop body's results are.
+        row = jnp.zeros_like(qb[..., 0], acc)  # [B, K, G, bq]
         carry = (
-            jnp.full(rows, jnp.finfo(acc).min, acc),
-            jnp.zeros(rows, acc),
-            jnp.zeros((*rows, h), acc),
+            jnp.full_like(row, jnp.finfo(acc).min),
+            row,
+            jnp.zeros_like(qb, acc),
         )
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
         m, total, o = lax.fori_loop(lo, hi, step, carry)
         if sinks is not None:
-            sink = sinks.astype(acc).reshape(1, kh, g, 1)
+            sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
             m_all = jnp.maximum(m, sink)
             shift = jnp.exp(m - m_all)
             o = o * shift[..., None]
@@ -576,8 +610,10 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
     xs = (jnp.arange(nq, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
     _, (o, lse) = lax.scan(query_block, None, xs)
     # [nq, B, K, G, bq, H] -> [B, T, N, H];  [nq, B, K, G, bq] -> [B, K, G, T]
-    out = o.transpose(1, 0, 4, 2, 3, 5).reshape(batch, tp, n, h)[:, :t]
-    lse = lse.transpose(1, 2, 3, 0, 4).reshape(batch, kh, g, tp)[..., :t]
+    out = o.transpose(1, 0, 4, 2, 3, 5)
+    out = _reshape(out, (batch, tp, n, h), q, (0, 1, 2, 3))[:, :t]
+    lse = lse.transpose(1, 2, 3, 0, 4)
+    lse = _reshape(lse, (batch, kh, g, tp), q, (0, 2, 2, 1))[..., :t]
     res = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse)
     return (out, lse), res
 
@@ -587,7 +623,8 @@ def _layout(q, k, v, config, tp, sp):
     as ``[B, K, Sp, H]``, zero-padded to whole blocks."""
     batch, t, n, h = q.shape
     kh = k.shape[2]
-    qg = q.reshape(batch, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+    qg = _reshape(q, (batch, t, kh, n // kh, h), q, (0, 1, 2, 2, 3))
+    qg = qg.transpose(0, 2, 3, 1, 4)
     if config.prescaled:
         qg = qg * jnp.asarray(config.scale, qg.dtype)
     qg = _pad_axis(qg, 3, tp)
@@ -611,10 +648,10 @@ def _attention_bwd(config, res, cotangents):
     ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
     acc = _acc(q)
     qg, kg, vg = _layout(q, k, v, config, tp, sp)
-    dog = _pad_axis(
-        d_out.reshape(batch, t, kh, g, h).transpose(0, 2, 3, 1, 4), 3, tp
-    ).astype(q.dtype)
-    og = out.reshape(batch, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+    dog = _reshape(d_out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
+    dog = _pad_axis(dog.transpose(0, 2, 3, 1, 4), 3, tp).astype(q.dtype)
+    og = _reshape(out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
+    og = og.transpose(0, 2, 3, 1, 4)
     # D in float32, from the output as returned.
     delta = jnp.einsum(
         "bkgth,bkgth->bkgt", dog[..., :t, :], og, preferred_element_type=acc
@@ -633,6 +670,7 @@ def _attention_bwd(config, res, cotangents):
         j0 = j * bk
         kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
         vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
+        kv_sharding = jax.typeof(kb).sharding
 
         def step(i, carry):
             d_k, d_v, d_q, d_bias = carry
@@ -645,8 +683,15 @@ def _attention_bwd(config, res, cotangents):
             if valid is not None:
                 x = jnp.where(valid, x, -jnp.inf)
             p = jnp.exp(x - lb[..., None])
+            # dK and dV contract the query heads of a group and the queries:
+            # under an explicit mesh that shards them (multi-query attention
+            # with sharded heads), the parts are summed into k's sharding.
             d_v = d_v + jnp.einsum(
-                "bkgqc,bkgqh->bkch", p.astype(q.dtype), dob, preferred_element_type=acc
+                "bkgqc,bkgqh->bkch",
+                p.astype(q.dtype),
+                dob,
+                preferred_element_type=acc,
+                out_sharding=kv_sharding,
             )
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
             ds = p * (dp - db[..., None])
@@ -656,40 +701,47 @@ def _attention_bwd(config, res, cotangents):
                 ds = ds * (1 - tanh * tanh)
             ds = ds.astype(q.dtype)
             d_k = d_k + jnp.einsum(
-                "bkgqc,bkgqh->bkch", ds, qb, preferred_element_type=acc
+                "bkgqc,bkgqh->bkch",
+                ds,
+                qb,
+                preferred_element_type=acc,
+                out_sharding=kv_sharding,
             )
             dq_b = jnp.einsum("bkgqc,bkch->bkgqh", ds, kb, preferred_element_type=acc)
             dq_b = dq_b + lax.dynamic_slice_in_dim(d_q, i0, bq, axis=3)
             d_q = lax.dynamic_update_slice_in_dim(d_q, dq_b, i0, axis=3)
             return d_k, d_v, d_q, d_bias
 
-        zeros = jnp.zeros((batch, kh, bk, h), acc)
+        zeros = jnp.zeros_like(kb, acc)  # typed as the loop body's results
         lo, hi = _dynamic_bounds(ctx, j0, lo, hi, False)
         d_k, d_v, d_q, d_bias = lax.fori_loop(lo, hi, step, (zeros, zeros, d_q, d_bias))
         return (d_q, d_bias), (d_k, d_v)
 
     d_bias = None
     if ctx.bias is not None:
-        d_bias = jnp.zeros(ctx.bias.shape, acc)
+        d_bias = jnp.zeros_like(ctx.bias, acc)
     xs = (jnp.arange(nk, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
-    carry = (jnp.zeros((batch, kh, g, tp, h), acc), d_bias)
+    carry = (jnp.zeros_like(qg, acc), d_bias)
     (d_q, d_bias), (d_k, d_v) = lax.scan(key_block, carry, xs)
 
     scale = jnp.asarray(config.scale, acc)
     # [B, K, G, Tp, H] -> [B, T, N, H];  [nk, B, K, bk, H] -> [B, S, K, H]
-    d_q = (d_q * scale).transpose(0, 3, 1, 2, 4).reshape(batch, tp, n, h)[:, :t]
+    d_q = (d_q * scale).transpose(0, 3, 1, 2, 4)
+    d_q = _reshape(d_q, (batch, tp, n, h), q, (0, 1, 2, 3))[:, :t]
     if not config.prescaled:
         d_k = d_k * scale
-    d_k = d_k.transpose(1, 0, 3, 2, 4).reshape(batch, sp, kh, h)[:, :s]
-    d_v = d_v.transpose(1, 0, 3, 2, 4).reshape(batch, sp, kh, h)[:, :s]
+    d_k = _reshape(d_k.transpose(1, 0, 3, 2, 4), (batch, sp, kh, h), k, (0, 1, 2, 3))
+    d_v = _reshape(d_v.transpose(1, 0, 3, 2, 4), (batch, sp, kh, h), k, (0, 1, 2, 3))
+    d_k, d_v = d_k[:, :s], d_v[:, :s]
     if d_bias is not None:
         d_bias = d_bias[:, :, :, : bias.shape[2], : bias.shape[3]]
         d_bias = d_bias.reshape(bias.shape).astype(bias.dtype)
     d_sinks = None
     if sinks is not None:
-        sink = sinks.astype(acc).reshape(1, kh, g, 1)
+        sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
         weight = jnp.where(lse == -jnp.inf, 0, jnp.exp(sink - lse))
-        d_sinks = -jnp.sum(weight * delta, axis=(0, 3)).reshape(n).astype(sinks.dtype)
+        d_sinks = _reshape(-jnp.sum(weight * delta, axis=(0, 3)), (n,), sinks, (0,))
+        d_sinks = d_sinks.astype(sinks.dtype)
     return (
         d_q.astype(q.dtype),
         d_k.astype(k.dtype),
