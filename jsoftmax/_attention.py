@@ -203,8 +203,10 @@ def dot_product_attention(
     full = (batch, n, t, s)
     bias = _scores_input(name, "bias", bias, full, float_mask=True)
     mask = _scores_input(name, "mask", mask, full, float_mask=False)
-    q_len = _int_input(name, "query_seq_lengths", query_seq_lengths, (batch,))
-    kv_len = _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    q_len = _lengths(_int_input(name, "query_seq_lengths", query_seq_lengths, (batch,)))
+    kv_len = _lengths(
+        _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    )
     if (query_segment_ids is None) != (key_value_segment_ids is None):
         raise ValueError(
             f"{name}: pass both query_segment_ids and key_value_segment_ids or neither"
@@ -214,6 +216,15 @@ def dot_product_attention(
     kv_seg = _int_input(
         name, "key_value_segment_ids", key_value_segment_ids, seg_shapes[1]
     )
+    if q_seg is not None and q_seg.dtype != kv_seg.dtype:
+        with jax.numpy_dtype_promotion("standard"):  # whatever the user's mode
+            common = jnp.promote_types(q_seg.dtype, kv_seg.dtype)
+        if not jnp.issubdtype(common, jnp.integer):
+            raise TypeError(
+                f"{name}: query_segment_ids ({q_seg.dtype}) and key_value_segment_ids "
+                f"({kv_seg.dtype}) have no common integer dtype"
+            )
+        q_seg, kv_seg = q_seg.astype(common), kv_seg.astype(common)
     if unbatched and q_seg is not None:
         q_seg, kv_seg = q_seg[None], kv_seg[None]
     if sinks is not None:
@@ -329,6 +340,21 @@ def _int_input(name, what, x, shape):
     if x.shape != shape:
         raise ValueError(f"{name}: {what} of shape {x.shape} must be {shape}")
     return x
+
+
+def _lengths(x):
+    """Sequence lengths as int32, whatever their integer dtype: the block
+    arithmetic compares them with int32 positions, and with strict dtype
+    promotion (or int64 lengths under x64) nothing may promote implicitly.
+    Lengths past int32's range are clamped first, which changes nothing: a
+    negative length hides everything, as 0 does, and any length past the
+    sequence shows all of it."""
+    if x is None or x.dtype == np.int32:
+        return x
+    if jnp.iinfo(x.dtype).bits >= 32:
+        top = np.iinfo(np.int32).max
+        x = jnp.clip(x, np.array(0, x.dtype), np.array(top, x.dtype))
+    return x.astype(np.int32)
 
 
 def _chunk(name, what, size, default, length):
@@ -521,11 +547,14 @@ def _dynamic_bounds(ctx, outer_start, lo, hi, outer_is_query):
     inner_len = ctx.kv_len if outer_is_query else ctx.q_len
     outer_len = ctx.q_len if outer_is_query else ctx.kv_len
     inner_block = config.key_chunk if outer_is_query else config.query_chunk
+    inner_size = ctx.s if outer_is_query else ctx.t
+    # initial=0: a batch of 0 has no longest length. The length is capped at
+    # the sequence before rounding up to blocks, where int32's max would wrap.
     if inner_len is not None:
-        longest = jnp.max(inner_len).astype(jnp.int32)
+        longest = jnp.minimum(jnp.max(inner_len, initial=0), inner_size)
         hi = jnp.minimum(hi, (longest + inner_block - 1) // inner_block)
     if outer_len is not None:
-        longest = jnp.max(outer_len).astype(jnp.int32)
+        longest = jnp.max(outer_len, initial=0)
         hi = jnp.where(outer_start >= longest, lo, hi)
     return lo, jnp.maximum(hi, lo)
 
