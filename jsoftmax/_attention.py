@@ -319,10 +319,11 @@ def _scores_input(name, what, x, full, float_mask):
                 f"dtype {x.dtype} of shape {x.shape}; an additive mask belongs in "
                 "bias"
             )
-    try:
-        ok = x.ndim <= 4 and np.broadcast_shapes(x.shape, full) == full
-    except ValueError:
-        ok = False
+    # Compared axis by axis, not with np.broadcast_shapes: under jax.export a
+    # symbolic batch size is no int.
+    ok = x.ndim <= 4 and all(
+        d == 1 or d == f for d, f in zip(x.shape[::-1], full[::-1], strict=False)
+    )
     if not ok:
         raise ValueError(
             f"{name}: {what} of shape {x.shape} does not broadcast to the scores "

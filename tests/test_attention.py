@@ -614,6 +614,43 @@ def test_checkpoint_policy_and_scan_over_layers_with_traced_scale():
     )
 
 
+def test_export_with_a_symbolic_batch():
+    # Bias and mask shapes are checked axis by axis: np.broadcast_shapes
+    # raised TypeError on the symbolic batch size.
+    from jax import export
+
+    (b,) = export.symbolic_shape("b")
+    t, s, n, k = 5, 7, 2, 1
+
+    def loss(q, kk, v, bias, mask, lengths):
+        out = jsoftmax.dot_product_attention(
+            q, kk, v, bias, mask, is_causal=True, key_value_seq_lengths=lengths,
+            query_chunk_size=2, key_chunk_size=4,
+        )  # fmt: skip
+        return jnp.sum(jnp.sin(out))
+
+    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))
+    f32 = jnp.float32
+    args = (
+        jax.ShapeDtypeStruct((b, t, n, H), f32),
+        jax.ShapeDtypeStruct((b, s, k, H), f32),
+        jax.ShapeDtypeStruct((b, s, k, H), f32),
+        jax.ShapeDtypeStruct((1, n, t, s), f32),
+        jax.ShapeDtypeStruct((b, 1, 1, s), jnp.bool_),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    restored = export.deserialize(export.export(grad)(*args).serialize())
+    q, kk, v, _ = _data(t, s, n, k, seed=17)
+    bias = _normal((1, n, t, s), 18)
+    mask = _visible_mask((B, 1, 1, s), 19)
+    lengths = np.array([7, 4], np.int32)
+    assert_close(
+        restored.call(q, kk, v, bias, mask, lengths),
+        grad(q, kk, v, bias, mask, lengths),
+        VALUE_RTOL,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Work and memory: hidden blocks are skipped, nothing of size T x S is held.
 
