@@ -116,7 +116,7 @@ def dot_product_attention(
         own segment (packed sequences). Compared block by block; no
         ``[B, T, S]`` mask is built.
       key_value_segment_ids: see ``query_segment_ids``; both or neither.
-      soft_cap: optional positive ``c``: scores become
+      soft_cap: optional positive finite ``c``: scores become
         ``c * tanh(scale * q . k / c)`` before ``bias`` is added (Gemma 2).
       sinks: optional float ``[N]``: a per-head logit that joins every row's
         softmax denominator and carries no value (attention sinks).
@@ -237,12 +237,15 @@ def dot_product_attention(
     query_chunk = _chunk(name, "query_chunk_size", query_chunk_size, _QUERY_CHUNK, t)
     key_chunk = _chunk(name, "key_chunk_size", key_chunk_size, _KEY_CHUNK, s)
     lower, upper = _band(name, is_causal, local_window_size)
+    # An infinite cap would be inf * tanh(0) = NaN, not "no cap".
     if soft_cap is not None and not (
-        isinstance(soft_cap, (int, float, np.number)) and soft_cap > 0
+        isinstance(soft_cap, (int, float, np.number)) and 0 < soft_cap < math.inf
     ):
         raise ValueError(
-            f"{name}: soft_cap must be a positive number, got {soft_cap!r}"
+            f"{name}: soft_cap must be a positive finite number, got {soft_cap!r}"
         )
+    if scale is not None and np.ndim(scale) != 0:
+        raise ValueError(f"{name}: scale must be a scalar, got shape {np.shape(scale)}")
 
     query, key, value = (widen_8bit(a) for a in (query, key, value))
     if scale is None:

@@ -537,6 +537,9 @@ _K = jnp.zeros((2, 7, 2, 8))
         ((_Q, _K, _K), dict(local_window_size=(1, 2, 3)), ValueError,
          "local_window_size"),
         ((_Q, _K, _K), dict(soft_cap=-1.0), ValueError, "soft_cap"),
+        ((_Q, _K, _K), dict(soft_cap=float("inf")), ValueError, "soft_cap"),
+        ((_Q, _K, _K), dict(scale=jnp.ones(8)), ValueError,
+         r"scale must be a scalar, got shape \(8,\)"),
     ],
 )  # fmt: skip
 def test_bad_inputs_name_the_shapes(args, kw, error, match):
