@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jsoftmax._checks import compute_dtype, float_input, widen_8bit
+from jsoftmax._collectives import varying_like
 
 # Default block sizes, chosen by measurement: `python bench/attention.py
 # --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
@@ -114,7 +116,7 @@ def dot_product_attention(
         own segment (packed sequences). Compared block by block; no
         ``[B, T, S]`` mask is built.
       key_value_segment_ids: see ``query_segment_ids``; both or neither.
-      soft_cap: optional positive ``c``: scores become
+      soft_cap: optional positive finite ``c``: scores become
         ``c * tanh(scale * q . k / c)`` before ``bias`` is added (Gemma 2).
       sinks: optional float ``[N]``: a per-head logit that joins every row's
         softmax denominator and carries no value (attention sinks).
@@ -201,8 +203,10 @@ def dot_product_attention(
     full = (batch, n, t, s)
     bias = _scores_input(name, "bias", bias, full, float_mask=True)
     mask = _scores_input(name, "mask", mask, full, float_mask=False)
-    q_len = _int_input(name, "query_seq_lengths", query_seq_lengths, (batch,))
-    kv_len = _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    q_len = _lengths(_int_input(name, "query_seq_lengths", query_seq_lengths, (batch,)))
+    kv_len = _lengths(
+        _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    )
     if (query_segment_ids is None) != (key_value_segment_ids is None):
         raise ValueError(
             f"{name}: pass both query_segment_ids and key_value_segment_ids or neither"
@@ -212,6 +216,15 @@ def dot_product_attention(
     kv_seg = _int_input(
         name, "key_value_segment_ids", key_value_segment_ids, seg_shapes[1]
     )
+    if q_seg is not None and q_seg.dtype != kv_seg.dtype:
+        with jax.numpy_dtype_promotion("standard"):  # whatever the user's mode
+            common = jnp.promote_types(q_seg.dtype, kv_seg.dtype)
+        if not jnp.issubdtype(common, jnp.integer):
+            raise TypeError(
+                f"{name}: query_segment_ids ({q_seg.dtype}) and key_value_segment_ids "
+                f"({kv_seg.dtype}) have no common integer dtype"
+            )
+        q_seg, kv_seg = q_seg.astype(common), kv_seg.astype(common)
     if unbatched and q_seg is not None:
         q_seg, kv_seg = q_seg[None], kv_seg[None]
     if sinks is not None:
@@ -224,12 +237,15 @@ def dot_product_attention(
     query_chunk = _chunk(name, "query_chunk_size", query_chunk_size, _QUERY_CHUNK, t)
     key_chunk = _chunk(name, "key_chunk_size", key_chunk_size, _KEY_CHUNK, s)
     lower, upper = _band(name, is_causal, local_window_size)
+    # An infinite cap would be inf * tanh(0) = NaN, not "no cap".
     if soft_cap is not None and not (
-        isinstance(soft_cap, (int, float, np.number)) and soft_cap > 0
+        isinstance(soft_cap, (int, float, np.number)) and 0 < soft_cap < math.inf
     ):
         raise ValueError(
-            f"{name}: soft_cap must be a positive number, got {soft_cap!r}"
+            f"{name}: soft_cap must be a positive finite number, got {soft_cap!r}"
         )
+    if scale is not None and np.ndim(scale) != 0:
+        raise ValueError(f"{name}: scale must be a scalar, got shape {np.shape(scale)}")
 
     query, key, value = (widen_8bit(a) for a in (query, key, value))
     if scale is None:
@@ -251,6 +267,11 @@ def dot_product_attention(
         query_chunk,
         key_chunk,
     )
+    # Inside shard_map(check_vma=True), every differentiable input varies
+    # over the mesh axes any input varies over: then a replicated bias or
+    # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
+    arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
+    query, key, value, bias, sinks = varying_like(arrays[:5], *arrays)
     out, lse = _attention(
         query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config
     )
@@ -258,8 +279,33 @@ def dot_product_attention(
     if not return_residual:
         return out
     # [B, K, G, T] -> [B, T, N]
-    lse = lax.stop_gradient(lse).reshape(batch, n, t).transpose(0, 2, 1)
+    lse = _reshape(lax.stop_gradient(lse), (batch, n, t), query, (0, 2, 1))
+    lse = lse.transpose(0, 2, 1)
     return out, lse.reshape(out_shape[:-1]).astype(out_dtype)
+
+
+def _reshape(x, shape, like, dims):
+    """``x.reshape(shape)``, sharded (under an explicit mesh) on each new axis
+    ``i`` as ``like`` is on its axis ``dims[i]`` (None: not sharded): JAX does
+    not infer the sharding of a reshape that merges or splits axes next to a
+    sharded one. An axis of ``like`` split in two (heads into key/value heads
+    and groups) shards the first part its shards divide."""
+    sharding = jax.typeof(like).sharding
+    spec = tuple(sharding.spec) + (None,) * (like.ndim - len(sharding.spec))
+    out, used = [], set()
+    for size, d in zip(shape, dims, strict=True):
+        entry = None if d is None or d in used else spec[d]
+        if entry is not None and size % _shards(sharding.mesh, entry) == 0:
+            used.add(d)
+        else:
+            entry = None
+        out.append(entry)
+    return lax.reshape(x, shape, out_sharding=sharding.update(spec=P(*out)))
+
+
+def _shards(mesh, entry):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names)
 
 
 def _scores_input(name, what, x, full, float_mask):
@@ -276,10 +322,11 @@ def _scores_input(name, what, x, full, float_mask):
                 f"dtype {x.dtype} of shape {x.shape}; an additive mask belongs in "
                 "bias"
             )
-    try:
-        ok = x.ndim <= 4 and np.broadcast_shapes(x.shape, full) == full
-    except ValueError:
-        ok = False
+    # Compared axis by axis, not with np.broadcast_shapes: under jax.export a
+    # symbolic batch size is no int.
+    ok = x.ndim <= 4 and all(
+        d == 1 or d == f for d, f in zip(x.shape[::-1], full[::-1], strict=False)
+    )
     if not ok:
         raise ValueError(
             f"{name}: {what} of shape {x.shape} does not broadcast to the scores "
@@ -297,6 +344,21 @@ def _int_input(name, what, x, shape):
     if x.shape != shape:
         raise ValueError(f"{name}: {what} of shape {x.shape} must be {shape}")
     return x
+
+
+def _lengths(x):
+    """Sequence lengths as int32, whatever their integer dtype: the block
+    arithmetic compares them with int32 positions, and with strict dtype
+    promotion (or int64 lengths under x64) nothing may promote implicitly.
+    Lengths past int32's range are clamped first, which changes nothing: a
+    negative length hides everything, as 0 does, and any length past the
+    sequence shows all of it."""
+    if x is None or x.dtype == np.int32:
+        return x
+    if jnp.iinfo(x.dtype).bits >= 32:
+        top = np.iinfo(np.int32).max
+        x = jnp.clip(x, np.array(0, x.dtype), np.array(top, x.dtype))
+    return x.astype(np.int32)
 
 
 def _chunk(name, what, size, default, length):
@@ -489,11 +551,14 @@ def _dynamic_bounds(ctx, outer_start, lo, hi, outer_is_query):
     inner_len = ctx.kv_len if outer_is_query else ctx.q_len
     outer_len = ctx.q_len if outer_is_query else ctx.kv_len
     inner_block = config.key_chunk if outer_is_query else config.query_chunk
+    inner_size = ctx.s if outer_is_query else ctx.t
+    # initial=0: a batch of 0 has no longest length. The length is capped at
+    # the sequence before rounding up to blocks, where int32's max would wrap.
     if inner_len is not None:
-        longest = jnp.max(inner_len).astype(jnp.int32)
+        longest = jnp.minimum(jnp.max(inner_len, initial=0), inner_size)
         hi = jnp.minimum(hi, (longest + inner_block - 1) // inner_block)
     if outer_len is not None:
-        longest = jnp.max(outer_len).astype(jnp.int32)
+        longest = jnp.max(outer_len, initial=0)
         hi = jnp.where(outer_start >= longest, lo, hi)
     return lo, jnp.maximum(hi, lo)
 
@@ -552,16 +617,18 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
             )
             return m_new, total, o * alpha[..., None] + pv
 
-        rows = (batch, kh, g, bq)
+        # Carries made from the query block: sharded (explicit mesh) and
+        # varying (shard_map) as the loop body's results are.
+        row = jnp.zeros_like(qb[..., 0], acc)  # [B, K, G, bq]
         carry = (
-            jnp.full(rows, jnp.finfo(acc).min, acc),
-            jnp.zeros(rows, acc),
-            jnp.zeros((*rows, h), acc),
+            jnp.full_like(row, jnp.finfo(acc).min),
+            row,
+            jnp.zeros_like(qb, acc),
         )
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
         m, total, o = lax.fori_loop(lo, hi, step, carry)
         if sinks is not None:
-            sink = sinks.astype(acc).reshape(1, kh, g, 1)
+            sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
             m_all = jnp.maximum(m, sink)
             shift = jnp.exp(m - m_all)
             o = o * shift[..., None]
@@ -576,8 +643,10 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
     xs = (jnp.arange(nq, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
     _, (o, lse) = lax.scan(query_block, None, xs)
     # [nq, B, K, G, bq, H] -> [B, T, N, H];  [nq, B, K, G, bq] -> [B, K, G, T]
-    out = o.transpose(1, 0, 4, 2, 3, 5).reshape(batch, tp, n, h)[:, :t]
-    lse = lse.transpose(1, 2, 3, 0, 4).reshape(batch, kh, g, tp)[..., :t]
+    out = o.transpose(1, 0, 4, 2, 3, 5)
+    out = _reshape(out, (batch, tp, n, h), q, (0, 1, 2, 3))[:, :t]
+    lse = lse.transpose(1, 2, 3, 0, 4)
+    lse = _reshape(lse, (batch, kh, g, tp), q, (0, 2, 2, 1))[..., :t]
     res = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse)
     return (out, lse), res
 
@@ -587,7 +656,8 @@ def _layout(q, k, v, config, tp, sp):
     as ``[B, K, Sp, H]``, zero-padded to whole blocks."""
     batch, t, n, h = q.shape
     kh = k.shape[2]
-    qg = q.reshape(batch, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+    qg = _reshape(q, (batch, t, kh, n // kh, h), q, (0, 1, 2, 2, 3))
+    qg = qg.transpose(0, 2, 3, 1, 4)
     if config.prescaled:
         qg = qg * jnp.asarray(config.scale, qg.dtype)
     qg = _pad_axis(qg, 3, tp)
@@ -611,10 +681,10 @@ def _attention_bwd(config, res, cotangents):
     ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
     acc = _acc(q)
     qg, kg, vg = _layout(q, k, v, config, tp, sp)
-    dog = _pad_axis(
-        d_out.reshape(batch, t, kh, g, h).transpose(0, 2, 3, 1, 4), 3, tp
-    ).astype(q.dtype)
-    og = out.reshape(batch, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+    dog = _reshape(d_out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
+    dog = _pad_axis(dog.transpose(0, 2, 3, 1, 4), 3, tp).astype(q.dtype)
+    og = _reshape(out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
+    og = og.transpose(0, 2, 3, 1, 4)
     # D in float32, from the output as returned.
     delta = jnp.einsum(
         "bkgth,bkgth->bkgt", dog[..., :t, :], og, preferred_element_type=acc
@@ -633,6 +703,7 @@ def _attention_bwd(config, res, cotangents):
         j0 = j * bk
         kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
         vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
+        kv_sharding = jax.typeof(kb).sharding
 
         def step(i, carry):
             d_k, d_v, d_q, d_bias = carry
@@ -645,8 +716,15 @@ def _attention_bwd(config, res, cotangents):
             if valid is not None:
                 x = jnp.where(valid, x, -jnp.inf)
             p = jnp.exp(x - lb[..., None])
+            # dK and dV contract the query heads of a group and the queries:
+            # under an explicit mesh that shards them (multi-query attention
+            # with sharded heads), the parts are summed into k's sharding.
             d_v = d_v + jnp.einsum(
-                "bkgqc,bkgqh->bkch", p.astype(q.dtype), dob, preferred_element_type=acc
+                "bkgqc,bkgqh->bkch",
+                p.astype(q.dtype),
+                dob,
+                preferred_element_type=acc,
+                out_sharding=kv_sharding,
             )
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
             ds = p * (dp - db[..., None])
@@ -656,40 +734,47 @@ def _attention_bwd(config, res, cotangents):
                 ds = ds * (1 - tanh * tanh)
             ds = ds.astype(q.dtype)
             d_k = d_k + jnp.einsum(
-                "bkgqc,bkgqh->bkch", ds, qb, preferred_element_type=acc
+                "bkgqc,bkgqh->bkch",
+                ds,
+                qb,
+                preferred_element_type=acc,
+                out_sharding=kv_sharding,
             )
             dq_b = jnp.einsum("bkgqc,bkch->bkgqh", ds, kb, preferred_element_type=acc)
             dq_b = dq_b + lax.dynamic_slice_in_dim(d_q, i0, bq, axis=3)
             d_q = lax.dynamic_update_slice_in_dim(d_q, dq_b, i0, axis=3)
             return d_k, d_v, d_q, d_bias
 
-        zeros = jnp.zeros((batch, kh, bk, h), acc)
+        zeros = jnp.zeros_like(kb, acc)  # typed as the loop body's results
         lo, hi = _dynamic_bounds(ctx, j0, lo, hi, False)
         d_k, d_v, d_q, d_bias = lax.fori_loop(lo, hi, step, (zeros, zeros, d_q, d_bias))
         return (d_q, d_bias), (d_k, d_v)
 
     d_bias = None
     if ctx.bias is not None:
-        d_bias = jnp.zeros(ctx.bias.shape, acc)
+        d_bias = jnp.zeros_like(ctx.bias, acc)
     xs = (jnp.arange(nk, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
-    carry = (jnp.zeros((batch, kh, g, tp, h), acc), d_bias)
+    carry = (jnp.zeros_like(qg, acc), d_bias)
     (d_q, d_bias), (d_k, d_v) = lax.scan(key_block, carry, xs)
 
     scale = jnp.asarray(config.scale, acc)
     # [B, K, G, Tp, H] -> [B, T, N, H];  [nk, B, K, bk, H] -> [B, S, K, H]
-    d_q = (d_q * scale).transpose(0, 3, 1, 2, 4).reshape(batch, tp, n, h)[:, :t]
+    d_q = (d_q * scale).transpose(0, 3, 1, 2, 4)
+    d_q = _reshape(d_q, (batch, tp, n, h), q, (0, 1, 2, 3))[:, :t]
     if not config.prescaled:
         d_k = d_k * scale
-    d_k = d_k.transpose(1, 0, 3, 2, 4).reshape(batch, sp, kh, h)[:, :s]
-    d_v = d_v.transpose(1, 0, 3, 2, 4).reshape(batch, sp, kh, h)[:, :s]
+    d_k = _reshape(d_k.transpose(1, 0, 3, 2, 4), (batch, sp, kh, h), k, (0, 1, 2, 3))
+    d_v = _reshape(d_v.transpose(1, 0, 3, 2, 4), (batch, sp, kh, h), k, (0, 1, 2, 3))
+    d_k, d_v = d_k[:, :s], d_v[:, :s]
     if d_bias is not None:
         d_bias = d_bias[:, :, :, : bias.shape[2], : bias.shape[3]]
         d_bias = d_bias.reshape(bias.shape).astype(bias.dtype)
     d_sinks = None
     if sinks is not None:
-        sink = sinks.astype(acc).reshape(1, kh, g, 1)
+        sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
         weight = jnp.where(lse == -jnp.inf, 0, jnp.exp(sink - lse))
-        d_sinks = -jnp.sum(weight * delta, axis=(0, 3)).reshape(n).astype(sinks.dtype)
+        d_sinks = _reshape(-jnp.sum(weight * delta, axis=(0, 3)), (n,), sinks, (0,))
+        d_sinks = d_sinks.astype(sinks.dtype)
     return (
         d_q.astype(q.dtype),
         d_k.astype(k.dtype),

@@ -8,6 +8,7 @@ sharded, and that the compiled HLO holds no collective. Importing it (pytest
 collects doctests from every module) does nothing.
 """
 
+import functools
 import os
 import sys
 
@@ -81,6 +82,47 @@ def main():
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
         print(f"{name}-sharded: no collectives, equal to unsharded")
+
+    # Sharding in types (an Explicit mesh): the loop carries, the reshapes
+    # that split and merge heads and, with multi-query attention, dK and dV
+    # (which sum over sharded query heads) must carry shardings, or tracing
+    # fails. Both batch- and head-sharded (k, v replicated: one kv head).
+    explicit = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    mqa = (k[:, :, :1], v[:, :, :1])
+    unsharded = {"batch": want, "heads-mqa": f(q, *mqa, bias, sinks, ct, True)}
+    for name, spec, kv_spec, kv, bias_spec, sink_spec in [
+        ("batch", P("d"), P("d"), (k, v), P("d"), P()),
+        ("heads-mqa", P(None, None, "d"), P(), mqa, P(None, "d"), P("d")),
+    ]:
+        want = unsharded[name]
+        with jax.set_mesh(explicit):
+            put = lambda x, s: jax.device_put(x, NamedSharding(explicit, s))  # noqa: E731
+            args = (
+                put(q, spec), put(kv[0], kv_spec), put(kv[1], kv_spec),
+                put(bias, bias_spec), put(sinks, sink_spec), put(ct, spec),
+            )  # fmt: skip
+            got = f(*args, with_sinks=True)
+        for x in (got[0], got[1][0]):  # out and d query
+            assert x.sharding.is_equivalent_to(NamedSharding(explicit, spec), 4), name
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+        print(f"explicit {name}-sharded: equal to unsharded")
+
+    # shard_map with check_vma=True (its default), data parallel: the
+    # carries vary as the loop bodies do; the replicated sinks get their
+    # cotangent summed over the shards.
+    spec = P("d")
+    mapped = jax.shard_map(
+        functools.partial(vjp, with_sinks=True), mesh=mesh,
+        in_specs=(spec, spec, spec, spec, P(), spec),
+        out_specs=(spec, (spec, spec, spec, spec, P())),
+    )  # fmt: skip
+    got = jax.jit(mapped)(q, k, v, bias, sinks, ct)
+    for g, w in zip(
+        jax.tree.leaves(got), jax.tree.leaves(unsharded["batch"]), strict=True
+    ):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    print("shard_map(check_vma=True) batch: equal to unsharded")
 
 
 if __name__ == "__main__":

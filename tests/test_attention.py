@@ -139,9 +139,10 @@ def _jax_nn_cases():
     biases of every broadcast shape, GQA and MQA, lengths, a custom scale and
     chunk sizes that do and do not divide T and S."""
     t, s = 21, 29  # neither a multiple of the chunks (8, 16)
+    # int32's max length (no padding) must not wrap when rounded up to blocks.
     lens = dict(
         query_seq_lengths=np.array([17, 21], np.int32),
-        key_value_seq_lengths=np.array([29, 21], np.int32),
+        key_value_seq_lengths=np.array([2**31 - 1, 21], np.int32),
     )
     return {
         "plain_bias_2d": (t, s, 4, 4, {}, (t, s)),
@@ -281,11 +282,14 @@ def reference(
     if mask is not None:
         valid &= mask
     if query_seq_lengths is not None:
-        valid &= rows < query_seq_lengths[:, None, None, None]
+        valid &= rows < query_seq_lengths.astype(jnp.int32)[:, None, None, None]
     if key_value_seq_lengths is not None:
-        valid &= cols < key_value_seq_lengths[:, None, None, None]
+        valid &= cols < key_value_seq_lengths.astype(jnp.int32)[:, None, None, None]
     if query_segment_ids is not None:
-        same = query_segment_ids[:, :, None] == key_value_segment_ids[:, None, :]
+        q_ids, kv_ids = (
+            x.astype(jnp.int32) for x in (query_segment_ids, key_value_segment_ids)
+        )
+        same = q_ids[:, :, None] == kv_ids[:, None, :]
         valid &= same[:, None]
     any_valid = jnp.any(valid, axis=-1)
     m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1)
@@ -319,11 +323,13 @@ def _extension_cases():
         "segments_causal_lengths": (
             t, t, 4, 4,
             dict(segments=True, is_causal=True,
-                 key_value_seq_lengths=np.array([21, 9], np.int32)),
+                 key_value_seq_lengths=np.array([21, 9], np.uint8)),
             False, None,
         ),
+        # Lengths and segment ids of other int dtypes (mixed ones, too) work
+        # under strict dtype promotion (conftest.py).
         "segments_gqa_soft_cap_sinks_bias": (
-            t, t, 4, 2, dict(segments=True, soft_cap=2.0, is_causal=True), True,
+            t, t, 4, 2, dict(segments="int8", soft_cap=2.0, is_causal=True), True,
             (B, 4, t, t),
         ),
         "soft_cap_scale_t<s_bias": (
@@ -355,9 +361,12 @@ def _extension_inputs(case):
     t, s, n, k, kw, with_sinks, bias_shape = EXTENSION_CASES[case]
     q, kk, v, ct = _data(t, s, n, k, seed=4)
     kw = dict(kw)
-    if kw.pop("segments", False):
+    segments = kw.pop("segments", False)
+    if segments:
         kw["query_segment_ids"] = _segments(t, 5)
         kw["key_value_segment_ids"] = kw["query_segment_ids"]
+        if isinstance(segments, str):  # kv ids of another dtype
+            kw["key_value_segment_ids"] = kw["query_segment_ids"].astype(segments)
     if kw.get("mask") == "rows":
         # Every third query row sees nothing; huge and infinite biases sit on
         # masked entries only.
@@ -400,17 +409,21 @@ def test_extensions_and_empty_rows_match_dense_definition(case):
 
 def test_float64_check_grads():
     # Finite differences of every differentiable input, sinks included:
-    # d sink = -sum_rows exp(sink - L) rowsum(dO * O).
+    # d sink = -sum_rows exp(sink - L) rowsum(dO * O). The lengths are int64
+    # (x64's default ints), which strict promotion must not trip over.
     with jax.enable_x64(True):
         q, kk, v, _ = _data(11, 13, 2, 1, seed=10, dtype=jnp.float64)
         bias = jnp.asarray(np.random.default_rng(11).standard_normal((1, 2, 11, 13)))
         sinks = jnp.array([0.1, 0.7], jnp.float64)
+        lengths = jnp.array([13, 10])
+        assert lengths.dtype == jnp.int64
 
         @jax.jit
         def f(q, k, v, bias, sinks):
             return jsoftmax.dot_product_attention(
                 q, k, v, bias, is_causal=True, local_window_size=(5, 2),
                 soft_cap=2.0, sinks=sinks, query_chunk_size=4, key_chunk_size=8,
+                key_value_seq_lengths=lengths,
             )  # fmt: skip
 
         assert f(q, kk, v, bias, sinks).dtype == jnp.float64
@@ -524,11 +537,29 @@ _K = jnp.zeros((2, 7, 2, 8))
         ((_Q, _K, _K), dict(local_window_size=(1, 2, 3)), ValueError,
          "local_window_size"),
         ((_Q, _K, _K), dict(soft_cap=-1.0), ValueError, "soft_cap"),
+        ((_Q, _K, _K), dict(soft_cap=float("inf")), ValueError, "soft_cap"),
+        ((_Q, _K, _K), dict(scale=jnp.ones(8)), ValueError,
+         r"scale must be a scalar, got shape \(8,\)"),
     ],
 )  # fmt: skip
 def test_bad_inputs_name_the_shapes(args, kw, error, match):
     with pytest.raises(error, match=match):
         jsoftmax.dot_product_attention(*args, **kw)
+
+
+def test_empty_batch_with_lengths():
+    # B = 0: the longest of no lengths is 0 (jnp.max of nothing raised).
+    q, kk, v, _ = _data(3, 4, 2, 1, batch=0)
+    lengths = np.zeros(0, np.int32)
+
+    def loss(q, k, v):
+        out = jsoftmax.dot_product_attention(
+            q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths
+        )
+        return jnp.sum(out)
+
+    grads = jax.grad(loss, (0, 1, 2))(q, kk, v)
+    assert [g.shape for g in grads] == [q.shape, kk.shape, v.shape]
 
 
 # ---------------------------------------------------------------------------
@@ -583,6 +614,43 @@ def test_checkpoint_policy_and_scan_over_layers_with_traced_scale():
         value_and_grad(ours, q, weights, scales),
         value_and_grad(_jax_nn, q, weights, scales),
         GRAD_RTOL,
+    )
+
+
+def test_export_with_a_symbolic_batch():
+    # Bias and mask shapes are checked axis by axis: np.broadcast_shapes
+    # raised TypeError on the symbolic batch size.
+    from jax import export
+
+    (b,) = export.symbolic_shape("b")
+    t, s, n, k = 5, 7, 2, 1
+
+    def loss(q, kk, v, bias, mask, lengths):
+        out = jsoftmax.dot_product_attention(
+            q, kk, v, bias, mask, is_causal=True, key_value_seq_lengths=lengths,
+            query_chunk_size=2, key_chunk_size=4,
+        )  # fmt: skip
+        return jnp.sum(jnp.sin(out))
+
+    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))
+    f32 = jnp.float32
+    args = (
+        jax.ShapeDtypeStruct((b, t, n, H), f32),
+        jax.ShapeDtypeStruct((b, s, k, H), f32),
+        jax.ShapeDtypeStruct((b, s, k, H), f32),
+        jax.ShapeDtypeStruct((1, n, t, s), f32),
+        jax.ShapeDtypeStruct((b, 1, 1, s), jnp.bool_),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    restored = export.deserialize(export.export(grad)(*args).serialize())
+    q, kk, v, _ = _data(t, s, n, k, seed=17)
+    bias = _normal((1, n, t, s), 18)
+    mask = _visible_mask((B, 1, 1, s), 19)
+    lengths = np.array([7, 4], np.int32)
+    assert_close(
+        restored.call(q, kk, v, bias, mask, lengths),
+        grad(q, kk, v, bias, mask, lengths),
+        VALUE_RTOL,
     )
 
 
