@@ -1,7 +1,8 @@
 """``python -m jsoftmax``: verify every op's VJP on every local backend.
 
-``python -m jsoftmax`` checks each op's value and Jacobian against
-``jax.jacrev`` of a plain-autodiff reference, under jit and vmap, in float32
+``python -m jsoftmax`` checks each op's value and Jacobian (by ``jax.jacrev``,
+and by ``jax.jacfwd`` where the op has forward mode: the "jacfwd" columns)
+against ``jax.jacrev`` of a plain-autodiff reference, under jit and vmap, in float32
 and bfloat16, on the CPU and on any accelerator JAX finds, and prints one
 table. It exits with 1 if any check fails.
 
@@ -174,6 +175,8 @@ def _verify(transforms, dtypes) -> list[dict]:
                             dtype=dtype,
                             value_error=e.value_error,
                             jacobian_error=e.jacobian_error,
+                            jacfwd_error=e.forward_error,
+                            jacfwd_passed=e.forward_mismatch is None,
                             passed=e.passed,
                         )
                     )
@@ -188,6 +191,8 @@ def format_table(rows: list[dict]) -> str:
         "dtype",
         "value err",
         "jacobian err",
+        "jacfwd err",
+        "jacfwd",
         "result",
     )
     body = [
@@ -198,6 +203,7 @@ def format_table(rows: list[dict]) -> str:
             r["dtype"],
             f"{r['value_error']:.2e}",
             f"{r['jacobian_error']:.2e}",
+            *_forward_cells(r),
             "pass" if r["passed"] else "FAIL",
         )
         for r in rows
@@ -209,6 +215,14 @@ def format_table(rows: list[dict]) -> str:
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _forward_cells(row: dict) -> tuple[str, str]:
+    """jax.jacfwd's error and result; "-" where the op has no forward mode."""
+    error = row.get("jacfwd_error")
+    if error is None:
+        return "-", "-"
+    return f"{error:.2e}", "pass" if row.get("jacfwd_passed") else "FAIL"
 
 
 def _run_bench(argv: list[str]) -> int:

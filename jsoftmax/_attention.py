@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsoftmax._checks import compute_dtype, float_input, widen_8bit
 from jsoftmax._collectives import varying_like
+from jsoftmax._forward_mode import _with_forward_mode
 
 # Default block sizes, chosen by measurement: `python bench/attention.py
 # --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
@@ -272,7 +273,7 @@ def dot_product_attention(
     # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
     arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
     query, key, value, bias, sinks = varying_like(arrays[:5], *arrays)
-    out, lse = _attention(
+    out, lse = _attention_forward_mode(
         query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config
     )
     out = out.reshape(out_shape).astype(out_dtype)
@@ -806,3 +807,34 @@ def _add_block(d_bias, ds, i0, j0, config):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _attention_tangent(statics, res, t_leaves):
+    """Forward mode: JAX's own ``jax.jvp`` of the forward pass recomputed from
+    the residuals (which hold all its inputs). ``_attention_bwd`` cannot be
+    linear-transposed (its loops have traced trip counts: ``while_loop``\\ s),
+    and this is no second hand-written derivative. Tangents flow from q, k, v,
+    bias and sinks, as in the backward pass; ``lse`` has none there (its
+    cotangent is ignored), so none here."""
+    (config,) = statics
+    *args, _, lse = res
+    # The float input leaves, in order (None arguments are no leaves).
+    floats = [
+        i
+        for i, a in enumerate(args)
+        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    moved = [i for i in floats if i < 5]  # q, k, v, bias, sinks
+    t_moved = [t for i, t in zip(floats, t_leaves, strict=True) if i < 5]
+
+    def forward(*xs):
+        full = list(args)
+        for i, x in zip(moved, xs, strict=True):
+            full[i] = x
+        return _attention_fwd(*full, config)[0][0]
+
+    _, d_out = jax.jvp(forward, [args[i] for i in moved], t_moved)
+    return [d_out, jnp.zeros(lse.shape, lse.dtype)]
+
+
+_attention_forward_mode = _with_forward_mode(_attention, tangent=_attention_tangent)

@@ -16,7 +16,11 @@ symmetric). :func:`with_forward_mode` builds on that:
     finds ``L`` linear in ``t`` and transposes it, so it runs exactly the
     hand-written backward pass and saves exactly ``fwd``'s residuals;
   - an **evaluation** rule ``J t``: ``bwd`` itself when ``symmetric``, else
-    ``jax.linear_transpose`` of ``bwd`` (no second formula to keep in sync);
+    ``jax.linear_transpose`` of ``bwd`` (no second formula to keep in sync),
+    or, for an op whose ``bwd`` cannot be transposed (attention's loops have
+    traced trip counts: ``while_loop``\ s), JAX's own ``jax.jvp`` of its
+    forward pass recomputed from the residuals (:func:`_with_forward_mode`'s
+    ``tangent``);
   - a **JVP** rule (``L`` on the tangent of ``t``, plus JAX's own JVP of the
     map in the residuals) for ``jacfwd(jacfwd)``, ``hessian`` and HVPs;
   - a **batching** rule that vmaps both maps (named axes included, so that
@@ -254,6 +258,32 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
       >>> jax.grad(lambda x: scale(x, 3.0))(2.0)
       Array(3., dtype=float32, weak_type=True)
     """
+    return _with_forward_mode(fn, symmetric=symmetric)
+
+
+def _with_forward_mode(
+    fn: jax.custom_vjp,
+    *,
+    symmetric: bool = False,
+    tangent: Callable | None = None,
+) -> Callable:
+    """:func:`with_forward_mode`, with an op's own tangent map.
+
+    ``tangent(statics, res, t_leaves) -> dy_leaves``, where given, replaces the
+    evaluation rule derived from ``bwd`` (whose transpose needs ``bwd`` to be
+    JAX-transposable): ``statics`` are the ``nondiff_argnums`` arguments,
+    ``res`` the residuals ``fwd`` returned (as a pytree), ``t_leaves`` the
+    tangents of the float input leaves in order, and it returns the tangents
+    of the float output leaves in order, dense. It is meant to be JAX's own
+    ``jax.jvp`` of the forward pass recomputed from the residuals, not a
+    second hand-written derivative, and it must agree with ``bwd`` (which is
+    ``J^T``: an output ``bwd`` ignores the cotangent of has a zero tangent).
+    Reverse mode still runs ``bwd`` on ``res`` only; higher derivatives
+    differentiate ``tangent`` (``jacfwd`` over it works, reverse mode over it
+    needs it to be transposable).
+    """
+    if symmetric and tangent is not None:
+        raise TypeError("with_forward_mode: pass symmetric=True or a tangent, not both")
     if not isinstance(fn, jax.custom_vjp):
         raise TypeError(
             "with_forward_mode takes a jax.custom_vjp function, got "
@@ -275,7 +305,9 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
 
     def rule(*args):
         *statics, primals, tangents = args
-        return _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents)
+        return _jvp_rule(
+            fn, symmetric, tangent, name, nondiff, statics, primals, tangents
+        )
 
     wrapped.defjvp(rule)
     return wrapped
@@ -291,7 +323,7 @@ def _merge(nondiff, statics, primals):
     ]
 
 
-def _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents):
+def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents):
     y, res = fn.fwd(*_merge(nondiff, statics, primals))
     y_leaves, out_tree = jax.tree.flatten(y)
     res_leaves, res_tree = jax.tree.flatten(res)
@@ -327,7 +359,13 @@ def _jvp_rule(fn, symmetric, name, nondiff, statics, primals, tangents):
             for c, a in zip(vjp(res_leaves, cts), t_avals, strict=True)
         ]
 
-    if symmetric:
+    if tangent is not None:
+
+        def jvp(res_leaves, t):
+            res = jax.tree.unflatten(res_tree, res_leaves)
+            return list(tangent(statics, res, list(t)))
+
+    elif symmetric:
         _check_symmetric(name, t_avals, out_avals)
         jvp = dense_vjp
     else:

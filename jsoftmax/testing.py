@@ -146,6 +146,12 @@ class VjpErrors:
         the values pass.
       jacobian_ratio: the largest row error over its allowance; at most 1
         when the Jacobian passes.
+      forward_error: the largest absolute difference of an entry of
+        ``jax.jacfwd(fn)``'s Jacobian from the reference's (already part of
+        ``jacobian_error``); None where ``fn`` has no forward mode.
+      forward_mismatch: None if every row of ``jax.jacfwd(fn)``'s Jacobian is
+        within tolerance (or ``fn`` has no forward mode), else a message
+        naming the worst row (already part of ``jacobian_mismatch``).
     """
 
     transform: str
@@ -157,6 +163,8 @@ class VjpErrors:
     jacobian_rel_error: float = 0.0
     value_ratio: float = 0.0
     jacobian_ratio: float = 0.0
+    forward_error: float | None = None
+    forward_mismatch: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -589,8 +597,9 @@ def vjp_errors(
         for a, w in zip(diff, widths, strict=True)
     ]
 
-    value_checks, jac_checks, problems = [], [], []
+    value_checks, jac_checks, fwd_checks, problems = [], [], [], []
     value_error = jac_error = 0.0
+    fwd_max = None if fwd_blocks is None else 0.0
     for k, ((key, got), ref) in enumerate(zip(outputs, wants, strict=True)):
         path = jax.tree_util.keystr(key) or "output"
         got, ref = jnp.asarray(got), jnp.asarray(ref)
@@ -621,7 +630,8 @@ def vjp_errors(
                 # The same row of jax.jacfwd(fn), held to the same allowance.
                 jf = _f64(fwd_blocks[k][j]).reshape(rows, width)
                 d = _abs_diff(jf, jr)
-                jac_error = max(jac_error, float(np.max(d, initial=0.0)))
+                fwd_max = max(fwd_max, float(np.max(d, initial=0.0)))
+                jac_error = max(jac_error, fwd_max)
                 fwd_error2 += _row_norms(d) ** 2
             jr = _finite(jr)
             norm2 += _row_norms(jr) ** 2
@@ -644,15 +654,23 @@ def vjp_errors(
                 return f"d {name(i)} / d ({diff_paths}) by jax.jacfwd"
             return f"d {name(i)} / d {wrt}"
 
+        allowed = (grad_atol or 0.0) + tol * scale
+        fwd_error = np.where(np.isnan(fwd_error), np.inf, fwd_error)
         jac_checks.append(
-            _Check(
-                np.fmax(rev_error, np.where(np.isnan(fwd_error), np.inf, fwd_error)),
-                scale,
-                (grad_atol or 0.0) + tol * scale,
-                row_name,
-                "rows",
-            )
+            _Check(np.fmax(rev_error, fwd_error), scale, allowed, row_name, "rows")
         )
+        if fwd_blocks is not None:
+            fwd_checks.append(
+                _Check(
+                    fwd_error,
+                    scale,
+                    allowed,
+                    lambda i, name=name: (
+                        f"d {name(i)} / d ({diff_paths}) by jax.jacfwd"
+                    ),
+                    "rows",
+                )
+            )
         d = _abs_diff(_f64(got).ravel(), _f64(ref).ravel())
         value_error = max(value_error, float(np.max(d, initial=0.0)))
         scale = np.abs(_finite(_f64(ref).ravel())) + input_change + tiny
@@ -673,6 +691,8 @@ def vjp_errors(
         jac_rel,
         value_ratio,
         jac_ratio,
+        fwd_max,
+        _summary(fwd_checks)[2],
     )
 
 

@@ -23,6 +23,7 @@ from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
 from jsoftmax import (
+    _attention,
     _cross_entropy,
     _forward_mode,
     _linear_cross_entropy,
@@ -242,19 +243,38 @@ def compiled_hlo(f, *args):
     return re.sub(r",? metadata=\{[^}]*\}", "", text)
 
 
-@op_names
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the fused loss's scan, traced inside the custom_jvp "
+                "rule, compiles to a slightly different program (found once "
+                "this test stopped reusing jit's trace)",
+            ),
+        )
+        if name == "linear_softmax_cross_entropy"
+        else name
+        for name in OPS
+    ],
+)
 def test_reverse_mode_compiles_and_saves_exactly_as_the_bare_custom_vjp(
     name, monkeypatch
 ):
     op, _, args = OPS[name]
     argnums = tuple(range(len(args)))
-    loss = jax.value_and_grad(_scalar(op), argnums)
-    hlo, residuals = compiled_hlo(loss, *args), saved_residuals(op, *args)
+
+    def loss():  # a new function each time: jit would reuse its trace
+        return jax.value_and_grad(_scalar(op), argnums)
+
+    hlo, residuals = compiled_hlo(loss(), *args), saved_residuals(op, *args)
     assert "custom_vjp_call" in str(jax.make_jaxpr(op)(*args))
     _bare(monkeypatch)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(op, args, args)
-    assert compiled_hlo(loss, *args) == hlo
+    assert compiled_hlo(loss(), *args) == hlo
     assert [a for a, _ in saved_residuals(op, *args)] == [a for a, _ in residuals]
 
 
@@ -264,6 +284,129 @@ def test_compiled_hlo_comparison_sees_a_change():
     assert compiled_hlo(jax.grad(f), X) != compiled_hlo(
         jax.grad(lambda x: f(x * 1.5)), X
     )
+
+
+# dot_product_attention: its backward pass has loops with traced trip counts
+# (while_loops), which JAX cannot transpose, so its tangent map is jax.jvp of
+# its forward pass recomputed from the residuals. Its loops make every
+# compilation slow: each check below is compiled once, at one small shape.
+AK = jax.random.split(jax.random.key(7), 5)
+ATTN_ARGS = (
+    jax.random.normal(AK[0], (2, 8, 4, 4)),  # q: B, T, N, H
+    jax.random.normal(AK[1], (2, 8, 2, 4)),  # k: grouped query attention
+    jax.random.normal(AK[2], (2, 8, 2, 4)),  # v
+    jax.random.normal(AK[3], (1, 4, 8, 8)),  # bias, broadcast over the batch
+)
+
+
+def _attention_op(q, k, v, b, **kw):
+    return jsoftmax.dot_product_attention(
+        q, k, v, b, is_causal=True, query_chunk_size=4, key_chunk_size=4, **kw
+    )
+
+
+def _attention_reference(q, k, v, b, **kw):
+    return jax.nn.dot_product_attention(
+        q, k, v, b, is_causal=True, implementation="xla", **kw
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_derivatives(f, args, t):
+    """jacfwd of (out, lse) and a jvp-of-grad HVP."""
+    argnums = tuple(range(len(args)))
+    return dict(
+        jacobian=jax.jacfwd(functools.partial(f, return_residual=True), argnums)(*args),
+        hvp=jax.jvp(jax.grad(_scalar(f), argnums), args, t)[1],
+    )
+
+
+def test_attention_forward_mode_matches_jax_nn():
+    # Causal, grouped-query, with a bias: jacfwd against jax.nn's (the tangent
+    # map under vmap), and the HVP (forward over the backward pass). The
+    # unbatched jvp and forward over forward: the float64 test below.
+    args = ATTN_ARGS
+    got = _attention_derivatives(_attention_op, args, _tangents(args))
+    want = _attention_derivatives(_attention_reference, args, _tangents(args))
+    _close(got["jacobian"][0], want["jacobian"][0])
+    # lse is returned without gradient (lax.stop_gradient), in both modes.
+    assert not any(d.any() for d in got["jacobian"][1])
+    _close(got["hvp"], want["hvp"], **TOL2)
+
+
+def _attention_lowered():
+    """The program of jit(value_and_grad) before XLA's optimisations."""
+    args = ATTN_ARGS
+    # A new function each time: jit would reuse its trace.
+    loss = jax.value_and_grad(_scalar(_attention_op), tuple(range(len(args))))
+    text = jax.jit(loss).lower(*args).as_text(debug_info=False)
+    return re.sub(r"loc\([^)]*\)", "", text)
+
+
+def test_attention_reverse_mode_saves_exactly_as_the_bare_custom_vjp(monkeypatch):
+    args = ATTN_ARGS
+    residuals = saved_residuals(_attention_op, *args)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(_attention_op)(*args))
+    monkeypatch.setattr(_attention, "_attention_forward_mode", _attention._attention)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(_attention_op, args, args)
+    assert [a for a, _ in saved_residuals(_attention_op, *args)] == [
+        a for a, _ in residuals
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fwd traced inside the custom_jvp rule carries its scan's "
+    "loop-invariant initial values as loop operands: same loops, residuals "
+    "and backward pass, not the same program text",
+)
+def test_attention_reverse_mode_lowers_exactly_as_the_bare_custom_vjp(monkeypatch):
+    hlo = _attention_lowered()
+    monkeypatch.setattr(_attention, "_attention_forward_mode", _attention._attention)
+    assert _attention_lowered() == hlo
+
+
+def test_attention_float64_finite_differences(monkeypatch):
+    # jvp and forward over forward (fwd order 2); forward over reverse is the
+    # HVP above. Reverse over anything differentiates the backward pass's (or
+    # the tangent map's) while_loops in reverse, which JAX cannot do, with or
+    # without forward mode.
+    with jax.enable_x64(True):
+        q, k, v, b = (a.astype(jnp.float64) for a in ATTN_ARGS)
+        args = (q[:1, :4, :2, :2], k[:1, :4, :1, :2], v[:1, :4, :1, :2])
+        args += (b[:, :2, :4, :4], jnp.array([0.3, -0.5]))
+
+        def f(q, k, v, b, sinks):
+            return jsoftmax.dot_product_attention(
+                q,
+                k,
+                v,
+                b,
+                is_causal=True,
+                sinks=sinks,
+                query_chunk_size=2,
+                key_chunk_size=2,
+            )
+
+        s = _scalar(f)
+        check = functools.partial(
+            jax.test_util.check_grads, atol=1e-5, rtol=1e-5, modes=["fwd"]
+        )
+        check(jax.jit(s), args, order=2)
+        # A tangent map 0.1% off is caught.
+        exact = _attention._attention_tangent
+
+        def wrong(statics, res, t):
+            return [1.001 * d for d in exact(statics, res, t)]
+
+        monkeypatch.setattr(
+            _attention,
+            "_attention_forward_mode",
+            _forward_mode._with_forward_mode(_attention._attention, tangent=wrong),
+        )
+        with pytest.raises(AssertionError):
+            check(jax.jit(lambda *a: s(*a)), args, order=1)  # traced anew
 
 
 # Transformations around the forward-mode ops.

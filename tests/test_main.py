@@ -26,6 +26,10 @@ def test_main_prints_a_passing_row_per_op_transform_and_dtype(capsys):
                 ]
                 assert len(line) == 1, (op, transform, dtype)
                 assert line[0].rstrip().endswith("pass")
+                # Every op has forward mode: jax.jacfwd checked on its own.
+                cells = [c.strip() for c in line[0].split(" | ")]
+                assert cells[-2] == "pass", line[0]
+                float(cells[-3])
     assert "0 failed" in out
 
 
@@ -57,9 +61,17 @@ def test_format_table_aligns_columns():
             passed=False,
         )
     ]
+    rows.append(dict(rows[0], jacfwd_error=1.0, jacfwd_passed=False))
     lines = cli.format_table(rows).splitlines()
     assert len({len(line) for line in lines}) == 1
-    assert "FAIL" in lines[-1]
+    assert "jacfwd" in lines[0]
+    # No forward mode: "-"; a failing jax.jacfwd: FAIL in its own column.
+    assert [c.strip() for c in lines[-2].split(" | ")][-3:] == ["-", "-", "FAIL"]
+    assert [c.strip() for c in lines[-1].split(" | ")][-3:] == [
+        "1.00e+00",
+        "FAIL",
+        "FAIL",
+    ]
 
 
 def test_module_entry_point_runs():
