@@ -352,7 +352,7 @@ def main(argv=None):
     rows = run(sizes, timed_sizes, rounds, args.gpu, limit)
     title = f"# dot_product_attention benchmark{' (quick)' if args.quick else ''}"
     lines = markdown(rows, title, limit)
-    if not args.quick and not args.gpu:
+    if not (args.quick or args.gpu or args.sizes):
         lines += [
             "",
             "Times are measured up to T=4096 (a jax.nn fwd+bwd call takes seconds "
