@@ -35,7 +35,7 @@ import numpy as np
 from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
-from bench import calls_per_sample, machine, timed
+from bench import interleaved, machine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MiB = 2**20
@@ -96,16 +96,11 @@ def _data(t, dtype):
 
 
 def time_side_by_side(fns, args, rounds):
-    """Seconds per call of each function (see bench/losses.py)."""
+    """Outputs and median seconds per call of each function (see losses.py)."""
     jitted = {n: jax.jit(f) for n, f in fns.items()}
     outs = {n: jax.block_until_ready(f(*args)) for n, f in jitted.items()}
-    calls = {n: calls_per_sample(f, args) for n, f in jitted.items()}
-    times = {n: [] for n in jitted}
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        for n in rng.permutation(list(jitted)):
-            times[n].append(timed(jitted[n], args, calls[n]))
-    return outs, {n: np.median(t) for n, t in times.items()}
+    samples = interleaved(jitted, args, rounds)
+    return outs, {n: np.median(t) for n, t in samples.items()}
 
 
 def _check(outs, reference):

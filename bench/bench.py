@@ -111,6 +111,20 @@ def calls_per_sample(fn, args, ctx=contextlib.nullcontext):
     return int(min(max(5e-3 / max(once, 1e-7), 1), 200))
 
 
+def interleaved(fns, args, rounds):
+    """Samples of seconds per call of each (compiled) function: one sample per
+    function per round, each round in a fresh random order. A sample is enough
+    back-to-back calls to last about 5 ms (see calls_per_sample). Used by
+    losses.py, attention.py and forward_mode.py."""
+    calls = {n: calls_per_sample(f, args) for n, f in fns.items()}
+    times = {n: [] for n in fns}
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        for n in rng.permutation(list(fns)):
+            times[n].append(timed(fns[n], args, calls[n]))
+    return {n: np.array(t) for n, t in times.items()}
+
+
 def measure(shape, dtype, masked, op, rounds, check=True):
     key = jax.random.key(0)
     x = (3 * jax.random.normal(key, shape)).astype(dtype)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from bench import calls_per_sample, machine, timed
+from bench import interleaved, machine
 from jsoftmax import _cross_entropy, _linear_cross_entropy, _softmax
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -75,15 +75,9 @@ def _hlo(compiled) -> str:
     )
 
 
-def interleaved(fns, args, rounds):
+def medians(fns, args, rounds):
     """Median seconds per call of each compiled function, interleaved."""
-    calls = {n: calls_per_sample(f, args) for n, f in fns.items()}
-    times = {n: [] for n in fns}
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        for n in rng.permutation(list(fns)):
-            times[n].append(timed(fns[n], args, calls[n]))
-    return {n: float(np.median(t)) for n, t in times.items()}
+    return {n: float(np.median(t)) for n, t in interleaved(fns, args, rounds).items()}
 
 
 def reverse_mode_cases(quick):
@@ -144,7 +138,7 @@ def reverse_mode(quick, rounds):
         with bare():
             plain = compiled()
         same = _hlo(wrapped) == _hlo(plain)
-        t = interleaved({"wrapped": wrapped, "bare": plain, "copy": copy}, args, rounds)
+        t = medians({"wrapped": wrapped, "bare": plain, "copy": copy}, args, rounds)
         shape = "x".join(str(s) for s in args[0].shape)
         lines.append(
             f"| {name} | {shape} | {'yes' if same else 'NO'} | "
@@ -185,8 +179,8 @@ def second_order(quick, rounds):
             grad = jax.grad(lambda x: jnp.sum(op(x) * w2))
             return jax.jit(lambda x, v: jax.jvp(grad, (x,), (v,))[1])
 
-        h = interleaved({"ours": hess(ours), "nn": hess(theirs)}, (x1,), rounds)
-        p = interleaved({"ours": hvp(ours), "nn": hvp(theirs)}, (x2, v2), rounds)
+        h = medians({"ours": hess(ours), "nn": hess(theirs)}, (x1,), rounds)
+        p = medians({"ours": hvp(ours), "nn": hvp(theirs)}, (x2, v2), rounds)
         diff = max(
             float(jnp.max(jnp.abs(hess(ours)(x1) - hess(theirs)(x1)))),
             float(jnp.max(jnp.abs(hvp(ours)(x2, v2) - hvp(theirs)(x2, v2)))),
@@ -250,7 +244,7 @@ def bwd_formula(quick, rounds):
         np.testing.assert_allclose(
             fns["claimed"](x, g), fns["shipped"](x, g), rtol=1e-5, atol=1e-6
         )
-        t = interleaved(fns, (x, g), rounds)
+        t = medians(fns, (x, g), rounds)
         lines.append(
             f"| {shape[0]}x{shape[1]} | {t['claimed'] / t['shipped']:.2f} | "
             f"{t['copy'] / t['shipped']:.2f} |"

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 import jsoftmax
-from bench import calls_per_sample, machine, timed
+from bench import interleaved, machine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MiB = 2**20
@@ -83,20 +83,11 @@ def _data(b, d, v, dtype=jnp.float32):
 
 
 def time_side_by_side(fns, args, rounds):
-    """Seconds per call of each function, one sample per function per round,
-    rounds interleaved. A sample is enough back-to-back calls to last about
-    5 ms (one call for the slow ones), so that millisecond-scale functions
-    are not measured at the timer's and the scheduler's grain."""
+    """Outputs and per-call time samples of each function, jitted and timed in
+    interleaved rounds (bench.interleaved)."""
     jitted = {n: jax.jit(f) for n, f in fns.items()}
     outs = {n: jax.block_until_ready(f(*args)) for n, f in jitted.items()}
-    calls = {n: calls_per_sample(f, args) for n, f in jitted.items()}
-    times = {n: [] for n in jitted}
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        # A fresh random order each round, as bench.py does.
-        for n in rng.permutation(list(jitted)):
-            times[n].append(timed(jitted[n], args, calls[n]))
-    return outs, {n: np.array(t) for n, t in times.items()}
+    return outs, interleaved(jitted, args, rounds)
 
 
 def _fmt_bytes(b):
