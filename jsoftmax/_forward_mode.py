@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as _core
 from jax._src.interpreters import ad, batching, mlir
+from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import Primitive
 
 __all__ = ["with_forward_mode"]
@@ -324,7 +325,7 @@ def _merge(nondiff, statics, primals):
 
 
 def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents):
-    y, res = fn.fwd(*_merge(nondiff, statics, primals))
+    y, res = _known_pass(fn.fwd, _merge(nondiff, statics, primals))
     y_leaves, out_tree = jax.tree.flatten(y)
     res_leaves, res_tree = jax.tree.flatten(res)
     p_leaves = jax.tree.leaves(primals)
@@ -381,6 +382,27 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     dy = custom_vjp_linear_p.bind(*res_leaves, *t_in, maps=maps) if outs else []
     full = _with_float0_zeros(y_shapes, outs, dy)
     return y, jax.tree.unflatten(out_tree, full)
+
+
+def _known_pass(fwd, args):
+    """``fwd(*args)``, traced as JAX traces a ``custom_vjp``'s forward pass.
+
+    Reverse mode linearises the ``custom_jvp`` by running its rule under a
+    partial-evaluation trace, with the primals known and the tangents unknown.
+    Known values are computed in its parent trace anyway, but loops are not
+    just computed there: their partial-evaluation rules rewrite them (a scan
+    hoists its loop-invariant work out of the body), so ``fwd`` would compile
+    to a different program than under the bare ``custom_vjp``, whose ``fwd``
+    JAX runs in the parent trace itself. Do the same when no argument depends
+    on the unknowns.
+    """
+    trace = _core.unsafe_get_current_trace()
+    if isinstance(trace, pe.JaxprTrace) and not any(
+        isinstance(x, _core.Tracer) and x._trace is trace for x in jax.tree.leaves(args)
+    ):
+        with _core.set_current_trace(trace.parent_trace):
+            return fwd(*args)
+    return fwd(*args)
 
 
 def _with_float0_zeros(shapes, outs, values):

@@ -235,31 +235,22 @@ def _bare(monkeypatch):
         monkeypatch.setattr(module, name, custom_vjp)
 
 
-def compiled_hlo(f, *args):
-    """The optimised HLO of jit(f), without the module name and the source
-    locations (file names and line numbers of the Python that traced it)."""
-    text = jax.jit(f).lower(*args).compile().as_text()
-    text = text[text.index("\n%") if "\n%" in text else text.index("ENTRY") :]
-    return re.sub(r",? metadata=\{[^}]*\}", "", text)
+def programs(f, *args):
+    """jit(f)'s program as lowered (StableHLO, before XLA) and as compiled
+    (optimised HLO), without the module name and the source locations (file
+    names and line numbers of the Python that traced it)."""
+    lowered = jax.jit(f).lower(*args)
+    compiled = lowered.compile().as_text()
+    compiled = compiled[
+        compiled.index("\n%") if "\n%" in compiled else compiled.index("ENTRY") :
+    ]
+    return (
+        re.sub(r"loc\([^)]*\)", "", lowered.as_text(debug_info=False)),
+        re.sub(r",? metadata=\{[^}]*\}", "", compiled),
+    )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the fused loss's scan, traced inside the custom_jvp "
-                "rule, compiles to a slightly different program (found once "
-                "this test stopped reusing jit's trace)",
-            ),
-        )
-        if name == "linear_softmax_cross_entropy"
-        else name
-        for name in OPS
-    ],
-)
+@op_names
 def test_reverse_mode_compiles_and_saves_exactly_as_the_bare_custom_vjp(
     name, monkeypatch
 ):
@@ -269,21 +260,22 @@ def test_reverse_mode_compiles_and_saves_exactly_as_the_bare_custom_vjp(
     def loss():  # a new function each time: jit would reuse its trace
         return jax.value_and_grad(_scalar(op), argnums)
 
-    hlo, residuals = compiled_hlo(loss(), *args), saved_residuals(op, *args)
+    hlo, residuals = programs(loss(), *args), saved_residuals(op, *args)
     assert "custom_vjp_call" in str(jax.make_jaxpr(op)(*args))
     _bare(monkeypatch)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(op, args, args)
-    assert compiled_hlo(loss(), *args) == hlo
+    assert programs(loss(), *args) == hlo
     assert [a for a, _ in saved_residuals(op, *args)] == [a for a, _ in residuals]
 
 
-def test_compiled_hlo_comparison_sees_a_change():
+def test_program_comparison_sees_a_change():
     f = _scalar(jsoftmax.softmax)
-    assert compiled_hlo(jax.grad(f), X) == compiled_hlo(jax.grad(f), X)
-    assert compiled_hlo(jax.grad(f), X) != compiled_hlo(
-        jax.grad(lambda x: f(x * 1.5)), X
-    )
+    assert programs(jax.grad(f), X) == programs(jax.grad(f), X)
+    lowered, compiled = programs(jax.grad(f), X)
+    other_lowered, other_compiled = programs(jax.grad(lambda x: f(x * 1.5)), X)
+    assert lowered != other_lowered
+    assert compiled != other_compiled
 
 
 # dot_product_attention: its backward pass has loops with traced trip counts
@@ -334,13 +326,12 @@ def test_attention_forward_mode_matches_jax_nn():
     _close(got["hvp"], want["hvp"], **TOL2)
 
 
-def _attention_lowered():
-    """The program of jit(value_and_grad) before XLA's optimisations."""
+def _attention_programs():
+    """programs() of jit(value_and_grad)."""
     args = ATTN_ARGS
     # A new function each time: jit would reuse its trace.
     loss = jax.value_and_grad(_scalar(_attention_op), tuple(range(len(args))))
-    text = jax.jit(loss).lower(*args).as_text(debug_info=False)
-    return re.sub(r"loc\([^)]*\)", "", text)
+    return programs(loss, *args)
 
 
 def test_attention_reverse_mode_saves_exactly_as_the_bare_custom_vjp(monkeypatch):
@@ -355,16 +346,10 @@ def test_attention_reverse_mode_saves_exactly_as_the_bare_custom_vjp(monkeypatch
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fwd traced inside the custom_jvp rule carries its scan's "
-    "loop-invariant initial values as loop operands: same loops, residuals "
-    "and backward pass, not the same program text",
-)
-def test_attention_reverse_mode_lowers_exactly_as_the_bare_custom_vjp(monkeypatch):
-    hlo = _attention_lowered()
+def test_attention_reverse_mode_compiles_exactly_as_the_bare_custom_vjp(monkeypatch):
+    hlo = _attention_programs()
     monkeypatch.setattr(_attention, "_attention_forward_mode", _attention._attention)
-    assert _attention_lowered() == hlo
+    assert _attention_programs() == hlo
 
 
 def test_attention_float64_finite_differences(monkeypatch):
