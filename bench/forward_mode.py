@@ -31,7 +31,7 @@ import numpy as np
 
 import jsoftmax
 from bench import interleaved, machine
-from jsoftmax import _cross_entropy, _linear_cross_entropy, _softmax
+from jsoftmax import _attention, _cross_entropy, _linear_cross_entropy, _softmax
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -40,12 +40,15 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 WRAPPED = [
     (_softmax, "_softmax_forward_mode", _softmax._softmax),
     (_softmax, "_log_softmax_forward_mode", _softmax._log_softmax),
+    (_cross_entropy, "_softmax_cross_entropy_forward_mode",
+     _cross_entropy._softmax_cross_entropy),
     (_cross_entropy, "_integer_cross_entropy_forward_mode",
      _cross_entropy._integer_cross_entropy),
     (_cross_entropy, "loud_labels", _cross_entropy._loud_labels),
     (_linear_cross_entropy, "loud_labels", _cross_entropy._loud_labels),
     (_linear_cross_entropy, "_linear_cross_entropy_forward_mode",
      _linear_cross_entropy._linear_cross_entropy),
+    (_attention, "_attention_forward_mode", _attention._attention),
 ]  # fmt: skip
 
 
@@ -89,6 +92,12 @@ def reverse_mode_cases(quick):
     h = jax.random.normal(jax.random.key(3), (b, d))
     wo = 0.05 * jax.random.normal(jax.random.key(4), (d, v))
     ids_v = jax.random.randint(jax.random.key(5), (b,), 0, v)
+    labels = jax.nn.softmax(w)
+    t = 256 if quick else 1024
+    q, kk, vv = (
+        jax.random.normal(key, (1, t, 8, 64))
+        for key in jax.random.split(jax.random.key(6), 3)
+    )
     return [
         (
             "softmax",
@@ -101,6 +110,11 @@ def reverse_mode_cases(quick):
             (x,),
         ),
         (
+            "softmax_cross_entropy",
+            lambda x, labels: jnp.sum(jsoftmax.softmax_cross_entropy(x, labels)),
+            (x, labels),
+        ),
+        (
             "ce_with_integer_labels",
             lambda x: jnp.sum(
                 jsoftmax.softmax_cross_entropy_with_integer_labels(x, ids)
@@ -111,6 +125,13 @@ def reverse_mode_cases(quick):
             "linear_softmax_cross_entropy",
             lambda h: jsoftmax.linear_softmax_cross_entropy(h, wo, ids_v),
             (h,),
+        ),
+        (
+            "dot_product_attention (causal)",
+            lambda q, k, v: jnp.sum(
+                jsoftmax.dot_product_attention(q, k, v, is_causal=True) * q
+            ),
+            (q, kk, vv),
         ),
     ]
 
@@ -130,9 +151,8 @@ def reverse_mode(quick, rounds):
 
         def compiled(loss=loss, args=args):
             # A new function each time, so that jit traces it again.
-            return (
-                jax.jit(jax.value_and_grad(lambda *a: loss(*a))).lower(*args).compile()
-            )
+            grad = jax.value_and_grad(lambda *a: loss(*a), tuple(range(len(args))))
+            return jax.jit(grad).lower(*args).compile()
 
         wrapped, copy = compiled(), compiled()
         with bare():

@@ -269,6 +269,27 @@ def test_reverse_mode_compiles_and_saves_exactly_as_the_bare_custom_vjp(
     assert [a for a, _ in saved_residuals(op, *args)] == [a for a, _ in residuals]
 
 
+def test_reverse_mode_unchanged_under_the_older_linearization(monkeypatch):
+    # jax_use_direct_linearize=False: reverse mode as jvp then partial
+    # evaluation, where fwd's inputs are the partial-evaluation trace's own
+    # (known) tracers. The fused loss (a scan), against its bare custom_vjp.
+    op, reference, args = OPS["linear_softmax_cross_entropy"]
+    argnums = tuple(range(len(args)))
+
+    def loss():
+        return jax.value_and_grad(_scalar(op), argnums)
+
+    direct = jax.config.jax_use_direct_linearize
+    jax.config.update("jax_use_direct_linearize", False)
+    try:
+        hlo, got = programs(loss(), *args), loss()(*args)
+        _bare(monkeypatch)
+        assert programs(loss(), *args) == hlo
+    finally:
+        jax.config.update("jax_use_direct_linearize", direct)
+    _close(got, jax.value_and_grad(_scalar(reference), argnums)(*args))
+
+
 def test_program_comparison_sees_a_change():
     f = _scalar(jsoftmax.softmax)
     assert programs(jax.grad(f), X) == programs(jax.grad(f), X)
@@ -604,6 +625,7 @@ def test_jax_internals_used_are_where_expected():
     # pyproject.toml). If a JAX upgrade moves them, this fails first.
     from jax._src import core
     from jax._src.interpreters import ad, batching, mlir
+    from jax._src.interpreters import partial_eval as pe
 
     p = _forward_mode.custom_vjp_linear_p
     assert isinstance(p, jax.extend.core.Primitive) and p.multiple_results
@@ -614,4 +636,9 @@ def test_jax_internals_used_are_where_expected():
     for name in ("Zero", "instantiate_zeros", "is_undefined_primal"):
         assert callable(getattr(ad, name))
     assert callable(core.unmapped_aval) and callable(mlir.lower_fun)
+    # _known_pass: reverse mode traces the rule under a JaxprTrace (if that
+    # changes, the programs compared above differ for the fused loss and
+    # attention).
+    assert callable(core.unsafe_get_current_trace) and callable(core.set_current_trace)
+    assert isinstance(pe.JaxprTrace, type) and issubclass(pe.JaxprTrace, core.Trace)
     assert "jax" in sys.modules
