@@ -27,8 +27,9 @@ symmetric). :func:`with_forward_mode` builds on that:
     collectives inside ``bwd`` see the ``vmap`` axis);
   - an MLIR **lowering** of the evaluation rule (``jit``, ``jax.export``);
 - in reverse mode, the rule's ``fwd`` runs where JAX runs a ``custom_vjp``'s
-  ``fwd``, outside the partial-evaluation trace (:func:`_known_pass`), so that
-  ``jit(value_and_grad)`` lowers to exactly the bare ``custom_vjp``'s program.
+  ``fwd``, outside the partial-evaluation trace (:func:`_fwd_call`), so that
+  ``jit(value_and_grad)`` compiles to exactly the bare ``custom_vjp``'s
+  program.
 
 Everything here that touches JAX internals (``jax.extend.core.Primitive``, the
 ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``, and
@@ -47,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as _core
 from jax._src.interpreters import ad, batching, mlir
-from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import Primitive
 
 __all__ = ["with_forward_mode"]
@@ -241,9 +241,14 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
 
     Raises:
       TypeError: ``fn`` is not a ``jax.custom_vjp`` with its rules defined, or
-        uses ``symbolic_zeros``. When differentiated: ``bwd`` is not linear in
-        the cotangent (``jax.linear_transpose`` says where), or a symmetric
-        ``fn`` has inputs and outputs that do not correspond.
+        uses ``symbolic_zeros``. When differentiated in forward mode: a
+        symmetric ``fn`` has inputs and outputs that do not correspond, or
+        ``bwd`` returns a cotangent of the wrong shape.
+      NotImplementedError: in forward mode, ``bwd`` uses an operation that is
+        not linear in the cotangent (``jax.linear_transpose`` names it). A
+        ``bwd`` that is affine in it (a constant added) is not detected: the
+        transpose drops the constant. Its reverse mode is then wrong too, and
+        :func:`jsoftmax.testing.vjp_errors` against a reference catches it.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -291,9 +296,10 @@ def _with_forward_mode(
         raise TypeError("with_forward_mode: pass symmetric=True or a tangent, not both")
     if not isinstance(fn, jax.custom_vjp):
         raise TypeError(
-            "with_forward_mode takes a jax.custom_vjp function, got "
-            f"{type(fn).__name__} {fn!r}: a plain function already has forward "
-            "mode, and a jax.custom_jvp one has its own rule"
+            "with_forward_mode takes a jax.custom_vjp object, got "
+            f"{type(fn).__name__} {fn!r}: wrap the custom_vjp itself, before "
+            "functools.partial or jax.jit (a plain function already has "
+            "forward mode, and a jax.custom_jvp has its own rule)"
         )
     if getattr(fn, "fwd", None) is None or getattr(fn, "bwd", None) is None:
         raise TypeError(
@@ -329,7 +335,7 @@ def _merge(nondiff, statics, primals):
 
 
 def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents):
-    y, res = _known_pass(fn.fwd, _merge(nondiff, statics, primals))
+    y, res = _fwd_call(fn.fwd, statics, nondiff, primals)
     y_leaves, out_tree = jax.tree.flatten(y)
     res_leaves, res_tree = jax.tree.flatten(res)
     p_leaves = jax.tree.leaves(primals)
@@ -340,12 +346,12 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     t_avals = [jax.typeof(p_leaves[i]).to_tangent_aval() for i in diff]
     # The maps outlive this trace (in jaxprs and JAX's caches): they keep
     # shapes and tree structures, never tracers.
-    y_shapes = [np.shape(v) for v in y_leaves]
+    y_avals = [jax.typeof(v).to_tangent_aval() for v in y_leaves]
     skeletons = [jax.tree.map(lambda _: 0, p) for p in primals]
 
     def vjp(res_leaves, cts):
         """bwd on float output cotangents; one cotangent per float input leaf."""
-        full = _with_float0_zeros(y_shapes, outs, cts)
+        full = _with_float0_zeros(y_avals, outs, cts)
         g = jax.tree.unflatten(out_tree, full)
         ct_args = fn.bwd(*statics, jax.tree.unflatten(res_tree, res_leaves), g)
         if not isinstance(ct_args, (tuple, list)) or len(ct_args) != len(skeletons):
@@ -359,10 +365,19 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
         return [leaves[i] for i in diff]
 
     def dense_vjp(res_leaves, cts):
-        return [
-            ad.instantiate_zeros(_zero_if_none(c, a))
-            for c, a in zip(vjp(res_leaves, cts), t_avals, strict=True)
-        ]
+        """vjp with zeros made dense, each cotangent of its input's tangent
+        type: a bwd may return float32 for a bfloat16 input (reverse mode
+        accepts it), which the linear transpose would not."""
+        dense = []
+        for c, a in zip(vjp(res_leaves, cts), t_avals, strict=True):
+            c = ad.instantiate_zeros(_zero_if_none(c, a))
+            if np.shape(c) != a.shape:
+                raise TypeError(
+                    f"{name}: bwd returned a cotangent of shape {np.shape(c)} "
+                    f"for an input of shape {a.shape}"
+                )
+            dense.append(c.astype(a.dtype))
+        return dense
 
     if tangent is not None:
 
@@ -384,38 +399,68 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     maps = _Maps(name, jvp, vjp, len(res_leaves), out_avals)
     t_in = [t_leaves[i] for i in diff]
     dy = custom_vjp_linear_p.bind(*res_leaves, *t_in, maps=maps) if outs else []
-    full = _with_float0_zeros(y_shapes, outs, dy)
+    full = _with_float0_zeros(y_avals, outs, dy)
     return y, jax.tree.unflatten(out_tree, full)
 
 
-def _known_pass(fwd, args):
-    """``fwd(*args)``, traced as JAX traces a ``custom_vjp``'s forward pass.
+def _fwd_call(fwd, statics, nondiff, primals):
+    """``fwd`` on the merged arguments, as one ``custom_jvp`` call (its JVP:
+    JAX's own, of ``fwd``), traced as JAX traces a ``custom_vjp``'s forward.
 
-    Reverse mode linearises the ``custom_jvp`` by running its rule under a
-    partial-evaluation trace, with the primals known and the tangents unknown.
-    Known values are computed in its parent trace anyway, but loops are not
-    just computed there: their partial-evaluation rules rewrite them (a scan
-    hoists its loop-invariant work out of the body), so ``fwd`` would compile
-    to a different program than under the bare ``custom_vjp``, whose ``fwd``
-    JAX runs in the parent trace itself. Do the same when no argument depends
-    on the unknowns.
+    Reverse mode linearises the outer ``custom_jvp`` by evaluating its rule
+    under a partial-evaluation trace, with the primals known and the tangents
+    unknown. Known operations are computed in its parent trace, but a loop is
+    not simply computed there: its partial-evaluation rule rewrites it (a scan
+    hoists its loop-invariant work out of the body), and ``fwd`` would compile
+    to another program than under the bare ``custom_vjp``, whose ``fwd`` JAX
+    runs in the parent trace itself. A ``custom_jvp`` call whose inputs are
+    all known is bound in the parent trace whole, also when the rule was
+    first traced into a jaxpr (the op inside ``jit`` or ``cond``).
     """
-    trace = _core.unsafe_get_current_trace()
-    if isinstance(trace, pe.JaxprTrace) and not any(
-        isinstance(x, _core.Tracer) and x._trace is trace for x in jax.tree.leaves(args)
-    ):
-        with _core.set_current_trace(trace.parent_trace):
-            return fwd(*args)
-    return fwd(*args)
+
+    # Residuals that are input arrays leave the call as those inputs, not as
+    # its outputs: outside it, jit and the other calls partial evaluation
+    # splits see them forwarded, as a custom_vjp's are (not returned again).
+    ins = jax.tree.leaves(primals)
+    arrays = [isinstance(x, jax.Array) for x in ins]
+    forwarded = []
+
+    def call(*primals):
+        y, res = fwd(*_merge(nondiff, statics, primals))
+        inner = jax.tree.leaves(primals)
+        res_leaves, res_tree = jax.tree.flatten(res)
+        index = [_position(r, inner, arrays) for r in res_leaves]
+        forwarded[:] = [index, res_tree]
+        return y, [r for r, i in zip(res_leaves, index, strict=True) if i is None]
+
+    whole = jax.custom_jvp(call)
+    whole.defjvp(lambda primals, tangents: jax.jvp(call, primals, tangents))
+    y, computed = whole(*primals)
+    index, res_tree = forwarded
+    computed = iter(computed)
+    res = [next(computed) if i is None else ins[i] for i in index]
+    return y, jax.tree.unflatten(res_tree, res)
 
 
-def _with_float0_zeros(shapes, outs, values):
-    """``values`` at the float outputs ``outs``, float0 zeros at the others
-    (made only there: a float output's shape may be symbolic, jax.export)."""
+def _position(leaf, inputs, arrays):
+    """The position of ``leaf`` among the array ``inputs``, or None."""
+    return next(
+        (
+            i
+            for i, (x, a) in enumerate(zip(inputs, arrays, strict=True))
+            if a and leaf is x
+        ),
+        None,
+    )
+
+
+def _with_float0_zeros(avals, outs, values):
+    """``values`` at the float outputs ``outs``, float0 zeros (of the tangent
+    ``avals``, whose shapes may be symbolic: jax.export) at the others."""
     full = dict(zip(outs, values, strict=True))
     return [
-        full[i] if i in full else np.zeros(shape, jax.dtypes.float0)
-        for i, shape in enumerate(shapes)
+        full[i] if i in full else ad.zeros_like_aval(aval)
+        for i, aval in enumerate(avals)
     ]
 
 

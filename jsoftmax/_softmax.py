@@ -214,7 +214,12 @@ def _log_softmax_fwd(x, where, axes, axis_name):
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0 and stay at -inf instead of NaN
     # (see _softmax for why a clamp at 1 and not a select).
-    o = (shifted - jnp.log(jnp.maximum(s, 1))).astype(x.dtype)
+    lse = jnp.broadcast_to(jnp.log(jnp.maximum(s, 1)), shifted.shape)
+    # For autodiff of these lines (reverse over reverse), masked outputs take
+    # the row's lse as a constant: a cotangent there (NaN from sin(-inf) under
+    # a jnp.where) cannot reach the row's valid inputs. Same values.
+    lse = masked_fill(lse, where, lax.stop_gradient(lse))
+    o = (shifted - lse).astype(x.dtype)
     return o, (o, where)
 
 

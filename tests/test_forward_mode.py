@@ -236,18 +236,13 @@ def _bare(monkeypatch):
 
 
 def programs(f, *args):
-    """jit(f)'s program as lowered (StableHLO, before XLA) and as compiled
-    (optimised HLO), without the module name and the source locations (file
-    names and line numbers of the Python that traced it)."""
-    lowered = jax.jit(f).lower(*args)
-    compiled = lowered.compile().as_text()
+    """jit(f)'s optimised HLO, without the module name and the source
+    locations (file names and line numbers of the Python that traced it)."""
+    compiled = jax.jit(f).lower(*args).compile().as_text()
     compiled = compiled[
         compiled.index("\n%") if "\n%" in compiled else compiled.index("ENTRY") :
     ]
-    return (
-        re.sub(r"loc\([^)]*\)", "", lowered.as_text(debug_info=False)),
-        re.sub(r",? metadata=\{[^}]*\}", "", compiled),
-    )
+    return re.sub(r",? metadata=\{[^}]*\}", "", compiled)
 
 
 @op_names
@@ -266,7 +261,11 @@ def test_reverse_mode_compiles_and_saves_exactly_as_the_bare_custom_vjp(
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(op, args, args)
     assert programs(loss(), *args) == hlo
-    assert [a for a, _ in saved_residuals(op, *args)] == [a for a, _ in residuals]
+    # The same arrays saved (inputs that are residuals may come in another
+    # order: the wrapper forwards them).
+    assert sorted(str(a) for a, _ in saved_residuals(op, *args)) == sorted(
+        str(a) for a, _ in residuals
+    )
 
 
 def test_reverse_mode_unchanged_under_the_older_linearization(monkeypatch):
@@ -290,13 +289,38 @@ def test_reverse_mode_unchanged_under_the_older_linearization(monkeypatch):
     _close(got, jax.value_and_grad(_scalar(reference), argnums)(*args))
 
 
+# Around the op: jit (its rule then traced into a jaxpr first, and evaluated
+# under reverse mode later), cond and vmap. (Inside a scan's body the programs
+# differ the other way: JAX's partial evaluation of the scan rewrites the bare
+# custom_vjp's forward loop, hoisting its loop-invariant work, and not the
+# wrapped op's, whose forward it keeps whole; same values.)
+ENCLOSING = {
+    "jit": lambda f: lambda *a: jax.jit(f)(*a),
+    "cond": lambda f: lambda *a: jax.lax.cond(True, f, lambda *a: 0.0, *a),
+    "vmap": lambda f: lambda *a: jnp.sum(jax.vmap(lambda *b: f(*a), axis_size=2)()),
+}
+
+
+@pytest.mark.parametrize("enclosing", list(ENCLOSING))
+def test_reverse_mode_compiles_as_the_bare_custom_vjp_inside_other_transforms(
+    enclosing, monkeypatch
+):
+    # The fused loss: a scan in fwd, and residuals that are its inputs.
+    op, _, args = OPS["linear_softmax_cross_entropy"]
+    argnums = tuple(range(len(args)))
+
+    def loss():
+        return jax.value_and_grad(ENCLOSING[enclosing](_scalar(op)), argnums)
+
+    hlo = programs(loss(), *args)
+    _bare(monkeypatch)
+    assert programs(loss(), *args) == hlo
+
+
 def test_program_comparison_sees_a_change():
     f = _scalar(jsoftmax.softmax)
     assert programs(jax.grad(f), X) == programs(jax.grad(f), X)
-    lowered, compiled = programs(jax.grad(f), X)
-    other_lowered, other_compiled = programs(jax.grad(lambda x: f(x * 1.5)), X)
-    assert lowered != other_lowered
-    assert compiled != other_compiled
+    assert programs(jax.grad(f), X) != programs(jax.grad(lambda x: f(x * 1.5)), X)
 
 
 # dot_product_attention: its backward pass has loops with traced trip counts
@@ -608,11 +632,63 @@ def test_reverse_mode_runs_the_users_backward_pass():
     assert "custom_vjp_linear" not in jaxpr  # transposed into bwd's own ops
 
 
+def test_rules_with_other_cotangent_dtypes_wrong_shapes_and_constants():
+    x = X[0]
+
+    def rule(bwd):
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sin(x)
+
+        f.defvjp(_sin_fwd, bwd)
+        return jsoftmax.with_forward_mode(f)
+
+    # A float32 cotangent for a bfloat16 input: reverse mode accepts it, and
+    # forward mode gives the tangent in the input's type.
+    up = rule(lambda c, g: ((g * c).astype(jnp.float32),))
+    xb = x.astype(jnp.bfloat16)
+    y, dy = jax.jvp(up, (xb,), (jnp.ones_like(xb),))
+    assert dy.dtype == jnp.bfloat16
+    _close(dy.astype(jnp.float32), jnp.cos(xb).astype(jnp.float32), rtol=1e-2)
+    _close(jax.grad(lambda x: jnp.sum(up(x)).astype(jnp.float32))(xb), dy)
+    # A cotangent of the wrong shape: named as bwd's.
+    wide = rule(lambda c, g: (jnp.outer(g, c),))
+    with pytest.raises(TypeError, match="bwd returned a cotangent of shape"):
+        jax.jvp(wide, (x,), (x,))
+    # An affine bwd (not linear: +1): the transpose drops the constant, so
+    # forward mode cannot show it; reverse mode does, and vjp_errors against
+    # a reference fails there.
+    affine = rule(lambda c, g: (g * c + 1.0,))
+    errors = testing.vjp_errors(affine, jnp.sin, x)
+    assert not errors.passed and errors.forward_mismatch is None
+    assert testing.vjp_errors(rule(lambda c, g: (g * c,)), jnp.sin, x).passed
+
+
+def test_integer_outputs_under_symbolic_shapes():
+    # The float0 tangent of an integer output, at a symbolic batch size.
+    export = pytest.importorskip("jax.export")
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x), jnp.argmax(x, axis=-1)
+
+    f.defvjp(lambda x: (f(x), jnp.cos(x)), lambda c, g: (g[0] * c,))
+    wrapped = jsoftmax.with_forward_mode(f)
+    (b,) = export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((b, X.shape[1]), X.dtype)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(wrapped(x)[0])))
+    jvp = jax.jit(lambda x, t: jax.jvp(wrapped, (x,), (t,))[1][0])
+    _close(export.export(grad)(spec).call(X), jnp.cos(X))
+    _close(export.export(jvp)(spec, spec).call(X, X), jnp.cos(X) * X)
+
+
 def test_type_errors():
-    with pytest.raises(TypeError, match="takes a jax.custom_vjp function"):
+    with pytest.raises(TypeError, match="takes a jax.custom_vjp object"):
         jsoftmax.with_forward_mode(jnp.sin)
-    with pytest.raises(TypeError, match="takes a jax.custom_vjp function"):
+    with pytest.raises(TypeError, match="takes a jax.custom_vjp object"):
         jsoftmax.with_forward_mode(jax.custom_jvp(jnp.sin))
+    with pytest.raises(TypeError, match="before functools.partial or jax.jit"):
+        jsoftmax.with_forward_mode(functools.partial(_softmax._softmax))
     with pytest.raises(TypeError, match="defvjp"):
         jsoftmax.with_forward_mode(jax.custom_vjp(jnp.sin))
     bad = jsoftmax.with_forward_mode(_gather, symmetric=True)
@@ -625,7 +701,6 @@ def test_jax_internals_used_are_where_expected():
     # pyproject.toml). If a JAX upgrade moves them, this fails first.
     from jax._src import core
     from jax._src.interpreters import ad, batching, mlir
-    from jax._src.interpreters import partial_eval as pe
 
     p = _forward_mode.custom_vjp_linear_p
     assert isinstance(p, jax.extend.core.Primitive) and p.multiple_results
@@ -633,12 +708,7 @@ def test_jax_internals_used_are_where_expected():
     assert ad.primitive_jvps[p] is _forward_mode._jvp
     assert batching.fancy_primitive_batchers[p] is _forward_mode._batch
     assert p in mlir._lowerings
-    for name in ("Zero", "instantiate_zeros", "is_undefined_primal"):
+    for name in ("Zero", "instantiate_zeros", "is_undefined_primal", "zeros_like_aval"):
         assert callable(getattr(ad, name))
     assert callable(core.unmapped_aval) and callable(mlir.lower_fun)
-    # _known_pass: reverse mode traces the rule under a JaxprTrace (if that
-    # changes, the programs compared above differ for the fused loss and
-    # attention).
-    assert callable(core.unsafe_get_current_trace) and callable(core.set_current_trace)
-    assert isinstance(pe.JaxprTrace, type) and issubclass(pe.JaxprTrace, core.Trace)
     assert "jax" in sys.modules

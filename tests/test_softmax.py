@@ -173,6 +173,26 @@ def test_reverse_over_reverse_equals_hessian_of_reference(name):
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=2e-3)
 
 
+@op_names
+def test_reverse_over_reverse_of_masked_rows_is_finite(name):
+    # A loss that is NaN-free only where the mask is set (sin of -inf is NaN):
+    # the jnp.where idiom. A row with no valid entry, one half masked, one
+    # whole. Reverse over reverse differentiates fwd itself, whose masked
+    # outputs must be constants there, as jax.nn's are.
+    op, _, nn_op = OPS[name]
+    with jax.enable_x64(True):
+        x = _normal((3, 5), seed=4, scale=1.0).astype(jnp.float64)
+        mask = jnp.arange(5)[None] < jnp.array([0, 3, 5])[:, None]
+
+        def scalar(fn):
+            return lambda x: jnp.sum(jnp.where(mask, jnp.sin(fn(x, where=mask)), 0.0))
+
+        got = jax.jacrev(jax.jacrev(scalar(op)))(x)
+        want = jax.jacrev(jax.jacrev(scalar(nn_op)))(x)
+        assert jnp.isfinite(want).all()
+        chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-9)
+
+
 def _residual_elements(fn, *args):
     return sum(int(np.prod(aval.shape)) for aval, _ in saved_residuals(fn, *args))
 
