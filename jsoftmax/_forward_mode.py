@@ -26,15 +26,14 @@ symmetric). :func:`with_forward_mode` builds on that:
   - a **batching** rule that vmaps both maps (named axes included, so that
     collectives inside ``bwd`` see the ``vmap`` axis);
   - an MLIR **lowering** of the evaluation rule (``jit``, ``jax.export``);
-- in reverse mode, the rule's ``fwd`` runs where JAX runs a ``custom_vjp``'s
-  ``fwd``, outside the partial-evaluation trace (:func:`_fwd_call`), so that
-  ``jit(value_and_grad)`` compiles to exactly the bare ``custom_vjp``'s
-  program.
+- in reverse mode, the rule's ``fwd`` is computed whole, as JAX computes a
+  ``custom_vjp``'s ``fwd``, not rewritten by partial evaluation
+  (:func:`_fwd_call`), so that ``jit(value_and_grad)`` compiles to exactly
+  the bare ``custom_vjp``'s program.
 
-Everything here that touches JAX internals (``jax.extend.core.Primitive``, the
-``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``, and
-the current trace) stays in this module; tests/test_forward_mode.py fails
-loudly if those move.
+Everything here that touches JAX internals (``jax.extend.core.Primitive`` and
+the ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``)
+stays in this module; tests/test_forward_mode.py fails loudly if those move.
 """
 
 from __future__ import annotations
