@@ -5,6 +5,7 @@
     python bench/attention.py --gpu       # bfloat16, also jax.nn's cuDNN kernel
     python bench/attention.py --blocks    # the block-size sweep behind the defaults
     python bench/attention.py --sizes 1024,4096   # these T=S only, all timed
+    python bench/attention.py --precision  # backward's D and loop form: error, time
 
 B=1, N=8 heads, H=64, T=S, float32 (bfloat16 with ``--gpu``, every
 implementation: cuDNN's kernel takes no float32).
@@ -26,6 +27,7 @@ by noise alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import pathlib
 
@@ -306,11 +308,92 @@ def block_sweep(sizes, rounds):
     return lines
 
 
+def _variants():
+    """name -> attention(q, k, v, is_causal) with the backward's D and loop
+    form set: the shipped rule, D = rowsum(P * dP) by a pre-pass, and the
+    while loops over traced block bounds (no reverse-over-reverse)."""
+    from jsoftmax import _attention as attention
+
+    def with_config(**changes):
+        def fn(q, k, v, c):
+            args = attention._prepare(
+                q, k, v, None, None, None, c, None, None, None, None, None,
+                None, None, None, None,
+            )  # fmt: skip
+            config = dataclasses.replace(args.config, **changes)
+            out, _ = attention._attention_forward_mode(*args.arrays, config)
+            return out.reshape(args.out_shape)
+
+        return fn
+
+    return {
+        "shipped": with_config(),
+        "exact D": with_config(exact_delta=True),
+        "while loops": with_config(static_trips=False),
+        "shipped copy": with_config(),  # the A/A control
+    }
+
+
+def precision(sizes, rounds):
+    """The float32 gradient's error against float64 as the logits grow
+    (q = k = v = c * x, causal), for the shipped D, the exact D and jax.nn;
+    then fwd+bwd times of the variants against the shipped rule."""
+    lines = [
+        "# dot_product_attention: the backward's D, and its loop form",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Gradient error of sum(sin(attention(q, q, q))) w.r.t. q, q = c * x, causal,",
+        "B=1, T=16, N=2, H=16, float32, against float64 (jax.nn's definition), "
+        "relative to the largest entry:",
+        "",
+        "| c | shipped: D = rowsum(dO * O) | exact D = rowsum(P * dP) | jax.nn |",
+        "| --- | --- | --- | --- |",
+    ]
+    fns = _variants()
+    x = jax.random.normal(jax.random.key(0), (1, 16, 2, 16))
+
+    def grad(fn, q):
+        return jax.grad(lambda q: jnp.sum(jnp.sin(fn(q, q, q, True))))(q)
+
+    nn = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+    for c in (1, 10, 30, 100):
+        with jax.enable_x64(True):
+            want = np.asarray(grad(lambda q, k, v, c: nn(q, k, v, is_causal=c),
+                                   (c * x).astype(jnp.float64)))  # fmt: skip
+        cells = []
+        for fn in (fns["shipped"], fns["exact D"], lambda q, k, v, c: nn(
+                q, k, v, is_causal=c)):  # fmt: skip
+            got = np.asarray(grad(fn, c * x), np.float64)
+            cells.append(f"{np.max(np.abs(got - want)) / np.max(np.abs(want)):.1e}")
+        lines.append(f"| {c} | {' | '.join(cells)} |")
+        print(lines[-1], flush=True)
+    lines += [
+        "",
+        f"fwd+bwd time / the shipped rule's, B={B}, N={N}, H={H}, float32, "
+        f"medians of {rounds} interleaved rounds:",
+        "",
+        "| T | causal | " + " | ".join(n for n in fns if n != "shipped") + " |",
+        "| --- | --- | " + " | ".join("---" for n in fns if n != "shipped") + " |",
+    ]
+    for t in sizes:
+        for causal in (False, True):
+            modes = {n: _modes(f, causal)["fwd+bwd"] for n, f in fns.items()}
+            _, medians = time_side_by_side(modes, _data(t, jnp.float32), rounds)
+            cells = " | ".join(
+                f"{medians[n] / medians['shipped']:.2f}" for n in fns if n != "shipped"
+            )
+            lines.append(f"| {t} | {'yes' if causal else 'no'} | {cells} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python bench/attention.py")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--blocks", action="store_true")
+    parser.add_argument("--precision", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--limit-gib", type=float, default=24.0,
@@ -325,6 +408,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     limit = int(args.limit_gib * GiB)
     platform = "gpu" if args.gpu else "cpu"
+    if args.precision:
+        sizes = [256] if args.quick else [1024, 2048]
+        lines = precision(sizes, 2 if args.quick else 7)
+        name = "quick" if args.quick else platform
+        (out / f"attention_precision_{name}.md").write_text("\n".join(lines) + "\n")
+        return 0
     if args.blocks:
         sizes = [512] if args.quick else [1024, 2048]
         lines = block_sweep(sizes, 2 if args.quick else 3)

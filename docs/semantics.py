@@ -340,6 +340,54 @@ def attention_table() -> str:
     rows.append(_row(f"float16 inputs on {jax.default_backend().upper()}", *cells))
     cells = [_forward_mode(lambda q, op=op: op(q, k, v), q) for op in ops.values()]
     rows.append(_row("forward mode (`jax.jvp`)", *cells))
+    cells = []
+    for op in ops.values():
+
+        def second(op=op):
+            hess = jax.jacrev(jax.jacrev(lambda q: jnp.sum(jnp.sin(op(q, k, v)))))(q)
+            return f"works (finite: {bool(np.isfinite(hess).all())})"
+
+        cells.append(outcome(second))
+    rows.append(_row("reverse over reverse (`jacrev(jacrev)`)", *cells))
+
+    kv_len = jnp.array([5], jnp.int32)
+    tail = jnp.zeros((b, s, 1, 1)).at[:, 5:].set(jnp.nan)  # an unwritten cache
+    cells = []
+    for op in ops.values():
+
+        def nan_tail(op=op):
+            out = op(q, k + tail, v + tail, key_value_seq_lengths=kv_len)
+            clean = op(q, k, v, key_value_seq_lengths=kv_len)
+            same = bool(np.array_equal(out, clean))
+            return f"output {describe(out)}" + (", equal to a clean tail's" * same)
+
+        cells.append(outcome(nan_tail))
+    rows.append(_row("NaN in `k`, `v` past `key_value_seq_lengths`", *cells))
+
+    x = jax.random.normal(jax.random.key(6), (1, 16, 2, 16))
+    cells = []
+    for op in ops.values():
+
+        def precision(op=op, c=10.0):
+            def grad(q):
+                return jax.grad(
+                    lambda q: jnp.sum(jnp.sin(op(q, q, q, is_causal=True)))
+                )(q)
+
+            with jax.enable_x64(True):
+                want = np.asarray(grad((c * x).astype(jnp.float64)))
+            got = np.asarray(grad(c * x), np.float64)
+            err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+            return f"gradient error {err:.1e} (relative to its largest entry)"
+
+        cells.append(outcome(precision))
+    rows.append(
+        _row(
+            "float32, near one-hot rows: `q = k = v = 10 x`, causal, the largest "
+            "score about 700, against float64",
+            *cells,
+        )
+    )
 
     size = 1024
     shape = jax.ShapeDtypeStruct((1, size, 8, 64), jnp.float32)

@@ -39,6 +39,9 @@ class _Config:
     soft_cap: float | None
     query_chunk: int
     key_chunk: int
+    # Measured alternatives (bench/attention.py --precision), not public:
+    exact_delta: bool = False  # D = rowsum(P * dP), a pre-pass (_exact_delta)
+    static_trips: bool = True  # False: while loops over traced block bounds
 
 
 def dot_product_attention(
@@ -84,6 +87,23 @@ def dot_product_attention(
     :math:`L` and forms :math:`dS = P \odot (dP - D)` with
     :math:`D = \operatorname{rowsum}(dO \odot O)`, the softmax VJP
     :math:`y \odot (g - \langle g, y \rangle)`.
+
+    Precision: values and ``L`` are equal to jax.nn's to float32 rounding.
+    Gradients are too where the scores are moderate; where a row's softmax
+    is near one-hot, :math:`dP - D` cancels, and :math:`D` from the rounded
+    output (as in FlashAttention and cuDNN) leaves a float32 gradient error
+    of up to about :math:`3\,\epsilon \max|s|` relative to the largest
+    gradient entry. Measured (``python bench/attention.py --precision``,
+    ``q = k = v = c x``, causal): 1.3e-6, 9.8e-5, 6.0e-4 and 7.3e-3 at
+    ``max|s|`` of 7, 709, 6.4e3 and 7.1e4, where jax.nn's error is 3e-8 to
+    5e-7. The exact :math:`D = \operatorname{rowsum}(P \odot dP)` removes
+    the term but costs a second pass over the blocks (measured there).
+
+    Every transformation composes: ``jit``, ``vmap``, ``grad``, forward mode
+    (``jvp``, ``jacfwd``, ``hessian``) and reverse over reverse
+    (``jacrev(jacrev)``, the gradient of a gradient norm): the block loops
+    have static trip counts, and the steps past a range that the masks or
+    lengths end early are skipped by a ``cond``.
 
     Blocks that the causal mask, the local window or the key padding hide
     entirely are skipped, not computed and masked: causal attention does
@@ -146,14 +166,27 @@ def dot_product_attention(
       has output 0 and ``L = -inf``, and contributes no gradient to any
       input; masked-out scores and bias entries, however large or infinite,
       never reach the arithmetic. (jax.nn returns the mean of ``value``
-      there and passes gradient into the masked values.)
+      there and passes gradient into the masked values.) Keys and values
+      past ``key_value_seq_lengths``, and queries past ``query_seq_lengths``,
+      are zeroed before any matmul: a NaN or inf there (a KV cache's
+      unwritten tail) changes nothing, whatever the chunk sizes and the other
+      sequences' lengths (jax.nn's output is NaN). A NaN in a key or value
+      hidden only by ``mask``, the causal mask, a window or segment ids
+      meets zero probabilities in a matmul and reaches the rows of its block,
+      as in jax.nn.
 
     Raises:
       ValueError: shapes that do not fit (named): ranks, batch, head counts
         (``N % K``), head dims, bias/mask/lengths/segment ids/sinks, chunk
-        sizes that are not positive ints, an empty sequence.
+        sizes that are not positive ints, an empty sequence, a symbolic
+        sequence length ``T`` or ``S`` under :mod:`jax.export` (the block
+        schedule is static; a symbolic batch is supported).
       TypeError: a non-boolean mask, non-integer lengths or segment ids,
-        complex inputs, inputs of different dtypes.
+        complex inputs, inputs of different dtypes; a bool or non-number
+        ``scale`` or ``soft_cap``; a traced ``is_causal``,
+        ``local_window_size``, ``soft_cap`` or chunk size (they must be
+        static: under ``jit``, pass them with ``static_argnames``). Concrete
+        0-d arrays (``np.array(30.)``, ``jnp.float32(30.)``) are accepted.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -164,7 +197,89 @@ def dot_product_attention(
       >>> out.shape, bool(jnp.allclose(out, want, atol=1e-6))
       ((2, 5, 2, 4), True)
     """
-    name = "dot_product_attention"
+    args = _prepare(
+        query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+        key_value_seq_lengths, local_window_size, query_segment_ids,
+        key_value_segment_ids, soft_cap, sinks, query_chunk_size, key_chunk_size,
+    )  # fmt: skip
+    out, lse = _attention_forward_mode(*args.arrays, args.config)
+    out = out.reshape(args.out_shape).astype(args.out_dtype)
+    if not return_residual:
+        return out
+    return out, _lse_output(lse, args)
+
+
+_NAME = "dot_product_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A checked call: the rule's arrays and static config, and how to shape
+    its output."""
+
+    arrays: tuple  # q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg
+    config: _Config
+    out_shape: tuple
+    out_dtype: np.dtype
+
+
+def _prepare(
+    query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+    key_value_seq_lengths, local_window_size, query_segment_ids,
+    key_value_segment_ids, soft_cap, sinks, query_chunk_size, key_chunk_size,
+):  # fmt: skip
+    """Checks the arguments (errors name them) and brings them to the rule's
+    form: batched ``[B, T, N, H]``, bias and mask 4-D, lengths int32, segment
+    ids of one dtype, the static options in a :class:`_Config`."""
+    name = _NAME
+    query, key, value = _qkv(query, key, value)
+    out_shape, out_dtype = query.shape, query.dtype
+    unbatched = query.ndim == 3
+    if unbatched:
+        query, key, value = query[None], key[None], value[None]
+    batch, t, n, h = query.shape
+    s = key.shape[1]
+    full = (batch, n, t, s)
+    bias = _scores_input(name, "bias", bias, full, float_mask=True)
+    mask = _scores_input(name, "mask", mask, full, float_mask=False)
+    q_len = _lengths(_int_input(name, "query_seq_lengths", query_seq_lengths, (batch,)))
+    kv_len = _lengths(
+        _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    )
+    q_seg, kv_seg = _segment_ids(
+        query_segment_ids, key_value_segment_ids, (t, s), batch, unbatched
+    )
+    if sinks is not None:
+        sinks = widen_8bit(float_input(name, sinks))
+        if sinks.shape != (n,):
+            raise ValueError(
+                f"{name}: sinks of shape {sinks.shape} must be one logit per query "
+                f"head ({n},)"
+            )
+    query_chunk = _chunk("query_chunk_size", query_chunk_size, _QUERY_CHUNK, t)
+    key_chunk = _chunk("key_chunk_size", key_chunk_size, _KEY_CHUNK, s)
+    lower, upper = _band(is_causal, local_window_size)
+    soft_cap = _soft_cap(soft_cap)
+
+    query, key, value = (widen_8bit(a) for a in (query, key, value))
+    query, scale = _scale(query, scale, h)
+    # float32/float64 queries are scaled before the matmul (T x H products
+    # instead of T x S); 16-bit ones keep their rounding and the float32
+    # scores are scaled.
+    prescaled = jnp.finfo(query.dtype).bits >= 32
+    config = _Config(scale, prescaled, lower, upper, soft_cap, query_chunk, key_chunk)
+    # Inside shard_map(check_vma=True), every differentiable input varies
+    # over the mesh axes any input varies over: then a replicated bias or
+    # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
+    arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
+    arrays = varying_like(arrays[:5], *arrays) + arrays[5:]
+    return _Prepared(tuple(arrays), config, out_shape, out_dtype)
+
+
+def _qkv(query, key, value):
+    """query, key and value as float arrays of one dtype and fitting shapes,
+    with static sequence lengths."""
+    name = _NAME
     query, key, value = (float_input(name, a) for a in (query, key, value))
     if query.ndim not in (3, 4) or key.ndim != query.ndim or value.ndim != key.ndim:
         raise ValueError(
@@ -177,17 +292,23 @@ def dot_product_attention(
             f"{name}: query, key and value must have one dtype, got {query.dtype}, "
             f"{key.dtype} and {value.dtype}"
         )
-    out_shape, out_dtype = query.shape, query.dtype
-    unbatched = query.ndim == 3
-    if unbatched:
-        query, key, value = query[None], key[None], value[None]
-    batch, t, n, h = query.shape
-    s, k = key.shape[1], key.shape[2]
+    q4 = query.shape if query.ndim == 4 else (1,) + query.shape
+    k4 = key.shape if key.ndim == 4 else (1,) + key.shape
+    (batch, t, n, h), (_, s, k, _) = q4, k4
+    for axis, size in (("T (query", t), ("S (key/value", s)):
+        if not isinstance(size, (int, np.integer)):
+            raise ValueError(
+                f"{name}: the sequence length {axis} axis) is symbolic ({size}): "
+                "the block schedule (which blocks the masks hide, and the loop "
+                "trip counts) is static. Export one function per length, or pad "
+                "to a few bucket lengths and pass query_seq_lengths / "
+                "key_value_seq_lengths; a symbolic batch is supported"
+            )
     if value.shape != key.shape:
         raise ValueError(
             f"{name}: value of shape {value.shape} must have key's shape {key.shape}"
         )
-    if key.shape[0] != batch or key.shape[3] != h:
+    if k4[0] != batch or k4[3] != h:
         raise ValueError(
             f"{name}: key {key.shape} must have query's batch and head dim "
             f"(query {query.shape}: B={batch}, H={h})"
@@ -201,17 +322,18 @@ def dot_product_attention(
         raise ValueError(
             f"{name}: empty sequence: query {query.shape}, key {key.shape}"
         )
-    full = (batch, n, t, s)
-    bias = _scores_input(name, "bias", bias, full, float_mask=True)
-    mask = _scores_input(name, "mask", mask, full, float_mask=False)
-    q_len = _lengths(_int_input(name, "query_seq_lengths", query_seq_lengths, (batch,)))
-    kv_len = _lengths(
-        _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
-    )
+    return query, key, value
+
+
+def _segment_ids(query_segment_ids, key_value_segment_ids, lengths, batch, unbatched):
+    """Both segment ids or neither, as ``[B, T]`` / ``[B, S]`` of one integer
+    dtype."""
+    name = _NAME
     if (query_segment_ids is None) != (key_value_segment_ids is None):
         raise ValueError(
             f"{name}: pass both query_segment_ids and key_value_segment_ids or neither"
         )
+    t, s = lengths
     seg_shapes = ((t,), (s,)) if unbatched else ((batch, t), (batch, s))
     q_seg = _int_input(name, "query_segment_ids", query_segment_ids, seg_shapes[0])
     kv_seg = _int_input(
@@ -228,61 +350,64 @@ def dot_product_attention(
         q_seg, kv_seg = q_seg.astype(common), kv_seg.astype(common)
     if unbatched and q_seg is not None:
         q_seg, kv_seg = q_seg[None], kv_seg[None]
-    if sinks is not None:
-        sinks = widen_8bit(float_input(name, sinks))
-        if sinks.shape != (n,):
-            raise ValueError(
-                f"{name}: sinks of shape {sinks.shape} must be one logit per query "
-                f"head ({n},)"
-            )
-    query_chunk = _chunk(name, "query_chunk_size", query_chunk_size, _QUERY_CHUNK, t)
-    key_chunk = _chunk(name, "key_chunk_size", key_chunk_size, _KEY_CHUNK, s)
-    lower, upper = _band(name, is_causal, local_window_size)
-    # An infinite cap would be inf * tanh(0) = NaN, not "no cap".
-    if soft_cap is not None and not (
-        isinstance(soft_cap, (int, float, np.number)) and 0 < soft_cap < math.inf
+    return q_seg, kv_seg
+
+
+def _scale(query, scale, h):
+    """The static scale as a float; a traced one is applied to ``query`` here,
+    where autodiff sees it (then 1.0)."""
+    name = _NAME
+    if scale is None:
+        return query, 1.0 / math.sqrt(h)
+    if isinstance(scale, (bool, np.bool_)):
+        raise TypeError(f"{name}: scale must be a real number, got {scale!r}")
+    if np.ndim(scale) != 0:
+        raise ValueError(f"{name}: scale must be a scalar, got shape {np.shape(scale)}")
+    if isinstance(scale, (int, float, np.number)):
+        return query, float(scale)
+    query = (query * jnp.asarray(scale, query.dtype)).astype(query.dtype)
+    return query, 1.0
+
+
+def _soft_cap(soft_cap):
+    """A static, positive, finite soft cap as a float (or None)."""
+    name = _NAME
+    if soft_cap is None:
+        return None
+    _require_static("soft_cap", soft_cap)
+    if isinstance(soft_cap, (str, bytes, bool, np.bool_)) or np.ndim(soft_cap) != 0:
+        raise TypeError(f"{name}: soft_cap must be a real number, got {soft_cap!r}")
+    value = np.asarray(soft_cap)
+    if not np.issubdtype(value.dtype, np.integer) and not np.issubdtype(
+        value.dtype, np.floating
     ):
+        raise TypeError(f"{name}: soft_cap must be a real number, got {soft_cap!r}")
+    value = float(value)
+    # An infinite cap would be inf * tanh(0) = NaN, not "no cap".
+    if not 0 < value < math.inf:
         raise ValueError(
             f"{name}: soft_cap must be a positive finite number, got {soft_cap!r}"
         )
-    if scale is not None and np.ndim(scale) != 0:
-        raise ValueError(f"{name}: scale must be a scalar, got shape {np.shape(scale)}")
+    return value
 
-    query, key, value = (widen_8bit(a) for a in (query, key, value))
-    if scale is None:
-        scale = 1.0 / math.sqrt(h)
-    if not isinstance(scale, (int, float, np.number)):
-        # A traced scale: apply it here, where autodiff sees it.
-        query = (query * jnp.asarray(scale, query.dtype)).astype(query.dtype)
-        scale = 1.0
-    # float32/float64 queries are scaled before the matmul (T x H products
-    # instead of T x S); 16-bit ones keep their rounding and the float32
-    # scores are scaled.
-    prescaled = jnp.finfo(query.dtype).bits >= 32
-    config = _Config(
-        float(scale),
-        prescaled,
-        lower,
-        upper,
-        None if soft_cap is None else float(soft_cap),
-        query_chunk,
-        key_chunk,
-    )
-    # Inside shard_map(check_vma=True), every differentiable input varies
-    # over the mesh axes any input varies over: then a replicated bias or
-    # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
-    arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
-    query, key, value, bias, sinks = varying_like(arrays[:5], *arrays)
-    out, lse = _attention_forward_mode(
-        query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config
-    )
-    out = out.reshape(out_shape).astype(out_dtype)
-    if not return_residual:
-        return out
-    # [B, K, G, T] -> [B, T, N]
+
+def _require_static(what, value):
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{_NAME}: {what} must be static (it sets the block schedule or the "
+            f"soft cap at trace time), got a traced value. Under jit, close over "
+            f"it or pass it with static_argnames=({what!r},)"
+        )
+
+
+def _lse_output(lse, args):
+    """The rule's ``[B, K, G, T]`` lse as ``[B, T, N]`` (``[T, N]`` unbatched),
+    without gradient."""
+    query = args.arrays[0]
+    batch, t, n, _ = query.shape
     lse = _reshape(lax.stop_gradient(lse), (batch, n, t), query, (0, 2, 1))
     lse = lse.transpose(0, 2, 1)
-    return out, lse.reshape(out_shape[:-1]).astype(out_dtype)
+    return lse.reshape(args.out_shape[:-1]).astype(args.out_dtype)
 
 
 def _reshape(x, shape, like, dims):
@@ -362,21 +487,34 @@ def _lengths(x):
     return x.astype(np.int32)
 
 
-def _chunk(name, what, size, default, length):
+def _chunk(what, size, default, length):
     if size is None:
         return int(min(default, length))
-    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
-        raise ValueError(f"{name}: {what} must be a positive int, got {size!r}")
+    _require_static(what, size)
+    if isinstance(size, (bool, np.bool_)):
+        raise ValueError(f"{_NAME}: {what} must be a positive int, got {size!r}")
+    try:
+        size = operator.index(size)
+    except TypeError:
+        raise ValueError(
+            f"{_NAME}: {what} must be a positive int, got {size!r}"
+        ) from None
     if size < 1:
-        raise ValueError(f"{name}: {what} must be a positive int, got {size!r}")
+        raise ValueError(f"{_NAME}: {what} must be a positive int, got {size!r}")
     return int(min(size, length))
 
 
-def _band(name, is_causal, window):
+def _band(is_causal, window):
     """The visible keys as a band ``lower <= key - query <= upper``."""
+    name = _NAME
     lower = upper = None
+    _require_static("is_causal", is_causal)
     if window is not None:
-        if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+        _require_static("local_window_size", window)
+        if isinstance(window, (tuple, list)):
+            for w in window:
+                _require_static("local_window_size", w)
+        if np.ndim(window) == 0:
             window = (window, window)
         try:
             left, right = (_index(w) for w in window)
@@ -546,6 +684,24 @@ def _logits(ctx, qb, kb, i0, j0, structural):
     return x, tanh, valid
 
 
+def _visit_blocks(config, lo, hi, trips, body, carry):
+    """``body(j, carry)`` for the blocks ``lo <= j < hi`` (traced bounds), in
+    a loop of ``trips`` steps (static) whose steps past ``hi`` are skipped by a
+    ``cond``. A static trip count makes the loop a scan, which reverse mode
+    differentiates (second derivatives: ``jacrev(jacrev)``, ``grad`` of a
+    gradient norm), where a ``fori_loop`` over traced bounds is a
+    ``while_loop`` it cannot; a skipped step costs one predicate."""
+
+    if not config.static_trips:
+        return lax.fori_loop(lo, hi, body, carry)
+
+    def step(n, carry):
+        j = lo + lax.convert_element_type(n, lo.dtype)
+        return lax.cond(j < hi, partial(body, j), lambda c: c, carry)
+
+    return lax.fori_loop(0, trips, step, carry)
+
+
 def _dynamic_bounds(ctx, outer_start, lo, hi, outer_is_query):
     """Narrows a block range by the longest sequence lengths (traced)."""
     config = ctx.config
@@ -582,10 +738,11 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
     nq = -(-t // bq)
     tp, sp = nq * bq, -(-s // bk) * bk
     ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
-    qg, kg, vg = _layout(q, k, v, config, tp, sp)
+    qg, kg, vg = _layout(q, k, v, ctx, tp, sp)
     acc = _acc(q)
     any_, all_ = _block_visibility(config, t, s)
     lo, hi = _ranges(any_)
+    trips = int((hi - lo).max(initial=0))
     # One loop body for every block: with a mask where some visited block is
     # partly hidden (the diagonal of a causal mask, a window's edges, the
     # last block of keys when S is not a multiple). Measured: computing the
@@ -609,7 +766,11 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
                 x = jnp.where(valid, x, -jnp.inf)
             # m starts at the lowest finite value, so a row with nothing
             # visible yet keeps a finite max and exp(-inf - m) = 0, not NaN.
-            m_new = jnp.maximum(m, jnp.max(x, axis=-1))
+            # The max only shifts the exponent: it carries no derivative. (Its
+            # JVP would divide by the count of entries equal to the max, which
+            # is 0 where XLA rounds the fused scores differently in the two
+            # places it computes them: NaN tangents.)
+            m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
             p = jnp.exp(x - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             total = total * alpha + jnp.sum(p, axis=-1)
@@ -627,10 +788,10 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
             jnp.zeros_like(qb, acc),
         )
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
-        m, total, o = lax.fori_loop(lo, hi, step, carry)
+        m, total, o = _visit_blocks(config, lo, hi, trips, step, carry)
         if sinks is not None:
             sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
-            m_all = jnp.maximum(m, sink)
+            m_all = lax.stop_gradient(jnp.maximum(m, sink))
             shift = jnp.exp(m - m_all)
             o = o * shift[..., None]
             total_all = total * shift + jnp.exp(sink - m_all)
@@ -652,19 +813,78 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
     return (out, lse), res
 
 
-def _layout(q, k, v, config, tp, sp):
+def _layout(q, k, v, ctx, tp, sp):
     """q as ``[B, K, G, Tp, H]`` (scaled when ``config.prescaled``), k and v
-    as ``[B, K, Sp, H]``, zero-padded to whole blocks."""
+    as ``[B, K, Sp, H]``, zero-padded to whole blocks, with the queries past
+    ``query_seq_lengths`` and the keys and values past
+    ``key_value_seq_lengths`` zeroed: whatever they hold (a KV cache's
+    unwritten NaN tail) never meets a probability of 0 in a matmul, whichever
+    blocks the schedule visits."""
     batch, t, n, h = q.shape
     kh = k.shape[2]
+    q, k, v = (
+        _zero_past(q, ctx.q_len),
+        _zero_past(k, ctx.kv_len),
+        _zero_past(v, ctx.kv_len),
+    )
     qg = _reshape(q, (batch, t, kh, n // kh, h), q, (0, 1, 2, 2, 3))
     qg = qg.transpose(0, 2, 3, 1, 4)
-    if config.prescaled:
-        qg = qg * jnp.asarray(config.scale, qg.dtype)
+    if ctx.config.prescaled:
+        qg = qg * jnp.asarray(ctx.config.scale, qg.dtype)
     qg = _pad_axis(qg, 3, tp)
     kg = _pad_axis(k.transpose(0, 2, 1, 3), 2, sp)
     vg = _pad_axis(v.transpose(0, 2, 1, 3), 2, sp)
     return qg, kg, vg
+
+
+def _zero_past(x, lengths):
+    """``x [B, L, ...]`` with the positions ``>= lengths[b]`` set to 0."""
+    if lengths is None:
+        return x
+    pos = lax.broadcasted_iota(jnp.int32, x.shape[:2], 1)
+    keep = pos < lengths[:, None]
+    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, 0)
+
+
+def _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_):
+    """``D = rowsum(P * dP)`` from the recomputed blocks, a pass over the
+    visible blocks before the backward's: the exact softmax VJP of the
+    recomputed ``P`` (``rowsum(dS) = 0``), where ``rowsum(dO * O)`` differs from
+    it by the rounding of the forward's output."""
+    config = ctx.config
+    bq, bk = config.query_chunk, config.key_chunk
+    acc = _acc(qg)
+    lo, hi = _ranges(any_)
+    trips = int((hi - lo).max(initial=0))
+    structural = bool((any_ & ~all_).any())
+
+    def query_block(_, xs):
+        i, lo, hi = xs
+        i0 = i * bq
+        qb = lax.dynamic_slice_in_dim(qg, i0, bq, axis=3)
+        dob = lax.dynamic_slice_in_dim(dog, i0, bq, axis=3)
+        lb = lax.dynamic_slice_in_dim(lse_safe, i0, bq, axis=3)
+
+        def step(j, d):
+            j0 = j * bk
+            kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
+            vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
+            x, _, valid = _logits(ctx, qb, kb, i0, j0, structural)
+            if valid is not None:
+                x = jnp.where(valid, x, -jnp.inf)
+            p = jnp.exp(x - lb[..., None])
+            dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
+            return d + jnp.sum(p * dp, axis=-1)
+
+        lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
+        d = _visit_blocks(config, lo, hi, trips, step, jnp.zeros_like(qb[..., 0], acc))
+        return None, d
+
+    xs = (jnp.arange(len(lo), dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
+    _, d = lax.scan(query_block, None, xs)
+    # [nq, B, K, G, bq] -> [B, K, G, Tp]
+    d = d.transpose(1, 2, 3, 0, 4)
+    return d.reshape(d.shape[:3] + (-1,))
 
 
 # P = exp(s - L);  D = rowsum(dO * O);  dS = P * (dP - D) with dP = dO V^T
@@ -681,7 +901,9 @@ def _attention_bwd(config, res, cotangents):
     sp = nk * bk
     ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
     acc = _acc(q)
-    qg, kg, vg = _layout(q, k, v, config, tp, sp)
+    qg, kg, vg = _layout(q, k, v, ctx, tp, sp)
+    # Padded queries' outputs are constant 0: their cotangents count nothing.
+    d_out = _zero_past(d_out, ctx.q_len)
     dog = _reshape(d_out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
     dog = _pad_axis(dog.transpose(0, 2, 3, 1, 4), 3, tp).astype(q.dtype)
     og = _reshape(out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
@@ -693,9 +915,12 @@ def _attention_bwd(config, res, cotangents):
     # Rows with nothing visible (L = -inf) and padded rows get L = +inf, so
     # that exp(s - L) = 0 there whatever s is.
     lse_safe = _pad_axis(jnp.where(lse == -jnp.inf, jnp.inf, lse), 3, tp, jnp.inf)
-    delta_p = _pad_axis(delta, 3, tp)
     any_, all_ = _block_visibility(config, t, s)
+    if config.exact_delta:
+        delta = _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_)[..., :t]
+    delta_p = _pad_axis(delta, 3, tp)
     lo, hi = _ranges(any_.T)
+    trips = int((hi - lo).max(initial=0))
     structural = bool((any_ & ~all_).any())
 
     def key_block(carry, xs):
@@ -748,7 +973,8 @@ def _attention_bwd(config, res, cotangents):
 
         zeros = jnp.zeros_like(kb, acc)  # typed as the loop body's results
         lo, hi = _dynamic_bounds(ctx, j0, lo, hi, False)
-        d_k, d_v, d_q, d_bias = lax.fori_loop(lo, hi, step, (zeros, zeros, d_q, d_bias))
+        carry = (zeros, zeros, d_q, d_bias)
+        d_k, d_v, d_q, d_bias = _visit_blocks(config, lo, hi, trips, step, carry)
         return (d_q, d_bias), (d_k, d_v)
 
     d_bias = None
@@ -811,9 +1037,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _attention_tangent(statics, res, t_leaves):
     """Forward mode: JAX's own ``jax.jvp`` of the forward pass recomputed from
-    the residuals (which hold all its inputs). ``_attention_bwd`` cannot be
-    linear-transposed (its loops have traced trip counts: ``while_loop``\\ s),
-    and this is no second hand-written derivative. Tangents flow from q, k, v,
+    the residuals (which hold all its inputs): no second hand-written
+    derivative, and cheaper than transposing ``_attention_bwd``, whose scans
+    would save every block's intermediates. Tangents flow from q, k, v,
     bias and sinks, as in the backward pass; ``lse`` has none there (its
     cotangent is ignored), so none here."""
     (config,) = statics
