@@ -6,6 +6,7 @@ from jsoftmax._cross_entropy import softmax_cross_entropy as softmax_cross_entro
 from jsoftmax._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
+from jsoftmax._flax import flax_attention_fn as flax_attention_fn
 from jsoftmax._forward_mode import with_forward_mode as with_forward_mode
 from jsoftmax._jacobian import softmax_jacobian as softmax_jacobian
 from jsoftmax._linear_cross_entropy import (
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "dot_product_attention",
+    "flax_attention_fn",
     "linear_softmax_cross_entropy",
     "log_softmax",
     "softmax",

@@ -1,9 +1,14 @@
 """Every public name imports and is listed in __all__."""
 
+import pathlib
+import subprocess
+import sys
+
 import jsoftmax
 
 PUBLIC = [
     "dot_product_attention",
+    "flax_attention_fn",
     "linear_softmax_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -28,3 +33,18 @@ def test_testing_helpers_are_public():
         tolerances,
         vjp_errors,
     )
+
+
+def test_import_does_not_import_flax():
+    # flax is optional: jsoftmax.flax_attention_fn only takes flax's arguments.
+    code = (
+        "import sys, jsoftmax\n"
+        "assert jsoftmax.__file__.startswith(sys.argv[1]), jsoftmax.__file__\n"
+        "flax = sorted(m for m in sys.modules if m.split('.')[0] == 'flax')\n"
+        "assert not flax, flax\n"
+    )
+    root = str(pathlib.Path(jsoftmax.__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, root], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]

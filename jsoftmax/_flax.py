@@ -1,0 +1,261 @@
+"""flax's ``attention_fn`` signature over :func:`jsoftmax.dot_product_attention`.
+
+flax is optional: nothing here imports it. The adapter only accepts the
+arguments that ``flax.nnx.MultiHeadAttention`` and
+``flax.linen.MultiHeadDotProductAttention`` pass to their ``attention_fn``
+(flax 0.12.8) and maps them onto jsoftmax's attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsoftmax._attention import dot_product_attention
+
+
+def flax_attention_fn(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: jax.typing.ArrayLike | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: jax.typing.DTypeLike | None = None,
+    precision: Any = None,
+    module: Any = None,
+    promote_dtype: Callable[..., Any] | None = None,
+    is_causal: bool = False,
+    *,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., Any] | None = None,
+    qk_attn_weights_einsum: Callable[..., Any] | None = None,
+    attn_weights_value_einsum: Callable[..., Any] | None = None,
+) -> jax.Array:
+    r"""jsoftmax's attention with the signature of flax's ``attention_fn``.
+
+    Pass it to a flax attention layer to run that layer's attention with
+    :func:`jsoftmax.dot_product_attention` (block-wise, the ``T x S`` scores
+    never held, a hand-written backward pass):
+
+    .. code-block:: python
+
+        nnx.MultiHeadAttention(..., attention_fn=jsoftmax.flax_attention_fn)
+        nn.MultiHeadDotProductAttention(..., attention_fn=jsoftmax.flax_attention_fn)
+
+    The arguments are those of ``flax.nnx.dot_product_attention`` (in its
+    order) and, keyword-only, the extra ones of
+    ``flax.linen.dot_product_attention`` (flax 0.12.8). Where every query
+    row sees at least one key, the output is flax's attention,
+
+    .. math::
+
+        o_i = \sum_j \operatorname{softmax}_j\!\left(
+        \frac{q_i \cdot k_j}{\sqrt{H}} + b_{ij}\right) v_j
+        \quad\text{over the keys } j \text{ the mask leaves visible},
+
+    equal to float32 rounding in values and gradients.
+
+    Args:
+      query: ``[batch..., T, N, H]``, any number of batch axes (also none).
+      key: ``[batch..., S, K, H]``, ``N % K == 0`` (grouped-query attention).
+      value: the shape of ``key``.
+      bias: optional, added to the scores; broadcastable to
+        ``[batch..., N, T, S]``.
+      mask: optional, broadcastable to ``[batch..., N, T, S]``, any dtype: a
+        query attends to a key where the mask is nonzero (``True``, ``1.0``,
+        but also ``0.5``, ``-1`` or NaN), as flax's
+        ``jnp.where(mask, scores, big_neg)`` reads it. The float 0/1 masks
+        of ``nnx.make_attention_mask``, ``make_causal_mask`` and
+        ``combine_masks`` (and their linen twins) work as they are.
+      broadcast_dropout: accepted; dropout is not supported.
+      dropout_rng: accepted and ignored: no dropout is ever applied.
+      dropout_rate: must not be positive unless ``deterministic``
+        (evaluation, where flax applies no dropout either).
+      deterministic: with ``True``, any ``dropout_rate`` is accepted.
+      dtype: the computation dtype: ``query``, ``key`` and ``value`` are
+        cast to it (default: their promoted dtype, at least floating), and
+        the output has it. float16 and bfloat16 run their matmuls in that
+        dtype with float32 accumulation, and the scores and probabilities
+        are float32.
+      precision: ``None`` or ``lax.Precision.DEFAULT`` only. The matmuls
+        take their precision from ``jax_default_matmul_precision`` in the
+        forward and the backward pass; to raise it, leave ``precision`` unset
+        and run the step under ``jax.default_matmul_precision("highest")``.
+      module: must be ``None``: the attention weights are never formed, so
+        they cannot be sown (``sow_weights=True`` in flax's layers).
+      promote_dtype: optional, flax nnx's convention:
+        ``promote_dtype((query, key, value), dtype=dtype)`` returns the three
+        arrays cast; by default they are cast as flax nnx's default
+        ``promote_dtype`` does.
+      is_causal: query ``i`` sees keys ``j <= i``, on top of ``mask``
+        (nnx's ``is_causal``; the ``[T, S]`` lower triangle, aligned at the
+        top left).
+      force_fp32_for_softmax: accepted (linen): the softmax is at least
+        float32 whatever it is.
+      einsum_dot_general: must be ``None`` (linen).
+      qk_attn_weights_einsum: must be ``None`` (linen's custom einsums, as
+        AQT quantization uses, cannot reach jsoftmax's block matmuls).
+      attn_weights_value_einsum: must be ``None``, as above.
+
+    Returns:
+      ``[batch..., T, N, H]`` in the computation dtype. A query row that sees
+      no key (all masked, as a padded query under ``make_attention_mask``)
+      has output 0 and passes no gradient to any input; flax gives the mean
+      of ``value`` there (its masked scores are ``finfo.min``, not
+      ``-inf``).
+
+    Raises:
+      ValueError: ``dropout_rate > 0`` with ``deterministic=False``; a
+        ``module`` (sown weights); a ``precision`` other than the default;
+        a custom einsum; ranks, batch axes or a ``bias``/``mask`` shape that
+        do not fit (named); and the shapes
+        :func:`jsoftmax.dot_product_attention` refuses (heads that do not
+        divide, an empty sequence).
+      TypeError: complex inputs, as :func:`jsoftmax.dot_product_attention`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 4))
+      >>> causal = jnp.tril(jnp.ones((5, 5)))  # a float 0/1 mask, as flax makes
+      >>> out = jsoftmax.flax_attention_fn(
+      ...     q, k, v, mask=causal, dropout_rate=0.1, deterministic=True
+      ... )
+      >>> want = jsoftmax.dot_product_attention(q, k, v, is_causal=True)
+      >>> out.shape, bool(jnp.allclose(out, want, atol=1e-6))
+      ((2, 5, 2, 4), True)
+      >>> jsoftmax.flax_attention_fn(q, k, v, dropout_rate=0.1)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+        ...
+      ValueError: flax_attention_fn: attention dropout is not supported ...
+    """
+    name = "flax_attention_fn"
+    _refuse_unsupported(
+        name,
+        dropout_rate,
+        deterministic,
+        module,
+        precision,
+        einsum_dot_general,
+        qk_attn_weights_einsum,
+        attn_weights_value_einsum,
+    )
+    if promote_dtype is None:
+        query, key, value = _promote(query, key, value, dtype)
+    else:
+        query, key, value = promote_dtype((query, key, value), dtype=dtype)
+    if not (query.ndim >= 3 and key.ndim == query.ndim == value.ndim):
+        raise ValueError(
+            f"{name}: query, key and value must be [batch..., T, N, H] / "
+            f"[batch..., S, K, H] with the same batch axes, got query "
+            f"{query.shape}, key {key.shape} and value {value.shape}"
+        )
+    batch = query.shape[:-3]
+    if key.shape[:-3] != batch or value.shape[:-3] != batch:
+        raise ValueError(
+            f"{name}: query, key and value must have the same batch axes, got "
+            f"query {query.shape}, key {key.shape} and value {value.shape}"
+        )
+    scores = batch + (query.shape[-2], query.shape[-3], key.shape[-3])
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            mask = mask.astype(jnp.bool_)  # nonzero (and NaN) attends
+    bias = _scores_input(name, "bias", bias, scores)
+    mask = _scores_input(name, "mask", mask, scores)
+    if len(batch) > 1:
+        flat = math.prod(batch)
+        query, key, value = (
+            x.reshape((flat,) + x.shape[-3:]) for x in (query, key, value)
+        )
+    out = dot_product_attention(query, key, value, bias, mask, is_causal=is_causal)
+    return out.reshape(batch + out.shape[-3:])
+
+
+def _refuse_unsupported(
+    name,
+    dropout_rate,
+    deterministic,
+    module,
+    precision,
+    einsum_dot_general,
+    qk_attn_weights_einsum,
+    attn_weights_value_einsum,
+):
+    """The ValueErrors for what flax's attention does and jsoftmax's cannot."""
+    if not deterministic and dropout_rate > 0:
+        raise ValueError(
+            f"{name}: attention dropout is not supported (dropout_rate="
+            f"{dropout_rate} with deterministic={deterministic}): jsoftmax never "
+            "forms the attention weights that dropout would drop. Set "
+            "dropout_rate=0 (or deterministic=True for evaluation), or use flax's "
+            "own attention_fn for training with attention dropout"
+        )
+    if module is not None:
+        raise ValueError(
+            f"{name}: module={type(module).__name__} asks to sow the attention "
+            "weights (sow_weights=True), but jsoftmax never forms them; call the "
+            "layer with sow_weights=False, or use flax's attention to inspect them"
+        )
+    parts = precision if isinstance(precision, (tuple, list)) else (precision,)
+    if not all(p is None or lax.Precision(p) == lax.Precision.DEFAULT for p in parts):
+        raise ValueError(
+            f"{name}: precision={precision!r} is not supported: jsoftmax's matmuls "
+            "take their precision from jax_default_matmul_precision in the forward "
+            "and the backward pass. Leave precision unset and run the step under "
+            'jax.default_matmul_precision("highest")'
+        )
+    for what, einsum in (
+        ("einsum_dot_general", einsum_dot_general),
+        ("qk_attn_weights_einsum", qk_attn_weights_einsum),
+        ("attn_weights_value_einsum", attn_weights_value_einsum),
+    ):
+        if einsum is not None:
+            raise ValueError(
+                f"{name}: {what} is not supported: jsoftmax's block matmuls cannot "
+                "use a custom einsum or dot_general (e.g. AQT quantization)"
+            )
+
+
+def _promote(query, key, value, dtype):
+    """Cast to ``dtype``, or to the inputs' promoted dtype made floating, as
+    ``flax.nnx.promote_dtype`` does."""
+    if dtype is None:
+        dtype = jnp.result_type(query, key, value)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            with jax.numpy_dtype_promotion("standard"):  # ints and bools: float32
+                dtype = jnp.promote_types(jnp.float32, dtype)
+    return tuple(jnp.asarray(x, dtype) for x in (query, key, value))
+
+
+def _scores_input(name, what, x, scores):
+    """A bias or mask broadcastable to ``scores = [batch..., N, T, S]``, with
+    several batch axes merged into one (as the inputs are)."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    ok = x.ndim <= len(scores) and all(
+        d == 1 or d == f for d, f in zip(x.shape[::-1], scores[::-1], strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"{name}: {what} of shape {x.shape} does not broadcast to the scores "
+            f"[batch..., N, T, S] = {scores}"
+        )
+    batch_axes = len(scores) - 3
+    if batch_axes <= 1:
+        return x
+    x = x.reshape((1,) * (len(scores) - x.ndim) + x.shape)
+    if all(d == 1 for d in x.shape[:batch_axes]):
+        return x.reshape((1,) + x.shape[batch_axes:])
+    x = jnp.broadcast_to(x, scores[:batch_axes] + x.shape[batch_axes:])
+    return x.reshape((math.prod(scores[:batch_axes]),) + x.shape[batch_axes:])

@@ -1,0 +1,478 @@
+"""flax_attention_fn: flax's attention layers (nnx and linen, flax 0.12.8) give
+the same outputs and parameter gradients with it as with flax's own
+attention_fn, and what jsoftmax cannot do (dropout, sown weights, a matmul
+precision, custom einsums) is refused by name."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jsoftmax
+
+flax = pytest.importorskip("flax")
+nn = pytest.importorskip("flax.linen")
+from flax import nnx  # noqa: E402
+from flax.nnx.nn.dtypes import promote_dtype as promote  # noqa: E402
+
+T, S, F, N = 6, 5, 8, 2
+# float32, relative to the largest entry of the reference (as in
+# tests/test_attention.py): the layers add two projections around attention.
+VALUE_RTOL, GRAD_RTOL = 1e-5, 2e-5
+
+
+def rel_err(got, want):
+    """The largest error over every leaf, relative to the largest reference
+    entry of the whole tree (the key projection's bias has a gradient of 0
+    up to rounding: softmax ignores a score shift shared by a row's keys);
+    inf where a shape differs or got is not finite."""
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    got_leaves = [np.asarray(g, np.float64) for g in got_leaves]
+    want_leaves = [np.asarray(w, np.float64) for w in want_leaves]
+    scale = max(float(np.max(np.abs(w), initial=0.0)) for w in want_leaves)
+    worst = 0.0
+    for g, w in zip(got_leaves, want_leaves, strict=True):
+        if g.shape != w.shape or not np.isfinite(g).all():
+            return np.inf
+        worst = max(worst, float(np.max(np.abs(g - w), initial=0.0)))
+    return worst / max(scale, 1e-30)
+
+
+def normal(shape, seed, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def padding(batch, length, seed):
+    """A 0/1 float validity vector per sequence, position 0 always valid
+    (so that no query row is fully masked: flax differs there)."""
+    valid = np.random.default_rng(seed).random(batch + (length,)) < 0.6
+    valid[..., 0] = True
+    return jnp.asarray(valid, jnp.float32)
+
+
+def float_mask(shape, seed):
+    """A float mask with 0 (hidden) and the nonzero values 1, 0.5, -2 and NaN
+    (all of which flax's jnp.where reads as visible); key 0 always visible."""
+    rng = np.random.default_rng(seed)
+    m = rng.choice(np.array([0.0, 0.0, 1.0, 0.5, -2.0, np.nan], np.float32), shape)
+    m[..., 0] = 1.0
+    return jnp.asarray(m)
+
+
+# Masks for the layers, all [2, 1, T, T] float (one compilation each side):
+# flax's own mask builders, and a float mask with other nonzero values.
+def layer_mask(name, batch=(2,)):
+    ones = jnp.ones(batch + (T,))
+    causal = nnx.make_causal_mask(ones)
+    padded = nnx.make_attention_mask(ones, padding(batch, T, 2))
+    return {
+        "causal": causal,
+        "key_padding": padded,
+        "causal_and_padding": nnx.combine_masks(causal, padded),
+        "float_nonzero": float_mask(batch + (1, T, T), 4),
+    }[name]
+
+
+MASKS = ["causal", "key_padding", "causal_and_padding", "float_nonzero"]
+
+
+def test_dot_product_attention_itself_is_not_an_attention_fn():
+    # Why the adapter exists: flax passes dropout_rng and float 0/1 masks.
+    q, k, v = qkv((2,))
+    with pytest.raises(TypeError, match="dropout_rng"):
+        jsoftmax.dot_product_attention(q, k, v, dropout_rng=None)
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        jsoftmax.dot_product_attention(q, k, v, mask=jnp.ones((T, S)))
+
+
+# -- nnx ----------------------------------------------------------------------
+
+
+def nnx_pair(**kw):
+    """The same nnx layer (same parameters) with jsoftmax's and with flax's
+    attention_fn."""
+
+    def make(attention_fn):
+        return nnx.MultiHeadAttention(
+            num_heads=N,
+            in_features=F,
+            decode=False,
+            rngs=nnx.Rngs(0),
+            attention_fn=attention_fn,
+            **kw,
+        )
+
+    return make(jsoftmax.flax_attention_fn), make(nnx.dot_product_attention)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def nnx_value_and_grads(graphdef, params, rest, x, kv, mask, ct, call=()):
+    """The layer's output and the gradients of sum(output * ct) w.r.t. its
+    parameters; jitted on the graph (which holds attention_fn) so that layers
+    built alike share a compilation."""
+
+    def loss(params):
+        out = nnx.merge(graphdef, params, rest)(x, kv, mask=mask, **dict(call))
+        return jnp.sum(out * ct), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads
+
+
+def assert_nnx_layers_agree(ours, theirs, x, kv=None, mask=None, **call):
+    ct = normal(x.shape, 9)
+    call = tuple(sorted(call.items()))
+    out, grads = nnx_value_and_grads(
+        *nnx.split(ours, nnx.Param, ...), x, kv, mask, ct, call
+    )
+    want, want_grads = nnx_value_and_grads(
+        *nnx.split(theirs, nnx.Param, ...), x, kv, mask, ct, call
+    )
+    assert out.shape == want.shape and out.dtype == want.dtype
+    assert rel_err(out, want) <= VALUE_RTOL
+    assert rel_err(grads, want_grads) <= GRAD_RTOL
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_nnx_layer_with_flax_masks_matches_flax_attention(mask):
+    x = normal((2, T, F), 1)
+    assert_nnx_layers_agree(*nnx_pair(), x, mask=layer_mask(mask))
+
+
+def test_nnx_layer_without_mask_matches_flax():
+    assert_nnx_layers_agree(*nnx_pair(), normal((2, T, F), 1))
+
+
+def test_nnx_cross_attention_with_key_padding_matches_flax():
+    x, kv = normal((2, T, F), 1), normal((2, S, F), 6)
+    mask = nnx.make_attention_mask(jnp.ones((2, T)), padding((2,), S, 7))
+    assert_nnx_layers_agree(*nnx_pair(), x, kv, mask)
+
+
+def test_nnx_layer_with_two_batch_axes_matches_flax():
+    x = normal((2, 3, T, F), 1)
+    mask = layer_mask("causal_and_padding", (2, 3))
+    assert_nnx_layers_agree(*nnx_pair(), x, mask=mask)
+
+
+def test_nnx_is_causal_and_grouped_query_heads_match_flax():
+    x = normal((2, T, F), 1)
+    ours, theirs = nnx_pair(num_kv_heads=1)
+    assert_nnx_layers_agree(
+        ours, theirs, x, mask=layer_mask("key_padding"), is_causal=True
+    )
+
+
+def test_nnx_evaluation_with_dropout_rate_and_default_precision_matches_flax():
+    x = normal((2, T, F), 1)
+    ours, theirs = nnx_pair(dropout_rate=0.1, precision=lax.Precision.DEFAULT)
+    mask = layer_mask("causal_and_padding")
+    assert_nnx_layers_agree(ours, theirs, x, mask=mask, deterministic=True)
+
+
+def test_nnx_dropout_in_training_is_refused():
+    ours, _ = nnx_pair(dropout_rate=0.1)
+    with pytest.raises(ValueError, match=r"dropout is not supported.*rate=0.1"):
+        ours(normal((2, T, F), 1), deterministic=False)
+
+
+def test_nnx_sown_weights_are_refused():
+    ours, _ = nnx_pair()
+    with pytest.raises(ValueError, match="sow the attention weights"):
+        ours(normal((2, T, F), 1), sow_weights=True)
+
+
+def test_nnx_precision_other_than_default_is_refused():
+    ours, _ = nnx_pair(precision=lax.Precision.HIGHEST)
+    with pytest.raises(ValueError, match="precision=.*HIGHEST"):
+        ours(normal((2, T, F), 1))
+
+
+@nnx.jit(static_argnames="decode")
+def nnx_call(layer, x, mask=None, decode=False):
+    return layer(x, mask=mask, decode=decode)
+
+
+def test_nnx_decode_matches_flax_and_the_full_causal_pass():
+    x = normal((2, T, F), 1)
+    ours, theirs = nnx_pair()
+    full = nnx_call(ours, x, layer_mask("causal"))
+    for layer in (ours, theirs):
+        layer.init_cache(x.shape)
+    for i in range(T):
+        step = nnx_call(ours, x[:, i : i + 1], decode=True)
+        want = nnx_call(theirs, x[:, i : i + 1], decode=True)
+        assert rel_err(step, want) <= VALUE_RTOL
+        assert rel_err(step, full[:, i : i + 1]) <= VALUE_RTOL
+
+
+def test_nnx_bfloat16_layer_runs_in_bfloat16():
+    x = normal((2, T, F), 1)
+    ours, theirs = nnx_pair(dtype=jnp.bfloat16)
+    out = nnx_call(ours, x, layer_mask("causal"))
+    with jax.numpy_dtype_promotion("standard"):  # jax.nn's needs it
+        want = nnx_call(theirs, x, layer_mask("causal"))
+    assert out.dtype == want.dtype == jnp.bfloat16
+    assert rel_err(out, want) <= jsoftmax.testing.tolerances(jnp.bfloat16, n=T)[0]
+
+
+# -- linen --------------------------------------------------------------------
+
+
+def linen_pair(**kw):
+    return (
+        nn.MultiHeadDotProductAttention(
+            num_heads=N, attention_fn=jsoftmax.flax_attention_fn, **kw
+        ),
+        nn.MultiHeadDotProductAttention(num_heads=N, **kw),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def linen_value_and_grads(layer, params, x, mask, ct, call=()):
+    def loss(params):
+        out = layer.apply(params, x, mask=mask, **dict(call))
+        return jnp.sum(out * ct), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads
+
+
+def assert_linen_layers_agree(ours, theirs, x, mask=None, **call):
+    params = theirs.init(jax.random.key(0), x, deterministic=True)
+    ct = normal(x.shape, 9)
+    call = tuple(sorted(call.items()))
+    out, grads = linen_value_and_grads(ours, params, x, mask, ct, call)
+    want, want_grads = linen_value_and_grads(theirs, params, x, mask, ct, call)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    assert rel_err(out, want) <= VALUE_RTOL
+    assert rel_err(grads, want_grads) <= GRAD_RTOL
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_linen_layer_with_flax_masks_matches_flax_attention(mask):
+    x = normal((2, T, F), 1)
+    assert_linen_layers_agree(*linen_pair(), x, layer_mask(mask))
+
+
+def test_linen_evaluation_with_dropout_rate_matches_flax():
+    x = normal((2, T, F), 1)
+    ours, theirs = linen_pair(dropout_rate=0.1)
+    mask = layer_mask("causal_and_padding")
+    assert_linen_layers_agree(ours, theirs, x, mask, deterministic=True)
+
+
+def test_linen_decode_matches_flax():
+    x = normal((2, T, F), 1)
+    ours, theirs = linen_pair(decode=True)
+    variables = theirs.init(jax.random.key(0), x)
+    params = {"params": variables["params"]}
+    caches = [variables["cache"], variables["cache"]]
+    step = jax.jit(
+        lambda layer, cache, x: layer.apply(
+            {**params, "cache": cache}, x, mutable=["cache"]
+        ),
+        static_argnums=0,
+    )
+    for i in range(T):
+        (got, caches[0]), (want, caches[1]) = (
+            step(layer, cache, x[:, i : i + 1])
+            for layer, cache in zip((ours, theirs), caches, strict=True)
+        )
+        caches = [c["cache"] for c in caches]
+        assert rel_err(got, want) <= VALUE_RTOL
+
+
+def test_linen_dropout_sown_weights_and_custom_einsums_are_refused():
+    ours, theirs = linen_pair(dropout_rate=0.1)
+    x = normal((2, T, F), 1)
+    params = theirs.init(jax.random.key(0), x, deterministic=True)
+    with pytest.raises(ValueError, match="dropout is not supported"):
+        ours.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    with pytest.raises(ValueError, match="sow the attention weights"):
+        ours.apply(
+            params, x, deterministic=True, sow_weights=True, mutable=["intermediates"]
+        )
+    einsums = dict(
+        qk_attn_weights_einsum_cls=lambda: jnp.einsum,
+        attn_weights_value_einsum_cls=lambda: jnp.einsum,
+    )
+    ours, _ = linen_pair(**einsums)
+    with pytest.raises(ValueError, match="qk_attn_weights_einsum is not supported"):
+        ours.apply(params, x)
+
+
+# -- the function itself, against flax's dot_product_attention ----------------
+
+
+def qkv(batch, seed=0, k_heads=N):
+    return (
+        normal(batch + (T, N, 4), seed),
+        normal(batch + (S, k_heads, 4), seed + 1),
+        normal(batch + (S, k_heads, 4), seed + 2),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def value_and_grads(attention, q, k, v, bias, mask, kw=(), ct=None):
+    """attention's output and the gradients of sum(output * ct) w.r.t. q, k,
+    v (and bias); ct random by default."""
+    if ct is None:
+        ct = normal(q.shape, 9)
+
+    def loss(q, k, v, bias):
+        out = attention(q, k, v, bias, mask, **dict(kw))
+        return jnp.sum(out * ct), out
+
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    (_, out), grads = jax.value_and_grad(loss, argnums, has_aux=True)(q, k, v, bias)
+    return out, grads
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def forward(attention, q, k, v, mask, kw=()):
+    return attention(q, k, v, mask=mask, **dict(kw))
+
+
+# Mask and bias shapes broadcastable to [batch..., N, T, S], per batch axes.
+SCORE_SHAPES = [
+    ((), (N, T, S)),
+    ((), (S,)),
+    ((2,), (1, N, 1, S)),
+    ((2, 3), (2, 1, 1, T, S)),
+    ((2, 3), (3, 1, 1, S)),
+    ((2, 1, 3), (1, 1, 3, 1, T, S)),
+]
+
+
+@pytest.mark.parametrize("batch, shape", SCORE_SHAPES)
+def test_masks_and_biases_of_every_broadcast_shape_match_flax(batch, shape):
+    q, k, v = qkv(batch)
+    mask, bias = float_mask(shape, 3), normal(shape, 4)
+    got = value_and_grads(jsoftmax.flax_attention_fn, q, k, v, bias, mask)
+    want = value_and_grads(nn.dot_product_attention, q, k, v, bias, mask)
+    assert rel_err(got, want) <= GRAD_RTOL
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        np.array([[1, 0, 1, 1, 0]] * T, np.float32),
+        np.array([[1, 0, 3, -1, 0]] * T, np.int32),
+        np.array([[True, False, True, True, False]] * T),
+        np.array([[0.5, 0.0, -2.0, np.nan, 0.0]] * T, np.float32),
+    ],
+    ids=["float_0_1", "int", "bool", "float_nonzero"],
+)
+def test_nonzero_mask_entries_attend_as_in_flax(mask):
+    q, k, v = qkv((2,))
+    out = forward(jsoftmax.flax_attention_fn, q, k, v, mask)
+    for reference in (nn.dot_product_attention, nnx.dot_product_attention):
+        assert rel_err(out, forward(reference, q, k, v, mask)) <= VALUE_RTOL
+    # The check can fail: reading only 1 as visible gives another answer.
+    if not np.isin(mask, (0, 1)).all():
+        ones_only = forward(jsoftmax.flax_attention_fn, q, k, v, mask == 1)
+        assert rel_err(ones_only, out) > 100 * VALUE_RTOL
+
+
+def test_is_causal_with_grouped_query_heads_matches_flax():
+    q, k, v = qkv((2,), k_heads=1)
+    mask = float_mask((2, 1, T, S), 3)
+    causal = (("is_causal", True),)
+    got = value_and_grads(jsoftmax.flax_attention_fn, q, k, v, None, mask, causal)
+    # flax's einsum path (taken with a dropout rate in evaluation) and its
+    # jax.nn path.
+    for kw in ((("deterministic", True), ("dropout_rate", 0.5)), ()):
+        want = value_and_grads(
+            nnx.dot_product_attention, q, k, v, None, mask, causal + kw
+        )
+        assert rel_err(got, want) <= GRAD_RTOL
+
+
+def test_fully_masked_query_row_is_zero_where_flax_gives_the_mean_of_values():
+    q, k, v = qkv((2,))
+    mask = np.ones((T, S), bool)
+    mask[0] = False  # query 0 sees no key
+    row_0 = jnp.zeros(q.shape).at[:, 0].set(normal(q[:, 0].shape, 9))
+    out, grads = value_and_grads(
+        jsoftmax.flax_attention_fn, q, k, v, None, mask, (), row_0
+    )
+    want = forward(nn.dot_product_attention, q, k, v, mask)
+    assert (out[:, 0] == 0).all()
+    assert rel_err(want[:, 0], v.mean(axis=1)) <= VALUE_RTOL
+    assert rel_err(out[:, 1:], want[:, 1:]) <= VALUE_RTOL
+    assert all((g == 0).all() for g in grads)  # row 0 passes no gradient
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dtype_casts_the_inputs_as_flax_does(dtype):
+    q, k, v = qkv((2,))
+    kw = (("dtype", dtype),)
+    out = forward(jsoftmax.flax_attention_fn, q, k, v, None, kw)
+    cast = (x.astype(dtype) for x in (q, k, v))
+    assert (out == forward(jsoftmax.dot_product_attention, *cast, None)).all()
+    # flax's einsum path (jax.nn's does not compile float16 on a CPU).
+    with jax.numpy_dtype_promotion("standard"):
+        assert out.dtype == forward(nn.dot_product_attention, q, k, v, None, kw).dtype
+    with_flax = forward(
+        jsoftmax.flax_attention_fn, q, k, v, None, kw + (("promote_dtype", promote),)
+    )
+    assert (with_flax == out).all()
+
+
+def test_integer_inputs_promote_to_float_as_in_flax():
+    ints = jnp.arange(2 * T * N * 4, dtype=jnp.int32).reshape(2, T, N, 4) % 3
+    out = forward(jsoftmax.flax_attention_fn, ints, ints, ints, None)
+    with jax.numpy_dtype_promotion("standard"):  # flax's promote_dtype needs it
+        want = forward(nnx.dot_product_attention, ints, ints, ints, None)
+    assert out.dtype == want.dtype == jnp.float32
+    assert rel_err(out, want) <= VALUE_RTOL
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(dropout_rate=0.1), "dropout is not supported"),
+        (dict(dropout_rate=0.1, deterministic=False), "dropout is not supported"),
+        (dict(module=object()), "sow the attention weights"),
+        (dict(precision=lax.Precision.HIGHEST), "precision="),
+        (dict(precision="float32"), "precision="),
+        (dict(precision=(None, lax.Precision.HIGH)), "precision="),
+        (dict(einsum_dot_general=lax.dot_general), "einsum_dot_general"),
+        (dict(mask=jnp.ones((T, T))), r"mask of shape \(6, 6\)"),
+        (dict(bias=jnp.ones((3, N, T, S))), r"bias of shape \(3, 2, 6, 5\)"),
+    ],
+)
+def test_unsupported_arguments_are_refused_by_name(kw, match):
+    q, k, v = qkv((2,))
+    with pytest.raises(ValueError, match=match):
+        jsoftmax.flax_attention_fn(q, k, v, **kw)
+
+
+def test_accepted_no_op_arguments_change_nothing():
+    q, k, v = qkv((2,))
+    plain = jax.make_jaxpr(jsoftmax.flax_attention_fn)(q, k, v)
+    no_ops = jax.make_jaxpr(
+        functools.partial(
+            jsoftmax.flax_attention_fn,
+            broadcast_dropout=False,
+            dropout_rng=None,
+            dropout_rate=0.3,
+            deterministic=True,
+            precision=(lax.Precision.DEFAULT, "default"),
+            force_fp32_for_softmax=True,
+        )
+    )(q, k, v)
+    assert str(no_ops) == str(plain)
+
+
+def test_mismatched_batch_axes_and_ranks_are_refused():
+    q, k, v = qkv((2, 3))
+    with pytest.raises(ValueError, match="same batch axes"):
+        jsoftmax.flax_attention_fn(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"\[batch..., T, N, H\]"):
+        jsoftmax.flax_attention_fn(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
