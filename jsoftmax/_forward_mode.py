@@ -30,10 +30,21 @@ symmetric). :func:`with_forward_mode` builds on that:
   ``custom_vjp``'s ``fwd``, not rewritten by partial evaluation
   (:func:`_fwd_call`), so that ``jit(value_and_grad)`` compiles to exactly
   the bare ``custom_vjp``'s program.
+- under a transformation (``jit``, ``vmap``, an outer ``jvp``...), ``fwd``,
+  ``bwd`` and the tangent map are traced once per call, and the traced
+  values they close over (a ``custom_vjp`` defined inside a ``jit`` or
+  ``vmap`` reads its arguments, as flax and equinox modules' rules read their
+  parameters) become explicit inputs (:func:`_closure_convert`): of the
+  ``fwd`` call, and of ``L``, ahead of the residuals. No primitive parameter
+  holds a tracer, which would outlive its trace (a ``jit``'s lowering, a
+  ``vmap`` that does not see its batch axis, a ``jvp`` that does not see its
+  tangent).
 
-Everything here that touches JAX internals (``jax.extend.core.Primitive`` and
-the ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``)
-stays in this module; tests/test_forward_mode.py fails loudly if those move.
+Everything here that touches JAX internals (``jax.extend.core.Primitive``,
+the ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``,
+and, for closures, the trace context, the equation context and
+``eval_jaxpr`` of ``jax._src.core``) stays in this module;
+tests/test_forward_mode.py fails loudly if those move.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as _core
 from jax._src.interpreters import ad, batching, mlir
+from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import Primitive
 
 __all__ = ["with_forward_mode"]
@@ -226,6 +238,17 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
     first), pytree inputs and outputs, and integer or boolean inputs, which
     get no tangent. Only float leaves are differentiated.
 
+    ``fn``'s rules may close over traced values: a ``custom_vjp`` defined
+    inside a ``jit``, ``vmap`` or ``lax.scan`` body that reads its arguments
+    (as flax and equinox modules' rules read their parameters), or a function
+    in ``nondiff_argnums`` that does. Forward and reverse mode, their
+    compositions and an inner ``jit`` or ``vmap`` work with them, and a
+    ``jacfwd`` or ``jacrev`` in such a value around a ``jvp`` or ``grad`` in
+    ``fn``'s arguments differentiates through ``fwd`` and ``bwd``, as for
+    ``fn``. Differentiating in it in the same ``jvp`` or ``grad`` as ``fn``'s
+    arguments raises JAX's ``UnexpectedTracerError``, as for ``fn``: pass it
+    as an argument instead.
+
     Args:
       fn: a ``jax.custom_vjp`` function whose rules are defined (``defvjp``),
         without ``symbolic_zeros``.
@@ -243,6 +266,9 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
         uses ``symbolic_zeros``. When differentiated in forward mode: a
         symmetric ``fn`` has inputs and outputs that do not correspond, or
         ``bwd`` returns a cotangent of the wrong shape.
+      UnexpectedTracerError: as ``fn`` raises it: a ``nondiff_argnums``
+        argument is traced, or a value the rules close over is differentiated
+        together with ``fn``'s arguments.
       NotImplementedError: in forward mode, ``bwd`` uses an operation that is
         not linear in the cotangent (``jax.linear_transpose`` names it). A
         ``bwd`` that is affine in it (a constant added) is not detected: the
@@ -287,6 +313,8 @@ def _with_forward_mode(
     ``jax.jvp`` of the forward pass recomputed from the residuals, not a
     second hand-written derivative, and it must agree with ``bwd`` (which is
     ``J^T``: an output ``bwd`` ignores the cotangent of has a zero tangent).
+    Like ``fwd`` and ``bwd``, it may close over traced values (through
+    ``statics`` too).
     Reverse mode still runs ``bwd`` on ``res`` only; higher derivatives
     differentiate ``tangent`` (``jacfwd`` over it works, reverse mode over it
     needs it to be transposable).
@@ -315,12 +343,28 @@ def _with_forward_mode(
 
     def rule(*args):
         *statics, primals, tangents = args
+        _check_static(name, nondiff, statics)
         return _jvp_rule(
             fn, symmetric, tangent, name, nondiff, statics, primals, tangents
         )
 
     wrapped.defjvp(rule)
     return wrapped
+
+
+def _check_static(name, nondiff, statics):
+    """A traced ``nondiff_argnums`` argument raises, as ``jax.custom_vjp``
+    raises it when called (the forward-mode rule does not call it)."""
+    for i, static in zip(nondiff, statics, strict=True):
+        if any(isinstance(x, _core.Tracer) for x in jax.tree.leaves(static)):
+            raise jax.errors.UnexpectedTracerError(
+                f"{name}: argument {i} is in nondiff_argnums but is traced (an "
+                "argument of jit, vmap or grad, or computed from one): as for "
+                "jax.custom_vjp, pass arrays as ordinary arguments (bwd may "
+                "return None for them); nondiff_argnums are for static values "
+                "such as axes, sizes and functions, which may close over "
+                "traced values"
+            )
 
 
 def _merge(nondiff, statics, primals):
@@ -346,9 +390,11 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     # The maps outlive this trace (in jaxprs and JAX's caches): they keep
     # shapes and tree structures, never tracers.
     y_avals = [jax.typeof(v).to_tangent_aval() for v in y_leaves]
+    if not outs:
+        return y, jax.tree.unflatten(out_tree, _with_float0_zeros(y_avals, [], []))
     skeletons = [jax.tree.map(lambda _: 0, p) for p in primals]
 
-    def vjp(res_leaves, cts):
+    def user_bwd(res_leaves, cts):
         """bwd on float output cotangents; one cotangent per float input leaf."""
         full = _with_float0_zeros(y_avals, outs, cts)
         g = jax.tree.unflatten(out_tree, full)
@@ -362,6 +408,32 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
         for c, p in zip(ct_args, skeletons, strict=True):
             leaves.extend(_ct_leaves(c, p))
         return [leaves[i] for i in diff]
+
+    # Under a transformation the maps are traced here, once each (outside
+    # any, they are called as they are), and the traced values they close
+    # over (an enclosing jit's or vmap's arguments, a flax or equinox
+    # module's parameters, reached through bwd, the static arguments or the
+    # tangent hook) join the residuals as operands of the primitive: its
+    # parameters outlive this trace, and every transformation must see them.
+    # bwd is traced in the context JAX's transposition gives an equation's
+    # rule (the one recorded with it), where it traces a custom_vjp's bwd: the
+    # jit functions it calls are traced anew (their cache keys hold the
+    # context), not reused from the forward pass, as for the custom_vjp.
+    with _core.JaxprEqnContext().manager:
+        bwd, closed = _closure_convert(user_bwd, res_leaves, list(out_avals))
+    own, closed_own = None, []
+    if tangent is not None:
+
+        def user_tangent(res_leaves, t):
+            res = jax.tree.unflatten(res_tree, res_leaves)
+            return list(tangent(statics, res, list(t)))
+
+        own, closed_own = _closure_convert(user_tangent, res_leaves, t_avals)
+    n, m = len(closed), len(closed) + len(closed_own)
+    res_leaves = closed + closed_own + res_leaves
+
+    def vjp(res_leaves, cts):
+        return bwd(res_leaves[:n], res_leaves[m:], cts)
 
     def dense_vjp(res_leaves, cts):
         """vjp with zeros made dense, each cotangent of its input's tangent
@@ -378,11 +450,10 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
             dense.append(c.astype(a.dtype))
         return dense
 
-    if tangent is not None:
+    if own is not None:
 
         def jvp(res_leaves, t):
-            res = jax.tree.unflatten(res_tree, res_leaves)
-            return list(tangent(statics, res, list(t)))
+            return own(res_leaves[n:m], res_leaves[m:], t)
 
     elif symmetric:
         _check_symmetric(name, t_avals, out_avals)
@@ -397,7 +468,7 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
 
     maps = _Maps(name, jvp, vjp, len(res_leaves), out_avals)
     t_in = [t_leaves[i] for i in diff]
-    dy = custom_vjp_linear_p.bind(*res_leaves, *t_in, maps=maps) if outs else []
+    dy = custom_vjp_linear_p.bind(*res_leaves, *t_in, maps=maps)
     full = _with_float0_zeros(y_avals, outs, dy)
     return y, jax.tree.unflatten(out_tree, full)
 
@@ -432,13 +503,60 @@ def _fwd_call(fwd, statics, nondiff, primals):
         forwarded[:] = [index, res_tree]
         return y, [r for r, i in zip(res_leaves, index, strict=True) if i is None]
 
-    whole = jax.custom_jvp(call)
-    whole.defjvp(lambda primals, tangents: jax.jvp(call, primals, tangents))
-    y, computed = whole(*primals)
+    # The traced values fwd closes over are passed to the call: an enclosing
+    # jvp whose tangents come only through them (not through the primals)
+    # would otherwise bind the call in its parent trace, out of their scope.
+    converted, closed = _closure_convert(call, *primals)
+    whole = jax.custom_jvp(converted)
+    whole.defjvp(lambda primals, tangents: jax.jvp(converted, primals, tangents))
+    y, computed = whole(closed, *primals)
     index, res_tree = forwarded
     computed = iter(computed)
     res = [next(computed) if i is None else ins[i] for i in index]
     return y, jax.tree.unflatten(res_tree, res)
+
+
+def _closure_convert(f, *example_args):
+    """``f`` traced into a jaxpr on the avals of ``example_args``, as
+    ``(converted, closed)``: ``closed`` are the traced values ``f`` closes
+    over, and ``converted(closed, *args)`` is ``f(*args)``, evaluating that
+    jaxpr with the values given in their place, so that it closes over no
+    tracer. Constants that are not traced stay in it; outputs may be None.
+    (``jax.closure_convert`` keeps in the closure the tracers it deems unable
+    to carry a tangent, a ``vmap``'s among them.) Outside any transformation,
+    ``f`` itself, untraced: there is no tracer to close over."""
+    if not _under_a_transformation():
+        # Eager, as JAX runs a custom_vjp's fwd and bwd: nothing traced to
+        # close over, and Python control flow on values works as for it.
+        return lambda closed, *args: f(*args), []
+    jaxpr, shapes = jax.make_jaxpr(f, return_shape=True)(*example_args)
+    is_traced = [isinstance(c, _core.Tracer) for c in jaxpr.consts]
+    kept = [None if t else c for c, t in zip(jaxpr.consts, is_traced, strict=True)]
+    closed = [c for c, t in zip(jaxpr.consts, is_traced, strict=True) if t]
+    out_tree = jax.tree.structure(shapes)
+    jaxpr = jaxpr.jaxpr
+
+    def converted(hoisted, *args):
+        hoisted = iter(hoisted)
+        consts = [
+            next(hoisted) if t else c for c, t in zip(kept, is_traced, strict=True)
+        ]
+        out = _core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, closed
+
+
+def _under_a_transformation() -> bool:
+    """Whether a transformation encloses this rule's call (other than the
+    partial evaluation of its own reverse mode), whose traced values the
+    rules might close over."""
+    trace = _core.trace_ctx.trace
+    while not isinstance(trace, _core.EvalTrace):
+        if not isinstance(trace, pe.JaxprTrace):
+            return True
+        trace = trace.parent_trace
+    return False
 
 
 def _position(leaf, inputs, arrays):

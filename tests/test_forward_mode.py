@@ -682,6 +682,195 @@ def test_integer_outputs_under_symbolic_shapes():
     _close(export.export(jvp)(spec, spec).call(X, X), jnp.cos(X) * X)
 
 
+# Rules that close over traced values: a custom_vjp defined inside a jit,
+# vmap or scan body, reading the enclosing function's argument w, as flax and
+# equinox modules' rules read their parameters.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _apply(scale, x):
+    return scale(jnp.sin(x))
+
+
+_apply.defvjp(
+    lambda scale, x: (scale(jnp.sin(x)), jnp.cos(x)),
+    lambda scale, cos_x, g: (scale(g * cos_x),),  # scale is linear
+)
+
+
+def _closing_over(w, where, wrap=True):
+    """``w sin(x)`` as a custom_vjp whose rule reads ``w`` from a closure: in
+    fwd (its residual is ``w cos(x)``), in bwd (``cos(x)``), or in a function
+    passed in nondiff_argnums (which the tangent hook reads too); with
+    forward mode (``wrap``) or bare."""
+    if where.startswith("static"):
+        tangent = None
+        if where == "static[tangent]":
+
+            def tangent(statics, cos_x, t):
+                return [statics[0](cos_x * t[0])]
+
+        f = _forward_mode._with_forward_mode(_apply, tangent=tangent)
+        return functools.partial(f if wrap else _apply, lambda u: u * w)
+
+    @jax.custom_vjp
+    def f(x):
+        return w * jnp.sin(x)
+
+    def fwd(x):
+        return w * jnp.sin(x), (w * jnp.cos(x) if where == "fwd" else jnp.cos(x))
+
+    def bwd(res, g):
+        return (g * res if where == "fwd" else g * res * w,)
+
+    f.defvjp(fwd, bwd)
+    if not wrap:
+        return f
+    return jsoftmax.with_forward_mode(f, symmetric=where == "bwd[symmetric]")
+
+
+closures = pytest.mark.parametrize(
+    "where", ["fwd", "bwd", "bwd[symmetric]", "static", "static[tangent]"]
+)
+XC = X[0, :3]
+TC = _tangents((XC,))[0]
+WS = jnp.array([0.5, -2.0])
+
+
+def _every_transformation(f):
+    """f's derivatives at XC along TC, by every transformation."""
+    s = _scalar(f)
+    ts = jnp.stack([TC, -2.0 * TC])
+
+    def jvp(t):
+        return jax.jvp(f, (XC,), (t,))
+
+    _, f_lin = jax.linearize(f, XC)
+    return dict(
+        jvp=jvp(TC),
+        jit_jvp=jax.jit(jvp)(TC),
+        vmap_jvp=jax.vmap(jvp)(ts),
+        jit_vmap_jvp=jax.jit(jax.vmap(jvp))(ts),
+        jacfwd=jax.jacfwd(f)(XC),
+        hessian=jax.hessian(s)(XC),
+        grad=jax.grad(s)(XC),
+        jit_grad=jax.jit(jax.grad(s))(XC),
+        hvp=jax.jvp(jax.grad(s), (XC,), (TC,))[1],
+        linearize=f_lin(TC),
+    )
+
+
+# The trace w belongs to, running g(w) for the values in WS.
+AROUND = {
+    "jit": lambda g: [jax.jit(g)(w) for w in WS],
+    "vmap": lambda g: jax.vmap(g)(WS),
+    "scan": lambda g: lax.scan(lambda c, w: (c, g(w)), 0.0, WS)[1],
+}
+
+
+@functools.cache
+def _every_transformation_reference(around):
+    return AROUND[around](lambda w: _every_transformation(lambda x: w * jnp.sin(x)))
+
+
+@pytest.mark.parametrize("around", list(AROUND))
+@closures
+def test_every_transformation_of_rules_closing_over_a_traced_value(where, around):
+    # Issue 18: jit(jvp) raised "No constant handler for type:
+    # DynamicJaxprTracer" and vmap(jvp) UnexpectedTracerError, jit(grad)
+    # worked: the closures were in the primitive's parameters.
+    got = AROUND[around](lambda w: _every_transformation(_closing_over(w, where)))
+    _close(got, _every_transformation_reference(around), **TOL2)
+
+
+@closures
+def test_reverse_mode_of_closing_rules_compiles_as_the_bare_custom_vjp(where):
+    def loss(wrap):  # w: an argument of the jit
+        return lambda x, w: jax.value_and_grad(
+            lambda x: jnp.sum(jnp.sin(_closing_over(w, where, wrap)(x)))
+        )(x)
+
+    assert programs(loss(True), XC, 0.5) == programs(loss(False), XC, 0.5)
+
+
+@closures
+def test_derivatives_in_a_closed_over_value_around_those_in_the_arguments(where):
+    # jacfwd and jacrev in w around forward and reverse mode in x go through
+    # fwd and bwd, as JAX's own do for the bare custom_vjp (its grad in x).
+    def inner(f):
+        return jax.jvp(f, (XC,), (TC,))[1], jax.grad(_scalar(f))(XC)
+
+    for outer in (jax.jacfwd, jax.jacrev):
+        want = outer(lambda w: inner(lambda x: w * jnp.sin(x)))(0.5)
+        _close(outer(lambda w: inner(_closing_over(w, where)))(0.5), want, **TOL2)
+        bare = outer(lambda w: jax.grad(_scalar(_closing_over(w, where, False)))(XC))
+        _close(bare(0.5), want[1], **TOL2)
+
+
+@closures
+def test_differentiating_a_closed_over_value_with_the_arguments_raises(where):
+    # The rules cannot see w as an input, so they cannot give its derivative
+    # in the same jvp or grad as x's: the bare custom_vjp raises
+    # UnexpectedTracerError (it does not drop the term), and so does forward
+    # mode, in both modes.
+    def f(wrap):
+        return lambda x, w: jnp.sum(_closing_over(w, where, wrap)(x))
+
+    for wrap in (False, True):
+        for argnums in (1, (0, 1)):
+            with pytest.raises(jax.errors.UnexpectedTracerError):
+                jax.grad(f(wrap), argnums)(XC, 0.5)
+    with pytest.raises(jax.errors.UnexpectedTracerError):
+        jax.jvp(f(True), (XC, 0.5), (TC, 1.0))
+    with pytest.raises(jax.errors.UnexpectedTracerError):
+        jax.jacfwd(f(True), 1)(XC, 0.5)
+
+
+def test_eager_rules_see_values_as_for_the_bare_custom_vjp():
+    # Outside any transformation JAX runs a custom_vjp's fwd and bwd on
+    # values, where Python control flow on them works; so does forward mode,
+    # in grad and in jvp (the rules are traced only where JAX traces them).
+    seen = []
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    def fwd(x):
+        seen.append(float(x[0]))
+        return jnp.sin(x), jnp.cos(x)
+
+    def bwd(cos_x, g):
+        seen.append(float(cos_x[0]))
+        return (g * cos_x,)
+
+    f.defvjp(fwd, bwd)
+    wrapped = jsoftmax.with_forward_mode(f)
+    _close(jax.grad(lambda x: jnp.sum(wrapped(x)))(XC), jnp.cos(XC))
+    _close(jax.jvp(wrapped, (XC,), (TC,)), jax.jvp(jnp.sin, (XC,), (TC,)))
+    assert len(seen) >= 4
+
+
+def test_a_traced_nondiff_argument_raises_as_for_the_bare_custom_vjp():
+    # The bare custom_vjp raises when called; forward mode, which does not
+    # call it, raises too (rather than working in jvp and grad only).
+    f = jsoftmax.with_forward_mode(_gather)
+    p, ids = {"w": X, "b": X[0]}, jnp.array([2, 0, 2, 1])
+
+    def z(k):
+        return lambda p: f(p, ids, k)["z"]
+
+    for run in (
+        lambda k: z(k)(p),
+        lambda k: jax.jvp(z(k), (p,), (p,)),
+        lambda k: jax.grad(lambda p: jnp.sum(z(k)(p)))(p),
+    ):
+        with pytest.raises(jax.errors.UnexpectedTracerError, match="nondiff_arg"):
+            jax.jit(run)(3.0)
+    with pytest.raises(jax.errors.UnexpectedTracerError, match="argument 2 is in"):
+        jax.jit(lambda k: jax.jvp(z(k), (p,), (p,)))(3.0)
+
+
 def test_type_errors():
     with pytest.raises(TypeError, match="takes a jax.custom_vjp object"):
         jsoftmax.with_forward_mode(jnp.sin)
@@ -701,6 +890,7 @@ def test_jax_internals_used_are_where_expected():
     # pyproject.toml). If a JAX upgrade moves them, this fails first.
     from jax._src import core
     from jax._src.interpreters import ad, batching, mlir
+    from jax._src.interpreters import partial_eval as pe
 
     p = _forward_mode.custom_vjp_linear_p
     assert isinstance(p, jax.extend.core.Primitive) and p.multiple_results
@@ -711,4 +901,13 @@ def test_jax_internals_used_are_where_expected():
     for name in ("Zero", "instantiate_zeros", "is_undefined_primal", "zeros_like_aval"):
         assert callable(getattr(ad, name))
     assert callable(core.unmapped_aval) and callable(mlir.lower_fun)
+    # Closure conversion: tracers, jaxpr evaluation, and the context JAX's
+    # transposition gives a rule (the programs' comparison above needs it).
+    traced = []
+    jax.jit(lambda x: traced.append(isinstance(x, core.Tracer)))(1.0)
+    assert traced == [True] and callable(core.eval_jaxpr)
+    assert isinstance(core.trace_ctx.trace, core.EvalTrace)
+    assert "parent_trace" in pe.JaxprTrace.__init__.__code__.co_varnames
+    with core.JaxprEqnContext().manager:
+        pass
     assert "jax" in sys.modules
