@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax._src.ad_checkpoint import saved_residuals
+from jax.experimental import jet
 
 import jsoftmax
 
@@ -75,6 +76,12 @@ def _table(header: tuple[str, ...], rows: list[str]) -> str:
 
 def _forward_mode(f, x) -> str:
     return outcome(lambda: (jax.jvp(f, (x,), (jnp.ones_like(x),)), "works")[1])
+
+
+def _jet(f, x) -> str:
+    """Whether ``jax.experimental.jet`` of ``f`` at ``x`` runs."""
+    series = ((jnp.ones_like(x), jnp.zeros_like(x)),)
+    return outcome(lambda: (jet.jet(f, (x,), series), "works")[1])
 
 
 def _residual_bytes(f, x) -> str:
@@ -173,6 +180,8 @@ def softmax_table() -> str:
         rows.append(_row(f"`{name}`: complex input", *cells))
         cells = [_forward_mode(op, x) for op in (nn_op, our_op)]
         rows.append(_row(f"`{name}`: forward mode (`jax.jvp`)", *cells))
+        cells = [_jet(op, x) for op in (nn_op, our_op)]
+        rows.append(_row(f"`{name}`: Taylor series (`jax.experimental.jet`)", *cells))
         big = jnp.zeros((1024, 1024))
         cells = [_residual_bytes(op, big) for op in (nn_op, our_op)]
         rows.append(
@@ -248,6 +257,52 @@ def cross_entropy_table() -> str:
     cells = [
         _forward_mode(lambda z, op=op: op(z, labels), logits) for op in ops.values()
     ]
+    rows.append(_row("forward mode (`jax.jvp`)", *cells))
+    cells = [_jet(lambda z, op=op: op(z, labels), logits) for op in ops.values()]
+    rows.append(_row("Taylor series (`jax.experimental.jet`)", *cells))
+    return _table(("case", "optax", "jsoftmax"), rows)
+
+
+def probability_table() -> str:
+    """softmax_cross_entropy with label mass on masked classes."""
+    logits = jnp.array([[1.0, 2.0, 3.0, 0.5], [4.0, 5.0, 6.0, 4.5]])
+    ops = {
+        "optax": optax.softmax_cross_entropy,
+        "jsoftmax": jsoftmax.softmax_cross_entropy,
+    }
+    masked = jnp.array([[F, T, T, T]] * 2)  # class 0 masked (optax: full shape)
+    rows = []
+
+    def per_op(case, labels, where=masked):
+        def cell(op):
+            loss, pullback = jax.vjp(lambda z, q: op(z, q, where=where), logits, labels)
+            dz, dq = pullback(jnp.ones_like(loss))
+            return (
+                f"value {describe(loss[0])}, gradient: logits {describe(dz[0])}, "
+                f"labels {describe(dq[0])} ({describe(dq[0, 0])} at the masked class)"
+            )
+
+        rows.append(_row(case, *(outcome(partial(cell, op)) for op in ops.values())))
+
+    per_op(
+        "all the label mass on the masked class",
+        jnp.array([[1.0, 0.0, 0.0, 0.0]] * 2),
+    )
+    per_op(
+        "half the label mass on the masked class",
+        jnp.array([[0.5, 0.0, 0.5, 0.0]] * 2),
+    )
+    per_op(
+        "no label mass on the masked class",
+        jnp.array([[0.0, 0.2, 0.5, 0.3]] * 2),
+    )
+    per_op(
+        "row with every class masked (labels as in the first row)",
+        jnp.array([[0.5, 0.0, 0.5, 0.0]] * 2),
+        where=jnp.array([[F, F, F, F]] * 2),
+    )
+    soft = jax.nn.softmax(logits)
+    cells = [_forward_mode(lambda z, op=op: op(z, soft), logits) for op in ops.values()]
     rows.append(_row("forward mode (`jax.jvp`)", *cells))
     return _table(("case", "optax", "jsoftmax"), rows)
 
@@ -431,6 +486,11 @@ def generate() -> str:
             "(cross-entropy-tables)=\n### Integer-label cross-entropy against optax\n\n"
             "Cotangent 1 on every example; the cells describe the second example.\n\n"
             + cross_entropy_table(),
+            "(probability-label-tables)=\n### Probability-label cross-entropy "
+            "against optax\n\n"
+            "Class 0 masked (`where` at the logits' shape, as optax wants it); "
+            "cotangent 1 on every example; the cells describe the first.\n\n"
+            + probability_table(),
             "(fused-loss-tables)=\n### The fused loss against optax\n\n"
             + fused_loss_table(),
             "(attention-tables)=\n### dot_product_attention against jax.nn\n\n"

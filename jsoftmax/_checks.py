@@ -7,6 +7,7 @@ with a clear message before anything is computed.
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -65,6 +66,18 @@ def _axis_index(a, axis) -> int:
 
 
 def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:
+    """An input of a ``custom_vjp`` op: :func:`refuse_jet`, then
+    :func:`real_float`.
+
+    Raises:
+      TypeError: ``x`` is complex.
+      NotImplementedError: ``x`` is traced by ``jax.experimental.jet``.
+    """
+    refuse_jet(name, x)
+    return real_float(name, x)
+
+
+def real_float(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     """Converts ``x`` to a real floating array, promoting ints and bools.
 
     Integers and booleans become the default float dtype (float32, or float64
@@ -82,6 +95,53 @@ def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     return x
+
+
+def refuse_jet(name: str, x) -> None:
+    """Refuses an input that ``jax.experimental.jet`` traces, naming the op.
+
+    ``jet`` ignores custom derivative rules and evaluates the primal of a
+    ``jax.custom_vjp``, which JAX 0.10 does outside the jet trace: every op
+    here (a ``custom_vjp``) then fails with an ``UnexpectedTracerError`` that
+    names neither the op nor the cause. The jet tracer is looked for inside
+    the tracers of transformations nested in ``jet`` (``vmap``, ``grad``,
+    ``jvp``), so that ``jet(vmap(op))`` is refused too, while an op whose
+    inputs do not depend on the jet's input (a constant, with no series)
+    still runs. An op inside
+    ``jit`` inside ``jet`` sees only ``jit``'s tracers: JAX's error remains.
+
+    Raises:
+      NotImplementedError: ``x`` holds a ``jet`` tracer.
+    """
+    jet = sys.modules.get("jax.experimental.jet")
+    if jet is None or not isinstance(x, jax.core.Tracer):
+        return  # no jet tracer can exist before jet is imported
+    pending, seen = [x], set()
+    while pending:
+        t = pending.pop()
+        if isinstance(t, jet.JetTracer) and _has_terms(t, jet):
+            raise NotImplementedError(
+                f"jsoftmax.{name} does not support jax.experimental.jet: jet "
+                "drops the custom derivative rules of the op (a custom_vjp) "
+                "and JAX then fails with an UnexpectedTracerError. Use "
+                "jax.jvp, jax.jacfwd or jax.hessian instead; nested jax.jvp "
+                "calls give the higher-order terms jet would"
+            )
+        seen.add(id(t))
+        # The values a tracer wraps: vmap's val, jvp's primal and tangent.
+        for cls in type(t).__mro__:
+            slots = getattr(cls, "__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                v = getattr(t, slot, None)
+                if isinstance(v, jax.core.Tracer) and id(v) not in seen:
+                    pending.append(v)
+
+
+def _has_terms(tracer, jet) -> bool:
+    """Whether a jet tracer carries a series: one without (a constant that a
+    nested vmap lifted into jet) works, as plain arrays do."""
+    terms = tracer.terms
+    return terms is not jet.zero_series and any(t is not jet.zero_term for t in terms)
 
 
 def widen_8bit(x: jax.Array) -> jax.Array:

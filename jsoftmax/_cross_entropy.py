@@ -171,6 +171,20 @@ def _smoothed(q, where, axes, label_smoothing, axis_name):
     return masked_fill(q, where, 0)
 
 
+def _ruled_out(labels, where, label_smoothing):
+    """The label mass on masked classes, ``(1 - a) q`` there and 0 at valid
+    classes, as a constant for autodiff (None without a mask).
+
+    A masked class takes no part in differentiation: the labels' gradient is 0
+    there (``L - z`` would be +inf), and so are their second derivatives,
+    which a differentiable sum of this mass would make ``(1 - a) p``.
+    """
+    if where is None:
+        return None
+    off = jnp.where(where, 0, (1 - label_smoothing) * labels)
+    return lax.stop_gradient(off)
+
+
 def softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -205,8 +219,9 @@ def softmax_cross_entropy(
       labels: probabilities with the shape of ``logits``.
       axis: the class axis or axes.
       where: optional boolean class mask broadcastable to ``logits``, with
-        ``jax.nn.softmax``'s meaning: masked-out classes take no part, and get
-        zero gradient. A ``[B, 1]`` mask masks whole examples.
+        ``jax.nn.softmax``'s meaning: a masked-out class has probability 0,
+        and gets zero gradient (logits and labels alike). A ``[B, 1]`` mask
+        masks whole examples.
       label_smoothing: :math:`a \in [0, 1]`, a static (not traced) number.
       z_loss: :math:`\zeta \ge 0`, finite, a static number.
       soft_cap: :math:`c > 0`, finite, a static number; or None.
@@ -225,9 +240,15 @@ def softmax_cross_entropy(
       dtype of ``logits``. A row with no valid class (all masked, or all
       ``-inf``) has loss 0 and gradient 0, whatever its labels.
       Terms with a zero (smoothed) label count 0 even where the logit is
-      ``-inf``. A positive label on an unmasked ``-inf`` logit (a class the
-      logits rule out) gives a loss of at least the label times the largest
-      finite float (about ``3.4e38 q`` in float32), or ``inf``.
+      ``-inf`` or masked. A positive label on a masked class of a row with
+      valid classes gives ``+inf``, as in
+      :func:`softmax_cross_entropy_with_integer_labels` (one-hot labels give
+      the same losses and logit gradients there): the gradient stays finite,
+      :math:`(\sum_i \tilde q_i + 2 \zeta L) p - \tilde q` with the masked
+      classes' mass in the sum and 0 at the masked classes. A positive label
+      on an unmasked ``-inf`` logit (a class the logits rule out) gives a loss
+      of at least the label times the largest finite float (about
+      ``3.4e38 q`` in float32), or ``inf``.
 
     Raises:
       TypeError: complex inputs, a non-boolean ``where``, an option that is
@@ -288,6 +309,16 @@ def _softmax_cross_entropy_fwd(
     # clamp, unlike a select on q == 0, stays inside XLA:CPU's fused
     # multiply/sum kernel (1.3x faster forward at (8192, 128)).
     qz = q * jnp.maximum(z - jnp.expand_dims(m, axes), lowest(z.dtype))
+    off = _ruled_out(labels.astype(z.dtype), where, label_smoothing)
+    if off is not None:
+        # A masked class has probability 0: a label with mass there makes
+        # q (L - z) = +inf, as an integer label on a masked class does, and
+        # its q L term is in the gradient (sum(q) counts it). Masked classes
+        # without mass count 0. Both from constants: no 0 * inf in tangents.
+        # copysign rather than off * -inf, which is NaN (if unselected) at
+        # every off == 0; adding off keeps a NaN label NaN.
+        qz = qz + jnp.where(off == 0, 0, jnp.copysign(jnp.inf, -off) + off)
+        q = q + off
     # sum(q) is also kept for the backward pass, so that it needs no collective.
     qz_sum, q_sum = psum((jnp.sum(qz, axes), jnp.sum(q, axes)), axis_name)
     loss = safe_log_s * q_sum - qz_sum
@@ -489,7 +520,11 @@ def _integer_cross_entropy_fwd(
     log_s = jnp.log(parts[0])
     valid, safe_log_s = split_empty(log_s)
     # log_s - (z_y - m) >= 0 term by term: a cross-entropy is never negative.
-    loss = safe_log_s - (1 - label_smoothing) * parts[1]
+    # With label_smoothing 1 the target has no weight, also where its logit
+    # is masked or -inf (0 * -inf would be NaN).
+    loss = safe_log_s
+    if label_smoothing < 1:
+        loss = loss - (1 - label_smoothing) * parts[1]
     if z_loss:
         loss = loss + z_loss * jnp.square(m + safe_log_s)
     if label_smoothing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jsoftmax._checks import compute_dtype, float_input
+from jsoftmax._checks import compute_dtype, real_float
 
 
 def softmax_jacobian(y: jax.typing.ArrayLike) -> jax.Array:
@@ -39,7 +39,7 @@ def softmax_jacobian(y: jax.typing.ArrayLike) -> jax.Array:
       Array([[ 0.1875, -0.1875],
              [-0.1875,  0.1875]], dtype=float32)
     """
-    y = float_input("softmax_jacobian", y)
+    y = real_float("softmax_jacobian", y)  # plain JAX: jet works
     if y.ndim == 0:
         raise ValueError(
             "softmax_jacobian needs y of shape (..., n), got a scalar; the "

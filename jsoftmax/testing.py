@@ -198,7 +198,12 @@ def reference_log_softmax(x, axis=-1, where=None):
 def reference_softmax_cross_entropy(
     logits, labels, axis=-1, where=None, label_smoothing=0.0, z_loss=0.0, soft_cap=None
 ):
-    """Plain-autodiff cross-entropy with probability labels (the definition)."""
+    """Plain-autodiff cross-entropy with probability labels (the definition).
+
+    A masked class has probability 0: label mass there, ``(1 - a) q``, gives
+    ``+inf`` and adds its ``q L`` to the gradient of the logits; it is a
+    constant for autodiff (zero label gradient there).
+    """
     z = logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
     valid = (
         jnp.ones(z.shape, bool) if where is None else jnp.broadcast_to(where, z.shape)
@@ -210,6 +215,10 @@ def reference_softmax_cross_entropy(
     # the gradient of the masked-out terms.
     log_p = jnp.where(valid, z, 0.0) - lse
     loss = -jnp.sum(jnp.where(valid, q * log_p, 0.0), axis, keepdims=True)
+    # Mass on masked classes: its terms q (L - z) with z = -inf there.
+    off = jax.lax.stop_gradient(jnp.where(valid, 0.0, (1 - label_smoothing) * labels))
+    inf_terms = jnp.where(off == 0, 0.0, jnp.copysign(jnp.inf, off) + off)
+    loss = loss + jnp.sum(off * lse + inf_terms, axis, keepdims=True)
     return jnp.squeeze(loss + z_loss * lse**2, axis)
 
 

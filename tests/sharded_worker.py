@@ -116,7 +116,18 @@ for name in ("softmax", "log_softmax"):
 
 # Per-example losses: logits split over classes, loss replicated.
 opts = dict(label_smoothing=0.1, z_loss=1e-2, soft_cap=4.0)
-for kw in ({}, opts, dict(opts, where=where)):
+# Labels on masked classes (3, 8, 13, 18, 23, on every shard): the losses are
+# +inf with finite gradients, sharded as not. Row 0's probability labels are
+# one-hot on class 23, as its integer label.
+off_ids = jnp.array([23, 3, 8, 13])
+off_probs = probs.at[0].set(jax.nn.one_hot(23, V))
+cases = (
+    ({}, probs, ids),
+    (opts, probs, ids),
+    (dict(opts, where=where), jnp.where(where, probs, 0.0), ids),
+    (dict(opts, where=where), off_probs, off_ids),
+)
+for kw, qs, ys in cases:
     spec = P(None, "v")
     m = kw.get("where")
     rest = {k: v for k, v in kw.items() if k != "where"}
@@ -133,7 +144,7 @@ for kw in ({}, opts, dict(opts, where=where)):
 
     m_spec = None if m is None else spec
     f = sharded(lambda z, q, m: ce(z, q, m, "v"), (spec, spec, m_spec), P())
-    chex.assert_trees_all_close(f(x, probs, m), ce(x, probs, m), **TOL)
+    chex.assert_trees_all_close(f(x, qs, m), ce(x, qs, m), **TOL)
     g = sharded(
         jax.grad(
             lambda z, q, m: jnp.sum(ce(z, q, m, "v") * jnp.arange(1.0, B + 1)), (0, 1)
@@ -144,26 +155,35 @@ for kw in ({}, opts, dict(opts, where=where)):
     want = jax.grad(
         lambda z, q, m: jnp.sum(ce(z, q, m) * jnp.arange(1.0, B + 1)), (0, 1)
     )
-    chex.assert_trees_all_close(g(x, probs, m), want(x, probs, m), **TOL)
+    chex.assert_trees_all_close(g(x, qs, m), want(x, qs, m), **TOL)
 
     f = sharded(lambda z, y, m: int_ce(z, y, m, "v"), (spec, P(), m_spec), P())
-    chex.assert_trees_all_close(f(x, ids, m), int_ce(x, ids, m), **TOL)
+    chex.assert_trees_all_close(f(x, ys, m), int_ce(x, ys, m), **TOL)
     g = sharded(
         jax.grad(lambda z, y, m: jnp.sum(int_ce(z, y, m, "v"))),
         (spec, P(), m_spec),
         spec,
     )
     chex.assert_trees_all_close(
-        g(x, ids, m), jax.grad(lambda z, m: jnp.sum(int_ce(z, ids, m)))(x, m), **TOL
+        g(x, ys, m), jax.grad(lambda z, m, y=ys: jnp.sum(int_ce(z, y, m)))(x, m), **TOL
     )
+    if ys is off_ids:
+        assert np.all(np.isposinf(f(x, ys, m))), f(x, ys, m)
+        assert np.all(np.isfinite(g(x, ys, m)))
+        q_loss = sharded(lambda z, q, m: ce(z, q, m, "v"), (spec, spec, spec), P())
+        assert np.all(np.isposinf(q_loss(x, qs, m))), q_loss(x, qs, m)
+        q_grad = sharded(
+            jax.grad(lambda z, q, m: ce(z, q, m, "v")[0]), (spec, spec, spec), spec
+        )
+        chex.assert_trees_all_close(q_grad(x, qs, m)[0], g(x, ys, m)[0], **TOL)
     if not kw:
         chex.assert_trees_all_close(
-            f(x, ids, None),
-            optax.softmax_cross_entropy_with_integer_labels(x, ids),
+            f(x, ys, None),
+            optax.softmax_cross_entropy_with_integer_labels(x, ys),
             **TOL,
         )
-        report["ce_integer/fwd"] = count_collectives(f, x, ids, None)
-        report["ce_integer/fwd+bwd"] = count_collectives(g, x, ids, None)
+        report["ce_integer/fwd"] = count_collectives(f, x, ys, None)
+        report["ce_integer/fwd+bwd"] = count_collectives(g, x, ys, None)
         # Without variation tracking (check_vma=False, pmap, vmap) the backward
         # pass sums the loss cotangent over the shards: here one that differs
         # from shard to shard (XLA drops the all-reduce of one it can prove
@@ -177,8 +197,8 @@ for kw in ({}, opts, dict(opts, where=where)):
             (spec, P(), P("v")), spec, check_vma=False,
         )  # fmt: skip
         c = jnp.arange(1.0, N * B + 1)
-        report["ce_integer/no-vma fwd"] = count_collectives(f, x, ids)
-        report["ce_integer/no-vma fwd+bwd"] = count_collectives(g, x, ids, c)
+        report["ce_integer/no-vma fwd"] = count_collectives(f, x, ys)
+        report["ce_integer/no-vma fwd+bwd"] = count_collectives(g, x, ys, c)
 
 # Fused linear loss: w and bias split over vocab columns, x replicated.
 D, VL = 8, 40  # 40 columns: 20, 10 or 5 per shard, walked in chunks of 3

@@ -210,6 +210,7 @@ mask = np.tile(np.arange(V) % 5 != 3, (B, 1))
 mask[1, :8] = False  # a row with all its valid classes on the last shards
 probs = np.exp(normal(B, V))
 probs /= probs.sum(1, keepdims=True)
+valid_probs = np.where(mask, probs, 0)  # none on a masked class (+inf there)
 ids = np.array([0, 9, 14, 6])  # valid classes under the mask
 BL, D = 6, 5  # the fused loss: 4 columns per shard, 8 on the 2 x 2 mesh
 xl, wl = normal(BL, D), normal(D, V)
@@ -227,7 +228,8 @@ for kw, tag in (({}, ""), (OPTS, "+options")):
             softmax_case(op), (x, *m), (C,) * (1 + len(m)), (0,), C
         )  # fmt: skip
     VOCAB_CASES["ce" + tag] = (
-        ce_case(**kw), (x, probs, *m), (C, C) + (C,) * len(m), (0, 1), R
+        ce_case(**kw), (x, valid_probs if kw else probs, *m),
+        (C, C) + (C,) * len(m), (0, 1), R,
     )  # fmt: skip
     VOCAB_CASES["int_ce" + tag] = (
         int_ce_case(**kw), (x, ids, *m), (C, R) + (C,) * len(m), (0,), R
@@ -289,7 +291,8 @@ for kw, tag in (({}, ""), (OPTS, "+options")):
     m = (mask2,) if kw else ()
     # Probability labels replicated over "data".
     MESH2_CASES["ce" + tag] = (
-        ce_case(**kw), (x2, probs, *m), (BV, CV) + (BV,) * len(m), (0, 1), Bd
+        ce_case(**kw), (x2, valid_probs if kw else probs, *m),
+        (BV, CV) + (BV,) * len(m), (0, 1), Bd,
     )  # fmt: skip
     MESH2_CASES["int_ce" + tag] = (
         int_ce_case(**kw), (x2, ids2, *m), (BV, Bd) + (BV,) * len(m), (0,), Bd

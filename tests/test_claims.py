@@ -189,3 +189,45 @@ def test_forward_mode_works_in_jax_nn_and_here(name, transform):
     # Before with_forward_mode (jsoftmax 0.1.0, plain custom_vjp) ours raised
     # TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp.
     chex.assert_trees_all_close(run(ours), run(nn), atol=1e-5, rtol=1e-5)
+
+
+def test_optax_drops_label_mass_on_masked_classes_where_jsoftmax_gives_inf():
+    # docs/semantics.md: optax drops the mass (the loss of the valid classes
+    # only) and gives the labels a NaN gradient at masked classes, also with
+    # no mass there; jsoftmax gives +inf, and zero label gradients there.
+    import optax
+
+    z = X
+    where = jnp.array([[F, T, T]] * 2)
+    q = jnp.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    loss, (dz, dq) = jax.value_and_grad(
+        lambda z, q: jnp.sum(optax.softmax_cross_entropy(z, q, where=where)), (0, 1)
+    )(z, q)
+    log_p = jax.nn.log_softmax(z[:, 1:])
+    chex.assert_trees_all_close(loss, -jnp.sum(q[:, 1:] * log_p), rtol=1e-6)
+    assert jnp.all(jnp.isnan(dq[:, 0])) and jnp.all(jnp.isfinite(dq[:, 1:]))
+    ours = jsoftmax.softmax_cross_entropy(z, q, where=where)
+    assert ours[0] == jnp.inf and jnp.isfinite(ours[1])
+    dq = jax.grad(lambda q: jnp.sum(jsoftmax.softmax_cross_entropy(z, q, where=where)))(
+        q
+    )
+    assert not jnp.any(dq[:, 0]) and jnp.all(jnp.isfinite(dq))
+
+
+def test_jet_runs_jax_nn_and_fails_on_any_custom_vjp_in_jax():
+    # docs/semantics.md: jet ignores custom rules and evaluates a custom_vjp's
+    # primal outside its trace; jsoftmax refuses jet with a clear error.
+    from jax.experimental import jet
+
+    series = ((jnp.ones_like(X),),)
+    jet.jet(jax.nn.softmax, (X,), series)
+
+    @jax.custom_vjp
+    def sin(x):
+        return jnp.sin(x)
+
+    sin.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (g * c,))
+    with pytest.raises(jax.errors.UnexpectedTracerError):
+        jet.jet(sin, (X,), series)
+    with pytest.raises(NotImplementedError, match="jsoftmax.softmax"):
+        jet.jet(jsoftmax.softmax, (X,), series)

@@ -100,11 +100,13 @@ def test_matches_optax():
         optax.softmax_cross_entropy_with_integer_labels(logits, ids),
         atol=1e-5,
     )
-    # optax wants the mask at the full logits shape.
+    # optax wants the mask at the full logits shape. The labels put no mass
+    # on masked classes, which optax drops and jsoftmax makes +inf.
     where = jnp.broadcast_to(_class_mask(33), logits.shape)
+    valid_probs = jnp.where(where, probs, 0.0)
     chex.assert_trees_all_close(
-        jsoftmax.softmax_cross_entropy(logits, probs, where=where),
-        optax.softmax_cross_entropy(logits, probs, where=where),
+        jsoftmax.softmax_cross_entropy(logits, valid_probs, where=where),
+        optax.softmax_cross_entropy(logits, valid_probs, where=where),
         atol=1e-5,
     )
     smoothed = optax.smooth_labels(jax.nn.one_hot(ids, 33), 0.1)
@@ -194,6 +196,7 @@ def test_masked_classes_get_zero_grad_and_no_nan_even_huge():  # JAX issue 19490
 def test_row_with_no_valid_class_has_zero_loss_and_grad():
     logits, probs, _ = _data((2, 4))
     where = jnp.array([[True, True, False, True], [False] * 4])
+    probs = probs.at[0, 2].set(0.0)  # the last row keeps its labels
     loss, grads = jax.value_and_grad(
         lambda z, q: jnp.sum(jsoftmax.softmax_cross_entropy(z, q, where=where)), (0, 1)
     )(logits, probs)
@@ -238,6 +241,139 @@ def test_label_out_of_range_is_nan_and_masked_target_is_inf():
         logits, jnp.array([1, 0, 0]), where=jnp.array([True, False, True, True])
     )
     assert float(loss[0]) == jnp.inf
+
+
+def test_probability_label_on_a_masked_class_is_inf_as_an_integer_label():
+    # Issue 18: softmax_cross_entropy gave 0 and a zero gradient (the label's
+    # mass silently dropped) where the integer-label loss gave +inf.
+    logits, _, _ = _data((2, 4))
+    where = jnp.array([True, False, True, True])
+    ids = jnp.array([1, 2])  # row 0's label is on the masked class
+    onehot = jax.nn.one_hot(ids, 4)
+    loss, (dz, dq) = jax.value_and_grad(
+        lambda z, q: jsoftmax.softmax_cross_entropy(z, q, where=where)[0], (0, 1)
+    )(logits, onehot)
+    int_loss, int_dz = jax.value_and_grad(
+        lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            z, ids, where=where
+        )[0]
+    )(logits)
+    assert loss == jnp.inf and int_loss == jnp.inf
+    # The finite part's gradient: softmax over the valid classes.
+    p = jax.nn.softmax(logits[0], where=where)
+    chex.assert_trees_all_close(dz[0], p, atol=1e-6)
+    chex.assert_trees_all_close(dz, int_dz, atol=1e-6)
+    assert dq[0, 1] == 0 and bool(jnp.all(jnp.isfinite(dq)))
+
+
+def _labels_on_masked_classes(where, n=9):
+    """Row 0: all the label mass on masked classes; row 1: half of it; row 2:
+    none; row 3: one-hot on masked class 2."""
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(7), (4, n)))
+    valid = jnp.where(where, q, 0.0)
+    valid = valid / jnp.sum(valid, -1, keepdims=True)
+    off = jnp.where(where, 0.0, q)
+    off = off / jnp.sum(off, -1, keepdims=True)
+    share = jnp.array([1.0, 0.5, 0.0])[:, None]
+    q = share * off[:3] + (1 - share) * valid[:3]
+    return jnp.concatenate([q, jax.nn.one_hot(jnp.array([2]), n)])
+
+
+@pytest.mark.parametrize(
+    "opts", OPTIONS + [dict(label_smoothing=1.0)], ids=lambda o: "-".join(o) or "plain"
+)
+@pytest.mark.parametrize("transform", ["none", "jit", "vmap"])
+def test_label_mass_on_masked_classes_sweep(opts, transform):
+    logits, _, _ = _data((4, 9), seed=5)
+    where = _class_mask(9)
+    labels = _labels_on_masked_classes(where)
+
+    def ours(z, q):
+        if transform == "vmap":
+            return jax.vmap(
+                lambda z, q: jsoftmax.softmax_cross_entropy(z, q, where=where, **opts)
+            )(z, q)
+        return jsoftmax.softmax_cross_entropy(z, q, where=where, **opts)
+
+    f = jax.jit(ours) if transform == "jit" else ours
+    loss = f(logits, labels)
+    # +inf with any (smoothed) mass on a masked class; label_smoothing 1 puts
+    # all of it on the valid classes.
+    some_off = opts.get("label_smoothing", 0.0) < 1
+    inf_rows = jnp.array([some_off, some_off, False, some_off])
+    chex.assert_trees_all_equal(jnp.isposinf(loss), inf_rows)
+    want = ref_ce(logits, labels, where=where, **opts)
+    chex.assert_trees_all_close(loss, want, atol=1e-5)
+    # Gradients w.r.t. the logits and the labels, finite: the masked mass's
+    # L term counts in the logits', the masked classes' are 0.
+    got = jax.jacrev(f, (0, 1))(logits, labels)
+    ref = partial(ref_ce, where=where, **opts)
+    chex.assert_trees_all_close(got, jax.jacrev(ref, (0, 1))(logits, labels), atol=1e-5)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
+    assert not jnp.any(jnp.where(where, 0.0, got[0])) and not jnp.any(
+        jnp.where(where, 0.0, got[1])
+    )
+    # The one-hot row is the integer-label loss, value and gradient.
+    int_loss, int_grad = jax.value_and_grad(
+        lambda z: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            z, jnp.array([2]), where=where, **opts
+        )[0]
+    )(logits[3:])
+    chex.assert_trees_all_close(loss[3], int_loss)
+    chex.assert_trees_all_close(got[0][3, 3], int_grad[0], atol=1e-6)
+    # Forward mode: the tangent of each loss is J t, also where it is +inf.
+    t = (jnp.cos(logits), jnp.sin(labels))
+    _, tangent = jax.jvp(f, (logits, labels), t)
+    chex.assert_trees_all_close(
+        tangent,
+        jnp.einsum("bij,ij->b", got[0], t[0]) + jnp.einsum("bij,ij->b", got[1], t[1]),
+        atol=1e-5,
+    )
+
+
+def test_label_mass_on_masked_classes_second_derivatives_are_the_references():
+    # Masked classes' labels are constants for autodiff in every order, so
+    # the Hessian in (logits, labels) is symmetric.
+    with jax.enable_x64(True):
+        logits, _, _ = _data((4, 9), seed=5)
+        logits = logits.astype(jnp.float64)
+        where = _class_mask(9)
+        labels = _labels_on_masked_classes(where).astype(jnp.float64)
+        opts = dict(label_smoothing=0.1, z_loss=0.01, soft_cap=4.0)
+
+        weights = jnp.arange(1.0, 5.0)  # constants: the losses hold +inf
+
+        def total(op):
+            return lambda z, q: jnp.sum(weights * op(z, q, where=where, **opts))
+
+        got = jax.jit(jax.hessian(total(jsoftmax.softmax_cross_entropy), (0, 1)))(
+            logits, labels
+        )
+        want = jax.jit(jax.hessian(total(ref_ce), (0, 1)))(logits, labels)
+        chex.assert_trees_all_close(got, want, atol=1e-9)
+        assert all(bool(jnp.all(jnp.isfinite(h))) for h in jax.tree.leaves(got))
+        assert not jnp.any(got[0][1][..., ~where])  # d2/dz dq at masked classes
+        chex.assert_trees_all_close(got[0][1], jnp.moveaxis(got[1][0], (0, 1), (2, 3)))
+        assert not jnp.any(jnp.where(where, 0.0, got[0][1]))  # d2/dz dq_masked
+
+
+def test_label_smoothing_1_ignores_the_target_also_on_a_masked_or_neg_inf_class():
+    # 0 * -inf made the integer-label loss NaN at label_smoothing=1.
+    logits, _, _ = _data((2, 4))
+    logits = logits.at[1, 1].set(-jnp.inf)
+    where = jnp.array([False, True, True, True])
+    ids = jnp.array([0, 1])  # a masked target; a -inf target
+    for op, labels in (
+        (jsoftmax.softmax_cross_entropy, jax.nn.one_hot(ids, 4)),
+        (jsoftmax.softmax_cross_entropy_with_integer_labels, ids),
+    ):
+        loss = op(logits, labels, where=where, label_smoothing=1.0)
+        # Row 0: the uniform target over the valid classes. Row 1: that
+        # target puts mass on the -inf logit (huge or +inf, never NaN).
+        uniform = jnp.where(where, 1 / 3, 0.0)
+        want = ref_ce(logits[:1], uniform[None], where=where)
+        chex.assert_trees_all_close(loss[0], want[0], atol=1e-6)
+        assert loss[1] > 1e38
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -520,7 +656,8 @@ def test_valid_input_computes_no_nan_intermediate(kind):
 
     z, q, ids = _data((3, 5))
     where = jnp.array([True, False, True, True, False])
-    labels = q if kind == "probability" else jnp.array([0, 2, 3])
+    # Valid labels: none on a masked class.
+    labels = jnp.where(where, q, 0.0) if kind == "probability" else jnp.array([0, 2, 3])
     op = (
         jsoftmax.softmax_cross_entropy
         if kind == "probability"
