@@ -234,7 +234,9 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
     def step(carry, start, size):
         m, s, target, total = carry
         z = _chunk_logits(x, w, bias, start, size, soft_cap)
-        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        # The running max is only a shift: a constant for autodiff, as the
+        # per-example losses' row max is (see _collectives.pmax).
+        m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(z, axis=1)))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
         columns = start + lax.broadcasted_iota(labels.dtype, (1, size), 1)
         target = target + jnp.sum(jnp.where(labels[:, None] == columns, z, 0), axis=1)
