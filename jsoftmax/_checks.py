@@ -18,51 +18,71 @@ from jax import lax
 Axis = int | Sequence[int] | None
 
 
-def normalize_axis(axis: Axis, ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Returns ``axis`` as a sorted tuple of non-negative ints.
+def normalize_axis(
+    name: str, axis: Axis, ndim: int, shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """Returns ``axis`` as a sorted tuple of non-negative ints; ``name`` is the
+    op's, for the messages.
 
     Raises:
       ValueError: an axis is out of range for ``shape`` or named twice.
-      TypeError: ``axis`` is not an int, a sequence of ints or None.
+      TypeError: ``axis`` is not an int, a sequence of ints or None (a bool, a
+        float, a string, a traced value).
     """
     if axis is None:
         return tuple(range(ndim))
-    scalar = isinstance(axis, (int, np.integer)) or np.ndim(axis) == 0
-    axes = tuple(_axis_index(a, axis) for a in ((axis,) if scalar else axis))
+    scalar = not isinstance(axis, (tuple, list)) and np.ndim(axis) == 0
+    axes = tuple(
+        static_int(name, "axis", a, "an int, a tuple of ints or None", shown=axis)
+        for a in ((axis,) if scalar else axis)
+    )
     if ndim == 0:
         raise ValueError(
-            f"axis {axis!r} is out of range for a scalar (shape {shape}): "
+            f"{name}: axis {axis!r} is out of range for a scalar (shape {shape}): "
             "softmax needs at least one dimension"
         )
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"axis {a} is out of range for an array of shape {shape} (ndim {ndim})"
+                f"{name}: axis {a} is out of range for an array of shape {shape} "
+                f"(ndim {ndim})"
             )
-        out.append(int(a) % ndim)
+        out.append(a % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"axis {axis!r} names the same axis twice (shape {shape})")
+        raise ValueError(
+            f"{name}: axis {axis!r} names the same axis twice (shape {shape})"
+        )
     return tuple(sorted(out))
 
 
-def _axis_index(a, axis) -> int:
-    """One axis as a Python int: ints and concrete 0-d integer arrays pass."""
-    if isinstance(a, (bool, np.bool_)) or np.ndim(a) != 0:
-        a = None
-    try:
-        return operator.index(a)
-    except (
-        jax.errors.TracerIntegerConversionError,
-        jax.errors.ConcretizationTypeError,
-    ):
+def static_int(name: str, arg: str, value, what: str = "an int", *, shown=None) -> int:
+    """A static integer argument (an axis, a size) as a Python int.
+
+    Python ints, NumPy integers and concrete 0-d integer arrays pass. Bools do
+    not, although Python counts them as ints: ``True`` would silently mean 1.
+    ``shown`` is what the message shows (the whole argument, when ``value`` is
+    one entry of it); ``what`` says what the argument may be.
+
+    Raises:
+      TypeError: a bool, a non-integer (float, string, sequence, array) or a
+        traced value, naming ``arg`` and the op ``name``.
+    """
+    shown = value if shown is None else shown
+    if isinstance(value, jax.core.Tracer):
         raise TypeError(
-            f"axis must be static: got a traced value {axis!r}; pass a Python int "
-            "(under jit, mark it static with static_argnames)"
-        ) from None
-    except TypeError:
-        pass
-    raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
+            f"{name}: {arg} must be static: got a traced value {shown!r}; pass a "
+            f"Python int (under jit, close over it or mark it static with "
+            f"static_argnames=({arg!r},))"
+        )
+    dtype = getattr(value, "dtype", None)
+    integer = dtype is None or np.issubdtype(dtype, np.integer)
+    if not isinstance(value, (bool, np.bool_)) and integer and np.ndim(value) == 0:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}: {arg} must be {what}, got {shown!r}")
 
 
 def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:

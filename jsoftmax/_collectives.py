@@ -59,7 +59,17 @@ def _name(axis_name):
 
 
 def pmax(x, axis_name):
-    """Max over the shards of ``axis_name`` (identity when None)."""
+    """Max over the shards of ``axis_name`` (``x`` itself when None), a
+    constant for autodiff.
+
+    The ops take a max only to shift by it before ``exp``, and every result
+    is invariant to that shift, so its tangent may be zero. It must be:
+    ``lax.pmax`` has no differentiation rule, and a tangent reaching it (a
+    second derivative differentiates the forward pass) raises
+    ``NotImplementedError``. The input is cut from autodiff before the
+    collective, not after it, so that the ``pmax`` never meets a tangent.
+    """
+    x = lax.stop_gradient(x)
     return x if axis_name is None else lax.pmax(x, _name(axis_name))
 
 

@@ -251,10 +251,12 @@ def softmax_cross_entropy(
       ``3.4e38 q`` in float32), or ``inf``.
 
     Raises:
-      TypeError: complex inputs, a non-boolean ``where``, an option that is
-        not a real number (a string, a bool, a traced value; named).
-      ValueError: shapes that do not match (named in the message), a bad
-        ``axis``, an option out of range or not finite (named).
+      TypeError: complex inputs, a non-boolean ``where``, an ``axis`` that
+        is not an int, a tuple of ints or None, an option that is not a real
+        number (a string, a bool, a traced value; named).
+      ValueError: shapes that do not match (named in the message), an
+        ``axis`` out of range or repeated, an option out of range or not
+        finite (named).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -274,7 +276,7 @@ def softmax_cross_entropy(
             f"{name}: labels of shape {labels.shape} must have the shape of "
             f"logits {logits.shape}"
         )
-    axes = normalize_axis(axis, logits.ndim, logits.shape)
+    axes = normalize_axis(name, axis, logits.ndim, logits.shape)
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     # Each input varies over the mesh axes any of them does (see varying_like).
@@ -417,9 +419,10 @@ def softmax_cross_entropy_with_integer_labels(
 
     Raises:
       TypeError: labels that are not integers, complex logits, a non-boolean
-        ``where``, an option that is not a real number (named).
-      ValueError: shapes that do not match (named in the message), a bad
-        ``axis`` or bad options.
+        ``where``, an ``axis`` that is not one int (a bool, a float, a traced
+        value), an option that is not a real number (named).
+      ValueError: shapes that do not match (named in the message), an
+        ``axis`` out of range, or bad options.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -435,7 +438,7 @@ def softmax_cross_entropy_with_integer_labels(
     logits = widen_8bit(logits)
     if axis is None or np.ndim(axis) != 0:
         raise TypeError(f"{name}: axis must be a single int, got {axis!r}")
-    (ax,) = normalize_axis(axis, logits.ndim, logits.shape)
+    (ax,) = normalize_axis(name, axis, logits.ndim, logits.shape)
     labels = check_integer_labels(
         name, labels, logits.shape[:ax] + logits.shape[ax + 1 :]
     )

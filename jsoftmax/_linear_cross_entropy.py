@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax._checks import compute_dtype, float_input, mask_input, widen_8bit
+from jsoftmax._checks import (
+    compute_dtype,
+    float_input,
+    mask_input,
+    static_int,
+    widen_8bit,
+)
 from jsoftmax._collectives import (
     loss_cotangent,
     num_shards,
@@ -98,7 +104,7 @@ def linear_softmax_cross_entropy(
         tokens have loss 0 and zero gradient, whatever their label.
       reduction: ``"mean"`` over the counted tokens (0 if none), ``"sum"``, or
         ``"none"`` for per-token losses ``[B]``.
-      chunk_size: vocabulary columns per chunk (static); ``V`` need not be a
+      chunk_size: vocabulary columns per chunk, a static int; ``V`` need not be a
         multiple. Default :func:`default_chunk_size`: about 16 MiB of float32
         logits per chunk.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
@@ -126,9 +132,10 @@ def linear_softmax_cross_entropy(
 
     Raises:
       TypeError: complex inputs, non-integer labels, a non-boolean ``where``,
+        a ``chunk_size`` that is not an int (a bool, a float, a traced value),
         an option that is not a real number (named).
-      ValueError: shapes that do not match (named), a bad ``reduction`` or
-        ``chunk_size``, bad options.
+      ValueError: shapes that do not match (named), a bad ``reduction``, a
+        ``chunk_size`` below 1, bad options.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -171,10 +178,9 @@ def linear_softmax_cross_entropy(
         )
     if chunk_size is None:
         chunk_size = default_chunk_size(num_tokens, vocab)
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(
-            f"{name}: chunk_size must be a positive int, got {chunk_size!r}"
-        )
+    chunk_size = static_int(name, "chunk_size", chunk_size, "a positive int")
+    if chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size}")
     chunk_size = int(min(chunk_size, vocab))
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
@@ -234,7 +240,9 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
     def step(carry, start, size):
         m, s, target, total = carry
         z = _chunk_logits(x, w, bias, start, size, soft_cap)
-        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        # The running max is only a shift: a constant for autodiff, as the
+        # per-example losses' row max is (see _collectives.pmax).
+        m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(z, axis=1)))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
         columns = start + lax.broadcasted_iota(labels.dtype, (1, size), 1)
         target = target + jnp.sum(jnp.where(labels[:, None] == columns, z, 0), axis=1)

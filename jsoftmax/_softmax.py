@@ -25,7 +25,7 @@ from jsoftmax._forward_mode import with_forward_mode
 def _prepare(name, x, axis, where):
     """Checked input (8-bit floats widened), axes, mask and the output dtype."""
     x = float_input(name, x)
-    axes = normalize_axis(axis, x.ndim, x.shape)
+    axes = normalize_axis(name, axis, x.ndim, x.shape)
     where = mask_input(name, where, x.shape)
     # x varies over every mesh axis the mask does, so that dx has x's type
     # (JAX sums dx over the axes it marked x along; see varying_like).
@@ -95,7 +95,8 @@ def softmax(
 
     Raises:
       TypeError: ``x`` is complex, ``where`` is not boolean (add an additive
-        mask to ``x`` instead), or ``axis`` is not static.
+        mask to ``x`` instead), or ``axis`` is not an int, a tuple of ints or
+        None (a bool, a float, a traced value).
       ValueError: ``axis`` is out of range or repeated, or ``where`` does not
         broadcast to ``x``.
 
@@ -188,7 +189,8 @@ def log_softmax(
 
     Raises:
       TypeError: ``x`` is complex, ``where`` is not boolean (add an additive
-        mask to ``x`` instead), or ``axis`` is not static.
+        mask to ``x`` instead), or ``axis`` is not an int, a tuple of ints or
+        None (a bool, a float, a traced value).
       ValueError: ``axis`` is out of range or repeated, or ``where`` does not
         broadcast to ``x``.
 

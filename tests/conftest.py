@@ -11,4 +11,8 @@ import jax
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
-collect_ignore = ["sharded_worker.py", "sharding_modes_worker.py"]
+collect_ignore = [
+    "sharded_worker.py",
+    "sharding_modes_worker.py",
+    "second_derivatives_worker.py",
+]

@@ -341,6 +341,23 @@ def test_empty_vocabulary_and_empty_batch():
     assert loss == 0 and dx.shape == (0, 3) and not jnp.any(dw)
 
 
+def test_chunk_size_true_is_refused_not_taken_as_one():
+    # chunk_size=True passed the isinstance(int) check and ran chunks of 1.
+    x, w, _, labels = _data()
+    with pytest.raises(TypeError, match="chunk_size must be a positive int"):
+        jsoftmax.linear_softmax_cross_entropy(x, w, labels, chunk_size=True)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        jsoftmax.linear_softmax_cross_entropy(x, w, labels, chunk_size=-2)
+
+
+def test_chunk_size_accepts_numpy_and_concrete_jax_integers():
+    x, w, _, labels = _data()
+    f = partial(jsoftmax.linear_softmax_cross_entropy, x, w, labels)
+    want = f(chunk_size=4)
+    for size in (np.int64(4), np.uint8(4), jnp.array(4)):
+        chex.assert_trees_all_equal(f(chunk_size=size), want)
+
+
 def test_non_boolean_token_mask_is_refused():
     x, w, _, labels = _data()
     with pytest.raises(TypeError, match="boolean.*bias"):

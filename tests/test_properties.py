@@ -237,3 +237,53 @@ def test_rows_with_no_valid_class_give_zero_loss_and_gradient(
         atol=1e-6,
     )
     np.testing.assert_array_equal(np.asarray(empty).shape, (4,))
+
+
+# Static integer arguments of every op but attention: each op's class axis and
+# the fused loss's chunk size. Python counts bools as ints, so chunk_size=True
+# once ran chunks of 1.
+_Z = jnp.zeros((2, 3))
+STATIC_INTS = {
+    ("softmax", "axis"): lambda v: jsoftmax.softmax(_Z, axis=v),
+    ("log_softmax", "axis"): lambda v: jsoftmax.log_softmax(_Z, axis=v),
+    ("softmax_cross_entropy", "axis"): lambda v: jsoftmax.softmax_cross_entropy(
+        _Z, _Z, axis=v
+    ),
+    ("softmax_cross_entropy_with_integer_labels", "axis"): lambda v: (
+        jsoftmax.softmax_cross_entropy_with_integer_labels(
+            _Z, jnp.zeros(2, jnp.int32), axis=v
+        )
+    ),
+    ("linear_softmax_cross_entropy", "chunk_size"): lambda v: (
+        jsoftmax.linear_softmax_cross_entropy(
+            _Z, _Z.T, jnp.zeros(2, jnp.int32), chunk_size=v
+        )
+    ),
+}
+BAD_STATIC_INTS = {
+    "True": True,
+    "False": False,
+    "np.True_": np.True_,
+    "np.array(True)": np.array(True),
+    "jnp.array(True)": jnp.array(True),
+    "1.0": 1.0,
+    "np.float32(1)": np.float32(1.0),
+    "jnp.array(1.0)": jnp.array(1.0),
+    "'1'": "1",
+    "(0, True)": (0, True),
+    "traced": None,  # the int 1, traced by jit
+}
+
+
+@pytest.mark.parametrize("value", BAD_STATIC_INTS, ids=str)
+@pytest.mark.parametrize(
+    "op,arg", STATIC_INTS, ids=[f"{o}-{a}" for o, a in STATIC_INTS]
+)
+def test_bad_static_int_arguments_are_refused_by_name(op, arg, value):
+    call = STATIC_INTS[op, arg]
+    if value == "traced":
+        with pytest.raises(TypeError, match=f"^{op}: {arg} must be static"):
+            jax.jit(call)(1)
+        return
+    with pytest.raises(TypeError, match=f"^{op}: {arg} must be"):
+        call(BAD_STATIC_INTS[value])

@@ -5,7 +5,9 @@ count (XLA_FLAGS) must be set before jax is imported. The worker asserts that
 every sharded op, value and gradient, equals the unsharded op (and optax), and
 reports the collectives it finds in the compiled HLO. A second worker,
 tests/sharding_modes_worker.py, checks every op against plain autodiff of the
-same loss written with psum/pmax, in every way JAX can split an axis.
+same loss written with psum/pmax, in every way JAX can split an axis. A third,
+tests/second_derivatives_worker.py, checks every op's second derivatives
+against the unsharded op's.
 """
 
 import json
@@ -63,6 +65,22 @@ def test_every_op_equals_psum_autodiff_in_every_sharding_mode():
         timeout=900,
     )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_second_derivatives_with_axis_name_equal_unsharded(shards):
+    # hessian, jvp of grad and jacrev(jacrev) of every op, inside and around
+    # shard_map, check_vma on and off. The fused loss raised "Differentiation
+    # rule for 'pmax' not implemented": its running max carried a tangent.
+    out = subprocess.run(
+        [sys.executable, str(WORKER.with_name("second_derivatives_worker.py")),
+         str(shards)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["checks"] == 72
 
 
 def test_vocab_parallel_example_matches_single_device():
