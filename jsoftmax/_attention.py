@@ -94,7 +94,7 @@ def dot_product_attention(
     output (as in FlashAttention and cuDNN) leaves a float32 gradient error
     of up to about :math:`3\,\epsilon \max|s|` relative to the largest
     gradient entry. Measured (``python bench/attention.py --precision``,
-    ``q = k = v = c x``, causal): 1.3e-6, 9.8e-5, 6.0e-4 and 7.3e-3 at
+    ``q = k = v = c x``, causal): 1.2e-6, 9.8e-5, 6.0e-4 and 7.3e-3 at
     ``max|s|`` of 7, 709, 6.4e3 and 7.1e4, where jax.nn's error is 3e-8 to
     5e-7. The exact :math:`D = \operatorname{rowsum}(P \odot dP)` removes
     the term but costs a second pass over the blocks (measured there).
