@@ -684,6 +684,24 @@ def _logits(ctx, qb, kb, i0, j0, structural):
     return x, tanh, valid
 
 
+@jax.custom_jvp
+def _row_max(x):
+    """The max over the last axis. Its tangent is the tangent of the entry
+    at the argmax: jnp.max's JVP divides by the count of entries equal to the
+    max, which is 0 (NaN tangents) where XLA rounds the fused scores
+    differently in the two places it computes them. The shift needs a
+    tangent at all only for precision: a tangent centred on the row's top
+    entry keeps the 16-bit probabilities' tangents small."""
+    return jnp.max(x, axis=-1)
+
+
+@_row_max.defjvp
+def _row_max_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    top = jnp.argmax(x, axis=-1)[..., None]
+    return jnp.max(x, axis=-1), jnp.take_along_axis(dx, top, axis=-1)[..., 0]
+
+
 def _visit_blocks(config, lo, hi, trips, body, carry):
     """``body(j, carry)`` for the blocks ``lo <= j < hi`` (traced bounds), in
     a loop of ``trips`` steps (static) whose steps past ``hi`` are skipped by a
@@ -766,11 +784,7 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
                 x = jnp.where(valid, x, -jnp.inf)
             # m starts at the lowest finite value, so a row with nothing
             # visible yet keeps a finite max and exp(-inf - m) = 0, not NaN.
-            # The max only shifts the exponent: it carries no derivative. (Its
-            # JVP would divide by the count of entries equal to the max, which
-            # is 0 where XLA rounds the fused scores differently in the two
-            # places it computes them: NaN tangents.)
-            m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
+            m_new = jnp.maximum(m, _row_max(x))
             p = jnp.exp(x - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             total = total * alpha + jnp.sum(p, axis=-1)
@@ -791,7 +805,7 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
         m, total, o = _visit_blocks(config, lo, hi, trips, step, carry)
         if sinks is not None:
             sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
-            m_all = lax.stop_gradient(jnp.maximum(m, sink))
+            m_all = jnp.maximum(m, sink)
             shift = jnp.exp(m - m_all)
             o = o * shift[..., None]
             total_all = total * shift + jnp.exp(sink - m_all)

@@ -785,7 +785,7 @@ def test_forward_mode_has_no_nan_on_partly_masked_blocks(mix, chunk):
     # jvp's tangents were NaN with is_causal + soft_cap + bias at chunks of 2
     # and 4: the running max's JVP divides by the count of entries equal to
     # the max, 0 where XLA rounds the fused scores differently in two places.
-    # The max is a shift and now carries no derivative. jvp, jacfwd and
+    # The max's tangent is now the top entry's (_row_max). jvp, jacfwd and
     # jvp-of-grad must be finite and agree with the dense definition's.
     t, n, k = 8, 2, 2
     q, kk, v, ct = _data(t, t, n, k, seed=21)
