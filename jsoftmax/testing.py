@@ -59,8 +59,17 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (2.5, 2.5),
     "bfloat16": (2.5, 2.5),
 }
+"""The factors ``c`` of :func:`tolerances`, ``(value, Jacobian)`` by dtype name.
+
+These four dtypes are the ones :func:`vjp_errors` compares: a float leaf of
+another dtype is refused.
+"""
 
 TRANSFORMS = ("none", "jit", "vmap")
+"""What :func:`vjp_errors` can run ``fn`` under, all of which
+:func:`assert_vjp_matches` runs by default: ``"none"`` (called as it is),
+``"jit"`` and ``"vmap"`` (over the leading axis of every leaf of ``x``).
+"""
 
 # A Jacobian row is measured against its own norm or, if larger, this fraction
 # of the largest row norm of the same output leaf (see vjp_errors).
@@ -755,17 +764,31 @@ def assert_vjp_matches(
 def assert_finite_differences(
     fn: Callable,
     *args: jax.typing.ArrayLike,
-    order: int = 1,
+    order: int = 2,
     atol: float | None = None,
     rtol: float | None = None,
     eps: float | None = None,
 ) -> None:
     """Asserts that reverse-mode derivatives of ``fn`` match finite differences.
 
-    A thin wrapper over ``jax.test_util.check_grads(..., modes=["rev"])``: a
-    ``custom_vjp`` function has no forward mode, so only reverse mode (and
-    reverse-over-reverse for ``order=2``) is checked. Run it in float64
+    A thin wrapper over ``jax.test_util.check_grads(..., modes=["rev"])``. It
+    checks reverse mode: the VJP and, at the default ``order=2``, the VJP of
+    the VJP (reverse over reverse), which differentiates the backward pass
+    itself and is where a hand-written rule's second derivative breaks (a
+    residual used as a constant, a ``stop_gradient`` in ``bwd``). Forward
+    mode is not checked here: a plain ``custom_vjp`` has none, and the one
+    :func:`jsoftmax.with_forward_mode` derives from ``bwd`` is compared, by
+    ``jax.jacfwd``, in :func:`vjp_errors` (or pass the function to
+    ``jax.test_util.check_grads`` with ``modes=["fwd"]``). Run it in float64
     (``with jax.enable_x64(True):``) for a meaningful comparison.
+
+    Args:
+      fn: the function to differentiate.
+      *args: the point to check at, one array per argument of ``fn``.
+      order: the highest order of derivative checked; 2 by default.
+      atol: absolute tolerance; ``check_grads``' default for the dtype.
+      rtol: relative tolerance; ``check_grads``' default for the dtype.
+      eps: the finite-difference step; ``check_grads``' default (1e-4).
 
     Raises:
       AssertionError: a derivative differs from its finite-difference estimate.

@@ -5,6 +5,8 @@ row widths and asserts that each fails, and right rules (jsoftmax's ops and a
 hand-written rule built like the wrong ones) pass at the same points.
 """
 
+import pathlib
+import re
 from functools import partial
 
 import jax
@@ -527,6 +529,38 @@ def test_finite_differences_catch_a_wrong_backward():
             testing.assert_finite_differences(wrong, x, order=1)
 
 
+@jax.custom_vjp
+def _softmax_constant_residual(x):
+    return ref_softmax(x)
+
+
+def _softmax_constant_residual_fwd(x):
+    y = ref_softmax(x)
+    return y, y
+
+
+def _softmax_constant_residual_bwd(y, g):
+    # The first derivative is right; differentiating the backward pass treats
+    # y as a constant, so the second derivative misses d y / d x.
+    y = jax.lax.stop_gradient(y)
+    return (y * (g - jnp.sum(g * y, -1, keepdims=True)),)
+
+
+_softmax_constant_residual.defvjp(
+    _softmax_constant_residual_fwd, _softmax_constant_residual_bwd
+)
+
+
+def test_finite_differences_default_order_catches_a_wrong_second_derivative():
+    # Issue 18 item 13: the default order was 1, though the docs said 2.
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (4,), jnp.float64)
+        testing.assert_finite_differences(_softmax_constant_residual, x, order=1)
+        with pytest.raises(AssertionError, match="VJP of VJP"):
+            testing.assert_finite_differences(_softmax_constant_residual, x)
+        testing.assert_finite_differences(jsoftmax.softmax, x)
+
+
 def test_bfloat16_compares_against_a_float32_reference():
     x = _x().astype(jnp.bfloat16)
     errors = testing.assert_vjp_matches(jsoftmax.softmax, ref_softmax, x)
@@ -543,20 +577,43 @@ def test_vjp_errors_reports_pass_and_fail():
     assert bad.jacobian_mismatch
 
 
-def test_a_wrong_forward_mode_is_caught_with_a_right_reverse_mode():
-    # log_softmax's rule declared symmetric: its reverse mode is right, its
-    # forward mode (the backward pass used as J t) is J^T t, which is wrong.
-    from jsoftmax import _softmax
+def test_symmetric_declared_on_a_non_symmetric_jacobian_is_caught_by_jacfwd():
+    # with_forward_mode(symmetric=True) cannot tell that log_softmax's
+    # Jacobian is not symmetric: its forward mode gives J^T t, its reverse
+    # mode stays right. Its docstring names vjp_errors as the way to catch it.
+    rule = _rule(ref_log_softmax, _log_softmax_grad)
+    wrong = jsoftmax.with_forward_mode(rule, symmetric=True)
+    x = _x()
+    np.testing.assert_allclose(jax.jacrev(wrong)(x), jax.jacrev(ref_log_softmax)(x))
+    e = testing.vjp_errors(wrong, ref_log_softmax, x)
+    assert e.value_mismatch is None
+    assert "by jax.jacfwd" in e.jacobian_mismatch
+    assert "by jax.jacfwd" in e.forward_mismatch
+    with pytest.raises(AssertionError, match="by jax.jacfwd"):
+        testing.assert_vjp_matches(wrong, ref_log_softmax, x, transforms="jit")
+    right = jsoftmax.with_forward_mode(rule)
+    assert testing.vjp_errors(right, ref_log_softmax, x).passed
 
-    wrong = jsoftmax.with_forward_mode(_softmax._log_softmax, symmetric=True)
 
-    def op(x):
-        return wrong(x, None, (x.ndim - 1,), None)
+# The API page documents every public name.
 
-    x = jax.random.normal(jax.random.key(3), (3, 5))
-    assert jax.jacrev(op)(x) is not None
-    e = testing.vjp_errors(op, testing.reference_log_softmax, x)
-    assert e.jacobian_mismatch is not None and "jacfwd" in e.jacobian_mismatch
-    assert testing.vjp_errors(
-        jsoftmax.log_softmax, testing.reference_log_softmax, x
-    ).passed
+
+def _api_entries():
+    """The fully qualified names docs/api.rst has an autodoc entry for."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "api.rst").read_text()
+    names, module = set(), ""
+    for directive, arg in re.findall(r"^\.\. (\w+):: (\S+)", text, re.M):
+        if directive in ("currentmodule", "automodule"):
+            module = arg
+        if directive == "automodule":
+            names.add(arg)
+        elif directive.startswith("auto"):
+            names.add(f"{module}.{arg}")
+    return names
+
+
+def test_every_public_name_has_an_entry_in_the_api_page():
+    public = [f"jsoftmax.{name}" for name in jsoftmax.__all__]
+    public += [f"jsoftmax.testing.{name}" for name in testing.__all__]
+    missing = sorted(set(public) - _api_entries())
+    assert not missing, f"docs/api.rst has no entry for {missing}"
