@@ -254,8 +254,13 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
         without ``symbolic_zeros``.
       symmetric: declare :math:`J = J^\top`: the float input leaves and the
         float output leaves correspond one to one, with equal shapes and
-        dtypes, and ``bwd`` is its own transpose. Saves a transposition; a
-        wrong declaration gives wrong tangents.
+        dtypes, and ``bwd`` is its own transpose. Saves a transposition. A
+        wrong declaration is not detected: forward mode then silently gives
+        :math:`J^\top t` in place of :math:`J t`, while reverse mode stays
+        right. :func:`jsoftmax.testing.vjp_errors` (and
+        :func:`~jsoftmax.testing.assert_vjp_matches`) against a reference
+        catches it: it compares ``jax.jacfwd`` too, and names the failing
+        row "by jax.jacfwd".
 
     Returns:
       A function with ``fn``'s signature. ``jax.make_jaxpr`` of it shows a

@@ -59,8 +59,17 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (2.5, 2.5),
     "bfloat16": (2.5, 2.5),
 }
+"""The factors ``c`` of :func:`tolerances`, ``(value, Jacobian)`` by dtype name.
+
+These four dtypes are the ones :func:`vjp_errors` compares: a float leaf of
+another dtype is refused.
+"""
 
 TRANSFORMS = ("none", "jit", "vmap")
+"""What :func:`vjp_errors` can run ``fn`` under, all of which
+:func:`assert_vjp_matches` runs by default: ``"none"`` (called as it is),
+``"jit"`` and ``"vmap"`` (over the leading axis of every leaf of ``x``).
+"""
 
 # A Jacobian row is measured against its own norm or, if larger, this fraction
 # of the largest row norm of the same output leaf (see vjp_errors).
@@ -132,26 +141,35 @@ class VjpErrors:
 
     Attributes:
       transform: ``"none"``, ``"jit"`` or ``"vmap"``.
-      value_error: the largest absolute difference of a value entry.
+      value_error: the largest absolute difference of a value entry (in
+        ``x``'s dtypes, as all the errors below).
       jacobian_error: the largest absolute difference of a Jacobian entry.
       value_mismatch: None if every value entry is within tolerance, else a
-        message naming the worst entry.
+        message naming the worst entry (then the float64 comparison's, after
+        "in float64:").
       jacobian_mismatch: None if every Jacobian row is within tolerance, else
-        a message naming the worst row.
+        a message naming the worst row (and the float64 comparison's).
       value_rel_error: the largest value error relative to its scale
         (``|got - want| / scale``, see :func:`vjp_errors`).
       jacobian_rel_error: the largest Jacobian row error relative to its
         scale (``||got - want|| / scale``).
-      value_ratio: the largest value error over its allowance; at most 1 when
-        the values pass.
-      jacobian_ratio: the largest row error over its allowance; at most 1
-        when the Jacobian passes.
+      value_ratio: the largest value error over its allowance, in either
+        comparison; at most 1 when the values pass.
+      jacobian_ratio: the largest row error over its allowance, in either
+        comparison; at most 1 when the Jacobian passes.
       forward_error: the largest absolute difference of an entry of
         ``jax.jacfwd(fn)``'s Jacobian from the reference's (already part of
         ``jacobian_error``); None where ``fn`` has no forward mode.
       forward_mismatch: None if every row of ``jax.jacfwd(fn)``'s Jacobian is
         within tolerance (or ``fn`` has no forward mode), else a message
         naming the worst row (already part of ``jacobian_mismatch``).
+      float64: the errors of the comparison in float64 (see
+        :func:`vjp_errors`), the fields above measured there; None where it
+        did not run.
+      float64_skipped: why the float64 comparison did not run where ``x``
+        has a float leaf that is not float64 and ``float64`` is None (``fn``
+        or the reference raised in float64, or computes in a narrower
+        float); None otherwise.
     """
 
     transform: str
@@ -165,6 +183,8 @@ class VjpErrors:
     jacobian_ratio: float = 0.0
     forward_error: float | None = None
     forward_mismatch: str | None = None
+    float64: VjpErrors | None = None
+    float64_skipped: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -330,6 +350,13 @@ def _forward_jacobian(f, layout, diff, held):
     return jax.jacfwd(lambda d: f(layout.join(d, held)))(diff)
 
 
+def _batched(g):
+    def mapped(f, layout, diff, held):
+        return jax.vmap(functools.partial(g, f, layout))(diff, held)
+
+    return mapped
+
+
 def _per_example(g):
     def mapped(f, layout, diff, held):
         return jax.lax.map(lambda a: g(f, layout, *a), (diff, held))
@@ -337,10 +364,23 @@ def _per_example(g):
     return mapped
 
 
-_value_jit = jax.jit(_value, static_argnums=(0, 1))
-_jacobian_jit = jax.jit(_jacobian, static_argnums=(0, 1))
-_mapped_value_jit = jax.jit(_per_example(_value), static_argnums=(0, 1))
-_mapped_jacobian_jit = jax.jit(_per_example(_jacobian), static_argnums=(0, 1))
+def _static_jit(g):
+    return jax.jit(g, static_argnums=(0, 1))
+
+
+# fn's value, Jacobian and jax.jacfwd Jacobian, each g(fn, layout, diff, held):
+# as they are, under vmap, and jitted with fn a static argument (a later call
+# with the same fn, such as the float64 comparison of another dtype, reuses
+# the compilation).
+_OF_FN = (_value, _jacobian, _forward_jacobian)
+_EAGER = {"none": _OF_FN, "vmap": tuple(_batched(g) for g in _OF_FN)}
+_JITTED = {t: tuple(_static_jit(g) for g in gs) for t, gs in _EAGER.items()}
+_JITTED["jit"] = _JITTED["none"]
+# The reference's, jitted: unmapped, and one example at a time (lax.map).
+_REFERENCE = {
+    "unmapped": (_static_jit(_value), _static_jit(_jacobian)),
+    "mapped": (_static_jit(_per_example(_value)), _static_jit(_per_example(_jacobian))),
+}
 
 
 def _hashable(f) -> bool:
@@ -351,53 +391,59 @@ def _hashable(f) -> bool:
     return True
 
 
-def _forward_jacobian_of(fn, layout, diff, held, transform):
-    """``jax.jacfwd`` of ``fn`` under ``transform``, or None where ``fn`` has
-    no forward mode (a plain ``jax.custom_vjp``)."""
-    jac = functools.partial(_forward_jacobian, fn, layout)
-    if transform == "vmap":
-        jac = jax.vmap(jac)
-    elif transform == "jit":
-        jac = jax.jit(jac)
+def _of_fn(fn, layout, transform, jit_vmap):
+    """fn's value, Jacobian and jax.jacfwd Jacobian under ``transform``, each
+    a function of ``(diff, held)``; under ``"vmap"`` jitted if ``jit_vmap``.
+
+    Eager vmap retraces and dispatches every batched operation on each call:
+    several times slower than jit(vmap), which the float64 comparison runs.
+    """
+    if not (transform == "jit" or (transform == "vmap" and jit_vmap)):
+        return tuple(functools.partial(g, fn, layout) for g in _EAGER[transform])
+    jitted = _JITTED[transform]
+    if _hashable(fn):
+        return tuple(functools.partial(g, fn, layout) for g in jitted)
+    return tuple(jax.jit(functools.partial(g.__wrapped__, fn, layout)) for g in jitted)
+
+
+def _of_reference(reference, layout, transform):
+    """The reference's value and Jacobian, each a function of ``(diff, held)``.
+
+    The reference is plain autodiff code: jit only makes it quicker. Jitted
+    with the function as a static argument, a reference used again (as in a
+    test sweep) is compiled once. Under ``"vmap"`` every leaf carries a
+    leading batch axis, which the reference walks with lax.map, one example
+    at a time, so that it shares no batching rule with fn.
+    """
+    if not _hashable(reference):
+        reference = functools.partial(reference)
+    jitted = _REFERENCE["mapped" if transform == "vmap" else "unmapped"]
+    return tuple(functools.partial(g, reference, layout) for g in jitted)
+
+
+def _forward_jacobian_of(forward_jacobian, diff, held):
+    """``forward_jacobian(diff, held)``, or None where ``fn`` has no forward
+    mode (a plain ``jax.custom_vjp``)."""
     try:
-        return jac(diff, held)
+        return forward_jacobian(diff, held)
     except TypeError as e:
         if "custom_vjp" in str(e):
             return None
         raise
 
 
-def _evaluate(fn, reference, layout, diff, held, transform):
-    """Values and Jacobians (w.r.t. the float leaves) of ``fn`` and ``reference``."""
+def _evaluate(fn, reference, layout, diff, held, transform, jit_vmap):
+    """Values and Jacobians (w.r.t. the float leaves) of ``fn`` and
+    ``reference``, and fn's jax.jacfwd Jacobian (None where it has none)."""
+    value, jacobian, forward_jacobian = _of_fn(fn, layout, transform, jit_vmap)
+    want_value, want_jacobian = _of_reference(reference, layout, transform)
     diff_ref = tuple(_reference_input(a) for a in diff)
-    # The reference is plain autodiff code: jit only makes it quicker. Jitted
-    # with the function as a static argument, a reference used again (as in a
-    # test sweep) is compiled once.
-    if not _hashable(reference):
-        reference = functools.partial(reference)
-    if transform == "vmap":
-        # Every leaf carries a leading batch axis. The reference walks it with
-        # lax.map, one example at a time, so it shares no batching rule with fn.
-        return (
-            jax.vmap(functools.partial(_value, fn, layout))(diff, held),
-            _mapped_value_jit(reference, layout, diff_ref, held),
-            jax.vmap(functools.partial(_jacobian, fn, layout))(diff, held),
-            _mapped_jacobian_jit(reference, layout, diff_ref, held),
-        )
-    want = _value_jit(reference, layout, diff_ref, held)
-    want_jac = _jacobian_jit(reference, layout, diff_ref, held)
-    if transform == "jit":
-        return (
-            jax.jit(functools.partial(_value, fn, layout))(diff, held),
-            want,
-            jax.jit(functools.partial(_jacobian, fn, layout))(diff, held),
-            want_jac,
-        )
     return (
-        _value(fn, layout, diff, held),
-        want,
-        _jacobian(fn, layout, diff, held),
-        want_jac,
+        value(diff, held),
+        want_value(diff_ref, held),
+        jacobian(diff, held),
+        want_jacobian(diff_ref, held),
+        _forward_jacobian_of(forward_jacobian, diff, held),
     )
 
 
@@ -478,6 +524,7 @@ def vjp_errors(
     x,
     *,
     transform: str = "none",
+    float64: bool | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     grad_atol: float | None = None,
@@ -531,6 +578,31 @@ def vjp_errors(
     row that fails there is named "by jax.jacfwd". A plain ``custom_vjp``
     (no forward mode) is checked in reverse mode only.
 
+    **In float64 too.** Both allowances grow with the dtype's
+    :math:`\epsilon`, and an error can hide below them in float32 however
+    structural it is: a log-softmax off by 0.3 at logits near 1e4 (allowed
+    about 0.6 by :math:`\mathrm{rtol}_n |J|\,|x|` over 1000 classes), or a
+    softmax gradient of the wrong sign on every class of probability below
+    1e-7 (rows held to half the largest row, a float32 error of 2e-7 is
+    within rounding). So where a float leaf of ``x`` is not float64,
+    everything above is done a second time under ``jax.enable_x64``, with
+    every float leaf cast to float64 (exactly; integer and bool leaves are
+    passed as they are) and float64 tolerances (:math:`\mathrm{grad\_rtol}_n`
+    is 6e-14 for ``n`` = 1000) or the same overrides, and ``fn`` fails if
+    either comparison fails. A message from the float64 comparison starts
+    "in float64:". The second comparison needs ``fn`` and ``reference`` to
+    compute in float64: with ``float64=None`` (the default) the Jacobian each
+    is compared by is first traced (``jax.make_jaxpr``, nothing runs) at the
+    float64 point, and the comparison is skipped, with the reason in
+    ``float64_skipped``, if either raises there (a dtype check, strict dtype
+    promotion against a float32 constant, a backend without float64) or
+    holds any float narrower than float64 (a rule that casts what it gets to
+    float32 or returns float32: its float32 rounding would fail a right rule
+    at float64 tolerances). ``float64=True`` compares in float64 whatever the
+    trace holds (an error raised there is raised); ``float64=False`` never.
+    Under ``"vmap"`` the float64 comparison runs ``jit(vmap(fn))``, several
+    times quicker than eager vmap and with the same batching rules.
+
     ``n`` is the number of inputs the entry depends on (the nonzero entries
     of its reference Jacobian row), and ``rtol_n`` and ``grad_rtol_n`` are
     :func:`tolerances` of the coarsest dtype among the output leaf and the
@@ -541,14 +613,18 @@ def vjp_errors(
     rule is off by up to about :math:`\epsilon`, so a gradient scaled by
     1.01 (1.3 :math:`\epsilon`) passes there, as does a softmax rule missing
     :math:`-y\langle g, y\rangle` beyond about 7000 classes of unit-variance
-    logits (that term is :math:`\|y\|_2` of the row). Jacobians are built
-    from unit cotangents: a rule that ignores the cotangent's size is caught
-    by the rows of the other outputs, whose cotangent is 0, but not under
-    ``"vmap"`` of a function with one scalar output per example.
+    logits (that term is :math:`\|y\|_2` of the row); a rule that computes
+    in float64 for float64 input shows both in its float64 comparison. In
+    float64 a row whose norm is below about 1e-14 of the largest can still
+    be wholly wrong (a wrong sign on classes of probability below 1e-14).
+    Jacobians are built from unit cotangents: a rule that ignores the
+    cotangent's size is caught by the rows of the other outputs, whose
+    cotangent is 0, but not under ``"vmap"`` of a function with one scalar
+    output per example.
 
-    The reference is jitted with the function as a static argument: passing
-    the same reference object again (a sweep over rules) reuses its
-    compilation.
+    The reference, and ``fn`` under ``"jit"``, are jitted with the function
+    as a static argument: passing the same object again (a sweep over rules,
+    the float64 comparison of another dtype) reuses its compilation.
 
     Args:
       fn: the function under test, of one argument (close over the rest with
@@ -563,6 +639,10 @@ def vjp_errors(
         Under ``"vmap"`` every leaf's leading axis is a batch axis that ``fn``
         is vmapped over.
       transform: ``"none"``, ``"jit"`` or ``"vmap"``.
+      float64: whether to compare in float64 as well (see above): None
+        (default) where ``fn`` and ``reference`` compute in float64, True
+        always, False never. Ignored where every float leaf of ``x`` is
+        float64 already.
       atol: absolute allowance added to every value entry's; default 0.
       rtol: relative tolerance of the values in place of ``rtol_n``.
       grad_atol: absolute allowance added to every Jacobian row's (on its
@@ -572,8 +652,10 @@ def vjp_errors(
 
     Returns:
       The largest absolute and relative errors of the value and of the
-      Jacobian, the largest share of its allowance an error uses (at most 1
-      passes), and a message for each comparison that fails.
+      Jacobian in ``x``'s dtypes, the largest share of its allowance an error
+      uses in either comparison (at most 1 passes), a message for each
+      comparison that fails, and the float64 comparison's own errors or why
+      it was skipped.
 
     Raises:
       ValueError: ``transform`` is unknown, or under ``"vmap"`` the leaves of
@@ -583,8 +665,43 @@ def vjp_errors(
     """
     (transform,) = _transforms((transform,))
     layout, paths, diff, held = _split_input(x, batched=transform == "vmap")
-    value, want, jac, want_jac = _evaluate(fn, reference, layout, diff, held, transform)
-    fwd_jac = _forward_jacobian_of(fn, layout, diff, held, transform)
+    allowances = dict(atol=atol, rtol=rtol, grad_atol=grad_atol, grad_rtol=grad_rtol)
+    compare = functools.partial(
+        _compare, fn, reference, layout, paths, transform=transform, **allowances
+    )
+    errors = compare(diff, held, jit_vmap=False)
+    if float64 is False or all(a.dtype == np.float64 for a in diff):
+        return errors
+    with jax.enable_x64(True):
+        diff64 = tuple(a.astype(jnp.float64) for a in diff)
+        if float64 is None:
+            refusal = _float64_refusal(fn, reference, layout, diff64, held, transform)
+            if refusal is not None:
+                return dataclasses.replace(errors, float64_skipped=refusal)
+        errors64 = compare(diff64, held, jit_vmap=True)
+    return _with_float64(errors, errors64)
+
+
+def _compare(
+    fn,
+    reference,
+    layout,
+    paths,
+    diff,
+    held,
+    *,
+    transform,
+    jit_vmap,
+    atol,
+    rtol,
+    grad_atol,
+    grad_rtol,
+) -> VjpErrors:
+    """:func:`vjp_errors` at the float leaves ``diff``, in their dtypes; under
+    ``"vmap"`` fn is jitted too if ``jit_vmap``."""
+    value, want, jac, want_jac, fwd_jac = _evaluate(
+        fn, reference, layout, diff, held, transform, jit_vmap
+    )
     outputs, out_tree = jax.tree_util.tree_flatten_with_path(value)
     wants, want_tree = jax.tree.flatten(want)
     if out_tree != want_tree:
@@ -705,6 +822,89 @@ def vjp_errors(
     )
 
 
+def _with_float64(errors: VjpErrors, errors64: VjpErrors) -> VjpErrors:
+    """``errors`` failing also where the float64 comparison fails."""
+
+    def join(message, message64):
+        if message64 is None:
+            return message
+        message64 = f"in float64: {message64}"
+        return message64 if message is None else f"{message}; {message64}"
+
+    return dataclasses.replace(
+        errors,
+        value_mismatch=join(errors.value_mismatch, errors64.value_mismatch),
+        jacobian_mismatch=join(errors.jacobian_mismatch, errors64.jacobian_mismatch),
+        forward_mismatch=join(errors.forward_mismatch, errors64.forward_mismatch),
+        value_ratio=max(errors.value_ratio, errors64.value_ratio),
+        jacobian_ratio=max(errors.jacobian_ratio, errors64.jacobian_ratio),
+        float64=errors64,
+    )
+
+
+def _float64_refusal(fn, reference, layout, diff, held, transform) -> str | None:
+    """Why ``fn`` or ``reference`` cannot be compared in float64, or None.
+
+    Traces (without running) the Jacobian each is compared by, at float64
+    ``diff``: a function that raises there, or whose trace holds a float
+    narrower than float64 (a cast to float32, a float32 constant, a
+    float32 output), does not compute in float64.
+    """
+    # The functions the float64 comparison runs (the traces of jitted ones are
+    # reused there).
+    jacobians = {
+        "fn": _of_fn(fn, layout, transform, jit_vmap=True)[1],
+        "the reference": _of_reference(reference, layout, transform)[1],
+    }
+    for name, jacobian in jacobians.items():
+        try:
+            closed = jax.make_jaxpr(jacobian)(diff, held)
+        except Exception as e:  # noqa: BLE001 (any error: fn refuses float64)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return f"{name} raised {type(e).__name__} in float64: {first}"
+        narrow = _narrow_float(closed.jaxpr)
+        if narrow is not None:
+            return f"{name} does not compute in float64: {narrow}"
+    return None
+
+
+def _narrow_float(jaxpr) -> str | None:
+    """The first value of ``jaxpr`` (sub-jaxprs included) held in an inexact
+    dtype narrower than float64 or complex128, named by what makes it."""
+
+    def narrow(aval) -> bool:
+        dtype = getattr(aval, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            return False
+        wide = 16 if jnp.issubdtype(dtype, jnp.complexfloating) else 8
+        return np.dtype(dtype).itemsize < wide
+
+    for v in [*jaxpr.constvars, *jaxpr.invars]:
+        if narrow(v.aval):
+            return f"an input or constant of dtype {v.aval.dtype}"
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            if narrow(v.aval):
+                return f"{eqn.primitive.name} gives {v.aval.str_short()}"
+        for sub in _subjaxprs(eqn.params):
+            found = _narrow_float(sub)
+            if found is not None:
+                return found
+    for v in jaxpr.outvars:
+        if narrow(v.aval):
+            return f"an output of dtype {v.aval.dtype}"
+    return None
+
+
+def _subjaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -719,13 +919,16 @@ def assert_vjp_matches(
     x,
     *,
     transforms: str | Sequence[str] = TRANSFORMS,
+    float64: bool | None = None,
     **tolerances_,
 ) -> list[VjpErrors]:
     """Asserts that ``fn`` and its VJP match ``reference`` under each transform.
 
-    Values and full Jacobians (``jax.jacrev``) are compared as
-    :func:`vjp_errors` describes: entry by entry for values, row by row for
-    Jacobians, each relative to its own scale.
+    Values and full Jacobians (``jax.jacrev``, and ``jax.jacfwd`` where
+    ``fn`` has forward mode) are compared as :func:`vjp_errors` describes:
+    entry by entry for values, row by row for Jacobians, each relative to its
+    own scale, in ``x``'s dtypes and, where ``fn`` and ``reference`` compute
+    in float64, in float64 too.
 
     Args:
       fn: the function under test, of one argument.
@@ -734,6 +937,9 @@ def assert_vjp_matches(
         ``"vmap"`` every leaf's leading axis is a batch.
       transforms: any of ``"none"``, ``"jit"``, ``"vmap"``; a single name
         stands for itself.
+      float64: whether to compare in float64 as well, as in
+        :func:`vjp_errors`: None (default) where ``fn`` and ``reference``
+        compute in float64, True always, False never.
       **tolerances_: ``atol``, ``rtol``, ``grad_atol``, ``grad_rtol`` as in
         :func:`vjp_errors`.
 
@@ -746,7 +952,9 @@ def assert_vjp_matches(
     """
     errors = []
     for transform in _transforms(transforms):
-        e = vjp_errors(fn, reference, x, transform=transform, **tolerances_)
+        e = vjp_errors(
+            fn, reference, x, transform=transform, float64=float64, **tolerances_
+        )
         if e.value_mismatch:
             raise AssertionError(
                 f"value differs from the reference under {transform}: "
@@ -764,17 +972,31 @@ def assert_vjp_matches(
 def assert_finite_differences(
     fn: Callable,
     *args: jax.typing.ArrayLike,
-    order: int = 1,
+    order: int = 2,
     atol: float | None = None,
     rtol: float | None = None,
     eps: float | None = None,
 ) -> None:
     """Asserts that reverse-mode derivatives of ``fn`` match finite differences.
 
-    A thin wrapper over ``jax.test_util.check_grads(..., modes=["rev"])``: a
-    ``custom_vjp`` function has no forward mode, so only reverse mode (and
-    reverse-over-reverse for ``order=2``) is checked. Run it in float64
+    A thin wrapper over ``jax.test_util.check_grads(..., modes=["rev"])``. It
+    checks reverse mode: the VJP and, at the default ``order=2``, the VJP of
+    the VJP (reverse over reverse), which differentiates the backward pass
+    itself and is where a hand-written rule's second derivative breaks (a
+    residual used as a constant, a ``stop_gradient`` in ``bwd``). Forward
+    mode is not checked here: a plain ``custom_vjp`` has none, and the one
+    :func:`jsoftmax.with_forward_mode` derives from ``bwd`` is compared, by
+    ``jax.jacfwd``, in :func:`vjp_errors` (or pass the function to
+    ``jax.test_util.check_grads`` with ``modes=["fwd"]``). Run it in float64
     (``with jax.enable_x64(True):``) for a meaningful comparison.
+
+    Args:
+      fn: the function to differentiate.
+      *args: the point to check at, one array per argument of ``fn``.
+      order: the highest order of derivative checked; 2 by default.
+      atol: absolute tolerance; ``check_grads``' default for the dtype.
+      rtol: relative tolerance; ``check_grads``' default for the dtype.
+      eps: the finite-difference step; ``check_grads``' default (1e-4).
 
     Raises:
       AssertionError: a derivative differs from its finite-difference estimate.
