@@ -6,26 +6,20 @@ import dataclasses
 import math
 import operator
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from jsoftmax._checks import compute_dtype, float_input, widen_8bit
+from jsoftmax import _attention_pallas as pallas
+from jsoftmax import _attention_xla as xla
+from jsoftmax._checks import float_input, widen_8bit
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
 
-# Default block sizes, chosen by measurement: `python bench/attention.py
-# --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
-# T = S = 1024 and 2048, B=1, N=8, H=64, float32, causal and not, for query x
-# key blocks of 64x128 to 512x512 on a 2-core CPU (jax 0.10.2). 128x128 and
-# 256x256 tied on full attention (0.57-0.65x jax.nn's time); 128x128 was the
-# fastest causal one (0.31-0.38x against 0.33-0.45x: a smaller diagonal block
-# wastes less), and it keeps the per-block temporaries small.
-_QUERY_CHUNK = 128
-_KEY_CHUNK = 128
+_IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +33,11 @@ class _Config:
     soft_cap: float | None
     query_chunk: int
     key_chunk: int
+    # "xla", "pallas" (interpret mode off a CUDA GPU) or "auto" (the kernel
+    # where the program is lowered for CUDA, else the XLA path).
+    implementation: str = "xla"
+    kernel_query_chunk: int | None = None  # the call's chunk sizes, as given
+    kernel_key_chunk: int | None = None
     # Measured alternatives (bench/attention.py --precision), not public:
     exact_delta: bool = False  # D = rowsum(P * dP), a pre-pass (_exact_delta)
     static_trips: bool = True  # False: while loops over traced block bounds
@@ -56,6 +55,7 @@ def dot_product_attention(
     query_seq_lengths: jax.typing.ArrayLike | None = None,
     key_value_seq_lengths: jax.typing.ArrayLike | None = None,
     local_window_size: int | tuple[int, int] | None = None,
+    implementation: Literal["xla", "pallas", "cudnn"] | None = None,
     query_segment_ids: jax.typing.ArrayLike | None = None,
     key_value_segment_ids: jax.typing.ArrayLike | None = None,
     soft_cap: float | None = None,
@@ -103,7 +103,8 @@ def dot_product_attention(
     (``jvp``, ``jacfwd``, ``hessian``) and reverse over reverse
     (``jacrev(jacrev)``, the gradient of a gradient norm): the block loops
     have static trip counts, and the steps past a range that the masks or
-    lengths end early are skipped by a ``cond``.
+    lengths end early are skipped by a ``cond``. ``implementation`` picks
+    the XLA block path or Pallas kernels (the default on a CUDA GPU).
 
     Blocks that the causal mask, the local window or the key padding hide
     entirely are skipped, not computed and masked: causal attention does
@@ -132,6 +133,36 @@ def dot_product_attention(
         hidden.
       local_window_size: ``w`` or ``(left, right)``: query ``i`` sees keys
         ``i - left <= j <= i + right``, as in jax.nn.
+      implementation: which code runs, as in jax.nn (static):
+
+        - ``None`` (default): the Pallas kernels where the program is
+          lowered for a CUDA GPU and they support the call, else the XLA
+          block path. Chosen by the platform the program is *lowered* for
+          (:func:`jax.lax.platform_dependent`), not by the default backend:
+          :func:`jax.export` for CUDA from a CPU gets the kernels. The
+          kernels lack only float64, head dims ``H > 256`` and chunk sizes
+          that are not powers of two of at least 16; those calls take the
+          XLA path. A program lowered for CPU and CUDA at once (one
+          :func:`jax.export` with both platforms) fails in Pallas' lowering:
+          pass ``"xla"`` for it.
+        - ``"xla"``: the block path (loops of XLA ops), on every platform.
+        - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
+          FlashAttention-2 forward, and a backward of one program per key
+          block (dK, dV) and one per query block (dQ), with every option
+          above. On other platforms they run in Pallas interpret mode (slow:
+          for tests and debugging). A call the kernels lack raises a
+          ``ValueError`` naming it. With a ``bias``, the backward holds the
+          float32 ``[B, N, T, S]`` score gradient before summing it to the
+          bias's shape. Forward mode and second derivatives differentiate
+          the XLA path's forward and backward (the same functions: a Pallas
+          call has no derivative).
+        - ``"cudnn"``: :func:`jax.nn.dot_product_attention` with
+          ``implementation="cudnn"`` (a CUDA GPU only). It takes float16 and
+          bfloat16, a left window (or causal) only, and none of
+          ``soft_cap``, ``sinks``, segment ids or chunk sizes: each raises a
+          ``ValueError`` naming it. Its results are cuDNN's: where a row
+          sees no key, or masked values hold NaN, they follow cuDNN, not the
+          semantics below, and they have not been measured here.
       query_segment_ids: optional int ``[B, T]`` (``[T]`` unbatched); with
         ``key_value_segment_ids`` ``[B, S]``, a query sees only keys of its
         own segment (packed sequences). Compared block by block; no
@@ -143,7 +174,9 @@ def dot_product_attention(
         softmax denominator and carries no value (attention sinks).
         Differentiable.
       query_chunk_size: queries per block (static). Default 128, or ``T``
-        if smaller. ``T`` need not be a multiple.
+        if smaller. ``T`` need not be a multiple. Given, it is the query
+        block of every Pallas kernel too (whose own defaults are in
+        ``jsoftmax/_attention_pallas.py``).
       key_chunk_size: keys per block (static). Default 128, or ``S`` if
         smaller. ``S`` need not be a multiple. The defaults were chosen by
         timing forward plus backward for blocks of 64x128 to 512x512 at
@@ -180,7 +213,9 @@ def dot_product_attention(
         (``N % K``), head dims, bias/mask/lengths/segment ids/sinks, chunk
         sizes that are not positive ints, an empty sequence, a symbolic
         sequence length ``T`` or ``S`` under :mod:`jax.export` (the block
-        schedule is static; a symbolic batch is supported).
+        schedule is static; a symbolic batch is supported); an unknown
+        ``implementation``, or an option that ``"pallas"`` or ``"cudnn"``
+        lacks (named).
       TypeError: a non-boolean mask, non-integer lengths or segment ids,
         complex inputs, inputs of different dtypes; a bool or non-number
         ``scale`` or ``soft_cap``; a traced ``is_causal``,
@@ -197,10 +232,24 @@ def dot_product_attention(
       >>> out.shape, bool(jnp.allclose(out, want, atol=1e-6))
       ((2, 5, 2, 4), True)
     """
+    if isinstance(implementation, str) and implementation == "cudnn":
+        lacking = {
+            "query_segment_ids": query_segment_ids,
+            "key_value_segment_ids": key_value_segment_ids,
+            "soft_cap": soft_cap,
+            "sinks": sinks,
+            "query_chunk_size": query_chunk_size,
+            "key_chunk_size": key_chunk_size,
+        }
+        return _cudnn(
+            query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+            key_value_seq_lengths, local_window_size, lacking, return_residual,
+        )  # fmt: skip
     args = _prepare(
         query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
         key_value_seq_lengths, local_window_size, query_segment_ids,
         key_value_segment_ids, soft_cap, sinks, query_chunk_size, key_chunk_size,
+        implementation,
     )  # fmt: skip
     out, lse = _attention_forward_mode(*args.arrays, args.config)
     out = out.reshape(args.out_shape).astype(args.out_dtype)
@@ -227,6 +276,7 @@ def _prepare(
     query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
     key_value_seq_lengths, local_window_size, query_segment_ids,
     key_value_segment_ids, soft_cap, sinks, query_chunk_size, key_chunk_size,
+    implementation=None,
 ):  # fmt: skip
     """Checks the arguments (errors name them) and brings them to the rule's
     form: batched ``[B, T, N, H]``, bias and mask 4-D, lengths int32, segment
@@ -256,8 +306,8 @@ def _prepare(
                 f"{name}: sinks of shape {sinks.shape} must be one logit per query "
                 f"head ({n},)"
             )
-    query_chunk = _chunk("query_chunk_size", query_chunk_size, _QUERY_CHUNK, t)
-    key_chunk = _chunk("key_chunk_size", key_chunk_size, _KEY_CHUNK, s)
+    query_chunk = _chunk("query_chunk_size", query_chunk_size, xla.QUERY_CHUNK, t)
+    key_chunk = _chunk("key_chunk_size", key_chunk_size, xla.KEY_CHUNK, s)
     lower, upper = _band(is_causal, local_window_size)
     soft_cap = _soft_cap(soft_cap)
 
@@ -267,13 +317,64 @@ def _prepare(
     # instead of T x S); 16-bit ones keep their rounding and the float32
     # scores are scaled.
     prescaled = jnp.finfo(query.dtype).bits >= 32
-    config = _Config(scale, prescaled, lower, upper, soft_cap, query_chunk, key_chunk)
+    # The kernels' blocks: the chunk sizes as given (checked by _chunk).
+    kernel_chunks = tuple(
+        None if c is None else operator.index(c)
+        for c in (query_chunk_size, key_chunk_size)
+    )
+    config = _Config(
+        scale, prescaled, lower, upper, soft_cap, query_chunk, key_chunk,
+        _implementation(implementation, query.dtype, h, *kernel_chunks),
+        *kernel_chunks,
+    )  # fmt: skip
     # Inside shard_map(check_vma=True), every differentiable input varies
     # over the mesh axes any input varies over: then a replicated bias or
     # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
     arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
     arrays = varying_like(arrays[:5], *arrays) + arrays[5:]
     return _Prepared(tuple(arrays), config, out_shape, out_dtype)
+
+
+def _cudnn(
+    query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+    key_value_seq_lengths, local_window_size, lacking, return_residual,
+):  # fmt: skip
+    """``jax.nn.dot_product_attention(implementation="cudnn")``, after refusing
+    what cuDNN's fused attention lacks (named)."""
+    name = _NAME
+    for what, value_ in lacking.items():
+        if value_ is not None:
+            raise ValueError(
+                f"{name}: implementation='cudnn' has no {what} (jax.nn's cuDNN "
+                "attention lacks it); use implementation=None, 'pallas' or 'xla'"
+            )
+    query, key, value = _qkv(query, key, value)
+    if query.dtype not in (jnp.float16, jnp.bfloat16):
+        raise ValueError(
+            f"{name}: implementation='cudnn' takes float16 or bfloat16 inputs, got "
+            f"{query.dtype}; use implementation=None, 'pallas' or 'xla'"
+        )
+    lower, upper = _band(is_causal, local_window_size)
+    if local_window_size is not None:
+        if upper != 0:
+            raise ValueError(
+                f"{name}: implementation='cudnn' supports a local_window_size with "
+                f"no right part (or causal), got {local_window_size!r}"
+            )
+        local_window_size = (-lower, 0)
+    batch = query.shape[0] if query.ndim == 4 else None
+    shape = (batch,) if batch is not None else None
+    lengths = [
+        None if x is None else _lengths(_int_input(name, what, x, shape))
+        for what, x in (("query_seq_lengths", query_seq_lengths),
+                        ("key_value_seq_lengths", key_value_seq_lengths))
+    ]  # fmt: skip
+    return jax.nn.dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=bool(is_causal),
+        query_seq_lengths=lengths[0], key_value_seq_lengths=lengths[1],
+        local_window_size=local_window_size, implementation="cudnn",
+        return_residual=return_residual,
+    )  # fmt: skip
 
 
 def _qkv(query, key, value):
@@ -405,33 +506,9 @@ def _lse_output(lse, args):
     without gradient."""
     query = args.arrays[0]
     batch, t, n, _ = query.shape
-    lse = _reshape(lax.stop_gradient(lse), (batch, n, t), query, (0, 2, 1))
+    lse = xla.reshape(lax.stop_gradient(lse), (batch, n, t), query, (0, 2, 1))
     lse = lse.transpose(0, 2, 1)
     return lse.reshape(args.out_shape[:-1]).astype(args.out_dtype)
-
-
-def _reshape(x, shape, like, dims):
-    """``x.reshape(shape)``, sharded (under an explicit mesh) on each new axis
-    ``i`` as ``like`` is on its axis ``dims[i]`` (None: not sharded): JAX does
-    not infer the sharding of a reshape that merges or splits axes next to a
-    sharded one. An axis of ``like`` split in two (heads into key/value heads
-    and groups) shards the first part its shards divide."""
-    sharding = jax.typeof(like).sharding
-    spec = tuple(sharding.spec) + (None,) * (like.ndim - len(sharding.spec))
-    out, used = [], set()
-    for size, d in zip(shape, dims, strict=True):
-        entry = None if d is None or d in used else spec[d]
-        if entry is not None and size % _shards(sharding.mesh, entry) == 0:
-            used.add(d)
-        else:
-            entry = None
-        out.append(entry)
-    return lax.reshape(x, shape, out_sharding=sharding.update(spec=P(*out)))
-
-
-def _shards(mesh, entry):
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return math.prod(mesh.shape[name] for name in names)
 
 
 def _scores_input(name, what, x, full, float_mask):
@@ -535,210 +612,40 @@ def _index(w):
     return operator.index(w)
 
 
-# -- Block bookkeeping (static, NumPy) ----------------------------------------
-
-
-def _block_visibility(config, t, s):
-    """``any[i, j]`` and ``all[i, j]``: does query block ``i`` see some / every
-    real key of key block ``j`` through the band and the key padding?"""
-    bq, bk = config.query_chunk, config.key_chunk
-    nq, nk = -(-t // bq), -(-s // bk)
-    i0 = np.arange(nq)[:, None] * bq
-    i1 = np.minimum(i0 + bq, t) - 1
-    j0 = np.arange(nk)[None, :] * bk
-    j1 = j0 + bk - 1
-    j1_real = np.minimum(j1, s - 1)
-    lower = -np.inf if config.lower is None else config.lower
-    upper = np.inf if config.upper is None else config.upper
-    # key - query over the block runs from j0 - i1 to j1 - i0.
-    any_ = (j0 - i1 <= upper) & (j1_real - i0 >= lower)
-    all_ = (j1 == j1_real) & (j0 - i1 >= lower) & (j1 - i0 <= upper)
-    return any_, all_ & any_
-
-
-def _ranges(any_):
-    """Per row of the block matrix, the visible blocks ``[lo, hi)`` as int32
-    arrays (the band makes them contiguous; ``lo = hi`` if none)."""
-    lo, hi = [], []
-    for seen in any_:
-        idx = np.flatnonzero(seen)
-        lo.append(int(idx[0]) if idx.size else 0)
-        hi.append(int(idx[-1]) + 1 if idx.size else 0)
-        assert seen[lo[-1] : hi[-1]].all()
-    return np.array(lo, np.int32), np.array(hi, np.int32)
-
-
-# -- Shared pieces --------------------------------------------------------------
-
-
-def _acc(x):
-    return compute_dtype(x.dtype)
-
-
-def _grouped(x, k):
-    """A bias or mask ``[B', N', T', S']`` as ``[B', K', G', T', S']``."""
-    b_, n_, t_, s_ = x.shape
-    if n_ == 1:
-        return x.reshape(b_, 1, 1, t_, s_)
-    return x.reshape(b_, k, n_ // k, t_, s_)
-
-
-def _pad_axis(x, axis, size, value=0):
-    if x.shape[axis] in (1, size):
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
-def _block(x, axis_starts, sizes):
-    """``x[..., i0:i0+bq, j0:j0+bk]`` on the axes where ``x`` is not 1."""
-    starts = [np.int32(0)] * x.ndim
-    shape = list(x.shape)
-    for axis, start in axis_starts.items():
-        if x.shape[axis] != 1:
-            starts[axis] = start
-            shape[axis] = sizes[axis]
-    return lax.dynamic_slice(x, starts, shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Context:
-    """The arrays a block needs, padded and grouped, and the static sizes."""
-
-    config: _Config
-    t: int
-    s: int
-    bias: jax.Array | None  # [B', K', G', Tp', Sp']
-    mask: jax.Array | None
-    q_len: jax.Array | None
-    kv_len: jax.Array | None
-    q_seg: jax.Array | None  # [B, Tp]
-    kv_seg: jax.Array | None  # [B, Sp]
-
-
-def _context(config, t, s, k, bias, mask, q_len, kv_len, q_seg, kv_seg):
-    bq, bk = config.query_chunk, config.key_chunk
-    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-
-    def prepare(x):
-        if x is None:
-            return None
-        return _pad_axis(_pad_axis(_grouped(x, k), 3, tp), 4, sp)
-
-    return _Context(
-        config,
-        t,
-        s,
-        prepare(bias),
-        prepare(mask),
-        q_len,
-        kv_len,
-        None if q_seg is None else _pad_axis(q_seg, 1, tp, -1),
-        None if kv_seg is None else _pad_axis(kv_seg, 1, sp, -2),
-    )
-
-
-def _logits(ctx, qb, kb, i0, j0, structural):
-    """One block's scores ``[B, K, G, bq, bk]`` in float32 (float64 for
-    float64 inputs), the soft cap's tanh (or None) and the visible entries
-    (or None if all are). ``structural``: apply the band and key padding."""
-    config = ctx.config
-    bq, bk = config.query_chunk, config.key_chunk
-    x = jnp.einsum("bkgqh,bkch->bkgqc", qb, kb, preferred_element_type=_acc(qb))
-    if not config.prescaled:
-        x = x * jnp.asarray(config.scale, x.dtype)
-    tanh = None
-    if config.soft_cap is not None:
-        cap = jnp.asarray(config.soft_cap, x.dtype)
-        tanh = jnp.tanh(x / cap)
-        x = cap * tanh
-    sizes = (None, None, None, bq, bk)
-    if ctx.bias is not None:
-        x = x + _block(ctx.bias, {3: i0, 4: j0}, sizes).astype(x.dtype)
-    valid = None
-
-    def both(m):
-        return m if valid is None else valid & m
-
-    if structural:
-        rows = i0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-        cols = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        valid = cols < ctx.s
-        if config.lower is not None:
-            valid = valid & (cols - rows >= config.lower)
-        if config.upper is not None:
-            valid = valid & (cols - rows <= config.upper)
-    if ctx.mask is not None:
-        valid = both(_block(ctx.mask, {3: i0, 4: j0}, sizes))
-    if ctx.q_len is not None:
-        rows = i0 + lax.broadcasted_iota(jnp.int32, (1, bq, 1), 1)
-        valid = both((rows < ctx.q_len[:, None, None])[:, None, None])
-    if ctx.kv_len is not None:
-        cols = j0 + lax.broadcasted_iota(jnp.int32, (1, 1, bk), 2)
-        valid = both((cols < ctx.kv_len[:, None, None])[:, None, None])
-    if ctx.q_seg is not None:
-        qs = lax.dynamic_slice_in_dim(ctx.q_seg, i0, bq, axis=1)
-        ks = lax.dynamic_slice_in_dim(ctx.kv_seg, j0, bk, axis=1)
-        valid = both((qs[:, :, None] == ks[:, None, :])[:, None, None])
-    return x, tanh, valid
-
-
-@jax.custom_jvp
-def _row_max(x):
-    """The max over the last axis. Its tangent is the tangent of the entry
-    at the argmax: jnp.max's JVP divides by the count of entries equal to the
-    max, which is 0 (NaN tangents) where XLA rounds the fused scores
-    differently in the two places it computes them. The shift needs a
-    tangent at all only for precision: a tangent centred on the row's top
-    entry keeps the 16-bit probabilities' tangents small."""
-    return jnp.max(x, axis=-1)
-
-
-@_row_max.defjvp
-def _row_max_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    top = jnp.argmax(x, axis=-1)[..., None]
-    return jnp.max(x, axis=-1), jnp.take_along_axis(dx, top, axis=-1)[..., 0]
-
-
-def _visit_blocks(config, lo, hi, trips, body, carry):
-    """``body(j, carry)`` for the blocks ``lo <= j < hi`` (traced bounds), in
-    a loop of ``trips`` steps (static) whose steps past ``hi`` are skipped by a
-    ``cond``. A static trip count makes the loop a scan, which reverse mode
-    differentiates (second derivatives: ``jacrev(jacrev)``, ``grad`` of a
-    gradient norm), where a ``fori_loop`` over traced bounds is a
-    ``while_loop`` it cannot; a skipped step costs one predicate."""
-
-    if not config.static_trips:
-        return lax.fori_loop(lo, hi, body, carry)
-
-    def step(n, carry):
-        j = lo + lax.convert_element_type(n, lo.dtype)
-        return lax.cond(j < hi, partial(body, j), lambda c: c, carry)
-
-    return lax.fori_loop(0, trips, step, carry)
-
-
-def _dynamic_bounds(ctx, outer_start, lo, hi, outer_is_query):
-    """Narrows a block range by the longest sequence lengths (traced)."""
-    config = ctx.config
-    inner_len = ctx.kv_len if outer_is_query else ctx.q_len
-    outer_len = ctx.q_len if outer_is_query else ctx.kv_len
-    inner_block = config.key_chunk if outer_is_query else config.query_chunk
-    inner_size = ctx.s if outer_is_query else ctx.t
-    # initial=0: a batch of 0 has no longest length. The length is capped at
-    # the sequence before rounding up to blocks, where int32's max would wrap.
-    if inner_len is not None:
-        longest = jnp.minimum(jnp.max(inner_len, initial=0), inner_size)
-        hi = jnp.minimum(hi, (longest + inner_block - 1) // inner_block)
-    if outer_len is not None:
-        longest = jnp.max(outer_len, initial=0)
-        hi = jnp.where(outer_start >= longest, lo, hi)
-    return lo, jnp.maximum(hi, lo)
-
-
 # -- The rule -------------------------------------------------------------------
+
+
+def _implementation(implementation, dtype, h, query_chunk_size, key_chunk_size):
+    """The rule's implementation for ``implementation=`` (checked)."""
+    _require_static("implementation", implementation)
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"{_NAME}: implementation must be one of {_IMPLEMENTATIONS}, got "
+            f"{implementation!r}"
+        )
+    if implementation == "xla":
+        return "xla"
+    why = pallas.unsupported(dtype, h, query_chunk_size, key_chunk_size)
+    if implementation == "pallas":
+        if why is not None:
+            raise ValueError(f"{_NAME}: implementation='pallas' does not support {why}")
+        return "pallas"
+    return "xla" if why is not None else "auto"
+
+
+def _dispatch(config, xla_fn, kernel_fn, *args):
+    """``xla_fn(*args, config)`` or ``kernel_fn(*args, config, interpret)`` as
+    ``config.implementation`` says, chosen by the platform the program is
+    lowered for (not the default backend): ``jax.export`` for CUDA from a
+    CPU gets the kernel."""
+    if config.implementation == "xla":
+        return xla_fn(*args, config)
+    kernel = partial(kernel_fn, config=config, interpret=False)
+    if config.implementation == "pallas":
+        default = partial(kernel_fn, config=config, interpret=True)
+    else:
+        default = partial(xla_fn, config=config)
+    return lax.platform_dependent(*args, cuda=kernel, default=default)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -749,301 +656,43 @@ def _attention(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config)
 
 
 def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config):
-    batch, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    bq, bk = config.query_chunk, config.key_chunk
-    nq = -(-t // bq)
-    tp, sp = nq * bq, -(-s // bk) * bk
-    ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
-    qg, kg, vg = _layout(q, k, v, ctx, tp, sp)
-    acc = _acc(q)
-    any_, all_ = _block_visibility(config, t, s)
-    lo, hi = _ranges(any_)
-    trips = int((hi - lo).max(initial=0))
-    # One loop body for every block: with a mask where some visited block is
-    # partly hidden (the diagonal of a causal mask, a window's edges, the
-    # last block of keys when S is not a multiple). Measured: computing the
-    # mask in every block cost no time against a separate unmasked loop over
-    # the inner blocks (the exp dominates), and a single body halves the
-    # compile time.
-    structural = bool((any_ & ~all_).any())
-
-    def query_block(_, xs):
-        i, lo, hi = xs
-        i0 = i * bq
-        qb = lax.dynamic_slice_in_dim(qg, i0, bq, axis=3)
-
-        def step(j, carry):
-            m, total, o = carry
-            j0 = j * bk
-            kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
-            vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
-            x, _, valid = _logits(ctx, qb, kb, i0, j0, structural)
-            if valid is not None:
-                x = jnp.where(valid, x, -jnp.inf)
-            # m starts at the lowest finite value, so a row with nothing
-            # visible yet keeps a finite max and exp(-inf - m) = 0, not NaN.
-            m_new = jnp.maximum(m, _row_max(x))
-            p = jnp.exp(x - m_new[..., None])
-            alpha = jnp.exp(m - m_new)
-            total = total * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum(
-                "bkgqc,bkch->bkgqh", p.astype(v.dtype), vb, preferred_element_type=acc
-            )
-            return m_new, total, o * alpha[..., None] + pv
-
-        # Carries made from the query block: sharded (explicit mesh) and
-        # varying (shard_map) as the loop body's results are.
-        row = jnp.zeros_like(qb[..., 0], acc)  # [B, K, G, bq]
-        carry = (
-            jnp.full_like(row, jnp.finfo(acc).min),
-            row,
-            jnp.zeros_like(qb, acc),
-        )
-        lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
-        m, total, o = _visit_blocks(config, lo, hi, trips, step, carry)
-        if sinks is not None:
-            sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
-            m_all = jnp.maximum(m, sink)
-            shift = jnp.exp(m - m_all)
-            o = o * shift[..., None]
-            total_all = total * shift + jnp.exp(sink - m_all)
-        else:
-            m_all, total_all = m, total
-        # total == 0: the row sees no key. Its o is 0 and its L is -inf.
-        lse = jnp.where(total == 0, -jnp.inf, m_all + jnp.log(total_all))
-        o = o / jnp.where(total == 0, 1, total_all)[..., None]
-        return None, (o.astype(q.dtype), lse)
-
-    xs = (jnp.arange(nq, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
-    _, (o, lse) = lax.scan(query_block, None, xs)
-    # [nq, B, K, G, bq, H] -> [B, T, N, H];  [nq, B, K, G, bq] -> [B, K, G, T]
-    out = o.transpose(1, 0, 4, 2, 3, 5)
-    out = _reshape(out, (batch, tp, n, h), q, (0, 1, 2, 3))[:, :t]
-    lse = lse.transpose(1, 2, 3, 0, 4)
-    lse = _reshape(lse, (batch, kh, g, tp), q, (0, 2, 2, 1))[..., :t]
-    res = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse)
-    return (out, lse), res
-
-
-def _layout(q, k, v, ctx, tp, sp):
-    """q as ``[B, K, G, Tp, H]`` (scaled when ``config.prescaled``), k and v
-    as ``[B, K, Sp, H]``, zero-padded to whole blocks, with the queries past
-    ``query_seq_lengths`` and the keys and values past
-    ``key_value_seq_lengths`` zeroed: whatever they hold (a KV cache's
-    unwritten NaN tail) never meets a probability of 0 in a matmul, whichever
-    blocks the schedule visits."""
-    batch, t, n, h = q.shape
-    kh = k.shape[2]
-    q, k, v = (
-        _zero_past(q, ctx.q_len),
-        _zero_past(k, ctx.kv_len),
-        _zero_past(v, ctx.kv_len),
-    )
-    qg = _reshape(q, (batch, t, kh, n // kh, h), q, (0, 1, 2, 2, 3))
-    qg = qg.transpose(0, 2, 3, 1, 4)
-    if ctx.config.prescaled:
-        qg = qg * jnp.asarray(ctx.config.scale, qg.dtype)
-    qg = _pad_axis(qg, 3, tp)
-    kg = _pad_axis(k.transpose(0, 2, 1, 3), 2, sp)
-    vg = _pad_axis(v.transpose(0, 2, 1, 3), 2, sp)
-    return qg, kg, vg
-
-
-def _zero_past(x, lengths):
-    """``x [B, L, ...]`` with the positions ``>= lengths[b]`` set to 0."""
-    if lengths is None:
-        return x
-    pos = lax.broadcasted_iota(jnp.int32, x.shape[:2], 1)
-    keep = pos < lengths[:, None]
-    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, 0)
-
-
-def _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_):
-    """``D = rowsum(P * dP)`` from the recomputed blocks, a pass over the
-    visible blocks before the backward's: the exact softmax VJP of the
-    recomputed ``P`` (``rowsum(dS) = 0``), where ``rowsum(dO * O)`` differs from
-    it by the rounding of the forward's output."""
-    config = ctx.config
-    bq, bk = config.query_chunk, config.key_chunk
-    acc = _acc(qg)
-    lo, hi = _ranges(any_)
-    trips = int((hi - lo).max(initial=0))
-    structural = bool((any_ & ~all_).any())
-
-    def query_block(_, xs):
-        i, lo, hi = xs
-        i0 = i * bq
-        qb = lax.dynamic_slice_in_dim(qg, i0, bq, axis=3)
-        dob = lax.dynamic_slice_in_dim(dog, i0, bq, axis=3)
-        lb = lax.dynamic_slice_in_dim(lse_safe, i0, bq, axis=3)
-
-        def step(j, d):
-            j0 = j * bk
-            kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
-            vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
-            x, _, valid = _logits(ctx, qb, kb, i0, j0, structural)
-            if valid is not None:
-                x = jnp.where(valid, x, -jnp.inf)
-            p = jnp.exp(x - lb[..., None])
-            dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
-            return d + jnp.sum(p * dp, axis=-1)
-
-        lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
-        d = _visit_blocks(config, lo, hi, trips, step, jnp.zeros_like(qb[..., 0], acc))
-        return None, d
-
-    xs = (jnp.arange(len(lo), dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
-    _, d = lax.scan(query_block, None, xs)
-    # [nq, B, K, G, bq] -> [B, K, G, Tp]
-    d = d.transpose(1, 2, 3, 0, 4)
-    return d.reshape(d.shape[:3] + (-1,))
+    args = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
+    out, lse = _dispatch(config, xla.forward, _kernel_forward, *args)
+    return (out, lse), (*args, out, lse)
 
 
 # P = exp(s - L);  D = rowsum(dO * O);  dS = P * (dP - D) with dP = dO V^T
 # dV = P^T dO;  dQ = dS' K * scale;  dK = dS'^T Q * scale;  dbias = dS
 # (dS' = dS * (1 - tanh^2) under the soft cap);  dsink = -sum_rows e^(sink-L) D
 def _attention_bwd(config, res, cotangents):
-    q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse = res
     d_out = cotangents[0]  # lse is returned without gradient (stop_gradient)
-    batch, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    bq, bk = config.query_chunk, config.key_chunk
-    tp, nk = -(-t // bq) * bq, -(-s // bk)
-    sp = nk * bk
-    ctx = _context(config, t, s, kh, bias, mask, q_len, kv_len, q_seg, kv_seg)
-    acc = _acc(q)
-    qg, kg, vg = _layout(q, k, v, ctx, tp, sp)
-    # Padded queries' outputs are constant 0: their cotangents count nothing.
-    d_out = _zero_past(d_out, ctx.q_len)
-    dog = _reshape(d_out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
-    dog = _pad_axis(dog.transpose(0, 2, 3, 1, 4), 3, tp).astype(q.dtype)
-    og = _reshape(out, (batch, t, kh, g, h), q, (0, 1, 2, 2, 3))
-    og = og.transpose(0, 2, 3, 1, 4)
-    # D in float32, from the output as returned.
-    delta = jnp.einsum(
-        "bkgth,bkgth->bkgt", dog[..., :t, :], og, preferred_element_type=acc
-    )
-    # Rows with nothing visible (L = -inf) and padded rows get L = +inf, so
-    # that exp(s - L) = 0 there whatever s is.
-    lse_safe = _pad_axis(jnp.where(lse == -jnp.inf, jnp.inf, lse), 3, tp, jnp.inf)
-    any_, all_ = _block_visibility(config, t, s)
-    if config.exact_delta:
-        delta = _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_)[..., :t]
-    delta_p = _pad_axis(delta, 3, tp)
-    lo, hi = _ranges(any_.T)
-    trips = int((hi - lo).max(initial=0))
-    structural = bool((any_ & ~all_).any())
-
-    def key_block(carry, xs):
-        d_q, d_bias = carry
-        j, lo, hi = xs
-        j0 = j * bk
-        kb = lax.dynamic_slice_in_dim(kg, j0, bk, axis=2)
-        vb = lax.dynamic_slice_in_dim(vg, j0, bk, axis=2)
-        kv_sharding = jax.typeof(kb).sharding
-
-        def step(i, carry):
-            d_k, d_v, d_q, d_bias = carry
-            i0 = i * bq
-            qb = lax.dynamic_slice_in_dim(qg, i0, bq, axis=3)
-            dob = lax.dynamic_slice_in_dim(dog, i0, bq, axis=3)
-            lb = lax.dynamic_slice_in_dim(lse_safe, i0, bq, axis=3)
-            db = lax.dynamic_slice_in_dim(delta_p, i0, bq, axis=3)
-            x, tanh, valid = _logits(ctx, qb, kb, i0, j0, structural)
-            if valid is not None:
-                x = jnp.where(valid, x, -jnp.inf)
-            p = jnp.exp(x - lb[..., None])
-            # dK and dV contract the query heads of a group and the queries:
-            # under an explicit mesh that shards them (multi-query attention
-            # with sharded heads), the parts are summed into k's sharding.
-            d_v = d_v + jnp.einsum(
-                "bkgqc,bkgqh->bkch",
-                p.astype(q.dtype),
-                dob,
-                preferred_element_type=acc,
-                out_sharding=kv_sharding,
-            )
-            dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
-            ds = p * (dp - db[..., None])
-            if d_bias is not None:
-                d_bias = _add_block(d_bias, ds, i0, j0, config)
-            if tanh is not None:
-                ds = ds * (1 - tanh * tanh)
-            ds = ds.astype(q.dtype)
-            d_k = d_k + jnp.einsum(
-                "bkgqc,bkgqh->bkch",
-                ds,
-                qb,
-                preferred_element_type=acc,
-                out_sharding=kv_sharding,
-            )
-            dq_b = jnp.einsum("bkgqc,bkch->bkgqh", ds, kb, preferred_element_type=acc)
-            dq_b = dq_b + lax.dynamic_slice_in_dim(d_q, i0, bq, axis=3)
-            d_q = lax.dynamic_update_slice_in_dim(d_q, dq_b, i0, axis=3)
-            return d_k, d_v, d_q, d_bias
-
-        zeros = jnp.zeros_like(kb, acc)  # typed as the loop body's results
-        lo, hi = _dynamic_bounds(ctx, j0, lo, hi, False)
-        carry = (zeros, zeros, d_q, d_bias)
-        d_k, d_v, d_q, d_bias = _visit_blocks(config, lo, hi, trips, step, carry)
-        return (d_q, d_bias), (d_k, d_v)
-
-    d_bias = None
-    if ctx.bias is not None:
-        d_bias = jnp.zeros_like(ctx.bias, acc)
-    xs = (jnp.arange(nk, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
-    carry = (jnp.zeros_like(qg, acc), d_bias)
-    (d_q, d_bias), (d_k, d_v) = lax.scan(key_block, carry, xs)
-
-    scale = jnp.asarray(config.scale, acc)
-    # [B, K, G, Tp, H] -> [B, T, N, H];  [nk, B, K, bk, H] -> [B, S, K, H]
-    d_q = (d_q * scale).transpose(0, 3, 1, 2, 4)
-    d_q = _reshape(d_q, (batch, tp, n, h), q, (0, 1, 2, 3))[:, :t]
-    if not config.prescaled:
-        d_k = d_k * scale
-    d_k = _reshape(d_k.transpose(1, 0, 3, 2, 4), (batch, sp, kh, h), k, (0, 1, 2, 3))
-    d_v = _reshape(d_v.transpose(1, 0, 3, 2, 4), (batch, sp, kh, h), k, (0, 1, 2, 3))
-    d_k, d_v = d_k[:, :s], d_v[:, :s]
-    if d_bias is not None:
-        d_bias = d_bias[:, :, :, : bias.shape[2], : bias.shape[3]]
-        d_bias = d_bias.reshape(bias.shape).astype(bias.dtype)
-    d_sinks = None
-    if sinks is not None:
-        sink = _reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
-        weight = jnp.where(lse == -jnp.inf, 0, jnp.exp(sink - lse))
-        d_sinks = _reshape(-jnp.sum(weight * delta, axis=(0, 3)), (n,), sinks, (0,))
-        d_sinks = d_sinks.astype(sinks.dtype)
-    return (
-        d_q.astype(q.dtype),
-        d_k.astype(k.dtype),
-        d_v.astype(v.dtype),
-        d_bias,
-        d_sinks,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grads = _dispatch(config, _xla_backward, _kernel_backward, res, d_out)
+    return tuple(grads) + (None,) * 5  # mask, lengths, segment ids
 
 
-def _add_block(d_bias, ds, i0, j0, config):
-    """Adds a block's dS, summed over the axes the bias broadcasts, into the
-    bias gradient's matching block."""
-    axes = tuple(i for i in range(3) if d_bias.shape[i] == 1 and ds.shape[i] != 1)
-    axes += tuple(i for i in (3, 4) if d_bias.shape[i] == 1)
-    part = jnp.sum(ds, axis=axes, keepdims=True)
-    sizes = (None, None, None, config.query_chunk, config.key_chunk)
-    starts = {3: i0, 4: j0}
-    current = _block(d_bias, starts, sizes)
-    index = [np.int32(0)] * 5
-    for axis, start in starts.items():
-        if d_bias.shape[axis] != 1:
-            index[axis] = start
-    return lax.dynamic_update_slice(d_bias, current + part, index)
+def _xla_backward(res, d_out, config):
+    return xla.backward(config, res, d_out)
+
+
+def _differentiable(kernel_fn, xla_fn):
+    """``kernel_fn(*args, config, interpret)``, whose derivatives (forward
+    mode, second derivatives through the backward) are ``xla_fn``'s: the same
+    function by the XLA path, since a Pallas call has no JVP."""
+
+    @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+    def rule(config, interpret, *args):
+        return kernel_fn(*args, config=config, interpret=interpret)
+
+    @rule.defjvp
+    def rule_jvp(config, interpret, primals, tangents):
+        _, d_out = jax.jvp(partial(xla_fn, config=config), primals, tangents)
+        return rule(config, interpret, *primals), d_out
+
+    return lambda *args, config, interpret: rule(config, interpret, *args)
+
+
+_kernel_forward = _differentiable(pallas.forward, xla.forward)
+_kernel_backward = _differentiable(pallas.backward, _xla_backward)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -1053,9 +702,10 @@ def _attention_tangent(statics, res, t_leaves):
     """Forward mode: JAX's own ``jax.jvp`` of the forward pass recomputed from
     the residuals (which hold all its inputs): no second hand-written
     derivative, and cheaper than transposing ``_attention_bwd``, whose scans
-    would save every block's intermediates. Tangents flow from q, k, v,
-    bias and sinks, as in the backward pass; ``lse`` has none there (its
-    cotangent is ignored), so none here."""
+    would save every block's intermediates. It is the XLA path's forward
+    whichever implementation the call runs (Pallas calls have no JVP).
+    Tangents flow from q, k, v, bias and sinks, as in the backward pass;
+    ``lse`` has none there (its cotangent is ignored), so none here."""
     (config,) = statics
     *args, _, lse = res
     # The float input leaves, in order (None arguments are no leaves).
@@ -1071,7 +721,7 @@ def _attention_tangent(statics, res, t_leaves):
         full = list(args)
         for i, x in zip(moved, xs, strict=True):
             full[i] = x
-        return _attention_fwd(*full, config)[0][0]
+        return xla.forward(*full, config)[0]
 
     _, d_out = jax.jvp(forward, [args[i] for i in moved], t_moved)
     return [d_out, jnp.zeros(lse.shape, lse.dtype)]

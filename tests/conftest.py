@@ -8,6 +8,7 @@ reference by about 5e-3 (measured on an H200, jax 0.11.2).
 """
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -16,3 +17,13 @@ collect_ignore = [
     "sharding_modes_worker.py",
     "second_derivatives_worker.py",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run on a CUDA GPU only (bench/gpu.sh runs them)."""
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -14,7 +14,9 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
-from jsoftmax._attention import _block_visibility, _Config, _ranges
+from jsoftmax._attention import _Config
+from jsoftmax._attention_xla import block_visibility as _block_visibility
+from jsoftmax._attention_xla import ranges as _ranges
 
 B, H = 2, 8
 CHUNKS = dict(query_chunk_size=8, key_chunk_size=16)

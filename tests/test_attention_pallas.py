@@ -1,0 +1,437 @@
+"""dot_product_attention's Pallas kernels and ``implementation=``: the kernels
+(in interpret mode on a CPU) against the XLA block path, the choice of path
+by lowering platform, and every kernel configuration lowered for CUDA from
+the CPU (Triton), so that lowering errors show without a GPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoftmax
+from jsoftmax import _attention_pallas
+
+B, T, S, N, H = 2, 40, 56, 4, 24  # T, S, H not multiples of the blocks
+CHUNKS = dict(query_chunk_size=16, key_chunk_size=16)
+TRITON = "__gpu$xla.gpu.triton"
+# Relative tolerances (error / largest reference entry): the two paths order
+# their float32 sums differently.
+RTOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 5e-2)}
+
+
+def assert_close(got, want, rtol, what=""):
+    """Finite, and within ``rtol`` of ``want`` relative to its largest entry."""
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves), what
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, (what, i, g.shape, w.shape)
+        assert np.isfinite(g).all(), f"{what} leaf {i}: not finite"
+        scale = max(float(np.max(np.abs(w), initial=0.0)), 1e-30)
+        err = float(np.max(np.abs(g - w), initial=0.0)) / scale
+        assert err <= rtol, f"{what} leaf {i}: relative error {err:.3g} > {rtol:.3g}"
+
+
+def test_assert_close_catches_a_slightly_wrong_answer():
+    want = np.linspace(-2.0, 3.0, 50)
+    assert_close(want * (1 + 5e-6), want, 1e-5)
+    with pytest.raises(AssertionError):
+        assert_close(want * (1 + 2e-5), want, 1e-5)
+    with pytest.raises(AssertionError):
+        assert_close(np.where(want > 2.9, np.nan, want), want, 1e-5)
+
+
+def _arrays(k_heads, dtype, seed=0, t=T, s=S, h=H):
+    rng = np.random.default_rng(seed)
+    shapes = [(B, t, N, h), (B, s, k_heads, h), (B, s, k_heads, h), (B, t, N, h)]
+    return [jnp.asarray(rng.standard_normal(x), dtype) for x in shapes]
+
+
+def _segments(length, cuts):
+    ids = np.zeros((B, length), np.int32)
+    for b in range(B):
+        for c in cuts[b]:
+            ids[b, c:] += 1
+    return jnp.asarray(ids)
+
+
+def _cases():
+    """name -> (key/value heads, options, bias shape or None, sinks)."""
+    rng = np.random.default_rng(1)
+    mask = rng.random((B, 1, T, S)) < 0.7
+    return {
+        "plain": (2, {}, None, False),
+        "causal_sinks": (2, dict(is_causal=True), None, True),
+        "window_soft_cap": (
+            2,
+            dict(local_window_size=(5, 3), soft_cap=2.5),
+            None,
+            False,
+        ),
+        "bias_mask_causal": (
+            2,
+            dict(is_causal=True, mask=jnp.asarray(mask)),
+            (1, N, T, S),
+            False,
+        ),
+        "broadcast_bias_lengths": (
+            2,
+            dict(
+                query_seq_lengths=jnp.array([33, 0], jnp.int32),
+                key_value_seq_lengths=jnp.array([50, 9], jnp.int16),
+            ),
+            (B, 1, 1, S),
+            True,
+        ),
+        "segments_causal_lengths": (
+            2,
+            dict(
+                is_causal=True,
+                query_segment_ids=_segments(T, [[10, 25], [3]]),
+                key_value_segment_ids=_segments(S, [[10, 25], [3]]),
+                key_value_seq_lengths=jnp.array([56, 30], jnp.int32),
+            ),
+            None,
+            False,
+        ),
+        "multi_query_window_row_bias": (
+            1,
+            dict(local_window_size=(8, 0)),
+            (T, 1),
+            True,
+        ),
+    }
+
+
+CASES = _cases()
+
+
+def _run(implementation, case, dtype, chunks=CHUNKS):
+    """Output, lse and the gradients of a weighted sum w.r.t. q, k, v and the
+    bias and sinks where the case has them."""
+    k_heads, options, bias_shape, with_sinks = case
+    q, k, v, ct = _arrays(k_heads, dtype)
+    rng = np.random.default_rng(2)
+    bias = (
+        None
+        if bias_shape is None
+        else jnp.asarray(rng.standard_normal(bias_shape), dtype)
+    )
+    sinks = jnp.asarray(rng.standard_normal(N), jnp.float32) if with_sinks else None
+
+    def loss(q, k, v, bias, sinks):
+        out, lse = jsoftmax.dot_product_attention(
+            q, k, v, bias, sinks=sinks, implementation=implementation,
+            return_residual=True, **chunks, **options,
+        )  # fmt: skip
+        return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), (out, lse)
+
+    argnums = (
+        (0, 1, 2) + ((3,) if bias is not None else ()) + ((4,) if with_sinks else ())
+    )
+    run = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))
+    (_, (out, lse)), grads = run(q, k, v, bias, sinks)
+    return out, lse, grads
+
+
+def assert_runs_close(got, want, dtype):
+    """Two :func:`_run` results: output, lse and gradients."""
+    (out, lse, grads), (want_out, want_lse, want_grads) = got, want
+    value_rtol, grad_rtol = RTOL[dtype]
+    assert out.dtype == want_out.dtype == dtype
+    assert_close(out, want_out, value_rtol, "output")
+    # Rows that see no key have L = -inf on both paths.
+    lse, want_lse = np.asarray(lse, np.float64), np.asarray(want_lse, np.float64)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    finite = np.isfinite(want_lse)
+    assert_close(lse[finite], want_lse[finite], value_rtol, "lse")
+    assert_close(grads, want_grads, grad_rtol, "gradients")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_equal_the_xla_path(name):
+    want = _run("xla", CASES[name], jnp.float32)
+    assert_runs_close(_run("pallas", CASES[name], jnp.float32), want, jnp.float32)
+
+
+@pytest.mark.parametrize("name", ["causal_sinks", "bias_mask_causal"])
+def test_kernels_in_bfloat16(name):
+    want = _run("xla", CASES[name], jnp.bfloat16)
+    assert_runs_close(_run("pallas", CASES[name], jnp.bfloat16), want, jnp.bfloat16)
+
+
+def test_kernels_with_their_default_blocks():
+    # No chunk sizes: the kernels' own blocks, clipped to the padded lengths.
+    case = CASES["causal_sinks"]
+    want = _run("xla", case, jnp.float32, chunks={})
+    assert_runs_close(_run("pallas", case, jnp.float32, chunks={}), want, jnp.float32)
+
+
+def test_kernels_ignore_nan_past_the_lengths():
+    # A KV cache's unwritten tail: NaN past key_value_seq_lengths, and NaN
+    # queries and cotangents past query_seq_lengths, change nothing.
+    q, k, v, ct = _arrays(2, jnp.float32)
+    q_len, kv_len = jnp.array([33, 5], jnp.int32), jnp.array([50, 9], jnp.int32)
+
+    def poison(x, length):
+        pos = jnp.arange(x.shape[1])[None, :, None, None]
+        return jnp.where(pos >= length[:, None, None, None], jnp.nan, x)
+
+    def grads(q, k, v, ct):
+        def loss(q, k, v):
+            out = jsoftmax.dot_product_attention(
+                q, k, v, query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+                implementation="pallas", **CHUNKS,
+            )  # fmt: skip
+            return jnp.sum(jnp.where(jnp.isnan(ct), 0, ct) * out), out
+
+        return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+    clean = grads(q, k, v, ct)
+    dirty = grads(poison(q, q_len), poison(k, kv_len), poison(v, kv_len), ct)
+    for got, want in zip(jax.tree.leaves(dirty), jax.tree.leaves(clean), strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(got[finite], want[finite])
+    assert np.isfinite(np.asarray(dirty[1])).all()  # the output
+
+
+def test_kernels_under_vmap_and_forward_mode():
+    q, k, v, _ = _arrays(2, jnp.float32)
+    f = functools.partial(jsoftmax.dot_product_attention, is_causal=True, **CHUNKS)
+    xla, kernel = (functools.partial(f, implementation=i) for i in ("xla", "pallas"))
+    # vmap over an extra leading axis (the kernels' grid grows).
+    qs = jnp.stack([q, 2 * q])
+    assert_close(jax.vmap(kernel, (0, None, None))(qs, k, v),
+                 jax.vmap(xla, (0, None, None))(qs, k, v), 1e-5)  # fmt: skip
+    # Forward mode runs the XLA path's forward, whatever the implementation.
+    tangent = jnp.ones_like(q)
+    assert_close(jax.jvp(kernel, (q, k, v), (tangent, 0 * k, 0 * v)),
+                 jax.jvp(xla, (q, k, v), (tangent, 0 * k, 0 * v)), 1e-5)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# implementation=: the choice, and its errors.
+
+
+def _lowered_text(fn, platforms, *args):
+    exported = jax.export.export(
+        jax.jit(fn),
+        platforms=platforms,
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+    )(*args)
+    return exported.mlir_module()
+
+
+def _loss(**options):
+    def loss(q, k, v):
+        out = jsoftmax.dot_product_attention(q, k, v, **options)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.value_and_grad(loss, (0, 1, 2))
+
+
+def test_default_is_the_xla_path_on_cpu_and_the_kernels_for_cuda():
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+    # On this CPU, None runs the XLA path: the same numbers as "xla".
+    got = jax.jit(_loss(is_causal=True))(q, k, v)
+    want = jax.jit(_loss(is_causal=True, implementation="xla"))(q, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(g, np.float32), np.asarray(w, np.float32)
+        )
+    # Lowered for CUDA (from this CPU), None runs the three kernels: forward,
+    # dK/dV and dQ. "xla" runs none.
+    assert _lowered_text(_loss(is_causal=True), ["cuda"], q, k, v).count(TRITON) == 3
+    assert TRITON not in _lowered_text(_loss(implementation="xla"), ["cuda"], q, k, v)
+    assert TRITON not in _lowered_text(_loss(), ["cpu"], q, k, v)
+
+
+@pytest.mark.parametrize(
+    "options, dtype",
+    [
+        (dict(query_chunk_size=24), jnp.bfloat16),  # not a power of two
+        (dict(key_chunk_size=8), jnp.bfloat16),  # below Triton's 16
+        ({}, jnp.float64),
+    ],
+)
+def test_default_falls_back_where_the_kernels_do_not_run(options, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        q, k, v, _ = _arrays(2, dtype)
+        text = _lowered_text(_loss(**options), ["cuda"], q, k, v)
+        assert TRITON not in text
+        with pytest.raises(
+            ValueError, match="implementation='pallas' does not support"
+        ):
+            jsoftmax.dot_product_attention(q, k, v, implementation="pallas", **options)
+
+
+def test_pallas_refuses_a_head_dim_past_its_limit():
+    q, k, v, _ = _arrays(2, jnp.bfloat16, h=264)
+    with pytest.raises(ValueError, match="head dim H of 264"):
+        jsoftmax.dot_product_attention(q, k, v, implementation="pallas")
+
+
+@pytest.mark.parametrize("bad", ["triton", "XLA", 3, True])
+def test_unknown_implementation_is_refused(bad):
+    q, k, v, _ = _arrays(2, jnp.float32)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        jsoftmax.dot_product_attention(q, k, v, implementation=bad)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("soft_cap", 30.0),
+        ("sinks", np.zeros(N, np.float32)),
+        ("query_chunk_size", 16),
+        ("query_segment_ids", np.zeros((B, T), np.int32)),
+    ],
+)
+def test_cudnn_refuses_what_it_lacks(option, value):
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"implementation='cudnn' has no {option}"):
+        jsoftmax.dot_product_attention(
+            q, k, v, implementation="cudnn", **{option: value}
+        )
+
+
+def test_cudnn_refuses_float32_and_a_right_window():
+    q, k, v, _ = _arrays(2, jnp.float32)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        jsoftmax.dot_product_attention(q, k, v, implementation="cudnn")
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with pytest.raises(ValueError, match="no right part"):
+        jsoftmax.dot_product_attention(
+            q, k, v, implementation="cudnn", local_window_size=(4, 2)
+        )
+
+
+def test_cudnn_delegates_to_jax_nn(monkeypatch):
+    # What reaches jax.nn: implementation="cudnn", int32 lengths, the window
+    # as (left, 0).
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return args[0]
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+    out = jsoftmax.dot_product_attention(
+        q, k, v, implementation="cudnn", is_causal=True, local_window_size=7,
+        key_value_seq_lengths=np.array([3, 4], np.int64),
+    )  # fmt: skip
+    assert out is q
+    assert seen["implementation"] == "cudnn"
+    assert seen["local_window_size"] == (7, 0)
+    assert seen["key_value_seq_lengths"].dtype == jnp.int32
+    assert seen["query_seq_lengths"] is None
+
+
+# ---------------------------------------------------------------------------
+# Lowered for CUDA: every configuration that None can pick, from this CPU.
+
+
+def _configurations():
+    """(name, dtype, head dim, T, S, key/value heads, options): each option
+    alone and mixed, every kernel-supported dtype, head dims of 64, 128 and a
+    padded one, sequences under one block and over several."""
+    rng = np.random.default_rng(3)
+    out = []
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        out.append((dtype.__name__, dtype, 64, 256, 256, 2, {}))
+    for h in (128, 256, 80):
+        out.append((f"h{h}", jnp.bfloat16, h, 256, 384, 2, {}))
+    t, s = 200, 300
+    options = {
+        "causal": dict(is_causal=True),
+        "window": dict(local_window_size=(64, 16)),
+        "soft_cap": dict(soft_cap=30.0),
+        "sinks": dict(sinks=jnp.zeros(N, jnp.float32)),
+        "bias": dict(bias=jnp.zeros((1, N, t, s), jnp.bfloat16)),
+        "row_bias": dict(bias=jnp.zeros((B, 1, t, 1), jnp.bfloat16)),
+        "mask": dict(mask=jnp.asarray(rng.random((B, 1, 1, s)) < 0.5)),
+        "lengths": dict(
+            query_seq_lengths=jnp.array([t, 10], jnp.int32),
+            key_value_seq_lengths=jnp.array([s, 5], jnp.int32),
+        ),
+        "segments": dict(
+            query_segment_ids=jnp.zeros((B, t), jnp.int32),
+            key_value_segment_ids=jnp.zeros((B, s), jnp.int32),
+        ),
+        "chunks": dict(query_chunk_size=32, key_chunk_size=64),
+    }
+    for name, opts in options.items():
+        out.append((name, jnp.bfloat16, 64, t, s, 2, opts))
+    everything = {k: v for opts in options.values() for k, v in opts.items()}
+    everything["bias"] = options["bias"]["bias"]
+    out.append(("everything_gqa", jnp.bfloat16, 64, t, s, 1, everything))
+    out.append(("short", jnp.bfloat16, 64, 5, 7, 2, dict(is_causal=True)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, dtype, h, t, s, k_heads, options",
+    _configurations(),
+    ids=[c[0] for c in _configurations()],
+)
+def test_kernels_lower_for_cuda(name, dtype, h, t, s, k_heads, options):
+    q, k, v, _ = _arrays(k_heads, dtype, t=t, s=s, h=h)
+    text = _lowered_text(_loss(**options), ["cuda"], q, k, v)
+    assert text.count(TRITON) == 3, name
+
+
+def test_kernels_lower_for_cuda_under_vmap():
+    q, k, v, _ = _arrays(2, jnp.bfloat16, t=128, s=128, h=64)
+    fn = jax.vmap(_loss(is_causal=True), (0, None, None))
+    text = _lowered_text(fn, ["cuda"], jnp.stack([q, q]), k, v)
+    assert text.count(TRITON) == 3
+
+
+def test_unsupported_reasons_name_the_option():
+    why = _attention_pallas.unsupported
+    assert why(jnp.bfloat16, 128, None, None) is None
+    assert "float64" in why(jnp.float64, 64, None, None)
+    assert "key_chunk_size=48" in why(jnp.float32, 64, 64, 48)
+
+
+# ---------------------------------------------------------------------------
+# On a CUDA GPU (bench/gpu.sh): the compiled kernels against the XLA path.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernels_equal_the_xla_path(name, dtype):
+    want = _run("xla", CASES[name], dtype)
+    assert_runs_close(_run(None, CASES[name], dtype), want, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_default_runs_the_kernels():
+    q, k, v, _ = _arrays(2, jnp.bfloat16, t=256, s=256, h=64)
+    text = jax.jit(_loss(is_causal=True)).lower(q, k, v).as_text()
+    assert TRITON in text or "triton" in text
+
+
+def test_kernels_second_derivatives_are_the_xla_paths():
+    # hessian (forward over reverse) and jacrev(jacrev) differentiate the
+    # kernels through the XLA path's derivative of the same function.
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.standard_normal((1, 16, 2, 16)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((16, 16)), jnp.float32)
+
+    def f(implementation):
+        def loss(q):
+            out = jsoftmax.dot_product_attention(
+                q, q, q, bias, is_causal=True, implementation=implementation
+            )
+            return jnp.sum(out**2)
+
+        return loss
+
+    for second in (jax.hessian, lambda g: jax.jacrev(jax.grad(g))):
+        assert_close(second(f("pallas"))(q), second(f("xla"))(q), 1e-5)
