@@ -4,11 +4,13 @@ by lowering platform, and every kernel configuration lowered for CUDA from
 the CPU (Triton), so that lowering errors show without a GPU."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
 from jsoftmax import _attention_pallas
@@ -249,6 +251,36 @@ def test_default_is_the_xla_path_on_cpu_and_the_kernels_for_cuda():
     assert TRITON not in _lowered_text(_loss(), ["cpu"], q, k, v)
 
 
+def _instructions(fn, *args):
+    """The compiled program's instructions, without metadata or frame ids
+    (which name the Python functions that built them), and with the values
+    renamed in order of appearance (their numbers count what was traced)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    text = re.sub(r", metadata=\{[^}]*\}", "", text)
+    text = re.sub(r"(, )?(stack_)?frame_id=[0-9]+", "", text)
+    names = {}
+
+    def rename(match):
+        return names.setdefault(match.group(0), f"%v{len(names)}")
+
+    return [
+        re.sub(r"%[\w.\-]+", rename, line)
+        for line in text.splitlines()
+        if " = " in line and "file_location_id" not in line
+    ]
+
+
+def test_default_compiles_to_the_xla_path_on_cpu():
+    # The kernels' branch is pruned when lowering for the CPU: the compiled
+    # program of None is the XLA path's, instruction for instruction, so CPU
+    # timings cannot move.
+    q, k, v, _ = _arrays(2, jnp.float32)
+    options = dict(is_causal=True, soft_cap=20.0, sinks=jnp.zeros(N))
+    default = _instructions(_loss(**options), q, k, v)
+    assert default == _instructions(_loss(implementation="xla", **options), q, k, v)
+    assert default != _instructions(_loss(implementation="xla"), q, k, v)  # can fail
+
+
 @pytest.mark.parametrize(
     "options, dtype",
     [
@@ -435,3 +467,21 @@ def test_kernels_second_derivatives_are_the_xla_paths():
 
     for second in (jax.hessian, lambda g: jax.jacrev(jax.grad(g))):
         assert_close(second(f("pallas"))(q), second(f("xla"))(q), 1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", None])
+def test_residuals_are_q_k_v_output_and_lse(implementation):
+    # Nothing of size T x S is saved for the backward pass, on either path.
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+    bias = jnp.zeros((1, N, T, S), jnp.bfloat16)
+
+    def attention(q, k, v, bias):
+        return jsoftmax.dot_product_attention(
+            q, k, v, bias, is_causal=True, implementation=implementation, **CHUNKS
+        )
+
+    shapes = sorted(
+        tuple(a.shape) for a, _ in saved_residuals(attention, q, k, v, bias)
+    )
+    want = sorted([q.shape, k.shape, v.shape, bias.shape, q.shape, (B, 2, N // 2, T)])
+    assert shapes == want
