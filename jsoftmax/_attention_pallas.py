@@ -330,6 +330,35 @@ def _dkv_kernel(*refs, names, spec, bq, bk, nq):
     r["dv"][...] = d_v.astype(r["dv"].dtype)
 
 
+def _dkv(call, rows, config, interpret):
+    """dK, dV: a program per (batch, key/value head, key block); the G query
+    heads of the group and the query blocks in the band are its loops."""
+    spec, (batch, tp, _, hp), kh = call.spec, call.q.shape, call.k.shape[2]
+    bq, bk = _blocks(config, call.tp, call.sp, DKV_BLOCKS)
+    group = pl.BlockSpec((None, tp, spec.groups, hp), lambda b, h, j: (b, 0, h, 0))
+    group_rows = pl.BlockSpec((None, spec.groups, tp), lambda b, h, j: (b, h, 0))
+    operands, names, specs = call.inputs(False, bq, bk)
+    for name, x in rows:
+        operands.append(x)
+        names.append(name)
+        specs.append(group if name == "do" else group_rows)
+    kernel = partial(
+        _dkv_kernel, names=tuple(names) + ("dk", "dv"), spec=spec, bq=bq, bk=bk,
+        nq=-(-spec.t // bq),
+    )  # fmt: skip
+    block = pl.BlockSpec((None, bk, None, hp), lambda b, h, j: (b, j, h, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, kh, call.sp // bk),
+        in_specs=specs,
+        out_specs=[block, block],
+        out_shape=[jax.ShapeDtypeStruct(call.k.shape, call.k.dtype)] * 2,
+        compiler_params=_compiler_params(hp),
+        interpret=interpret,
+        name="jsoftmax_attention_dkv",
+    )(*operands)
+
+
 def _dq_kernel(*refs, names, spec, bq, bk, nk):
     r = dict(zip(names, refs, strict=True))
     i = pl.program_id(2)
@@ -373,57 +402,11 @@ def _dq_kernel(*refs, names, spec, bq, bk, nk):
     r["dq"][...] = (d_q * jnp.float32(spec.scale)).astype(r["dq"].dtype)
 
 
-# P = exp(s - L);  D = rowsum(dO * O);  dS = P * (dP - D) with dP = dO V^T
-# dV = P^T dO;  dK = dS'^T Q * scale (one program per key block);
-# dQ = dS' K * scale and dbias = dS (one program per query block)
-def backward(res, d_out, config, interpret=False):
-    """The cotangents of q, k, v, bias and sinks: the XLA path's contract."""
-    q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse = res
-    call = _Call(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config)
-    spec, (batch, tp, n, hp), kh = call.spec, call.q.shape, call.k.shape[2]
-    g, t, s, h = spec.groups, spec.t, spec.s, q.shape[-1]
-    d_out = xla.zero_past(d_out, q_len).astype(q.dtype)
-    # D = rowsum(dO * O), [B, N, T] in float32: one fused XLA reduction.
-    delta = jnp.einsum("btnh,btnh->bnt", d_out, out, preferred_element_type=jnp.float32)
-    lse = lse.reshape(batch, n, t)
-    lse_safe = _pad(xla.safe_lse(lse), 2, tp, jnp.inf)
-    delta_p = _pad(delta, 2, tp)
-    do = _pad(_pad(d_out, 1, tp), 3, hp)
-    rows = [("do", do), ("lse", lse_safe), ("delta", delta_p)]
-
-    # dK, dV: grid over key blocks; the G query heads of a key/value head and
-    # every query block in the band are the loops.
-    bq, bk = _blocks(config, call.tp, call.sp, DKV_BLOCKS)
-    nq = -(-t // bq)
-    group = pl.BlockSpec((None, tp, g, hp), lambda b, h, j: (b, 0, h, 0))
-    group_rows = pl.BlockSpec((None, g, tp), lambda b, h, j: (b, h, 0))
-    operands, names, specs = call.inputs(False, bq, bk)
-    for name, x in rows:
-        operands.append(x)
-        names.append(name)
-        specs.append(group if name == "do" else group_rows)
-    kv_out = pl.BlockSpec((None, bk, None, hp), lambda b, h, j: (b, j, h, 0))
-    d_k, d_v = pl.pallas_call(
-        partial(
-            _dkv_kernel,
-            names=tuple(names) + ("dk", "dv"),
-            spec=spec,
-            bq=bq,
-            bk=bk,
-            nq=nq,
-        ),  # fmt: skip
-        grid=(batch, kh, call.sp // bk),
-        in_specs=specs,
-        out_specs=[kv_out, kv_out],
-        out_shape=[jax.ShapeDtypeStruct(call.k.shape, k.dtype)] * 2,
-        compiler_params=_compiler_params(hp),
-        interpret=interpret,
-        name="jsoftmax_attention_dkv",
-    )(*operands)
-
-    # dQ (and the bias's dS): grid over query blocks of each head.
+def _dq(call, rows, with_bias, config, interpret):
+    """dQ, and the bias's dS where there is a bias: a program per (batch,
+    query head, query block); the key blocks in the band are its loop."""
+    spec, (batch, tp, n, hp) = call.spec, call.q.shape
     bq, bk = _blocks(config, call.tp, call.sp, DQ_BLOCKS)
-    nk = -(-s // bk)
     operands, names, specs = call.inputs(True, bq, bk)
     for name, x in rows:
         operands.append(x)
@@ -434,19 +417,22 @@ def backward(res, d_out, config, interpret=False):
             else pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
         )
     out_specs = [pl.BlockSpec((None, bq, None, hp), lambda b, h, i: (b, i, h, 0))]
-    out_shape = [jax.ShapeDtypeStruct(call.q.shape, q.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(call.q.shape, call.q.dtype)]
     out_names = ("dq",)
-    if bias is not None:
-        # dS of every (query, key) pair, summed below to the bias's shape.
+    if with_bias:
+        # dS of every (query, key) pair, summed by the caller to the bias's
+        # shape.
         out_specs.append(
             pl.BlockSpec((None, None, bq, call.sp), lambda b, h, i: (b, h, i, 0))
         )
         out_shape.append(jax.ShapeDtypeStruct((batch, n, tp, call.sp), jnp.float32))
         out_names += ("ds",)
-    outs = pl.pallas_call(
-        partial(
-            _dq_kernel, names=tuple(names) + out_names, spec=spec, bq=bq, bk=bk, nk=nk
-        ),  # fmt: skip
+    kernel = partial(
+        _dq_kernel, names=tuple(names) + out_names, spec=spec, bq=bq, bk=bk,
+        nk=-(-spec.s // bk),
+    )  # fmt: skip
+    return pl.pallas_call(
+        kernel,
         grid=(batch, n, tp // bq),
         in_specs=specs,
         out_specs=out_specs,
@@ -456,6 +442,27 @@ def backward(res, d_out, config, interpret=False):
         name="jsoftmax_attention_dq",
     )(*operands)
 
+
+# P = exp(s - L);  D = rowsum(dO * O);  dS = P * (dP - D) with dP = dO V^T
+# dV = P^T dO;  dK = dS'^T Q * scale (one program per key block);
+# dQ = dS' K * scale and dbias = dS (one program per query block)
+def backward(res, d_out, config, interpret=False):
+    """The cotangents of q, k, v, bias and sinks: the XLA path's contract."""
+    q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse = res
+    call = _Call(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config)
+    batch, tp, n, hp = call.q.shape
+    t, s, h = call.spec.t, call.spec.s, q.shape[-1]
+    d_out = xla.zero_past(d_out, q_len).astype(q.dtype)
+    # D = rowsum(dO * O), [B, N, T] in float32: one fused XLA reduction.
+    delta = jnp.einsum("btnh,btnh->bnt", d_out, out, preferred_element_type=jnp.float32)
+    lse = lse.reshape(batch, n, t)
+    rows = [
+        ("do", _pad(_pad(d_out, 1, tp), 3, hp)),
+        ("lse", _pad(xla.safe_lse(lse), 2, tp, jnp.inf)),
+        ("delta", _pad(delta, 2, tp)),
+    ]
+    d_k, d_v = _dkv(call, rows, config, interpret)
+    outs = _dq(call, rows, bias is not None, config, interpret)
     d_q = outs[0][:, :t, :, :h]
     d_k, d_v = d_k[:, :s, :, :h], d_v[:, :s, :, :h]
     d_bias = None
