@@ -18,6 +18,7 @@ from jsoftmax import _attention_xla as xla
 from jsoftmax._checks import float_input, widen_8bit
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
+from jsoftmax._platform import by_platform
 
 _IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
 
@@ -138,13 +139,12 @@ def dot_product_attention(
         - ``None`` (default): the Pallas kernels where the program is
           lowered for a CUDA GPU and they support the call, else the XLA
           block path. Chosen by the platform the program is *lowered* for
-          (:func:`jax.lax.platform_dependent`), not by the default backend:
+          (as :func:`jax.lax.platform_dependent` does), not by the default backend:
           :func:`jax.export` for CUDA from a CPU gets the kernels. The
           kernels lack only float64, head dims ``H > 256`` and chunk sizes
           that are not powers of two of at least 16; those calls take the
-          XLA path. A program lowered for CPU and CUDA at once (one
-          :func:`jax.export` with both platforms) fails in Pallas' lowering:
-          pass ``"xla"`` for it.
+          XLA path. A program lowered for several platforms at once (one
+          :func:`jax.export` for CPU and CUDA) gets each platform's path.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
           FlashAttention-2 forward, and a backward of one program per key
@@ -633,19 +633,44 @@ def _implementation(implementation, dtype, h, query_chunk_size, key_chunk_size):
     return "xla" if why is not None else "auto"
 
 
-def _dispatch(config, xla_fn, kernel_fn, *args):
-    """``xla_fn(*args, config)`` or ``kernel_fn(*args, config, interpret)`` as
-    ``config.implementation`` says, chosen by the platform the program is
-    lowered for (not the default backend): ``jax.export`` for CUDA from a
-    CPU gets the kernel."""
-    if config.implementation == "xla":
-        return xla_fn(*args, config)
-    kernel = partial(kernel_fn, config=config, interpret=False)
-    if config.implementation == "pallas":
-        default = partial(kernel_fn, config=config, interpret=True)
-    else:
-        default = partial(xla_fn, config=config)
-    return lax.platform_dependent(*args, cuda=kernel, default=default)
+def _on_platform(xla_fn, kernel_fn):
+    """``f(config, *args)``: the implementation ``config.implementation``
+    names, chosen by the platform the program is lowered for (not the
+    default backend), per platform even in a program lowered for several:
+    ``kernel_fn(*args, config=, interpret=False)`` for CUDA, and elsewhere
+    ``xla_fn(*args, config=)`` ("auto") or the kernels in interpret mode
+    ("pallas"). Its derivatives (forward mode, and second derivatives
+    through the backward pass) are ``xla_fn``'s, the same function: a Pallas
+    call has none. ``"xla"`` calls ``xla_fn`` itself."""
+
+    @partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def run(config, *args):
+        kernel = partial(kernel_fn, config=config, interpret=False)
+        if config.implementation == "pallas":
+            default = partial(kernel_fn, config=config, interpret=True)
+        else:
+            default = partial(xla_fn, config=config)
+        return by_platform(args, cuda=kernel, default=default)
+
+    @run.defjvp
+    def run_jvp(config, primals, tangents):
+        _, d_out = jax.jvp(partial(xla_fn, config=config), primals, tangents)
+        return run(config, *primals), d_out
+
+    def call(config, *args):
+        if config.implementation == "xla":
+            return xla_fn(*args, config=config)
+        return run(config, *args)
+
+    return call
+
+
+def _xla_backward(res, d_out, config):
+    return xla.backward(config, res, d_out)
+
+
+_forward = _on_platform(xla.forward, pallas.forward)
+_backward = _on_platform(_xla_backward, pallas.backward)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -657,7 +682,7 @@ def _attention(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config)
 
 def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config):
     args = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
-    out, lse = _dispatch(config, xla.forward, _kernel_forward, *args)
+    out, lse = _forward(config, *args)
     return (out, lse), (*args, out, lse)
 
 
@@ -666,33 +691,8 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
 # (dS' = dS * (1 - tanh^2) under the soft cap);  dsink = -sum_rows e^(sink-L) D
 def _attention_bwd(config, res, cotangents):
     d_out = cotangents[0]  # lse is returned without gradient (stop_gradient)
-    grads = _dispatch(config, _xla_backward, _kernel_backward, res, d_out)
+    grads = _backward(config, res, d_out)
     return tuple(grads) + (None,) * 5  # mask, lengths, segment ids
-
-
-def _xla_backward(res, d_out, config):
-    return xla.backward(config, res, d_out)
-
-
-def _differentiable(kernel_fn, xla_fn):
-    """``kernel_fn(*args, config, interpret)``, whose derivatives (forward
-    mode, second derivatives through the backward) are ``xla_fn``'s: the same
-    function by the XLA path, since a Pallas call has no JVP."""
-
-    @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-    def rule(config, interpret, *args):
-        return kernel_fn(*args, config=config, interpret=interpret)
-
-    @rule.defjvp
-    def rule_jvp(config, interpret, primals, tangents):
-        _, d_out = jax.jvp(partial(xla_fn, config=config), primals, tangents)
-        return rule(config, interpret, *primals), d_out
-
-    return lambda *args, config, interpret: rule(config, interpret, *args)
-
-
-_kernel_forward = _differentiable(pallas.forward, xla.forward)
-_kernel_backward = _differentiable(pallas.backward, _xla_backward)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

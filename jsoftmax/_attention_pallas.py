@@ -77,9 +77,13 @@ class _Spec:
         )
 
 
-def _blocks(config, t_pad, s_pad, default):
+def _blocks(config, t_pad, s_pad, default, head_dim):
     """A kernel's (query, key) block: the call's chunk sizes where it names
-    them, else the kernel's default, at most the padded lengths."""
+    them, else the kernel's default (halved for head dims over 128, whose
+    float32 accumulators would not fit the registers), at most the padded
+    lengths."""
+    if head_dim > 128:
+        default = tuple(max(_MIN_BLOCK, d // 2) for d in default)
     bq = config.kernel_query_chunk or default[0]
     bk = config.kernel_key_chunk or default[1]
     return min(bq, t_pad), min(bk, s_pad)
@@ -253,7 +257,7 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config,
     call = _Call(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config)
     spec, (batch, tp, n, hp), kh = call.spec, call.q.shape, call.k.shape[2]
     g = spec.groups
-    bq, bk = _blocks(config, call.tp, call.sp, FORWARD_BLOCKS)
+    bq, bk = _blocks(config, call.tp, call.sp, FORWARD_BLOCKS, hp)
     nq, nk = call.tp // bq, -(-spec.s // bk)
     operands, names, specs = call.inputs(True, bq, bk)
     if sinks is not None:
@@ -334,7 +338,7 @@ def _dkv(call, rows, config, interpret):
     """dK, dV: a program per (batch, key/value head, key block); the G query
     heads of the group and the query blocks in the band are its loops."""
     spec, (batch, tp, _, hp), kh = call.spec, call.q.shape, call.k.shape[2]
-    bq, bk = _blocks(config, call.tp, call.sp, DKV_BLOCKS)
+    bq, bk = _blocks(config, call.tp, call.sp, DKV_BLOCKS, hp)
     group = pl.BlockSpec((None, tp, spec.groups, hp), lambda b, h, j: (b, 0, h, 0))
     group_rows = pl.BlockSpec((None, spec.groups, tp), lambda b, h, j: (b, h, 0))
     operands, names, specs = call.inputs(False, bq, bk)
@@ -406,7 +410,7 @@ def _dq(call, rows, with_bias, config, interpret):
     """dQ, and the bias's dS where there is a bias: a program per (batch,
     query head, query block); the key blocks in the band are its loop."""
     spec, (batch, tp, n, hp) = call.spec, call.q.shape
-    bq, bk = _blocks(config, call.tp, call.sp, DQ_BLOCKS)
+    bq, bk = _blocks(config, call.tp, call.sp, DQ_BLOCKS, hp)
     operands, names, specs = call.inputs(True, bq, bk)
     for name, x in rows:
         operands.append(x)

@@ -251,6 +251,22 @@ def test_default_is_the_xla_path_on_cpu_and_the_kernels_for_cuda():
     assert TRITON not in _lowered_text(_loss(), ["cpu"], q, k, v)
 
 
+@pytest.mark.parametrize("implementation", [None, "pallas"])
+def test_one_program_for_cpu_and_cuda_runs_each_platforms_path(implementation):
+    # One export for both platforms: the kernels in its CUDA branch, and on
+    # this CPU the XLA path (None) or the kernels in interpret mode.
+    q, k, v, _ = _arrays(2, jnp.float32)
+    fn = _loss(is_causal=True, implementation=implementation, **CHUNKS)
+    exported = jax.export.export(
+        jax.jit(fn),
+        platforms=["cpu", "cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+    )(q, k, v)
+    assert exported.mlir_module().count(TRITON) == 3
+    want = jax.jit(_loss(is_causal=True, implementation="xla", **CHUNKS))(q, k, v)
+    assert_close(exported.call(q, k, v), want, 2e-5)
+
+
 def _instructions(fn, *args):
     """The compiled program's instructions, without metadata or frame ids
     (which name the Python functions that built them), and with the values

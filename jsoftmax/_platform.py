@@ -1,0 +1,97 @@
+"""Code chosen by the platform a program is lowered for, per platform even
+when one program is lowered for several (``jax.export`` with
+``platforms=("cpu", "cuda")``).
+
+:func:`jax.lax.platform_dependent` lowers every branch for every platform of
+the lowering, and a Pallas GPU kernel has no CPU lowering: a kernel in its
+``cuda`` branch makes a CPU-and-CUDA export fail. Here the choice is a
+primitive whose lowering rule is per platform (``mlir.lower_per_platform``),
+so each branch is lowered for its own platform only. It has no derivative
+rules: callers differentiate around it (``jsoftmax._attention`` wraps it in a
+``custom_jvp``). This module and ``_forward_mode`` are where jsoftmax touches
+JAX internals (``jax._src``'s dispatch, effects and mlir registries).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax._src import dispatch, effects
+from jax._src.interpreters import batching, mlir
+from jax.extend.core import Primitive
+
+
+class _Branches:
+    """The two functions of flat arrays, and their outputs' avals. Hashed by
+    identity: a primitive parameter, never holding a tracer."""
+
+    def __init__(self, cuda, default, out_avals):
+        self.cuda, self.default, self.out_avals = cuda, default, out_avals
+
+    def __repr__(self):
+        return "<cuda | default>"
+
+
+by_platform_p = Primitive("jsoftmax_by_platform")
+by_platform_p.multiple_results = True
+by_platform_p.def_impl(functools.partial(dispatch.apply_primitive, by_platform_p))
+by_platform_p.def_abstract_eval(lambda *avals, branches: list(branches.out_avals))
+
+
+def _lowering(ctx, *args, branches):
+    return mlir.lower_per_platform(
+        ctx,
+        "jsoftmax_by_platform",
+        {"cuda": mlir.lower_fun(branches.cuda, multiple_results=True)},
+        mlir.lower_fun(branches.default, multiple_results=True),
+        effects.no_effects,
+        *args,
+    )
+
+
+mlir.register_lowering(by_platform_p, _lowering)
+
+
+def _batch(axis_data, args, dims, *, branches):
+    """vmap: both branches vmapped, outputs at axis 0."""
+    if all(d is None for d in dims):
+        out = by_platform_p.bind(*args, branches=branches)
+        return out, [None] * len(out)
+    vmap = functools.partial(
+        jax.vmap,
+        in_axes=list(dims),
+        out_axes=0,
+        axis_name=axis_data.name,
+        axis_size=axis_data.size,
+        spmd_axis_name=axis_data.spmd_name,
+    )
+    out = _bind(vmap(branches.cuda), vmap(branches.default), args)
+    return out, [0] * len(out)
+
+
+batching.fancy_primitive_batchers[by_platform_p] = _batch
+
+
+def _bind(cuda, default, leaves):
+    out_avals = tuple(jax.make_jaxpr(default)(*leaves).out_avals)
+    return by_platform_p.bind(*leaves, branches=_Branches(cuda, default, out_avals))
+
+
+def by_platform(args, *, cuda, default):
+    """``cuda(*args)`` where the program is lowered for CUDA, ``default(*args)``
+    elsewhere (both the same output structure, shapes and dtypes)."""
+    leaves, in_tree = jax.tree.flatten(args)
+    out_tree = []
+
+    def flat(fn):
+        def run(*leaves):
+            out = fn(*jax.tree.unflatten(in_tree, leaves))
+            out_leaves, tree = jax.tree.flatten(out)
+            out_tree[:] = [tree]
+            return out_leaves
+
+        return run
+
+    out = _bind(flat(cuda), flat(default), leaves)
+    return jax.tree.unflatten(out_tree[0], out)
