@@ -23,11 +23,13 @@ how far a ratio moves by noise alone for that case.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
 import pathlib
 import platform
+import subprocess
 import tempfile
 import time
 
@@ -123,6 +125,130 @@ def interleaved(fns, args, rounds):
         for n in rng.permutation(list(fns)):
             times[n].append(timed(fns[n], args, calls[n]))
     return {n: np.array(t) for n, t in times.items()}
+
+
+def gpu_header():
+    """The machine line of a GPU table: device, driver, CUDA, jax and jaxlib."""
+    import jaxlib
+
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+             "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip().splitlines()[0]  # fmt: skip
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        smi = f"nvidia-smi unavailable ({type(e).__name__})"
+    return (
+        f"{machine()}, jaxlib {jaxlib.__version__}; nvidia-smi: {smi}"
+        if jax.default_backend() == "gpu"
+        else f"{machine()}, jaxlib {jaxlib.__version__} (no GPU: a smoke run)"
+    )
+
+
+def short_error(e):
+    """One line of an exception, safe inside a markdown table cell."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:160]}".replace("|", "/")
+
+
+def compile_all(fns, args, workers=8):
+    """name -> ``jax.jit(fn).lower(*args).compile()``, or the exception it
+    raised; ``args`` is one tuple for all, or a dict name -> tuple. Lowering
+    and compiling run in ``workers`` threads (XLA and Triton compile outside
+    the GIL), since compile time dominates a GPU sweep. The threads see the
+    global JAX config, not the caller's thread-local contexts (``with
+    jax.numpy_dtype_promotion(...)`` and the like)."""
+
+    def build(name):
+        fn_args = args[name] if isinstance(args, dict) else args
+        return jax.jit(fns[name]).lower(*fn_args).compile()
+
+    out = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {name: pool.submit(build, name) for name in fns}
+        for name, future in futures.items():
+            try:
+                out[name] = future.result()
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                out[name] = e
+    return out
+
+
+def _relative_error(got, want):
+    """Largest |got - want| over the largest |want|, over every leaf, on device."""
+    worst = 0.0
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32)
+        scale = jnp.maximum(jnp.max(jnp.abs(w)), 1e-30)
+        worst = max(worst, float(jnp.max(jnp.abs(g - w)) / scale))
+    return worst
+
+
+def side_by_side(fns, args, rounds, references=(), tol=2e-2, limit_bytes=None,
+                 workers=8, compiled=None):  # fmt: skip
+    """Compile, check and time ``fns`` on ``args``, never raising for one of them.
+
+    Returns name -> dict with ``status`` ("ok", "mismatch ...", "failed: ...",
+    "not run: ..."), ``median``/``min``/``max`` seconds per call (where timed),
+    ``temp`` (compiled temporaries in bytes) and ``err`` (the relative error
+    against the first of ``references`` that ran, which is named in ``ref``).
+    A function whose temporaries, arguments and outputs exceed ``limit_bytes``
+    is compiled but not run. The rest run in interleaved rounds (interleaved).
+    ``compiled`` (name -> executable or exception, from compile_all) skips
+    the compilation.
+    """
+    res = {n: dict(status="ok", temp=None, err=None, ref=None) for n in fns}
+    if compiled is None:
+        compiled = compile_all(fns, args, workers)
+    compiled = {n: compiled[n] for n in fns}
+    runnable = {}
+    for name, c in compiled.items():
+        if isinstance(c, Exception):
+            res[name]["status"] = f"failed: {short_error(c)}"
+            continue
+        mem = c.memory_analysis()
+        if mem is not None:
+            res[name]["temp"] = mem.temp_size_in_bytes
+            need = (
+                mem.temp_size_in_bytes
+                + mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+            )
+            if limit_bytes is not None and need > limit_bytes:
+                res[name]["status"] = (
+                    f"not run: needs {need / 2**30:,.0f} GiB > "
+                    f"{limit_bytes / 2**30:,.0f} GiB"
+                )
+                continue
+        runnable[name] = c
+    outs = {}
+    for name, c in list(runnable.items()):
+        try:
+            outs[name] = jax.block_until_ready(c(*args))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory
+            res[name]["status"] = f"failed: {short_error(e)}"
+            del runnable[name]
+    ref = next((r for r in references if r in outs), None)
+    for name, out in outs.items():
+        if ref is None or name == ref:
+            continue
+        err = _relative_error(out, outs[ref])
+        res[name].update(err=err, ref=ref)
+        if not err <= tol:
+            res[name]["status"] = f"mismatch: {err:.2g} vs {ref}"
+    del outs
+    try:
+        samples = interleaved(runnable, args, rounds)
+    except Exception as e:  # noqa: BLE001 - a failure while timing
+        for name in runnable:
+            res[name]["status"] = f"failed while timing: {short_error(e)}"
+        return res
+    for name, t in samples.items():
+        res[name].update(median=float(np.median(t)), min=float(t.min()),
+                         max=float(t.max()))  # fmt: skip
+    return res
 
 
 def measure(shape, dtype, masked, op, rounds, check=True):
