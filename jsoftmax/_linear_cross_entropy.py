@@ -339,8 +339,11 @@ def _linear_cross_entropy_bwd(
     m, log_s = m[:, None], log_s[:, None]
     # x transposed once, outside the loop: each chunk's dW then runs as a plain
     # matmul (XLA:CPU hands it to its fast kernel; x.T inside the loop was a
-    # transposed-operand dot, about 12% slower).
-    x_t = x.T
+    # transposed-operand dot, about 12% slower). The barrier keeps it so where
+    # the loop has one step and XLA unrolls it: folded back into the dot, the
+    # transpose made a 16-bit x 16-bit -> float32 dot that XLA:CPU's runtime
+    # does not implement.
+    x_t = lax.optimization_barrier(x.T)
 
     def step(carry, start, size):
         dx, dw, db = carry
