@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Hashable
 from functools import partial
 from typing import Literal
 
@@ -15,6 +16,7 @@ from jax import lax
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
+from jsoftmax import _context_parallel as cp
 from jsoftmax._checks import float_input, widen_8bit
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
@@ -63,6 +65,9 @@ def dot_product_attention(
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
     return_residual: bool = False,
+    axis_name: Hashable | None = None,
+    context_parallel: Literal["ring", "all_gather"] = "ring",
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Scaled dot-product attention that never holds the ``T x S`` scores.
 
@@ -245,13 +250,23 @@ def dot_product_attention(
             query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
             key_value_seq_lengths, local_window_size, lacking, return_residual,
         )  # fmt: skip
+    parallel = _parallel_options(
+        axis_name, context_parallel, context_layout, implementation
+    )
+    if parallel is not None:
+        scores, bias, mask = (bias, mask), None, None
+        implementation = "xla"
     args = _prepare(
         query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
         key_value_seq_lengths, local_window_size, query_segment_ids,
         key_value_segment_ids, soft_cap, sinks, query_chunk_size, key_chunk_size,
         implementation,
     )  # fmt: skip
-    out, lse = _attention_forward_mode(*args.arrays, args.config)
+    if parallel is None:
+        out, lse = _attention_forward_mode(*args.arrays, args.config)
+    else:
+        arrays, plan = _parallel_plan(args, *scores, *parallel)
+        out, lse = cp.attention(*arrays, plan)
     out = out.reshape(args.out_shape).astype(args.out_dtype)
     if not return_residual:
         return out
@@ -333,6 +348,85 @@ def _prepare(
     arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
     arrays = varying_like(arrays[:5], *arrays) + arrays[5:]
     return _Prepared(tuple(arrays), config, out_shape, out_dtype)
+
+
+def _parallel_options(axis_name, mode, layout, implementation):
+    """``(axis_name, size, mode, layout)`` for a context-parallel call (checked),
+    or None without ``axis_name``."""
+    name = _NAME
+    for what, value, allowed in (
+        ("context_parallel", mode, cp.MODES),
+        ("context_layout", layout, cp.LAYOUTS),
+    ):
+        _require_static(what, value)
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{name}: {what} must be one of {allowed}, got {value!r}")
+    if axis_name is None:
+        return None
+    try:
+        size = lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{name}: axis_name {axis_name!r} is not a mesh axis here: context "
+            "parallelism runs inside jax.shard_map (or pmap / vmap with that axis "
+            "name), over the axis that splits the sequence"
+        ) from None
+    if implementation not in (None, "xla"):
+        raise ValueError(
+            f"{name}: axis_name (context parallelism) runs the XLA block path "
+            f"only, got implementation={implementation!r}; pass None or 'xla'"
+        )
+    return axis_name, size, mode, layout
+
+
+def _parallel_plan(args, bias, mask, axis_name, size, mode, layout):
+    """The context-parallel rule's arrays and static plan: the bias and mask
+    checked against the local sequence slices (their query axis split with
+    the queries, their key axis split with the keys or whole)."""
+    name = _NAME
+    query, key = args.arrays[:2]
+    batch, t, heads, _ = query.shape
+    s = key.shape[1]
+    if layout == "zigzag" and (t % 2 or s % 2):
+        length, local = ("T (query", t) if t % 2 else ("S (key/value", s)
+        raise ValueError(
+            f"{name}: context_layout='zigzag' cuts the sequence into 2 * axis size "
+            f"chunks: the sequence length {length} axis) {local * size} must be "
+            f"divisible by 2 * {size} = {2 * size}"
+        )
+    bias, bias_keys = _split_scores("bias", bias, (batch, heads, t, s), size, True)
+    mask, mask_keys = _split_scores("mask", mask, (batch, heads, t, s), size, False)
+    q, k, v, _, sinks, _, q_len, kv_len, q_seg, kv_seg = args.arrays
+    (bias,) = varying_like((bias,), *args.arrays)
+    config = dataclasses.replace(args.config, implementation="xla")
+    plan = cp.Plan(config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys)
+    return (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg), plan
+
+
+def _split_scores(what, x, local, size, float_mask):
+    """A bias or mask of a context-parallel call as 4-D, and how its key axis
+    is held: None (size 1), ``"split"`` (this device's keys, which it travels
+    with) or ``"whole"`` (all keys, in the layout's order)."""
+    if x is None:
+        return None, None
+    batch, heads, t, s = local
+    shape = np.shape(x)
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    keys = None
+    if shape[-1] != 1:
+        keys = "whole" if shape[-1] == s * size else "split"
+    if len(shape) == 4 and (
+        shape[2] not in (1, t) or (keys == "split" and shape[2] != 1)
+    ):
+        raise ValueError(
+            f"{_NAME}: with axis_name, a {what} is split along with the sequence: "
+            f"its query axis with the queries (local size {t}, or 1), and its key "
+            f"axis whole ({s * size}, in the layout's order) or, where its query "
+            f"axis is 1, with the keys (local size {s}); got local shape "
+            f"{np.shape(x)}"
+        )
+    full = (batch, heads, t, s * size if keys == "whole" else s)
+    return _scores_input(_NAME, what, x, full, float_mask), keys
 
 
 def _cudnn(
