@@ -39,6 +39,7 @@ share of the gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Hashable
 from functools import partial
@@ -179,21 +180,21 @@ def _chunks(plan, local):
     )
 
 
-def _kv_pieces(plan):
-    """The key/value pieces a device attends to, per step: ``(step, chunk)``
-    with the chunk's offsets indexed by the device *holding* it at that
-    step. Ring: at step ``st``, device ``i`` holds the keys of device
-    ``i - st``. All-gather: one step, all keys in natural order."""
+def _kv_pieces(plan, direction=1):
+    """The key/value pieces a device attends to, per step, with the pieces'
+    offsets indexed by the device *holding* them at that step. Ring: K/V move
+    ``direction`` devices a step (+1 forward, -1 backward), so at step
+    ``st`` device ``i`` holds the keys of device ``i - direction * st``.
+    All-gather: one step, all keys in natural order."""
     n = plan.size
     if plan.mode == "all_gather":
         return [[_Chunk(0, plan.s * n, (0,) * n)]]
     steps = []
     for st in range(n):
+        source = [(i - direction * st) % n for i in range(n)]
         steps.append(
             [
-                _Chunk(
-                    c.start, c.size, tuple(c.offsets[(i - st) % n] for i in range(n))
-                )
+                _Chunk(c.start, c.size, tuple(c.offsets[j] for j in source))
                 for c in _chunks(plan, plan.s)
             ]
         )
@@ -243,24 +244,34 @@ def block_counts(plan):
     return counts
 
 
-def _switch(configs, branch, empty, operands, index):
-    """``branch(config)(*operands)`` for this device's config, ``empty`` where
-    it is None; one call per distinct config (``lax.switch`` on a static
-    table indexed by the device)."""
+def _switch(configs, kind, operands, index):
+    """This device's pair call: ``_branch(kind, config)(*operands)``, one
+    branch per distinct config (``lax.switch`` on a static table indexed by
+    the device)."""
     distinct = list(dict.fromkeys(configs))
-
-    def make(cfg):
-        fn = empty if cfg is None else branch(cfg)
-
-        def run(*ops):  # every branch varies as all the operands do
-            return varying_like(fn(*ops), *jax.tree.leaves(ops))
-
-        return run
-
     if len(distinct) == 1:
-        return make(distinct[0])(*operands)
+        return _branch(kind, distinct[0])(*operands)
     table = np.array([distinct.index(c) for c in configs], np.int32)
-    return lax.switch(jnp.asarray(table)[index], [make(c) for c in distinct], *operands)
+    branches = [_branch(kind, c) for c in distinct]
+    return lax.switch(jnp.asarray(table)[index], branches, *operands)
+
+
+@functools.cache
+def _branch(kind, config):
+    """The pair call of ``kind`` ("forward", "backward") for ``config`` (None:
+    the band hides the pair; nothing is computed). One function object per
+    config, so that JAX traces each once, whatever the steps and pairs."""
+    if kind == "forward":
+        fn = (
+            _empty_forward if config is None else partial(_block_forward, config=config)
+        )
+    else:
+        fn = _empty_backward if config is None else partial(_pair_backward, config)
+
+    def run(*operands):  # every branch varies as all the operands do
+        return varying_like(fn(*operands), *jax.tree.leaves(operands))
+
+    return run
 
 
 # -- The block step (one function for the XLA path and, later, a kernel) -------
@@ -342,13 +353,20 @@ def _add_sink(o, lse, sinks):
 # -- The steps: what each device attends to, and when K/V move -----------------
 
 
-def _ring_perm(n):
-    return [(i, (i + 1) % n) for i in range(n)]
+def _ring_perm(n, direction):
+    return [(i, (i + direction) % n) for i in range(n)]
 
 
-def _gather_keys(plan, x, axis):
-    """All devices' key slices of ``x`` along ``axis``, in natural order."""
-    x = lax.all_gather(x, plan.axis_name, axis=axis, tiled=True)
+def _gather_keys(plan, x, axis, direction):
+    """All devices' key slices of ``x`` along ``axis``, in natural order.
+    The backward pass (``direction`` -1) gathers them on a new leading axis
+    and moves it into place: not the forward's computation, which XLA would
+    otherwise merge with it (CSE) and keep alive from one pass to the other."""
+    if direction == 1:
+        x = lax.all_gather(x, plan.axis_name, axis=axis, tiled=True)
+    else:
+        x = jnp.moveaxis(lax.all_gather(x, plan.axis_name), 0, axis)
+        x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
     if plan.layout == "zigzag":
         x = from_zigzag(x, plan.size, axis=axis)
     return x
@@ -371,7 +389,7 @@ def _whole_keys(plan, x, keys, inverse=False):
     return (to_zigzag if inverse else from_zigzag)(x, plan.size, axis=3)
 
 
-def _visiting(plan, k, v, kv_seg, bias, mask):
+def _visiting(plan, k, v, kv_seg, bias, mask, direction):
     """What travels with K/V: the arrays split along the keys (the all-gather
     mode gathers them in natural order instead)."""
     bias = bias if plan.bias_keys == "split" else None
@@ -380,22 +398,34 @@ def _visiting(plan, k, v, kv_seg, bias, mask):
     if plan.mode == "all_gather":
         axes = (1, 1, 1, 3, 3)
         visiting = tuple(
-            None if x is None else _gather_keys(plan, x, a)
+            None if x is None else _gather_keys(plan, x, a, direction)
             for x, a in zip(visiting, axes, strict=True)
         )
     return visiting
 
 
-def _send(plan, x):
-    return lax.ppermute(x, plan.axis_name, _ring_perm(plan.size))
+def _send(plan, x, direction):
+    """``x`` (a tuple) sent ``direction`` devices on. The backward pass sends
+    its arrays flattened (free): with the other direction, that keeps its
+    permutes distinct from the forward pass's, also on 2 devices, where both
+    directions are one permutation."""
+    perm = _ring_perm(plan.size, direction)
+    if direction == 1:
+        return lax.ppermute(x, plan.axis_name, perm)
+    flat = tuple(None if a is None else a.reshape(-1) for a in x)
+    flat = lax.ppermute(flat, plan.axis_name, perm)
+    return tuple(
+        None if a is None else f.reshape(a.shape) for a, f in zip(x, flat, strict=True)
+    )
 
 
-def _sources(plan, index):
+def _sources(plan, index, direction):
     """Per step, the start of the visiting keys in the whole key axis (for a
     bias or mask whose key axis is whole)."""
     if plan.mode == "all_gather":
         return [0]
-    return [((index - st) % plan.size) * plan.s for st in range(plan.size)]
+    n = plan.size
+    return [((index - direction * st) % n) * plan.s for st in range(n)]
 
 
 def _pair(plan, qc, kc, index, local, visiting, start):
@@ -437,20 +467,19 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     bias_l = _whole_keys(plan, bias, plan.bias_keys)
     mask_l = _whole_keys(plan, mask, plan.mask_keys)
     local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
-    visiting = _visiting(plan, k, v, kv_seg, bias, mask)
+    visiting = _visiting(plan, k, v, kv_seg, bias, mask, 1)
     state = [None] * len(q_chunks)
     pieces = _kv_pieces(plan)
-    for st, start in enumerate(_sources(plan, index)):
+    for st, start in enumerate(_sources(plan, index, 1)):
         following = None
         if plan.mode == "ring" and st < plan.size - 1:
-            following = _send(plan, visiting)  # issued before the step's compute
+            following = _send(plan, visiting, 1)  # issued before the step's compute
         for a, qc in enumerate(q_chunks):
             for kc in pieces[st]:
                 operands = _pair(plan, qc, kc, index, local, visiting, start)
                 o, lse = _switch(
                     _pair_configs(plan, qc, kc),
-                    lambda cfg: partial(_block_forward, config=cfg),
-                    _empty_forward,
+                    "forward",
                     operands,
                     index,
                 )
@@ -513,7 +542,12 @@ def backward(plan, res, d_out):
     bias_l = _whole_keys(plan, bias, plan.bias_keys)
     mask_l = _whole_keys(plan, mask, plan.mask_keys)
     local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
-    visiting = _visiting(plan, k, v, kv_seg, bias, mask)
+    # The ring runs the other way round: the forward pass's permutes are then
+    # not the same computation, which XLA would merge with these (CSE) when
+    # it compiles both together, keeping every step's K/V alive from the
+    # forward pass to the backward (the whole sequence's, on every device).
+    # (An optimization barrier does not stop it: XLA:CPU removes it first.)
+    visiting = _visiting(plan, k, v, kv_seg, bias, mask, -1)
     d_q = jnp.zeros_like(q, acc)
     # The bias's gradient stays here unless its key axis is split (then it
     # travels, or is reduce-scattered, with dK and dV).
@@ -526,11 +560,11 @@ def backward(plan, res, d_out):
         jnp.zeros_like(visiting[1], acc),
         None if bias_v is None else jnp.zeros_like(bias_v, acc),
     )
-    pieces = _kv_pieces(plan)
-    for st, start in enumerate(_sources(plan, index)):
+    pieces = _kv_pieces(plan, -1)
+    for st, start in enumerate(_sources(plan, index, -1)):
         following = None
         if plan.mode == "ring" and st < plan.size - 1:
-            following = _send(plan, visiting)
+            following = _send(plan, visiting, -1)
         parts = moving
         for qc in q_chunks:
             o_c = _rows(out, qc)
@@ -540,8 +574,7 @@ def backward(plan, res, d_out):
                 operands = _pair(plan, qc, kc, index, local, visiting, start)
                 dq_p, dk_p, dv_p, dbias_p = _switch(
                     _pair_configs(plan, qc, kc),
-                    lambda cfg: partial(_pair_backward, cfg),
-                    _empty_backward,
+                    "backward",
                     operands + (o_c, lse_c, g_c),
                     index,
                 )
@@ -556,7 +589,7 @@ def backward(plan, res, d_out):
                     d_bias = _add_at(d_bias, dbias_p, qc.start, col)
                 parts = (dk, dv, db)
         if plan.mode == "ring":
-            moving = _send(plan, parts)  # the n-th permute brings them home
+            moving = _send(plan, parts, -1)  # the n-th permute brings them home
         else:
             moving = parts
         visiting = following
