@@ -193,6 +193,47 @@ def main():
         # Without variation tracking, the replicated sinks' cotangent parts
         # are summed by shard_map's transpose, not by the op.
         run("causal", 2, "ring", "contiguous", check_vma=False)
+        # Forward mode, and the gradient taken inside shard_map through
+        # jax.checkpoint (the replicated sinks' parts summed by the op's
+        # varying mark), on 4 devices.
+        case = cases["causal"]
+        mesh = jax.make_mesh((4,), ("c",), (jax.sharding.AxisType.Auto,))
+        seq = P(None, "c")
+
+        def op(q, k, v, sinks, **parallel):
+            return jsoftmax.dot_product_attention(
+                q, k, v, sinks=sinks, **case["opts"], **case["ints"], **chunks,
+                **parallel,
+            )  # fmt: skip
+
+        def inner(q, k, v, sinks, tq, tk):
+            def f(q, k, sinks):
+                return op(q, k, v, sinks, axis_name="c")
+
+            _, tangent = jax.jvp(lambda q, k: f(q, k, sinks), (q, k), (tq, tk))
+
+            def loss(q, sinks):
+                return jnp.sum(jnp.sin(jax.checkpoint(f)(q, k, sinks)))
+
+            return tangent, jax.grad(loss, argnums=(0, 1))(q, sinks)
+
+        mapped = jax.shard_map(
+            inner,
+            mesh=mesh,
+            in_specs=(seq, seq, seq, P(), seq, seq),
+            out_specs=(seq, (seq, P())),
+        )
+        q, k, v, sinks = (case[x] for x in ("q", "k", "v", "sinks"))
+        tq, tk = jnp.cos(q), jnp.sin(k)
+        got = jax.jit(mapped)(q, k, v, sinks, tq, tk)
+        want_t = jax.jvp(lambda q, k: op(q, k, v, sinks), (q, k), (tq, tk))[1]
+
+        def loss(q, sinks):
+            return jnp.sum(jnp.sin(op(q, k, v, sinks)))
+
+        want = (want_t, jax.grad(loss, argnums=(0, 1))(q, sinks))
+        check("jvp, grad inside shard_map", got, want)
+        print("jvp and grad inside shard_map: equal to unsharded", flush=True)
         print(json.dumps(report))
         return
 
