@@ -2,6 +2,8 @@
 
 from jsoftmax import testing as testing
 from jsoftmax._attention import dot_product_attention as dot_product_attention
+from jsoftmax._context_parallel import from_zigzag as from_zigzag
+from jsoftmax._context_parallel import to_zigzag as to_zigzag
 from jsoftmax._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
 from jsoftmax._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "dot_product_attention",
     "flax_attention_fn",
+    "from_zigzag",
     "linear_softmax_cross_entropy",
     "log_softmax",
     "softmax",
@@ -27,5 +30,6 @@ __all__ = [
     "softmax_cross_entropy_with_integer_labels",
     "softmax_jacobian",
     "testing",
+    "to_zigzag",
     "with_forward_mode",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Hashable
 from functools import partial
 from typing import Literal
 
@@ -15,6 +16,7 @@ from jax import lax
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
+from jsoftmax import _context_parallel as cp
 from jsoftmax._checks import float_input, widen_8bit
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
@@ -64,6 +66,9 @@ def dot_product_attention(
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
     return_residual: bool = False,
+    axis_name: Hashable | None = None,
+    context_parallel: Literal["ring", "all_gather"] = "ring",
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Scaled dot-product attention that never holds the ``T x S`` scores.
 
@@ -189,6 +194,41 @@ def dot_product_attention(
       return_residual: also return the per-row logsumexp ``L`` of the masked
         scores, ``[B, T, N]`` (``[T, N]`` unbatched), in the dtype of
         ``query``, not differentiated (as in jax.nn).
+      axis_name: context parallelism (static): inside :func:`jax.shard_map`,
+        the mesh axis over which the query and key/value sequence axes are
+        split (as for the other ops, the softmax's axis, here the keys, lies
+        across devices). ``query``, ``key``, ``value`` and segment ids are the
+        local slices; ``query_seq_lengths`` and ``key_value_seq_lengths``
+        stay global ``[B]`` and replicated. A ``bias`` or ``mask`` is split
+        along with the sequence: its query axis with the queries (or 1), and
+        its key axis either whole (all ``S`` keys, in the layout's order, for
+        example a ``[B, N, T, S]`` bias split over ``T``) or, where its query
+        axis is 1, split with the keys (``[B, 1, 1, S]``, which then travels
+        with K/V). Values, ``lse`` and gradients equal the unsharded op's, for
+        every option above. Blocks that the causal mask or window hide across
+        devices are skipped. The XLA block path runs (``implementation``
+        ``None`` or ``"xla"``).
+      context_parallel: ``"ring"`` (default): ``n`` steps; each attends the
+        local queries to the visiting K/V and merges the partial
+        ``(o, L)``, ``L = log(e^L_a + e^L_b)``, ``o = e^(L_a - L) o_a +
+        e^(L_b - L) o_b``, after sending K/V on with ``lax.ppermute``
+        (issued before the step's compute). Forward: ``n - 1`` permutes per
+        array that travels (K, V, key segment ids and a bias or mask split
+        with the keys); backward: the ring again, the other way round
+        (``n - 1`` per array), and ``n`` permutes of dK, dV (and of the split
+        bias's gradient), which travel with their K/V and arrive home.
+        ``"all_gather"``: K/V (and what is split with the keys) are gathered
+        (one all-gather per array, forward and backward) and dK, dV
+        reduce-scattered: cheaper with few key/value heads, and it holds the
+        whole K/V on every device.
+      context_layout: ``"contiguous"`` (default): device ``i`` holds the
+        ``i``-th slice. ``"zigzag"``: the sequence is cut into ``2n`` chunks
+        and device ``i`` holds chunks ``i`` and ``2n - 1 - i``
+        (:func:`to_zigzag` reorders a global array so that a contiguous split
+        does that; :func:`from_zigzag` undoes it): under a causal mask every
+        device computes the same number of blocks (measured on 4 devices,
+        ``T = 64``, blocks of 4: 34 each, against 10, 26, 42 and 58
+        contiguous).
 
     Returns:
       The attention output, ``query``'s shape and dtype; with
@@ -209,13 +249,16 @@ def dot_product_attention(
       as in jax.nn.
 
     Raises:
-      ValueError: shapes that do not fit (named): ranks, batch, head counts
-        (``N % K``), head dims, bias/mask/lengths/segment ids/sinks, chunk
-        sizes that are not positive ints, an empty sequence, a symbolic
-        sequence length ``T`` or ``S`` under :mod:`jax.export` (the block
-        schedule is static; a symbolic batch is supported); an unknown
-        ``implementation``, or an option that ``"pallas"`` or ``"cudnn"``
-        lacks (named).
+      ValueError: with ``axis_name``: an axis name not bound here (outside
+        ``shard_map``), a sequence length not divisible by ``2n`` under
+        ``"zigzag"`` (both named), a bias or mask not split along with the
+        sequence, ``implementation="pallas"``. Shapes that do not fit (named):
+        ranks, batch, head counts (``N % K``), head dims,
+        bias/mask/lengths/segment ids/sinks, chunk sizes that are not positive
+        ints, an empty sequence, a symbolic sequence length ``T`` or ``S``
+        under :mod:`jax.export` (the block schedule is static; a symbolic batch
+        is supported); an unknown ``implementation``, or an option that
+        ``"pallas"`` or ``"cudnn"`` lacks (named).
       TypeError: a non-boolean mask, non-integer lengths or segment ids,
         complex inputs, inputs of different dtypes; a bool or non-number
         ``scale`` or ``soft_cap``; a traced ``is_causal``,
@@ -245,13 +288,23 @@ def dot_product_attention(
             query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
             key_value_seq_lengths, local_window_size, lacking, return_residual,
         )  # fmt: skip
+    parallel = _parallel_options(
+        axis_name, context_parallel, context_layout, implementation
+    )
+    if parallel is not None:
+        scores, bias, mask = (bias, mask), None, None
+        implementation = "xla"
     args = _prepare(
         query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
         key_value_seq_lengths, local_window_size, query_segment_ids,
         key_value_segment_ids, soft_cap, sinks, query_chunk_size, key_chunk_size,
         implementation,
     )  # fmt: skip
-    out, lse = _attention_forward_mode(*args.arrays, args.config)
+    if parallel is None:
+        out, lse = _attention_forward_mode(*args.arrays, args.config)
+    else:
+        arrays, plan = _parallel_plan(args, *scores, *parallel)
+        out, lse = cp.attention(*arrays, plan)
     out = out.reshape(args.out_shape).astype(args.out_dtype)
     if not return_residual:
         return out
@@ -333,6 +386,85 @@ def _prepare(
     arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
     arrays = varying_like(arrays[:5], *arrays) + arrays[5:]
     return _Prepared(tuple(arrays), config, out_shape, out_dtype)
+
+
+def _parallel_options(axis_name, mode, layout, implementation):
+    """``(axis_name, size, mode, layout)`` for a context-parallel call (checked),
+    or None without ``axis_name``."""
+    name = _NAME
+    for what, value, allowed in (
+        ("context_parallel", mode, cp.MODES),
+        ("context_layout", layout, cp.LAYOUTS),
+    ):
+        _require_static(what, value)
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{name}: {what} must be one of {allowed}, got {value!r}")
+    if axis_name is None:
+        return None
+    try:
+        size = lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{name}: axis_name {axis_name!r} is not a mesh axis here: context "
+            "parallelism runs inside jax.shard_map (or pmap / vmap with that axis "
+            "name), over the axis that splits the sequence"
+        ) from None
+    if implementation not in (None, "xla"):
+        raise ValueError(
+            f"{name}: axis_name (context parallelism) runs the XLA block path "
+            f"only, got implementation={implementation!r}; pass None or 'xla'"
+        )
+    return axis_name, size, mode, layout
+
+
+def _parallel_plan(args, bias, mask, axis_name, size, mode, layout):
+    """The context-parallel rule's arrays and static plan: the bias and mask
+    checked against the local sequence slices (their query axis split with
+    the queries, their key axis split with the keys or whole)."""
+    name = _NAME
+    query, key = args.arrays[:2]
+    batch, t, heads, _ = query.shape
+    s = key.shape[1]
+    if layout == "zigzag" and (t % 2 or s % 2):
+        length, local = ("T (query", t) if t % 2 else ("S (key/value", s)
+        raise ValueError(
+            f"{name}: context_layout='zigzag' cuts the sequence into 2 * axis size "
+            f"chunks: the sequence length {length} axis) {local * size} must be "
+            f"divisible by 2 * {size} = {2 * size}"
+        )
+    bias, bias_keys = _split_scores("bias", bias, (batch, heads, t, s), size, True)
+    mask, mask_keys = _split_scores("mask", mask, (batch, heads, t, s), size, False)
+    q, k, v, _, sinks, _, q_len, kv_len, q_seg, kv_seg = args.arrays
+    (bias,) = varying_like((bias,), *args.arrays)
+    config = dataclasses.replace(args.config, implementation="xla")
+    plan = cp.Plan(config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys)
+    return (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg), plan
+
+
+def _split_scores(what, x, local, size, float_mask):
+    """A bias or mask of a context-parallel call as 4-D, and how its key axis
+    is held: None (size 1), ``"split"`` (this device's keys, which it travels
+    with) or ``"whole"`` (all keys, in the layout's order)."""
+    if x is None:
+        return None, None
+    batch, heads, t, s = local
+    shape = np.shape(x)
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    keys = None
+    if shape[-1] != 1:
+        keys = "whole" if shape[-1] == s * size else "split"
+    if len(shape) == 4 and (
+        shape[2] not in (1, t) or (keys == "split" and shape[2] != 1)
+    ):
+        raise ValueError(
+            f"{_NAME}: with axis_name, a {what} is split along with the sequence: "
+            f"its query axis with the queries (local size {t}, or 1), and its key "
+            f"axis whole ({s * size}, in the layout's order) or, where its query "
+            f"axis is 1, with the keys (local size {s}); got local shape "
+            f"{np.shape(x)}"
+        )
+    full = (batch, heads, t, s * size if keys == "whole" else s)
+    return _scores_input(_NAME, what, x, full, float_mask), keys
 
 
 def _cudnn(

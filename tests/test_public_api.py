@@ -9,6 +9,7 @@ import jsoftmax
 PUBLIC = [
     "dot_product_attention",
     "flax_attention_fn",
+    "from_zigzag",
     "linear_softmax_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -16,6 +17,7 @@ PUBLIC = [
     "softmax",
     "softmax_jacobian",
     "testing",
+    "to_zigzag",
     "with_forward_mode",
 ]
 

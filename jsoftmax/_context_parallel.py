@@ -1,0 +1,687 @@
+r"""Context-parallel dot_product_attention: the sequence split over a mesh axis.
+
+Inside ``shard_map``, each of the ``n`` devices of ``axis_name`` holds a slice
+of the queries and of the keys/values: one contiguous slice, or (zigzag) the
+chunks ``i`` and ``2n - 1 - i`` of ``2n``. Attention runs over *pairs* (a local
+query chunk, a key/value piece): each pair is one call of the block path of
+:mod:`jsoftmax._attention_xla`, whose band (causal, window) is static. The
+offset ``d`` between the pair's global key and query positions depends on the
+device (``lax.axis_index``), but takes one of a few static values, so each
+value gets its own static call with the band shifted by ``d``
+(``lower - d <= key - query <= upper - d`` in local positions), chosen by
+``lax.switch``; a band that hides the whole pair is a branch that computes
+nothing (the skipped steps). The per-device choices are static NumPy tables
+(:func:`_pair_configs`), which also count the blocks each device computes
+(:func:`block_counts`).
+
+Each pair gives a partial ``(o, L)``; the pairs of a query chunk merge as
+
+.. math::
+
+    L = \log(e^{L_a} + e^{L_b}), \qquad
+    o = e^{L_a - L} o_a + e^{L_b - L} o_b,
+
+and the sink joins ``L`` once at the end. The backward pass needs no merge:
+given the *global* ``O`` and ``L``, the block path's backward of one pair
+(``P = exp(s - L)``, ``D = rowsum(dO * O)``) is exactly that key/value piece's
+share of the gradient.
+
+- ``ring``: ``n`` steps; before each step's compute the visiting K/V (with its
+  segment ids and the bias and mask columns split with the keys) is sent on
+  to the next device (``lax.ppermute``, ``n - 1`` per array forward). The
+  backward pass runs the ring again; dK/dV (and the bias gradient split with
+  the keys) travel with their K/V and arrive home after the ``n``-th permute.
+- ``all_gather``: K/V (and what is split with the keys) are gathered, put in
+  natural order, and the local queries attend to all of it; the backward
+  pass reduce-scatters dK/dV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from collections.abc import Hashable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jsoftmax import _attention_xla as xla
+from jsoftmax._collectives import varying_like
+from jsoftmax._forward_mode import _with_forward_mode
+
+MODES = ("ring", "all_gather")
+LAYOUTS = ("contiguous", "zigzag")
+
+
+# -- The zigzag layout ---------------------------------------------------------
+
+
+def _zigzag_order(axis_size):
+    """Chunk ``order[c]`` of the natural order goes to position ``c``: device
+    ``i`` holds chunks ``i`` and ``2n - 1 - i``."""
+    n = axis_size
+    return np.array([c for i in range(n) for c in (i, 2 * n - 1 - i)])
+
+
+def _permute_chunks(name, x, axis_size, axis, order):
+    x = jnp.asarray(x)
+    try:
+        n = operator.index(axis_size)
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(
+            f"{name}: axis_size and axis must be ints, got {axis_size!r} and {axis!r}"
+        ) from None
+    if n < 1:
+        raise ValueError(f"{name}: axis_size must be positive, got {n}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{name}: axis {axis} is out of range for shape {x.shape}")
+    axis %= x.ndim
+    length = x.shape[axis]
+    if length % (2 * n):
+        raise ValueError(
+            f"{name}: the sequence length {length} (axis {axis}) must be divisible "
+            f"by 2 * axis_size = {2 * n}"
+        )
+    shape = x.shape[:axis] + (2 * n, length // (2 * n)) + x.shape[axis + 1 :]
+    x = jnp.take(x.reshape(shape), order(n), axis=axis)
+    return x.reshape(x.shape[:axis] + (length,) + x.shape[axis + 2 :])
+
+
+def to_zigzag(x: jax.typing.ArrayLike, axis_size: int, axis: int = 1) -> jax.Array:
+    """Reorders a sequence axis into the zigzag layout of ``axis_size`` devices.
+
+    The axis is cut into ``2 * axis_size`` equal chunks and reordered so that
+    an ordinary contiguous split into ``axis_size`` slices (``shard_map`` with
+    the axis split over the mesh axis) gives device ``i`` the chunks ``i``
+    and ``2 * axis_size - 1 - i``: under a causal mask every device then has
+    the same amount of work. Apply it once to every per-token array of a
+    batch (tokens, targets, positions, segment ids) and pass
+    ``context_layout="zigzag"`` to :func:`dot_product_attention`.
+
+    Args:
+      x: an array with a sequence axis.
+      axis_size: the number of devices the sequence is split over.
+      axis: the sequence axis (default 1, as in ``[B, T, ...]``).
+
+    Returns:
+      ``x`` with its sequence axis reordered.
+
+    Raises:
+      ValueError: a sequence length not divisible by ``2 * axis_size``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jsoftmax
+      >>> jsoftmax.to_zigzag(jnp.arange(8)[None], 2)
+      Array([[0, 1, 6, 7, 2, 3, 4, 5]], dtype=int32)
+      >>> jsoftmax.from_zigzag(jsoftmax.to_zigzag(jnp.arange(8)[None], 2), 2)
+      Array([[0, 1, 2, 3, 4, 5, 6, 7]], dtype=int32)
+    """
+    return _permute_chunks("to_zigzag", x, axis_size, axis, _zigzag_order)
+
+
+def from_zigzag(x: jax.typing.ArrayLike, axis_size: int, axis: int = 1) -> jax.Array:
+    """Undoes :func:`to_zigzag`: the sequence axis back in natural order.
+
+    Args:
+      x: an array whose ``axis`` is in the zigzag layout of ``axis_size``.
+      axis_size: the number of devices the sequence is split over.
+      axis: the sequence axis (default 1).
+
+    Returns:
+      ``x`` with its sequence axis in natural order.
+
+    Raises:
+      ValueError: a sequence length not divisible by ``2 * axis_size``.
+    """
+    return _permute_chunks(
+        "from_zigzag", x, axis_size, axis, lambda n: np.argsort(_zigzag_order(n))
+    )
+
+
+# -- The plan: static chunks, offsets and per-device block configurations ------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static description of one context-parallel call (hashable)."""
+
+    config: object  # _attention._Config, band in global positions
+    axis_name: Hashable
+    size: int  # devices on the axis
+    mode: str  # "ring" or "all_gather"
+    layout: str  # "contiguous" or "zigzag"
+    t: int  # local queries
+    s: int  # local keys
+    bias_keys: str | None  # the bias's key axis: None (size 1), "split", "whole"
+    mask_keys: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    start: int  # within the local slice
+    size: int
+    offsets: tuple  # global start on each device
+
+
+def _chunks(plan, local):
+    """The local query (or key) chunks of the layout."""
+    n = plan.size
+    if plan.layout == "contiguous":
+        return (_Chunk(0, local, tuple(i * local for i in range(n))),)
+    c = local // 2
+    return (
+        _Chunk(0, c, tuple(i * c for i in range(n))),
+        _Chunk(c, c, tuple((2 * n - 1 - i) * c for i in range(n))),
+    )
+
+
+def _kv_pieces(plan, direction=1):
+    """The key/value pieces a device attends to, per step, with the pieces'
+    offsets indexed by the device *holding* them at that step. Ring: K/V move
+    ``direction`` devices a step (+1 forward, -1 backward), so at step
+    ``st`` device ``i`` holds the keys of device ``i - direction * st``.
+    All-gather: one step, all keys in natural order."""
+    n = plan.size
+    if plan.mode == "all_gather":
+        return [[_Chunk(0, plan.s * n, (0,) * n)]]
+    steps = []
+    for st in range(n):
+        source = [(i - direction * st) % n for i in range(n)]
+        steps.append(
+            [
+                _Chunk(c.start, c.size, tuple(c.offsets[j] for j in source))
+                for c in _chunks(plan, plan.s)
+            ]
+        )
+    return steps
+
+
+def _shifted(config, d, tc, sc):
+    """``config`` for a pair whose keys start ``d`` positions after its queries
+    (local positions from 0), with bounds that hide nothing dropped (so that
+    equal work compiles once), or None if the band hides every pair."""
+    lower = None if config.lower is None else config.lower - d
+    upper = None if config.upper is None else config.upper - d
+    # key - query runs over [-(tc - 1), sc - 1] within the pair.
+    if (lower is not None and lower > sc - 1) or (
+        upper is not None and upper < -(tc - 1)
+    ):
+        return None
+    if lower is not None and upper is not None and lower > upper:
+        return None
+    if lower is not None and lower <= -(tc - 1):
+        lower = None
+    if upper is not None and upper >= sc - 1:
+        upper = None
+    return dataclasses.replace(config, lower=lower, upper=upper)
+
+
+def _pair_configs(plan, q_chunk, kv_chunk):
+    """The shifted config of the pair on each device (None: skipped)."""
+    return tuple(
+        _shifted(plan.config, ko - qo, q_chunk.size, kv_chunk.size)
+        for qo, ko in zip(q_chunk.offsets, kv_chunk.offsets, strict=True)
+    )
+
+
+def block_counts(plan):
+    """The blocks of ``query_chunk x key_chunk`` each device computes (a
+    NumPy array ``[n]``), before the traced skipping by sequence lengths."""
+    counts = np.zeros(plan.size, np.int64)
+    for step in _kv_pieces(plan):
+        for qc in _chunks(plan, plan.t):
+            for kc in step:
+                for i, cfg in enumerate(_pair_configs(plan, qc, kc)):
+                    if cfg is not None:
+                        counts[i] += xla.block_visibility(cfg, qc.size, kc.size)[
+                            0
+                        ].sum()
+    return counts
+
+
+def _switch(configs, kind, operands, index):
+    """This device's pair call: ``_branch(kind, config)(*operands)``, one
+    branch per distinct config (``lax.switch`` on a static table indexed by
+    the device)."""
+    distinct = list(dict.fromkeys(configs))
+    if len(distinct) == 1:
+        return _branch(kind, distinct[0])(*operands)
+    table = np.array([distinct.index(c) for c in configs], np.int32)
+    branches = [_branch(kind, c) for c in distinct]
+    return lax.switch(jnp.asarray(table)[index], branches, *operands)
+
+
+@functools.cache
+def _branch(kind, config):
+    """The pair call of ``kind`` ("forward", "backward") for ``config`` (None:
+    the band hides the pair; nothing is computed). One function object per
+    config, so that JAX traces each once, whatever the steps and pairs."""
+    if kind == "forward":
+        fn = (
+            _empty_forward if config is None else partial(_block_forward, config=config)
+        )
+    else:
+        fn = _empty_backward if config is None else partial(_pair_backward, config)
+
+    def run(*operands):  # every branch varies as all the operands do
+        return varying_like(fn(*operands), *jax.tree.leaves(operands))
+
+    return run
+
+
+# -- The block step (one function for the XLA path and, later, a kernel) -------
+
+
+def _block_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config):
+    """One pair's partial ``(o [B, T, N, H], lse [B, K, G, T])``, no sinks."""
+    return xla.forward(q, k, v, bias, None, mask, q_len, kv_len, q_seg, kv_seg, config)
+
+
+def _block_backward(config, res, d_out):
+    """One pair's ``(dq, dk, dv, dbias)`` given the global ``out`` and ``lse``."""
+    return xla.backward(config, res, d_out)[:4]
+
+
+# -- Pieces of arrays ----------------------------------------------------------
+
+
+def _rows(x, chunk):
+    """A query chunk of ``[B, T, ...]`` (axis 1)."""
+    return lax.slice_in_dim(x, chunk.start, chunk.start + chunk.size, axis=1)
+
+
+def _score_rows(x, chunk):
+    """A query chunk of a bias or mask ``[B', N', T', S']``."""
+    if x is None or x.shape[2] == 1:
+        return x
+    return lax.slice_in_dim(x, chunk.start, chunk.start + chunk.size, axis=2)
+
+
+def _score_cols(x, keys, visiting, chunk, start):
+    """The key piece of a bias or mask: from the visiting (split) one, or
+    sliced from the whole key axis at the traced ``start``."""
+    if x is None or keys is None:
+        return x
+    if keys == "split":
+        return lax.slice_in_dim(visiting, chunk.start, chunk.start + chunk.size, axis=3)
+    return lax.dynamic_slice_in_dim(x, start + chunk.start, chunk.size, axis=3)
+
+
+def _clip_len(lengths, offset, size):
+    if lengths is None:
+        return None
+    return jnp.clip(lengths - offset, 0, size).astype(lengths.dtype)
+
+
+def _heads_last(x, n):
+    """``[B, K, G, T]`` as ``[B, T, N]``."""
+    b, k, g, t = x.shape
+    return x.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+def _merge(o_a, lse_a, o_b, lse_b):
+    """Two partial ``(o, lse)`` of the same rows as one. Rows that see no key
+    in either part stay ``o = 0, lse = -inf``, with zero tangents."""
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(m == -jnp.inf, 0, m)
+    total = jnp.exp(lse_a - m) + jnp.exp(lse_b - m)
+    empty = total == 0
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1, total)))
+    safe = jnp.where(empty, 0, lse)
+    n = o_a.shape[2]
+    w_a = _heads_last(jnp.exp(lse_a - safe), n)[..., None]
+    w_b = _heads_last(jnp.exp(lse_b - safe), n)[..., None]
+    return o_a * w_a + o_b * w_b, lse
+
+
+def _add_sink(o, lse, sinks):
+    """The sink logit joins each row's denominator (rows that see no key
+    keep ``o = 0, lse = -inf``, as in the block path)."""
+    b, k, g, t = lse.shape
+    sink = sinks.astype(lse.dtype).reshape(1, k, g, 1)
+    empty = lse == -jnp.inf
+    new = jnp.where(empty, -jnp.inf, jnp.logaddexp(jnp.where(empty, 0, lse), sink))
+    w = jnp.where(empty, 0, jnp.exp(jnp.where(empty, 0, lse - new)))
+    return o * _heads_last(w, o.shape[2])[..., None], new
+
+
+# -- The steps: what each device attends to, and when K/V move -----------------
+
+
+def _ring_perm(n, direction):
+    return [(i, (i + direction) % n) for i in range(n)]
+
+
+def _gather_keys(plan, x, axis, direction):
+    """All devices' key slices of ``x`` along ``axis``, in natural order.
+    The backward pass (``direction`` -1) gathers them on a new leading axis
+    and moves it into place: not the forward's computation, which XLA would
+    otherwise merge with it (CSE) and keep alive from one pass to the other."""
+    if direction == 1:
+        x = lax.all_gather(x, plan.axis_name, axis=axis, tiled=True)
+    else:
+        x = jnp.moveaxis(lax.all_gather(x, plan.axis_name), 0, axis)
+        x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+    if plan.layout == "zigzag":
+        x = from_zigzag(x, plan.size, axis=axis)
+    return x
+
+
+def _scatter_keys(plan, x, axis):
+    """The transpose of :func:`_gather_keys`: each device's share of the sum."""
+    if plan.layout == "zigzag":
+        x = to_zigzag(x, plan.size, axis=axis)
+    return lax.psum_scatter(x, plan.axis_name, scatter_dimension=axis, tiled=True)
+
+
+def _whole_keys(plan, x, keys, inverse=False):
+    """A bias or mask whose key axis is whole (in the layout's order) in
+    natural order for the all-gather mode (``inverse``: back)."""
+    if x is None or keys != "whole" or plan.mode != "all_gather":
+        return x
+    if plan.layout != "zigzag":
+        return x
+    return (to_zigzag if inverse else from_zigzag)(x, plan.size, axis=3)
+
+
+def _visiting(plan, k, v, kv_seg, bias, mask, direction):
+    """What travels with K/V: the arrays split along the keys (the all-gather
+    mode gathers them in natural order instead)."""
+    bias = bias if plan.bias_keys == "split" else None
+    mask = mask if plan.mask_keys == "split" else None
+    visiting = (k, v, kv_seg, bias, mask)
+    if plan.mode == "all_gather":
+        axes = (1, 1, 1, 3, 3)
+        visiting = tuple(
+            None if x is None else _gather_keys(plan, x, a, direction)
+            for x, a in zip(visiting, axes, strict=True)
+        )
+    return visiting
+
+
+def _send(plan, x, direction):
+    """``x`` (a tuple) sent ``direction`` devices on. The backward pass sends
+    its arrays flattened (free): with the other direction, that keeps its
+    permutes distinct from the forward pass's, also on 2 devices, where both
+    directions are one permutation."""
+    perm = _ring_perm(plan.size, direction)
+    if direction == 1:
+        return lax.ppermute(x, plan.axis_name, perm)
+    flat = tuple(None if a is None else a.reshape(-1) for a in x)
+    flat = lax.ppermute(flat, plan.axis_name, perm)
+    return tuple(
+        None if a is None else f.reshape(a.shape) for a, f in zip(x, flat, strict=True)
+    )
+
+
+def _sources(plan, index, direction):
+    """Per step, the start of the visiting keys in the whole key axis (for a
+    bias or mask whose key axis is whole)."""
+    if plan.mode == "all_gather":
+        return [0]
+    n = plan.size
+    return [((index - direction * st) % n) * plan.s for st in range(n)]
+
+
+def _pair(plan, qc, kc, index, local, visiting, start):
+    """The operands of one pair's block call: ``(q, k, v, bias, mask, q_len,
+    kv_len, q_seg, kv_seg)`` of the query chunk and key piece."""
+    q, bias, mask, q_len, kv_len, q_seg = local
+    k, v, kv_seg, bias_v, mask_v = visiting
+    q_off = jnp.asarray(np.array(qc.offsets, np.int32))[index]
+    k_off = jnp.asarray(np.array(kc.offsets, np.int32))[index]
+    return (
+        _rows(q, qc),
+        _rows(k, kc),
+        _rows(v, kc),
+        _score_cols(_score_rows(bias, qc), plan.bias_keys, bias_v, kc, start),
+        _score_cols(_score_rows(mask, qc), plan.mask_keys, mask_v, kc, start),
+        _clip_len(q_len, q_off, qc.size),
+        _clip_len(kv_len, k_off, kc.size),
+        None if q_seg is None else _rows(q_seg, qc),
+        None if kv_seg is None else _rows(kv_seg, kc),
+    )
+
+
+# -- The forward pass ----------------------------------------------------------
+
+
+def _empty_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
+    b, t, n, _ = q.shape
+    kh = k.shape[2]
+    acc = xla._acc(q)
+    lse = jnp.full((b, kh, n // kh, t), -jnp.inf, acc)
+    return jnp.zeros_like(q), lse
+
+
+def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
+    """``(out [B, T, N, H], lse [B, K, G, T])`` of the local queries."""
+    index = lax.axis_index(plan.axis_name)
+    acc = xla._acc(q)
+    q_chunks = _chunks(plan, plan.t)
+    bias_l = _whole_keys(plan, bias, plan.bias_keys)
+    mask_l = _whole_keys(plan, mask, plan.mask_keys)
+    local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
+    visiting = _visiting(plan, k, v, kv_seg, bias, mask, 1)
+    state = [None] * len(q_chunks)
+    pieces = _kv_pieces(plan)
+    for st, start in enumerate(_sources(plan, index, 1)):
+        following = None
+        if plan.mode == "ring" and st < plan.size - 1:
+            following = _send(plan, visiting, 1)  # issued before the step's compute
+        for a, qc in enumerate(q_chunks):
+            for kc in pieces[st]:
+                operands = _pair(plan, qc, kc, index, local, visiting, start)
+                o, lse = _switch(
+                    _pair_configs(plan, qc, kc),
+                    "forward",
+                    operands,
+                    index,
+                )
+                o = o.astype(acc)
+                state[a] = (o, lse) if state[a] is None else _merge(*state[a], o, lse)
+        visiting = following
+    if sinks is not None:
+        state = [_add_sink(o, lse, sinks) for o, lse in state]
+    out = jnp.concatenate([o for o, _ in state], axis=1).astype(q.dtype)
+    lse = jnp.concatenate([lse for _, lse in state], axis=3)
+    return out, lse
+
+
+# -- The backward pass ---------------------------------------------------------
+
+
+def _add_at(total, part, row, col):
+    """``total`` with ``part`` added at ``[..., row:, col:]`` (offsets None on
+    axes where ``total`` broadcasts)."""
+    if part is None:
+        return total
+    index = [np.int32(0)] * total.ndim
+    if row is not None and total.shape[-2] != 1:
+        index[-2] = row
+    if col is not None and total.shape[-1] != 1:
+        index[-1] = col
+    current = lax.dynamic_slice(total, index, part.shape)
+    return lax.dynamic_update_slice(total, current + part.astype(total.dtype), index)
+
+
+def _add_rows(total, part, start):
+    """``total`` with ``part`` added at ``start`` along the sequence axis 1."""
+    return total.at[:, start : start + part.shape[1]].add(part.astype(total.dtype))
+
+
+def _empty_backward(q, k, v, bias, *_):
+    return (
+        jnp.zeros_like(q),
+        jnp.zeros_like(k),
+        jnp.zeros_like(v),
+        None if bias is None else jnp.zeros_like(bias),
+    )
+
+
+def _pair_backward(
+    config, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, o, lse, g
+):
+    res = (q, k, v, bias, None, mask, q_len, kv_len, q_seg, kv_seg, o, lse)
+    return _block_backward(config, res, g)
+
+
+# P = exp(s - L) and D = rowsum(dO * O) from the global O and L: each pair's
+# block backward is its key piece's share. dsink = -sum_rows e^(sink - L) D.
+def backward(plan, res, d_out):
+    """The cotangents of ``(q, k, v, bias, sinks)``."""
+    q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse = res
+    index = lax.axis_index(plan.axis_name)
+    acc = xla._acc(q)
+    q_chunks = _chunks(plan, plan.t)
+    bias_l = _whole_keys(plan, bias, plan.bias_keys)
+    mask_l = _whole_keys(plan, mask, plan.mask_keys)
+    local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
+    # The ring runs the other way round: the forward pass's permutes are then
+    # not the same computation, which XLA would merge with these (CSE) when
+    # it compiles both together, keeping every step's K/V alive from the
+    # forward pass to the backward (the whole sequence's, on every device).
+    # (An optimization barrier does not stop it: XLA:CPU removes it first.)
+    visiting = _visiting(plan, k, v, kv_seg, bias, mask, -1)
+    d_q = jnp.zeros_like(q, acc)
+    # The bias's gradient stays here unless its key axis is split (then it
+    # travels, or is reduce-scattered, with dK and dV).
+    split = plan.bias_keys == "split"
+    d_bias = None if bias is None or split else jnp.zeros_like(bias_l, acc)
+    bias_v = visiting[3]
+    # dK, dV (and the split bias's gradient) of the visiting keys.
+    moving = (
+        jnp.zeros_like(visiting[0], acc),
+        jnp.zeros_like(visiting[1], acc),
+        None if bias_v is None else jnp.zeros_like(bias_v, acc),
+    )
+    pieces = _kv_pieces(plan, -1)
+    for st, start in enumerate(_sources(plan, index, -1)):
+        following = None
+        if plan.mode == "ring" and st < plan.size - 1:
+            following = _send(plan, visiting, -1)
+        parts = moving
+        for qc in q_chunks:
+            o_c = _rows(out, qc)
+            lse_c = lax.slice_in_dim(lse, qc.start, qc.start + qc.size, axis=3)
+            g_c = _rows(d_out, qc)
+            for kc in pieces[st]:
+                operands = _pair(plan, qc, kc, index, local, visiting, start)
+                dq_p, dk_p, dv_p, dbias_p = _switch(
+                    _pair_configs(plan, qc, kc),
+                    "backward",
+                    operands + (o_c, lse_c, g_c),
+                    index,
+                )
+                d_q = _add_rows(d_q, dq_p, qc.start)
+                dk, dv, db = parts
+                dk = _add_rows(dk, dk_p, kc.start)
+                dv = _add_rows(dv, dv_p, kc.start)
+                if split:
+                    db = _add_at(db, dbias_p, qc.start, kc.start)
+                elif d_bias is not None:
+                    col = kc.start + start if plan.bias_keys == "whole" else None
+                    d_bias = _add_at(d_bias, dbias_p, qc.start, col)
+                parts = (dk, dv, db)
+        if plan.mode == "ring":
+            moving = _send(plan, parts, -1)  # the n-th permute brings them home
+        else:
+            moving = parts
+        visiting = following
+    d_k, d_v, d_bias_split = moving
+    if plan.mode == "all_gather":
+        d_k, d_v = _scatter_keys(plan, d_k, 1), _scatter_keys(plan, d_v, 1)
+        if split:
+            d_bias_split = _scatter_keys(plan, d_bias_split, 3)
+    if split:
+        d_bias = d_bias_split
+    elif d_bias is not None:
+        d_bias = _whole_keys(plan, d_bias, plan.bias_keys, inverse=True)
+    d_sinks = None
+    if sinks is not None:
+        d_sinks = _sinks_grad(q, sinks, q_len, out, lse, d_out, q_chunks, index)
+    return (
+        d_q.astype(q.dtype),
+        d_k.astype(k.dtype),
+        d_v.astype(v.dtype),
+        None if d_bias is None else d_bias.astype(bias.dtype),
+        d_sinks,
+    )
+
+
+def _sinks_grad(q, sinks, q_len, out, lse, d_out, q_chunks, index):
+    """``-sum_rows e^(sink - L) D`` over the local rows (the other devices'
+    rows are summed where the sinks are marked varying)."""
+    acc = xla._acc(q)
+    n = q.shape[2]
+    total = jnp.zeros((n,), acc)
+    for qc in q_chunks:
+        q_off = jnp.asarray(np.array(qc.offsets, np.int32))[index]
+        g = xla.zero_past(_rows(d_out, qc), _clip_len(q_len, q_off, qc.size))
+        delta = jnp.einsum(
+            "btnh,btnh->btn",
+            g.astype(q.dtype),
+            _rows(out, qc),
+            preferred_element_type=acc,
+        )
+        lse_c = _heads_last(
+            lax.slice_in_dim(lse, qc.start, qc.start + qc.size, axis=3), n
+        )
+        total = total + jnp.sum(
+            xla.sink_grad(sinks.astype(acc), lse_c, delta), axis=(0, 1)
+        )
+    return total.astype(sinks.dtype)
+
+
+# -- The rule ------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _attention(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, plan):
+    return _attention_fwd(
+        q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, plan
+    )[0]
+
+
+def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, plan):
+    args = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
+    out, lse = forward(plan, *args)
+    return (out, lse), (*args, out, lse)
+
+
+def _attention_bwd(plan, res, cotangents):
+    return tuple(backward(plan, res, cotangents[0])) + (None,) * 5
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _attention_tangent(statics, res, t_leaves):
+    """Forward mode: ``jax.jvp`` of the forward pass recomputed from the
+    residuals (as the single-device rule's); ``lse`` has no tangent."""
+    (plan,) = statics
+    *args, _, lse = res
+    floats = [
+        i
+        for i, a in enumerate(args)
+        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    moved = [i for i in floats if i < 5]  # q, k, v, bias, sinks
+    t_moved = [t for i, t in zip(floats, t_leaves, strict=True) if i < 5]
+
+    def fwd(*xs):
+        full = list(args)
+        for i, x in zip(moved, xs, strict=True):
+            full[i] = x
+        return forward(plan, *full)[0]
+
+    _, d_out = jax.jvp(fwd, [args[i] for i in moved], t_moved)
+    return [d_out, jnp.zeros(lse.shape, lse.dtype)]
+
+
+attention = _with_forward_mode(_attention, tangent=_attention_tangent)

@@ -1,0 +1,167 @@
+"""Context-parallel dot_product_attention (axis_name) and the zigzag layout.
+
+The sharded runs are in tests/context_parallel_worker.py, a separate process
+with 8 host devices; here the collective counts it reports are held to the
+docstring's, and the layout helpers and argument errors are tested in-process.
+"""
+
+import functools
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax
+
+WORKER = pathlib.Path(__file__).with_name("context_parallel_worker.py")
+# Per case: the arrays that travel with K/V (k, v and the key-split bias and
+# mask; k, v and the key segment ids) and the gradients that travel back
+# (dk, dv and the key-split bias's; dk, dv).
+MOVED = {"causal": (4, 3), "window": (3, 2)}
+
+
+def _report(part):
+    out = subprocess.run(
+        [sys.executable, str(WORKER), part], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_counts(label, counts):
+    case, mode, _, n = label.split("/")[:4]
+    n = int(n)
+    sent, returned = MOVED[case]
+    if mode == "ring":
+        # Forward: n - 1 permutes per array; backward: the ring again, and n
+        # permutes of each gradient (the last brings it home).
+        want = {"collective-permute": (n - 1) * sent}
+        want_both = {"collective-permute": 2 * (n - 1) * sent + n * returned}
+    else:
+        want = {"all-gather": sent}
+        want_both = {"all-gather": 2 * sent, "reduce-scatter": returned}
+    if "fwd" in counts:
+        assert counts["fwd"] == want, label
+    assert counts["fwd+bwd"] == want_both, label
+
+
+def test_context_parallel_equals_unsharded_on_2_and_4_devices():
+    # Values, lse and gradients (q, k, v, bias, sinks) of both cases in both
+    # modes and layouts, check_vma on and off.
+    report = _report("values")
+    assert len(report) == 6
+    for label, counts in report.items():
+        _check_counts(label, counts)
+
+
+def test_context_parallel_collectives_and_zigzag_balance():
+    report = _report("schedule")
+    for label, counts in report.items():
+        if not label.startswith("blocks"):
+            _check_counts(label, counts)
+    # Causal, 16 x 16 blocks over 4 devices: zigzag gives each the same work;
+    # contiguous does not.
+    assert report["blocks/zigzag"] == [34, 34, 34, 34]
+    assert report["blocks/contiguous"] == [10, 26, 42, 58]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_zigzag_gives_device_i_chunks_i_and_2n_minus_1_minus_i(n):
+    x = jnp.arange(2 * n * 3).reshape(1, -1)
+    z = jsoftmax.to_zigzag(x, n)
+    chunks = np.asarray(z).reshape(n, 2, 3) // 3  # device, its chunks, positions
+    for i in range(n):
+        assert chunks[i, 0].tolist() == [i] * 3
+        assert chunks[i, 1].tolist() == [2 * n - 1 - i] * 3
+    np.testing.assert_array_equal(jsoftmax.from_zigzag(z, n), x)
+
+
+def test_zigzag_on_other_axes_and_its_transpose():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    z = jsoftmax.to_zigzag(x, 2, axis=-1)
+    np.testing.assert_array_equal(jsoftmax.from_zigzag(z, 2, axis=2), x)
+    # A permutation: its VJP is the inverse permutation.
+    _, pull = jax.vjp(lambda a: jsoftmax.to_zigzag(a, 2, axis=2), x)
+    np.testing.assert_array_equal(pull(z)[0], x)
+
+
+def test_zigzag_length_not_divisible_names_both_numbers():
+    with pytest.raises(ValueError, match=r"length 10 .* 2 \* axis_size = 4"):
+        jsoftmax.to_zigzag(jnp.zeros((1, 10)), 2)
+    with pytest.raises(ValueError, match=r"length 6 .* 8"):
+        jsoftmax.from_zigzag(jnp.zeros((6, 1)), 4, axis=0)
+
+
+def _qkv(t=8):
+    return [jnp.ones((1, t, 2, 4))] * 3
+
+
+def test_axis_name_outside_shard_map_raises():
+    with pytest.raises(ValueError, match="axis_name 'c' is not a mesh axis"):
+        jsoftmax.dot_product_attention(*_qkv(), axis_name="c")
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(context_parallel="ringg"), "context_parallel must be one of"),
+        (dict(context_layout="zig"), "context_layout must be one of"),
+        (dict(implementation="pallas"), "XLA block path only"),
+    ],
+)
+def test_bad_context_parallel_options_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        jax.vmap(
+            lambda q: jsoftmax.dot_product_attention(q, q, q, axis_name="c", **kw),
+            axis_name="c",
+        )(jnp.ones((2, 1, 8, 2, 4)))
+
+
+def _on_two(f, *args):
+    """``f`` under vmap over an axis "c" of 2 (collectives work there too)."""
+    return jax.vmap(f, axis_name="c")(*(jnp.stack([a, a]) for a in args))
+
+
+def test_zigzag_odd_local_length_names_both_numbers():
+    f = functools.partial(
+        jsoftmax.dot_product_attention, axis_name="c", context_layout="zigzag"
+    )
+    with pytest.raises(ValueError, match=r"T \(query axis\) 10 must be divisible "):
+        _on_two(lambda q: f(q, q, q), jnp.ones((1, 5, 2, 4)))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 8, 8),  # query axis split, key axis split: a 2-D split
+        (1, 1, 16, 16),  # query axis whole
+        (1, 1, 8, 5),  # key axis of no known size
+    ],
+)
+def test_bias_not_split_along_the_sequence_raises(shape):
+    def f(q, bias):
+        return jsoftmax.dot_product_attention(q, q, q, bias, axis_name="c")
+
+    with pytest.raises(ValueError, match="split along with the sequence|broadcast"):
+        _on_two(f, jnp.ones((1, 8, 2, 4)), jnp.ones(shape))
+
+
+def test_single_device_mesh_equals_unsharded():
+    # One device: no collective, the pairs' bands are the call's own.
+    mesh = jax.make_mesh((1,), ("c",), (jax.sharding.AxisType.Auto,))
+    q, k, v = jax.random.normal(jax.random.key(1), (3, 1, 12, 2, 4))
+    kw = dict(local_window_size=(3, 2), query_chunk_size=4, key_chunk_size=4)
+    f = jax.shard_map(
+        lambda q, k, v: jsoftmax.dot_product_attention(q, k, v, axis_name="c", **kw),
+        mesh=mesh,
+        in_specs=P(None, "c"),
+        out_specs=P(None, "c"),
+    )
+    want = jsoftmax.dot_product_attention(q, k, v, **kw)
+    np.testing.assert_allclose(f(q, k, v), want, rtol=1e-6, atol=1e-6)
