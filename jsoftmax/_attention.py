@@ -494,8 +494,8 @@ def _cudnn(
                 f"no right part (or causal), got {local_window_size!r}"
             )
         local_window_size = (-lower, 0)
-    batch = query.shape[0] if query.ndim == 4 else None
-    shape = (batch,) if batch is not None else None
+    # [B] lengths; unbatched inputs take [1], as on the other paths.
+    shape = (query.shape[0] if query.ndim == 4 else 1,)
     lengths = [
         None if x is None else _lengths(_int_input(name, what, x, shape))
         for what, x in (("query_seq_lengths", query_seq_lengths),

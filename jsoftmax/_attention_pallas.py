@@ -9,6 +9,7 @@ The masks, soft cap, online softmax and sinks are the XLA path's statements
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from functools import partial
 
 import jax
@@ -99,11 +100,37 @@ def _padded(n, config_chunk):
 
 
 def _pad(x, axis, size, value=0):
-    if x is None or x.shape[axis] in (1, size):
+    """``x`` padded with ``value`` to ``size`` on ``axis`` (None stays None)."""
+    if x is None or x.shape[axis] == size:
         return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, pad, constant_values=value)
+
+
+def _pad_scores(x, tp, sp):
+    """A bias or mask ``[B', N', T', S']`` padded on its sequence axes, except
+    where they broadcast (size 1)."""
+    if x is None:
+        return None
+    if x.shape[2] != 1:
+        x = _pad(x, 2, tp)
+    return x if x.shape[3] == 1 else _pad(x, 3, sp)
+
+
+def _out(shape, dtype, like):
+    """An output's ShapeDtypeStruct, varying over the mesh axes of an
+    enclosing ``shard_map`` as ``like`` does (Pallas needs it said under
+    ``check_vma=True``)."""
+    aval = jax.typeof(like)
+    if "manual_axis_type" in _SDS_PARAMETERS and hasattr(aval, "mat"):
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.mat)
+    if "vma" in _SDS_PARAMETERS:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+_SDS_PARAMETERS = inspect.signature(jax.ShapeDtypeStruct).parameters
 
 
 def _warps(h):
@@ -125,13 +152,18 @@ def _band_bounds(spec, start, size, n_inner, inner_block, rows_outer):
     if not rows_outer:  # row - col lies in [-upper, -lower]
         lower, upper = (None if upper is None else -upper,
                         None if lower is None else -lower)  # fmt: skip
+    # int32 throughout (Python ints would be int64 under x64, and lax.div
+    # does not promote).
+    block = jnp.int32(inner_block)
     lo, hi = jnp.int32(0), jnp.int32(n_inner)
     if lower is not None:
-        lo = lax.div(jnp.maximum(start + lower, 0), jnp.int32(inner_block))
+        # At most n_inner: with T > S a window's first key block can lie past
+        # the keys, and the dQ kernel zeroes the blocks before lo.
+        lo = jnp.minimum(lax.div(jnp.maximum(start + lower, 0), block), hi)
     if upper is not None:
         top = start + size - 1 + upper
         hi = jnp.minimum(
-            hi, jnp.where(top < 0, 0, lax.div(jnp.maximum(top, 0), inner_block) + 1)
+            hi, jnp.where(top < 0, 0, lax.div(jnp.maximum(top, 0), block) + 1)
         )
     return lo, hi
 
@@ -142,7 +174,8 @@ def _length_bounds(lo, hi, inner_len, inner_block, outer_len, outer_start):
     block lies past the outer length."""
     if inner_len is not None:
         inner = jnp.maximum(inner_len, 0)
-        hi = jnp.minimum(hi, lax.div(inner + inner_block - 1, inner_block))
+        block = jnp.int32(inner_block)
+        hi = jnp.minimum(hi, lax.div(inner + block - 1, block))
     if outer_len is not None:
         hi = jnp.where(outer_start >= outer_len, lo, hi)
     return lo, jnp.maximum(hi, lo)
@@ -280,8 +313,8 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config,
             pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct(call.q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, n, tp), jnp.float32),
+            _out(call.q.shape, q.dtype, call.q),
+            _out((batch, n, tp), jnp.float32, call.q),
         ],
         compiler_params=_compiler_params(hp),
         interpret=interpret,
@@ -356,7 +389,7 @@ def _dkv(call, rows, config, interpret):
         grid=(batch, kh, call.sp // bk),
         in_specs=specs,
         out_specs=[block, block],
-        out_shape=[jax.ShapeDtypeStruct(call.k.shape, call.k.dtype)] * 2,
+        out_shape=[_out(call.k.shape, call.k.dtype, call.q)] * 2,
         compiler_params=_compiler_params(hp),
         interpret=interpret,
         name="jsoftmax_attention_dkv",
@@ -421,7 +454,7 @@ def _dq(call, rows, with_bias, config, interpret):
             else pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
         )
     out_specs = [pl.BlockSpec((None, bq, None, hp), lambda b, h, i: (b, i, h, 0))]
-    out_shape = [jax.ShapeDtypeStruct(call.q.shape, call.q.dtype)]
+    out_shape = [_out(call.q.shape, call.q.dtype, call.q)]
     out_names = ("dq",)
     if with_bias:
         # dS of every (query, key) pair, summed by the caller to the bias's
@@ -429,7 +462,7 @@ def _dq(call, rows, with_bias, config, interpret):
         out_specs.append(
             pl.BlockSpec((None, None, bq, call.sp), lambda b, h, i: (b, h, i, 0))
         )
-        out_shape.append(jax.ShapeDtypeStruct((batch, n, tp, call.sp), jnp.float32))
+        out_shape.append(_out((batch, n, tp, call.sp), jnp.float32, call.q))
         out_names += ("ds",)
     kernel = partial(
         _dq_kernel, names=tuple(names) + out_names, spec=spec, bq=bq, bk=bk,
@@ -500,9 +533,9 @@ class _Call:
         def full(x):
             return None if x is None else tuple(d != 1 for d in x.shape)
 
-        self.bias = _pad(_pad(bias, 2, self.tp), 3, self.sp)
+        self.bias = _pad_scores(bias, self.tp, self.sp)
         if mask is not None:
-            mask = _pad(_pad(mask.astype(jnp.int8), 2, self.tp), 3, self.sp)
+            mask = _pad_scores(mask.astype(jnp.int8), self.tp, self.sp)
         self.mask = mask
         self.q_len, self.kv_len = q_len, kv_len
         self.q_seg = _pad(q_seg, 1, self.tp, -1)

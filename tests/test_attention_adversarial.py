@@ -1,0 +1,250 @@
+"""Regression tests from an adversarial pass over
+``dot_product_attention(implementation=...)``: each reproduced a defect of
+the Pallas kernels (interpret mode on this CPU) or of the choice of
+implementation, and failed before its fix. The reference is
+``implementation="xla"`` (itself tested against jax.nn and a dense float64
+definition)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax
+from jsoftmax import _attention_pallas
+
+TRITON = "__gpu$xla.gpu.triton"
+CHUNKS = dict(query_chunk_size=16, key_chunk_size=16)
+
+
+def _arrays(b, t, s, n, k_heads, h, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(b, t, n, h), (b, s, k_heads, h), (b, s, k_heads, h), (b, t, n, h)]
+    return [jnp.asarray(rng.standard_normal(x), dtype) for x in shapes]
+
+
+def _value_and_grads(implementation, q, k, v, ct, **options):
+    def loss(q, k, v):
+        out = jsoftmax.dot_product_attention(
+            q, k, v, implementation=implementation, **options
+        )
+        return jnp.sum(out * ct), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        q, k, v
+    )
+    return out, grads
+
+
+def _assert_close(got, want, rtol=2e-5, common_scale=False):
+    """Within ``rtol`` of each reference leaf's largest entry, or with
+    ``common_scale`` of the largest entry of all leaves (for leaves that are
+    0 in exact arithmetic, where both sides are rounding noise)."""
+    want_leaves = [np.asarray(w, np.float64) for w in jax.tree.leaves(want)]
+    common = max(float(np.max(np.abs(w), initial=0.0)) for w in want_leaves)
+    for g, w in zip(jax.tree.leaves(got), want_leaves, strict=True):
+        g = np.asarray(g, np.float64)
+        assert g.shape == w.shape
+        assert np.isfinite(g).all(), "not finite"
+        scale = common if common_scale else float(np.max(np.abs(w), initial=0.0))
+        scale = max(scale, 1e-30)
+        err = float(np.max(np.abs(g - w), initial=0.0)) / scale
+        assert err <= rtol, f"relative error {err:.3g}"
+
+
+def _export_for_cuda(fn, *args):
+    return jax.export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+    )(*args)
+
+
+# ---------------------------------------------------------------------------
+# Defect 1: the kernels' pallas_call declares outputs without their variation
+# over the mesh axes, so inside shard_map(check_vma=True) (shard_map's
+# default) "pallas" fails to trace, and the default implementation=None fails
+# to lower for CUDA: on a GPU, the default call in a default shard_map raises.
+# "xla" works in both.
+
+
+def _mesh():
+    return jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_pallas_runs_inside_shard_map_with_check_vma():
+    q, k, v, _ = _arrays(2, 16, 16, 2, 1, 8)
+
+    def attend(implementation):
+        return jax.shard_map(
+            lambda q, k, v: jsoftmax.dot_product_attention(
+                q, k, v, is_causal=True, implementation=implementation
+            ),
+            mesh=_mesh(),
+            in_specs=P("d"),
+            out_specs=P("d"),
+            check_vma=True,
+        )
+
+    want = attend("xla")(q, k, v)
+    # ValueError: When `check_vma=True` on `jax.shard_map`, `manual_axis_type`
+    # on `jax.ShapeDtypeStruct` must not be `None`.
+    _assert_close(attend("pallas")(q, k, v), want)
+
+
+def test_default_lowers_for_cuda_inside_shard_map_with_check_vma():
+    q, k, v, _ = _arrays(2, 16, 16, 2, 1, 8)
+
+    def loss(q, k, v):
+        return jnp.sum(jsoftmax.dot_product_attention(q, k, v, is_causal=True))
+
+    fn = jax.shard_map(
+        jax.grad(loss, (0, 1, 2)),
+        mesh=_mesh(),
+        in_specs=P("d"),
+        out_specs=P("d"),
+        check_vma=True,
+    )
+    # Same ValueError at lowering; with check_vma=False it lowers (3 kernels).
+    assert _export_for_cuda(fn, q, k, v).mlir_module().count(TRITON) == 3
+
+
+# ---------------------------------------------------------------------------
+# Defect 2: _attention_pallas._pad leaves an axis of size 1 alone (meant for
+# a broadcast bias or mask), and _Call pads q, k, v, dO and the segment ids
+# with it: a sequence of one query (decoding), one key, or a head dim of 1 is
+# never padded to the kernels' blocks. S = 1: NaN output and gradients (the
+# blocks read interpret mode's NaN padding, on a GPU whatever lies past the
+# array); T = 1: the backward raises a TypeError ("slice_sizes must be less
+# than or equal to operand shape"). "xla" (and jax.nn) are fine.
+
+
+@pytest.mark.parametrize(
+    "t, s, chunks",
+    [(1, 16, {}), (1, 16, CHUNKS), (16, 1, {}), (1, 1, {}), (40, 1, CHUNKS)],
+    ids=["one_query", "one_query_chunks", "one_key", "one_each", "one_key_chunks"],
+)
+def test_pallas_with_a_sequence_of_one(t, s, chunks):
+    # With one key the softmax is constant: dq and dk are 0 in exact
+    # arithmetic, rounding noise on both paths, compared at the scale of
+    # the largest gradient.
+    q, k, v, ct = _arrays(2, t, s, 4, 2, 8)
+    options = dict(is_causal=t >= s, **chunks)
+    want = _value_and_grads("xla", q, k, v, ct, **options)
+    got = _value_and_grads("pallas", q, k, v, ct, **options)
+    _assert_close(got, want, common_scale=s == 1)
+
+
+@pytest.mark.parametrize("t, s, h", [(1, 24, 8), (24, 1, 8), (24, 24, 1)])
+def test_kernel_operands_are_padded_to_whole_blocks(t, s, h):
+    # The class behind the test above, H = 1 included (which happens to pass
+    # in interpret mode): every operand the kernels index by blocks has the
+    # padded length on each blocked axis.
+    q, k, v, _ = _arrays(1, t, s, 2, 1, h)
+    seg_q, seg_kv = jnp.zeros((1, t), jnp.int32), jnp.zeros((1, s), jnp.int32)
+    config = jsoftmax._attention._prepare(
+        q, k, v, None, None, None, False, None, None, None, seg_q, seg_kv, None,
+        None, None, None, "pallas",
+    ).config  # fmt: skip
+    call = _attention_pallas._Call(
+        q, k, v, None, None, None, None, seg_q, seg_kv, config
+    )
+    hp = max(16, int(2 ** np.ceil(np.log2(h))))
+    assert call.q.shape == (1, call.tp, 2, hp)
+    assert call.k.shape == call.v.shape == (1, call.sp, 1, hp)
+    assert call.q_seg.shape == (1, call.tp)
+    assert call.kv_seg.shape == (1, call.sp)
+
+
+# ---------------------------------------------------------------------------
+# Defect 3: under jax.enable_x64 (float32 inputs), the kernels' block bounds
+# mix int32 positions with int64 Python-int constants: "pallas" raises
+# "TypeError: lax.div requires arguments to have the same dtypes, got int32,
+# int64" as soon as there is a causal mask, a window or key lengths, and so
+# does implementation=None lowered for CUDA. "xla" runs.
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(is_causal=True),
+        dict(local_window_size=(3, 2)),
+        dict(key_value_seq_lengths=np.array([3, 9], np.int32)),
+    ],
+    ids=["causal", "window", "key_lengths"],
+)
+def test_pallas_under_x64(options):
+    q, k, v, ct = _arrays(2, 16, 16, 2, 1, 8)
+    with jax.enable_x64(True):
+        want = _value_and_grads("xla", q, k, v, ct, **options)
+        got = _value_and_grads("pallas", q, k, v, ct, **options)
+    _assert_close(got, want)
+
+
+def test_default_lowers_for_cuda_under_x64():
+    q, k, v, _ = _arrays(2, 16, 16, 2, 1, 8)
+
+    def loss(q, k, v):
+        return jnp.sum(jsoftmax.dot_product_attention(q, k, v, is_causal=True))
+
+    with jax.enable_x64(True):
+        exported = _export_for_cuda(jax.grad(loss, (0, 1, 2)), q, k, v)
+    assert exported.mlir_module().count(TRITON) == 3
+
+
+# ---------------------------------------------------------------------------
+# Defect 4 (GPU memory safety; invisible in interpret mode, whose clamped
+# dynamic_update_slice hides it): with a bias, the dQ kernel zeroes the score
+# gradient of the key blocks [0, lo) before the band. With a left window and
+# T > S, lo (from _band_bounds) exceeds the number of key blocks, and
+# ``d_scores_ref[:, pl.ds(j * bk, bk)] = 0`` stores past the ref: on a GPU
+# into the next rows, or another program's, or past the buffer.
+
+
+def test_assert_close_catches_a_slightly_wrong_answer():
+    want = [np.linspace(1.0, 3.0, 8), np.full(4, 1e-7)]
+    _assert_close([want[0] * (1 + 1e-5), want[1] * 2], want, common_scale=True)
+    with pytest.raises(AssertionError):
+        _assert_close([want[0] * (1 + 3e-5), want[1]], want, common_scale=True)
+    with pytest.raises(AssertionError):
+        _assert_close([want[0], want[1] * 2], want)
+
+
+def test_dq_kernel_zeroes_only_key_blocks_inside_the_score_gradient():
+    t, s, bq, bk = 64, 16, 16, 16  # T > S, window (2, 2), one key block
+    q, k, v, _ = _arrays(1, t, s, 1, 1, 8)
+    bias = jnp.zeros((t, s), jnp.float32)
+    args = jsoftmax._attention._prepare(
+        q, k, v, bias, None, None, False, None, None, (2, 2), None, None, None,
+        None, bq, bk, "pallas",
+    )  # fmt: skip
+    call = _attention_pallas._Call(*args.arrays[:4], *args.arrays[5:], args.config)
+    key_blocks = call.sp // bk  # the width of the dQ kernel's dS ref, in blocks
+    for i in range(call.tp // bq):
+        lo, hi = _attention_pallas._band_bounds(
+            call.spec, jnp.int32(i * bq), bq, -(-s // bk), bk, rows_outer=True
+        )
+        # The kernel runs zero(j) for 0 <= j < lo: each j must be a block of
+        # the ref.
+        assert int(lo) <= key_blocks, (i, int(lo), key_blocks)
+
+
+# ---------------------------------------------------------------------------
+# Defect 5 (message): unbatched inputs with lengths. The XLA and Pallas paths
+# take lengths of shape (1,) for [T, N, H] inputs; implementation="cudnn"
+# refuses them before reaching cuDNN with "key_value_seq_lengths of shape
+# (1,) must be None", which names no shape the caller could pass.
+
+
+def test_cudnn_unbatched_lengths_error_is_meaningful():
+    q, k, v, _ = _arrays(1, 16, 16, 2, 1, 8, jnp.bfloat16)
+    lengths = jnp.array([5], jnp.int32)
+    jsoftmax.dot_product_attention(  # accepted by the other paths
+        q[0], k[0], v[0], key_value_seq_lengths=lengths, implementation="xla"
+    )
+    with pytest.raises(Exception) as info:
+        jsoftmax.dot_product_attention(
+            q[0], k[0], v[0], key_value_seq_lengths=lengths, implementation="cudnn"
+        )
+    assert "must be None" not in str(info.value), str(info.value)
