@@ -34,6 +34,10 @@ def main():
     jax.config.update("jax_default_matmul_precision", "highest")
     part = sys.argv[1]
     report = {}
+    if part in ("compose", "memory", "order"):
+        {"compose": compose, "memory": memory, "order": order}[part](report)
+        print(json.dumps(report))
+        return
     b, t, h = 2, 32, 8
     keys = iter(jax.random.split(jax.random.key(0), 16))
 
@@ -294,6 +298,256 @@ def main():
     assert max(zig) - min(zig) <= 1, zig
 
     print(json.dumps(report))
+
+
+def memory(report):
+    """Per-device bytes of jit(value_and_grad) inside shard_map on 2, 4 and 8
+    devices and of the one-device op (compile-only): temporaries and the
+    forward pass's residuals, causal, T = 1024."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src.ad_checkpoint import saved_residuals
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    t, heads, h = 1024, 4, 32
+    shape = jax.ShapeDtypeStruct((1, t, heads, h), jnp.float32)
+    chunks = dict(query_chunk_size=32, key_chunk_size=32)
+
+    def measure(n, **parallel):
+        def attend(q, k, v):
+            return jsoftmax.dot_product_attention(
+                q, k, v, is_causal=True, **chunks, **parallel
+            )
+
+        def step(q, k, v):
+            return jax.value_and_grad(lambda *a: jnp.sum(attend(*a)), (0, 1, 2))(
+                q, k, v
+            )
+
+        if n:
+            mesh = jax.make_mesh(
+                (n,), ("c",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+            )
+            seq = P(None, "c")
+            attend_, step_ = (
+                jax.shard_map(
+                    fn, mesh=mesh, in_specs=(seq,) * 3, out_specs=out, check_vma=False
+                )
+                for fn, out in ((attend, seq), (step, (P(), (seq,) * 3)))
+            )
+        else:
+            attend_, step_ = attend, step
+        temp = (
+            jax.jit(step_).lower(shape, shape, shape).compile().memory_analysis()
+        ).temp_size_in_bytes
+        residuals = sum(
+            int(np.prod(a.shape)) * a.dtype.itemsize
+            for a, why in saved_residuals(attend_, shape, shape, shape)
+            if not str(why).startswith("from the argument")
+        ) / max(n, 1)
+        return {"temp": temp, "residuals": residuals}
+
+    report["1"] = measure(0)
+    for n in (2, 4, 8):
+        for mode, layout in (("ring", "zigzag"), ("all_gather", "contiguous")):
+            label = f"{mode}/{layout}/{n}"
+            report[label] = measure(
+                n, axis_name="c", context_parallel=mode, context_layout=layout
+            )
+            print(label, report[label], flush=True)
+
+
+def order(report):
+    """Where each ring step's collective-permute sits relative to that step's
+    block compute: in the unoptimized StableHLO (program order) and in the
+    scheduled, optimized HLO of the forward pass (4 devices, no mask, one
+    block loop per step)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    n = 4
+    mesh = jax.make_mesh(
+        (n,), ("c",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+    )
+    seq = P(None, "c")
+    f = jax.jit(
+        jax.shard_map(
+            lambda q, k, v: jsoftmax.dot_product_attention(
+                q, k, v, axis_name="c", query_chunk_size=8, key_chunk_size=8
+            ),
+            mesh=mesh,
+            in_specs=(seq,) * 3,
+            out_specs=seq,
+        )
+    )
+    shape = jax.ShapeDtypeStruct((1, 64, 2, 4), jnp.float32)
+    lowered = f.lower(shape, shape, shape)
+
+    def positions(lines, permute, compute):
+        kinds = []
+        for line in lines:
+            if re.search(permute, line):
+                kinds.append("permute")
+            elif re.search(compute, line):
+                kinds.append("compute")
+        return kinds
+
+    # StableHLO: the shard_map body in program order (the block loops are
+    # func.calls of the body; K and V have one permute each per step).
+    text = lowered.as_text()
+    report["stablehlo"] = positions(
+        text.splitlines(),
+        r"stablehlo\.collective_permute|\bcollective_permute\b",
+        r"func\.call @(closed_call|_block|.*forward)",
+    )
+    compiled = lowered.compile().as_text()
+    entry = compiled[compiled.index("ENTRY") :].splitlines()
+    report["scheduled"] = positions(
+        entry, r" collective-permute(-start)?\(", r" while\("
+    )
+    report["async"] = bool(re.search(r"collective-permute-(start|done)", compiled))
+    print(report, flush=True)
+
+
+def compose(report):
+    """A small causal attention model trained with the sequence split over
+    "c", in one step with the batch over "data" and the vocabulary over
+    "vocab" (the fused loss), against plain autodiff of the same model with
+    an unsharded attention written in jnp and an unsharded loss: the loss
+    and every weight's gradient, taken outside shard_map, on Auto and
+    Explicit meshes, with and without jax.checkpoint (and a policy)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    b, t, d, heads, h, vocab = 4, 32, 16, 4, 4, 24
+    keys = jax.random.split(jax.random.key(1), 8)
+    params = dict(
+        wq=jax.random.normal(keys[0], (d, heads * h)) / d**0.5,
+        wk=jax.random.normal(keys[1], (d, heads * h)) / d**0.5,
+        wv=jax.random.normal(keys[2], (d, heads * h)) / d**0.5,
+        wo=jax.random.normal(keys[3], (heads * h, d)) / d**0.5,
+        wout=jax.random.normal(keys[4], (d, vocab)) / d**0.5,
+    )
+    x = jax.random.normal(keys[5], (b, t, d))
+    targets = jax.random.randint(keys[6], (b, t), 0, vocab)
+
+    def reference_attention(q, k, v):
+        s = jnp.einsum("btnh,bsnh->bnts", q, k) / h**0.5
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+    def hidden(p, x, attention):
+        bl, tl, _ = x.shape
+        q, k, v = ((x @ p[w]).reshape(bl, tl, heads, h) for w in ("wq", "wk", "wv"))
+        return x + attention(q, k, v).reshape(bl, tl, heads * h) @ p["wo"]
+
+    def reference(p, x, targets):
+        z = hidden(p, x, reference_attention).reshape(-1, d)
+        logp = jax.nn.log_softmax(z @ p["wout"])
+        return -jnp.mean(jnp.take_along_axis(logp, targets.reshape(-1, 1), 1))
+
+    want_loss, want_grad = jax.value_and_grad(reference)(params, x, targets)
+
+    def check(label, got_loss, got_grad):
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=label)
+        for name in params:
+            w, g = np.asarray(want_grad[name]), np.asarray(got_grad[name])
+            np.testing.assert_allclose(
+                g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=label + name
+            )
+        report[label] = True
+        print(label, "equal to plain autodiff", flush=True)
+
+    def sharded(mesh, layout, vocab_axis, remat=None):
+        context = mesh.shape["c"]
+        batch_axes = tuple(a for a in ("data",) if a in mesh.shape)
+        total = b * t
+
+        def attention(q, k, v):
+            return jsoftmax.dot_product_attention(
+                q, k, v, is_causal=True, axis_name="c", context_layout=layout,
+                query_chunk_size=4, key_chunk_size=4,
+            )  # fmt: skip
+
+        def local_loss(p, x, targets):
+            layer = lambda p, x: hidden(p, x, attention)  # noqa: E731
+            if remat is not None:
+                layer = jax.checkpoint(layer, policy=remat)
+            z = layer(p, x).reshape(-1, d)
+            losses = jsoftmax.linear_softmax_cross_entropy(
+                z, p["wout"], targets.reshape(-1), reduction="sum",
+                axis_name=vocab_axis, chunk_size=4,
+            )  # fmt: skip
+            return jax.lax.psum(losses, batch_axes + ("c",)) / total
+
+        seq = P(batch_axes or None, "c")
+        specs = {k: P() for k in params}
+        if vocab_axis:
+            specs["wout"] = P(None, vocab_axis)
+        f = jax.shard_map(
+            local_loss, mesh=mesh, in_specs=(specs, seq, seq), out_specs=P()
+        )
+        xs, ts = x, targets
+        if layout == "zigzag":
+            xs, ts = (
+                jsoftmax.to_zigzag(x, context),
+                jsoftmax.to_zigzag(targets, context),
+            )
+        if mesh.axis_types[0] == AxisType.Explicit:
+            put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+            ps = {k: put(v, specs[k]) for k, v in params.items()}
+            xs, ts = put(xs, seq), put(ts, seq)
+            with jax.set_mesh(mesh):
+                return jax.jit(jax.value_and_grad(f))(ps, xs, ts)
+        return jax.jit(jax.value_and_grad(f))(params, xs, ts)
+
+    def mesh_of(shape, names, kind):
+        n = int(np.prod(shape))
+        return jax.make_mesh(
+            shape, names, axis_types=(kind,) * len(shape), devices=jax.devices()[:n]
+        )
+
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    for kind in (AxisType.Auto, AxisType.Explicit):
+        tag = kind.name
+        check(
+            f"context 4 {tag}",
+            *sharded(mesh_of((4,), ("c",), kind), "zigzag", None),
+        )
+        check(
+            f"data 2 x context 2 {tag}",
+            *sharded(mesh_of((2, 2), ("data", "c"), kind), "contiguous", None),
+        )
+        check(
+            f"data 2 x context 2 x vocab 2 {tag}",
+            *sharded(
+                mesh_of((2, 2, 2), ("data", "c", "vocab"), kind), "zigzag", "vocab"
+            ),
+        )
+    mesh = mesh_of((2, 2, 2), ("data", "c", "vocab"), AxisType.Auto)
+    check(
+        "checkpoint",
+        *sharded(
+            mesh, "zigzag", "vocab", remat=jax.checkpoint_policies.nothing_saveable
+        ),
+    )
+    check(
+        "checkpoint with a policy", *sharded(mesh, "contiguous", "vocab", remat=policy)
+    )
 
 
 if __name__ == "__main__":
