@@ -283,6 +283,7 @@ def dot_product_attention(
             "sinks": sinks,
             "query_chunk_size": query_chunk_size,
             "key_chunk_size": key_chunk_size,
+            "axis_name": axis_name,
         }
         return _cudnn(
             query, key, value, bias, mask, scale, is_causal, query_seq_lengths,

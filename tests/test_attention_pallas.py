@@ -336,6 +336,7 @@ def test_unknown_implementation_is_refused(bad):
         ("sinks", np.zeros(N, np.float32)),
         ("query_chunk_size", 16),
         ("query_segment_ids", np.zeros((B, T), np.int32)),
+        ("axis_name", "seq"),  # context parallelism would be dropped silently
     ],
 )
 def test_cudnn_refuses_what_it_lacks(option, value):
