@@ -42,6 +42,8 @@ global token count, and the loss and the gradients of the replicated
 parameters are ``psum``-ed over "seq". The two runs' loss and gradient norm
 curves must agree to float32 rounding; the results go to
 ``train_lm_context_parallel.{png,md}``.
+``examples/multiprocess_context_parallel.py`` runs the same split over two
+processes (``jax.distributed``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The examples run: examples/train_lm.py for a few steps at tiny sizes, on one
-device and with its sequence split over host devices (a separate process: the
-device count is set before jax is imported).
+device, with its sequence split over host devices (a separate process: the
+device count is set before jax is imported), and over two processes.
 """
 
 import importlib.util
@@ -142,3 +142,25 @@ def test_train_lm_context_parallel_bad_options_say_what_is_wrong(tmp_path, capsy
     with pytest.raises(SystemExit, match=f"needs {n} devices.*XLA_FLAGS"):
         train_lm.main(["--seq-len", str(16 * n), "--context-parallel", str(n),
                        "--out", str(tmp_path)])  # fmt: skip
+
+
+def test_multiprocess_context_parallel_equals_one_process():
+    # 2 processes x 2 host devices, joined by jax.distributed on 127.0.0.1:
+    # each checks its curve with the sequence split over the 4 devices
+    # against its own one-device run; the script checks the two agree.
+    script = EXAMPLES / "multiprocess_context_parallel.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "3", "--seq-len", "32"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2 and summary["devices"] == 4
+    one = np.array(summary["losses"]["single"])
+    split = np.array(summary["losses"]["context_parallel"])
+    assert one.shape == (3,)
+    assert np.abs(split - one).max() <= float32_rounding(one, split)
+    norms = [np.array(summary["grad_norms"][k]) for k in ("single", "context_parallel")]
+    assert np.abs(norms[1] - norms[0]).max() <= float32_rounding(*norms)
