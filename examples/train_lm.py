@@ -20,31 +20,83 @@ both see the same load on a noisy machine. The script prints and plots both
 loss curves and their largest difference, the median time per step, and each
 compiled step's temporary memory (``memory_analysis().temp_size_in_bytes``),
 and writes ``train_lm.png`` and ``train_lm.md`` to ``--out``. It exits non-zero
-if the curves differ by more than ``--tolerance``.
+if the loss curves differ by more than ``--tolerance``, or the curves of the
+gradients' global norms by more than the same fraction of the largest norm
+(AdamW and gradient clipping would hide a gradient off by a constant factor
+from the loss).
+
+Context parallelism:
+
+    python examples/train_lm.py --context-parallel 4 --context-layout zigzag
+
+trains the jsoftmax model twice instead: on one device, and with its sequence
+split over 4 devices (``jax.shard_map`` over the mesh axis "seq"; on a CPU,
+host devices: run as a script, this file sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before jax is
+imported). Each device holds a slice of every sequence's tokens, targets and
+positions (with ``--context-layout zigzag``, chunks ``i`` and ``2N - 1 - i``
+of ``2N``, put in place once per batch by ``jsoftmax.to_zigzag``); attention
+runs across the slices (``axis_name="seq"``, ``--context-mode ring`` or
+``all_gather``); each device's loss is its tokens' summed loss over the
+global token count, and the loss and the gradients of the replicated
+parameters are ``psum``-ed over "seq". The two runs' loss and gradient norm
+curves must agree to float32 rounding; the results go to
+``train_lm_context_parallel.{png,md}``.
+``examples/multiprocess_context_parallel.py`` runs the same split over two
+processes (``jax.distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
-import jsoftmax
+
+def request_host_devices(argv) -> None:
+    """Asks XLA for the ``--context-parallel N`` host devices of ``argv``.
+
+    It sets ``XLA_FLAGS`` (a no-op without the option, or where XLA_FLAGS
+    already sets a count), which XLA reads once, when jax is imported: this
+    file calls it before its own imports when run as a script.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--context-parallel", type=int, default=0)
+    n = pre.parse_known_args(argv)[0].context_parallel
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and HOST_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={n}".strip()
+
+
+if __name__ == "__main__":
+    request_host_devices(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jsoftmax  # noqa: E402
 
 VOCAB = 256  # bytes
 # Installed packages, not the standard library.
 SKIP_FOLDERS = {"site-packages", "dist-packages"}
+# The default --tolerance with --context-parallel, in float32 epsilons times
+# the largest loss: the two runs add the same numbers in other orders.
+ROUNDING_ULPS = 64
 
 
 def load_text(num_bytes: int) -> np.ndarray:
@@ -96,8 +148,13 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
     """Byte embeddings, learned positions, blocks; returns the final hidden state.
 
-    The output layer ``head`` ([d_model, 256], no bias) is applied by the loss:
-    as a plain matmul for the reference, inside the fused loss for jsoftmax.
+    ``positions`` ([B, T] ints) are the tokens' places in the whole sequence:
+    with the sequence split over devices, each device's slice brings its own
+    (under zigzag, two chunks far apart), so the position embeddings see the
+    global positions; attention's causal mask gets them from ``axis_name``
+    and ``context_layout``. The output layer ``head`` ([d_model, 256], no
+    bias) is applied by the loss: as a plain matmul for the reference, inside
+    the fused loss for jsoftmax.
     """
 
     def __init__(self, *, layers, d_model, heads, seq_len, rngs: nnx.Rngs):
@@ -110,33 +167,181 @@ class TransformerLM(nnx.Module):
         self.norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, VOCAB, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens, attention):
-        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+    def __call__(self, tokens, positions, attention):
+        x = self.embed(tokens) + jnp.take(self.pos[...], positions, axis=0)
         for block in self.blocks:
             x = block(x, attention)
         return self.norm(x)
 
 
-def jsoftmax_loss(model, inputs, targets):
-    h = model(inputs, jsoftmax.dot_product_attention)
+def jsoftmax_loss(model, batch, attention=jsoftmax.dot_product_attention, **loss):
+    """The fused loss of the batch's tokens (``loss``: its keywords)."""
+    h = model(batch["tokens"], batch["positions"], attention)
     return jsoftmax.linear_softmax_cross_entropy(
-        h.reshape(-1, h.shape[-1]), model.head.kernel[...], targets.reshape(-1)
+        h.reshape(-1, h.shape[-1]),
+        model.head.kernel[...],
+        batch["targets"].reshape(-1),
+        **loss,
     )
 
 
-def reference_loss(model, inputs, targets):
-    h = model(inputs, jax.nn.dot_product_attention)
+def reference_loss(model, batch):
+    h = model(batch["tokens"], batch["positions"], jax.nn.dot_product_attention)
     logits = model.head(h)  # [B, T, 256], materialised
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["targets"]
+    ).mean()
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
 
 def train_step(graphdef, optimizer, loss_fn, params, opt_state, batch):
     def loss_of(params):
-        return loss_fn(nnx.merge(graphdef, params), batch[:, :-1], batch[:, 1:])
+        return loss_fn(nnx.merge(graphdef, params), batch)
 
     loss, grads = jax.value_and_grad(loss_of)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return loss, optax.apply_updates(params, updates), opt_state
+    params = optax.apply_updates(params, updates)
+    return loss, params, opt_state, {"grad_norm": global_norm(grads)}
+
+
+def context_parallel_step(
+    graphdef, optimizer, mesh, mode, layout, params, opt_state, batch
+):
+    """A training step with every sequence split over the mesh axis "seq".
+
+    ``params`` and ``opt_state`` are replicated, and the batch's arrays split
+    along their sequence axis (in the layout's order). Returns what
+    :func:`train_step` does (the loss, the new parameters and optimizer
+    state, the gradients' global norm), and in the stats the mean loss of
+    each device's own tokens ``[N]`` (what a loss without the ``psum`` would
+    give).
+    """
+    attention = partial(
+        jsoftmax.dot_product_attention,
+        axis_name="seq",
+        context_parallel=mode,
+        context_layout=layout,
+    )
+    num_tokens = batch["targets"].size  # over all devices
+
+    def local(params, batch):
+        # Each device's share of the loss: its own tokens' summed loss over
+        # the global token count; the shares add up to the mean.
+        def share_of(params):
+            model = nnx.merge(graphdef, params)
+            return jsoftmax_loss(model, batch, attention, reduction="sum") / num_tokens
+
+        # Marked varying, each device's copy of the parameters gets the
+        # gradient of its own share, and the psum adds them up. (Left
+        # invariant, the replicated parameters would get the sum from
+        # autodiff already, shard_map transposing their broadcast into a
+        # psum, and a psum on top would count it N times.)
+        params = jax.tree.map(lambda p: lax.pcast(p, "seq", to="varying"), params)
+        share, grads = jax.value_and_grad(share_of)(params)
+        n, i = lax.axis_size("seq"), lax.axis_index("seq")
+        own = jnp.zeros(n, share.dtype).at[i].set(n * share)  # [N], one entry
+        return lax.psum((share, grads, own), "seq")
+
+    loss, grads, device_losses = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(None, "seq")), out_specs=(P(), P(), P())
+    )(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    stats = {"grad_norm": global_norm(grads), "device_losses": device_losses}
+    return loss, params, opt_state, stats
+
+
+def put(tree, sharding):
+    """Every leaf as a global array with ``sharding``, each device's part cut
+    from this process's copy (so it works across processes too)."""
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+    return jax.tree.map(one, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One of the two trainings the script compares."""
+
+    name: str  # the key of its results
+    label: str  # its row of the table
+    legend: str  # its line in the plots
+    # (params, opt_state, batch) -> (loss, params, opt_state, stats)
+    step: Callable
+    # The shared initial state and each step's batch (NumPy arrays) as the
+    # run's step takes them.
+    put_state: Callable = lambda state: state
+    put_batch: Callable = lambda batch: jax.tree.map(jnp.asarray, batch)
+
+
+def sequence_mesh(n):
+    """A mesh of the first ``n`` devices, axis "seq"; exits if there are fewer."""
+    if jax.device_count() < n:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if HOST_DEVICES_FLAG in flags:
+            how = f"XLA_FLAGS={flags!r} sets the host device count: make it {n}"
+        else:
+            how = (
+                f"Run this file as a script (it sets XLA_FLAGS={HOST_DEVICES_FLAG}"
+                f"={n} before importing jax), or set that before jax is imported"
+            )
+        sys.exit(
+            f"--context-parallel {n} needs {n} devices; jax has "
+            f"{jax.device_count()} ({jax.default_backend()}). {how}; with "
+            "JAX_PLATFORMS=cpu the split is over host CPU devices."
+        )
+    return jax.make_mesh(
+        (n,), ("seq",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+    )
+
+
+def make_runs(args, graphdef, optimizer) -> tuple[Run, Run]:
+    """The run under test, then the run it is compared with."""
+    if not args.context_parallel:
+        return (
+            Run(
+                "jsoftmax",
+                "jsoftmax.dot_product_attention / fused loss",
+                "jsoftmax",
+                partial(train_step, graphdef, optimizer, jsoftmax_loss),
+            ),
+            Run(
+                "reference",
+                "jax.nn.dot_product_attention / optax on logits",
+                "jax.nn + optax",
+                partial(train_step, graphdef, optimizer, reference_loss),
+            ),
+        )
+    n, mode, layout = args.context_parallel, args.context_mode, args.context_layout
+    mesh = sequence_mesh(n)
+
+    def put_batch(batch):
+        if layout == "zigzag":  # once per batch, every per-token array
+            batch = jax.tree.map(lambda x: jsoftmax.to_zigzag(x, n), batch)
+        return put(batch, NamedSharding(mesh, P(None, "seq")))
+
+    return (
+        Run(
+            "context_parallel",
+            f"sequence split over {n} devices ({mode}, {layout})",
+            f"{n} devices, {mode}, {layout}",
+            partial(context_parallel_step, graphdef, optimizer, mesh, mode, layout),
+            put_state=lambda state: put(state, NamedSharding(mesh, P())),
+            put_batch=put_batch,
+        ),
+        Run(
+            "single",
+            "one device",
+            "one device",
+            partial(train_step, graphdef, optimizer, jsoftmax_loss),
+        ),
+    )
 
 
 def parse_args(argv):
@@ -151,25 +356,66 @@ def parse_args(argv):
     p.add_argument("--text-bytes", type=int, default=4_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--context-parallel",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare the jsoftmax model on one device with its sequence split "
+        "over N devices (default 0: compare jsoftmax with jax.nn + optax)",
+    )
+    p.add_argument("--context-mode", choices=("ring", "all_gather"), default="ring")
+    p.add_argument(
+        "--context-layout", choices=("contiguous", "zigzag"), default="contiguous"
+    )
+    p.add_argument(
         "--tolerance",
         type=float,
-        default=1e-2,
-        help="largest allowed |loss difference| between the two runs (float32 "
-        "on a CPU: about 1e-6)",
+        default=None,
+        help="largest allowed |loss difference| between the two runs (default: "
+        "1e-2 against jax.nn + optax; with --context-parallel, "
+        f"{ROUNDING_ULPS} float32 epsilons times the largest loss; float32 on a "
+        "CPU: about 1e-6); the gradient norms may differ by the same fraction "
+        "of the largest norm",
     )
     p.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent,
-        help="folder for train_lm.png and train_lm.md (default: examples/)",
+        help="folder for the plot and the report (default: examples/)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} is not a multiple of --heads")
+    if args.context_parallel < 0:
+        p.error(f"--context-parallel {args.context_parallel} is negative")
+    chunks = args.context_parallel * (2 if args.context_layout == "zigzag" else 1)
+    if chunks and args.seq_len % chunks:
+        p.error(
+            f"--seq-len {args.seq_len} does not divide into {chunks} chunks "
+            f"(--context-parallel {args.context_parallel}, {args.context_layout})"
+        )
+    return args
+
+
+def tolerances(args, losses, grad_norms) -> tuple[float, float]:
+    """The largest |difference| allowed between the runs' loss curves
+    (``--tolerance``, or its default for the comparison made) and between
+    their gradient norm curves (the same fraction of the largest norm)."""
+    loss_scale = max(np.abs(curve).max() for curve in losses.values())
+    norm_scale = max(np.abs(curve).max() for curve in grad_norms.values())
+    if args.tolerance is not None:
+        tolerance = args.tolerance
+    elif args.context_parallel:
+        tolerance = ROUNDING_ULPS * float(np.finfo(np.float32).eps) * loss_scale
+    else:
+        tolerance = 1e-2
+    return tolerance, tolerance / loss_scale * norm_scale
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.d_model % args.heads:
-        raise ValueError(f"--d-model {args.d_model} is not a multiple of --heads")
+    if args.context_parallel:
+        sequence_mesh(args.context_parallel)  # before any work: enough devices?
     started = time.perf_counter()
 
     text = load_text(args.text_bytes)
@@ -177,8 +423,13 @@ def main(argv=None) -> dict:
     starts = rng.integers(0, len(text) - args.seq_len - 1, (args.steps, args.batch))
     offsets = np.arange(args.seq_len + 1)
 
-    def batch_at(step):  # [batch, seq_len + 1] int32 windows
-        return jnp.asarray(text[starts[step][:, None] + offsets], dtype=jnp.int32)
+    def batch_at(step):  # [batch, seq_len] int32 arrays
+        window = text[starts[step][:, None] + offsets].astype(np.int32)
+        return {
+            "tokens": window[:, :-1],
+            "targets": window[:, 1:],
+            "positions": np.broadcast_to(offsets[:-1], window[:, 1:].shape),
+        }
 
     # Initialising under jit compiles once instead of once per initializer.
     model = nnx.jit(
@@ -200,63 +451,89 @@ def main(argv=None) -> dict:
     )
     opt_state = optimizer.init(params)
 
-    loss_fns = {"jsoftmax": jsoftmax_loss, "reference": reference_loss}
-    names = tuple(loss_fns)
-    compiled, memory = {}, {}
-    for name, loss_fn in loss_fns.items():
-        step = jax.jit(partial(train_step, graphdef, optimizer, loss_fn))
-        compiled[name] = step.lower(params, opt_state, batch_at(0)).compile()
-        stats = compiled[name].memory_analysis()
-        memory[name] = None if stats is None else stats.temp_size_in_bytes
+    runs = make_runs(args, graphdef, optimizer)
+    names = tuple(run.name for run in runs)
+    compiled, memory, state = {}, {}, {}
+    for run in runs:
+        # The same initial parameters for both.
+        state[run.name] = run.put_state((params, opt_state))
+        step = jax.jit(run.step)
+        compiled[run.name] = step.lower(
+            *state[run.name], run.put_batch(batch_at(0))
+        ).compile()
+        stats = compiled[run.name].memory_analysis()
+        memory[run.name] = None if stats is None else stats.temp_size_in_bytes
     compile_s = time.perf_counter() - started
 
-    # The same initial parameters for both; jax arrays are immutable, so the
-    # two runs share them until their first update.
-    state = {name: (params, opt_state) for name in names}
     losses = {name: [] for name in names}
+    grad_norms = {name: [] for name in names}
     seconds = {name: [] for name in names}
+    device_losses = []
     print(
         f"{num_params:,} parameters, {args.layers} layers, d_model {args.d_model}, "
         f"{args.heads} heads, {args.batch} x {args.seq_len} bytes per step"
     )
     for step in range(args.steps):
         batch = batch_at(step)
-        for name in names if step % 2 == 0 else names[::-1]:
+        # The two steps alternate, and so does which goes first.
+        for run in runs if step % 2 == 0 else runs[::-1]:
+            inputs = run.put_batch(batch)
             t0 = time.perf_counter()
-            loss, *new_state = compiled[name](*state[name], batch)
+            loss, *new_state, stats = compiled[run.name](*state[run.name], inputs)
             loss = float(loss)  # waits for the step
-            seconds[name].append(time.perf_counter() - t0)
-            losses[name].append(loss)
-            state[name] = tuple(new_state)
+            seconds[run.name].append(time.perf_counter() - t0)
+            losses[run.name].append(loss)
+            grad_norms[run.name].append(float(stats["grad_norm"]))
+            if "device_losses" in stats:
+                device_losses.append(np.asarray(stats["device_losses"]))
+            state[run.name] = tuple(new_state)
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(
-                f"step {step:4d}  loss jsoftmax {losses['jsoftmax'][-1]:.5f}  "
-                f"reference {losses['reference'][-1]:.5f}"
+                f"step {step:4d}  loss {names[0]} {losses[names[0]][-1]:.6f}  "
+                f"{names[1]} {losses[names[1]][-1]:.6f}"
             )
 
     curves = {name: np.array(losses[name]) for name in names}
-    diff = np.abs(curves["jsoftmax"] - curves["reference"])
+    norms = {name: np.array(grad_norms[name]) for name in names}
+    diff = np.abs(curves[names[0]] - curves[names[1]])
+    norm_diff = np.abs(norms[names[0]] - norms[names[1]])
+    tolerance, norm_tolerance = tolerances(args, curves, norms)
     # The first steps run warm caches and allocators in; skip them if there
     # are enough steps left.
     skip = 3 if args.steps > 10 else 0
     median_ms = {name: 1e3 * float(np.median(seconds[name][skip:])) for name in names}
     result = {
         "args": vars(args),
+        "runs": runs,
         "num_params": num_params,
         "losses": curves,
         "max_abs_diff": float(diff.max()),
+        "tolerance": tolerance,
+        "grad_norms": norms,
+        "max_grad_norm_diff": float(norm_diff.max()),
+        "grad_norm_tolerance": norm_tolerance,
         "median_ms": median_ms,
         "temp_bytes": memory,
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - started,
     }
+    if device_losses:
+        result["device_losses"] = np.stack(device_losses)  # [steps, N]
     print(report(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, seconds, args.out / "train_lm.png")
-    (args.out / "train_lm.md").write_text(report(result, markdown=True))
-    print(f"wrote {args.out / 'train_lm.png'} and {args.out / 'train_lm.md'}")
-    if not diff.max() <= args.tolerance:
-        sys.exit(f"the loss curves differ by {diff.max():.3g} > {args.tolerance}")
+    # Under jax.distributed every process runs this; one writes.
+    if jax.process_index() == 0:
+        stem = "train_lm_context_parallel" if args.context_parallel else "train_lm"
+        png, md = args.out / f"{stem}.png", args.out / f"{stem}.md"
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(result, seconds, png)
+        md.write_text(report(result, markdown=True))
+        print(f"wrote {png} and {md}")
+    if not diff.max() <= tolerance:
+        sys.exit(f"the loss curves differ by {diff.max():.3g} > {tolerance:.3g}")
+    if not norm_diff.max() <= norm_tolerance:
+        sys.exit(
+            f"the gradient norms differ by {norm_diff.max():.3g} > {norm_tolerance:.3g}"
+        )
     return result
 
 
@@ -268,8 +545,8 @@ def machine() -> str:
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     return (
-        f"{platform.system()} {platform.machine()} ({cpu}), "
-        f"{device.platform} device {device.device_kind}"
+        f"{platform.system()} {platform.machine()} ({cpu}, {os.cpu_count()} "
+        f"cores), {device.platform} device {device.device_kind}"
     )
 
 
@@ -277,38 +554,53 @@ def report(result, markdown=False) -> str:
     import flax
 
     args, ms, mem = result["args"], result["median_ms"], result["temp_bytes"]
+    runs = result["runs"]
+    first, second = (run.name for run in runs)
     argv = " ".join(
         f"--{k.replace('_', '-')} {v}"
-        for k, v in sorted(result["args"].items())
+        for k, v in sorted(args.items())
         if k not in ("out", "tolerance")
+        and (args["context_parallel"] or not k.startswith("context"))
     )
+    short = {"jsoftmax": "jsoftmax", "reference": "reference"}
+    short |= {"context_parallel": "context parallel", "single": "one device"}
     rows = [
         ("attention / loss", "median time per step", "compiled temp memory"),
-        *(
-            (label, f"{ms[name]:.1f} ms", mib(mem[name]))
-            for name, label in (
-                ("jsoftmax", "jsoftmax.dot_product_attention / fused loss"),
-                ("reference", "jax.nn.dot_product_attention / optax on logits"),
-            )
-        ),
+        *((run.label, f"{ms[run.name]:.1f} ms", mib(mem[run.name])) for run in runs),
         (
-            "jsoftmax / reference",
-            f"{ms['jsoftmax'] / ms['reference']:.2f}x",
-            ratio(mem),
+            f"{short[first]} / {short[second]}",
+            f"{ms[first] / ms[second]:.2f}x",
+            ratio(mem, first, second),
         ),
     ]
     losses = result["losses"]
     summary = [
         f"{result['num_params']:,} parameters; {args['steps']} steps of "
         f"{args['batch']} x {args['seq_len']} bytes; float32.",
-        f"Final loss: jsoftmax {losses['jsoftmax'][-1]:.4f}, reference "
-        f"{losses['reference'][-1]:.4f} (nats per byte; ln 256 = 5.545).",
-        f"Largest |loss difference| over all steps: {result['max_abs_diff']:.2e}.",
+        f"Final loss: {short[first]} {losses[first][-1]:.4f}, {short[second]} "
+        f"{losses[second][-1]:.4f} (nats per byte; ln 256 = 5.545).",
+        f"Largest |loss difference| over all steps: {result['max_abs_diff']:.2e} "
+        f"(allowed: {result['tolerance']:.2e}); of the gradients' global norm: "
+        f"{result['max_grad_norm_diff']:.2e} (allowed: "
+        f"{result['grad_norm_tolerance']:.2e}, the largest norm being "
+        f"{max(v.max() for v in result['grad_norms'].values()):.3g}).",
+    ]
+    if "device_losses" in result:
+        last = result["device_losses"][-1]
+        gap = np.abs(result["device_losses"] - losses[first][:, None]).max()
+        summary.append(
+            "The mean loss of each device's own tokens at the last step: "
+            + ", ".join(f"{x:.4f}" for x in last)
+            + f"; a loss without the psum over the devices would be off by up to "
+            f"{gap:.2e}."
+        )
+    summary += [
         f"Wall time {result['wall_s']:.0f} s, of which {result['compile_s']:.0f} s "
         "loading the text and compiling.",
-        f"Machine: {machine()}; {len(jax.devices())} device(s); "
-        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
-        f"Python {platform.python_version()}.",
+        f"Machine: {machine()}; {jax.device_count()} device(s) in "
+        f"{jax.process_count()} process(es); jax {jax.__version__}, flax "
+        f"{flax.__version__}, optax {optax.__version__}, Python "
+        f"{platform.python_version()}.",
     ]
     if not markdown:
         return "\n".join(
@@ -316,10 +608,23 @@ def report(result, markdown=False) -> str:
         )
     table = [f"| {' | '.join(rows[0])} |", "| --- | ---: | ---: |"]
     table += [f"| {' | '.join(r)} |" for r in rows[1:]]
-    return "\n".join(
-        [
-            "# examples/train_lm.py: a default run",
-            "",
+    if args["context_parallel"]:
+        title = "# examples/train_lm.py --context-parallel: a run"
+        about = [
+            "The byte-level transformer of `train_lm.md`, with jsoftmax's causal",
+            "attention and fused loss, trained on one device and with its",
+            "sequence split over several (`jax.shard_map` over the mesh axis",
+            '"seq", attention with `axis_name="seq"`, the loss and the',
+            "gradients psum-ed over it), from the same initial parameters on the",
+            "same batches. The two steps alternate; times are medians over the",
+            "steps (the first three left out); host CPU devices share the",
+            "machine's cores, so their times say nothing of a real split. Temp",
+            "memory is the compiled step's `memory_analysis().temp_size_in_bytes`,",
+            "per device.",
+        ]
+    else:
+        title = "# examples/train_lm.py: a default run"
+        about = [
             "A byte-level decoder-only transformer (flax nnx) trained on the Python",
             "standard library's source, once with jsoftmax's causal attention and",
             "fused loss, once with jax.nn's attention and optax's loss on explicit",
@@ -327,6 +632,13 @@ def report(result, markdown=False) -> str:
             "steps alternate; times are medians over the steps (the first three",
             "left out). Temp memory is the compiled training step's",
             "`memory_analysis().temp_size_in_bytes`.",
+        ]
+    stem = "train_lm_context_parallel" if args["context_parallel"] else "train_lm"
+    return "\n".join(
+        [
+            title,
+            "",
+            *about,
             "",
             f"    python examples/train_lm.py {argv}",
             "",
@@ -334,16 +646,16 @@ def report(result, markdown=False) -> str:
             "",
             *(f"- {line}" for line in summary),
             "",
-            "![loss curves, time per step and memory](train_lm.png)",
+            f"![loss curves, time per step and memory]({stem}.png)",
             "",
         ]
     )
 
 
-def ratio(memory):
-    if None in memory.values() or not memory["reference"]:
+def ratio(memory, first, second):
+    if None in memory.values() or not memory[second]:
         return "n/a"
-    return f"{memory['jsoftmax'] / memory['reference']:.2f}x"
+    return f"{memory[first] / memory[second]:.2f}x"
 
 
 def plot(result, seconds, path):
@@ -352,41 +664,44 @@ def plot(result, seconds, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = result["losses"]
-    steps = np.arange(len(losses["jsoftmax"]))
-    colors = {"jsoftmax": "C0", "reference": "C1"}
-    labels = {"jsoftmax": "jsoftmax", "reference": "jax.nn + optax"}
+    runs, losses = result["runs"], result["losses"]
+    first, second = (run.name for run in runs)
+    steps = np.arange(len(losses[first]))
+    colors = {first: "C0", second: "C1"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax = axes[0, 0]
-    for name in losses:
-        ax.plot(steps, losses[name], color=colors[name], label=labels[name], lw=1)
+    for run in runs:
+        ax.plot(steps, losses[run.name], color=colors[run.name], label=run.legend, lw=1)
     ax.set(xlabel="step", ylabel="training loss (nats per byte)", title="loss")
     ax.legend()
     ax = axes[0, 1]
-    diff = np.abs(losses["jsoftmax"] - losses["reference"])
+    diff = np.abs(losses[first] - losses[second])
     ax.semilogy(steps, np.maximum(diff, 1e-9), color="k", lw=1)
     ax.set(
         xlabel="step",
         ylabel="|difference| (0 drawn at 1e-9)",
-        title=f"|jsoftmax - reference|, max {diff.max():.2g}",
+        title=f"|{runs[0].legend} - {runs[1].legend}|, max {diff.max():.2g}",
     )
     ax = axes[1, 0]
-    for name in seconds:
-        ms = 1e3 * np.array(seconds[name])
-        median = result["median_ms"][name]
-        ax.plot(steps, ms, color=colors[name], lw=0.6, alpha=0.6)
-        ax.axhline(median, color=colors[name], label=f"{labels[name]}: {median:.1f}")
+    for run in runs:
+        ms = 1e3 * np.array(seconds[run.name])
+        median = result["median_ms"][run.name]
+        ax.plot(steps, ms, color=colors[run.name], lw=0.6, alpha=0.6)
+        ax.axhline(median, color=colors[run.name], label=f"{run.legend}: {median:.1f}")
     ax.set(xlabel="step", ylabel="ms", title="time per step (median)")
     ax.set_ylim(0, 3 * max(result["median_ms"].values()))
     ax.legend()
     ax = axes[1, 1]
     mem = result["temp_bytes"]
     if None not in mem.values():
-        mib_values = [mem[name] / 2**20 for name in mem]
-        bars = ax.bar([labels[n] for n in mem], mib_values, color=list(colors.values()))
+        mib_values = [mem[run.name] / 2**20 for run in runs]
+        bars = ax.bar(
+            [run.legend for run in runs], mib_values, color=list(colors.values())
+        )
         ax.bar_label(bars, fmt="%.1f MiB")
         ax.margins(y=0.15)
-    ax.set(ylabel="MiB", title="compiled temp memory of a training step")
+    per = " per device" if result["args"]["context_parallel"] else ""
+    ax.set(ylabel="MiB", title=f"compiled temp memory of a training step{per}")
     a = result["args"]
     fig.suptitle(
         f"byte-level LM: {a['layers']} layers, d_model {a['d_model']}, "
