@@ -72,9 +72,18 @@ def _programs(t, kv_heads, devices, mode, layout):
 
 
 def received_bytes(hlo_text):
-    """Bytes each device receives in the collectives of a compiled program."""
-    total = 0
+    """Bytes each device receives in the collectives of a compiled program;
+    one in a while loop's body counts once per trip (XLA's known trip
+    count; the ring's steps are a loop)."""
+    sizes, calls, current = {}, {}, None
     for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(1)
+            sizes[current], calls[current] = 0.0, []
+            continue
+        if current is None:
+            continue
         m = re.search(
             r"= (\w+)\[([\d,]*)\][^ ]* (collective-permute|all-gather)\(", line
         )
@@ -84,8 +93,20 @@ def received_bytes(hlo_text):
             if op == "all-gather":
                 # The gathered result holds this device's own share too.
                 size = size * (1 - 1 / _group_size(line))
-            total += size
-    return total
+            sizes[current] += size
+        for kind, callees in re.findall(
+            r"\b(body|to_apply|calls|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)",
+            line,
+        ):
+            trips = 1
+            if kind == "body":
+                trips = int(re.search(r'"known_trip_count":\{"n":"(\d+)"', line)[1])
+            calls[current] += [(c, trips) for c in re.findall(r"[\w.\-]+", callees)]
+
+    def total(name):
+        return sizes[name] + sum(trips * total(c) for c, trips in calls[name])
+
+    return total(re.search(r"^ENTRY %?([\w.\-]+)", hlo_text, re.M).group(1))
 
 
 def _group_size(line):

@@ -26,11 +26,17 @@ given the *global* ``O`` and ``L``, the block path's backward of one pair
 (``P = exp(s - L)``, ``D = rowsum(dO * O)``) is exactly that key/value piece's
 share of the gradient.
 
-- ``ring``: ``n`` steps; before each step's compute the visiting K/V (with its
-  segment ids and the bias and mask columns split with the keys) is sent on
-  to the next device (``lax.ppermute``, ``n - 1`` per array forward). The
-  backward pass runs the ring again; dK/dV (and the bias gradient split with
-  the keys) travel with their K/V and arrive home after the ``n``-th permute.
+- ``ring``: ``n`` steps, the first ``n - 1`` a ``lax.fori_loop`` whose carry
+  holds the visiting K/V (with its segment ids and the bias and mask columns
+  split with the keys) and the running ``(o, L)``, so that one step's
+  buffers are reused whatever ``n``: each iteration sends the visiting K/V
+  on to the next device (``lax.ppermute``, one per array in the loop body,
+  ``n - 1`` runs forward) before its compute; the last step, which sends
+  nothing, runs after the loop. The band configuration of a pair at a step
+  on a device is a static table indexed by the loop's step and
+  ``lax.axis_index``. The backward pass runs the ring again, as a loop too;
+  dK/dV (and the bias gradient split with the keys) travel with their K/V
+  and arrive home after the ``n``-th permute.
 - ``all_gather``: K/V (and what is split with the keys) are gathered, put in
   natural order, and the local queries attend to all of it; the backward
   pass reduce-scatters dK/dV.
@@ -182,8 +188,8 @@ def _chunks(plan, local):
 
 def _kv_pieces(plan, direction=1):
     """The key/value pieces a device attends to, per step, with the pieces'
-    offsets indexed by the device *holding* them at that step. Ring: K/V move
-    ``direction`` devices a step (+1 forward, -1 backward), so at step
+    offsets indexed by the device attending to them at that step. Ring: K/V
+    move ``direction`` devices a step (+1 forward, -1 backward), so at step
     ``st`` device ``i`` holds the keys of device ``i - direction * st``.
     All-gather: one step, all keys in natural order."""
     n = plan.size
@@ -244,16 +250,17 @@ def block_counts(plan):
     return counts
 
 
-def _switch(configs, kind, operands, index):
-    """This device's pair call: ``_branch(kind, config)(*operands)``, one
-    branch per distinct config (``lax.switch`` on a static table indexed by
-    the device)."""
-    distinct = list(dict.fromkeys(configs))
+def _switch(configs, kind, operands, at, index):
+    """This device's pair call at step ``at``: ``_branch(kind, config)(
+    *operands)``, one branch per distinct config of ``configs`` (per step, per
+    device), chosen by ``lax.switch`` on a static table indexed by the step
+    and the device."""
+    distinct = list(dict.fromkeys(c for row in configs for c in row))
     if len(distinct) == 1:
         return _branch(kind, distinct[0])(*operands)
-    table = np.array([distinct.index(c) for c in configs], np.int32)
+    table = np.array([[distinct.index(c) for c in row] for row in configs], np.int32)
     branches = [_branch(kind, c) for c in distinct]
-    return lax.switch(jnp.asarray(table)[index], branches, *operands)
+    return lax.switch(jnp.asarray(table)[at, index], branches, *operands)
 
 
 @functools.cache
@@ -357,6 +364,27 @@ def _ring_perm(n, direction):
     return [(i, (i + direction) % n) for i in range(n)]
 
 
+def _source(plan, index, step, direction):
+    """The device whose keys device ``index`` attends to at ``step``."""
+    return (index - direction * step) % plan.size
+
+
+def _start(plan, index, step, direction):
+    """Where the visiting keys start in a whole key axis (of a bias or mask):
+    the source's slice (ring), or 0 (all-gather, all keys)."""
+    if plan.mode == "all_gather":
+        return 0
+    return _source(plan, index, step, direction) * plan.s
+
+
+def _travelling(plan, k, v, kv_seg, bias, mask):
+    """What moves with K/V (or is gathered with them): the arrays split along
+    the keys."""
+    bias = bias if plan.bias_keys == "split" else None
+    mask = mask if plan.mask_keys == "split" else None
+    return (k, v, kv_seg, bias, mask)
+
+
 def _gather_keys(plan, x, axis, direction):
     """All devices' key slices of ``x`` along ``axis``, in natural order.
     The backward pass (``direction`` -1) gathers them on a new leading axis
@@ -389,26 +417,21 @@ def _whole_keys(plan, x, keys, inverse=False):
     return (to_zigzag if inverse else from_zigzag)(x, plan.size, axis=3)
 
 
-def _visiting(plan, k, v, kv_seg, bias, mask, direction):
-    """What travels with K/V: the arrays split along the keys (the all-gather
-    mode gathers them in natural order instead)."""
-    bias = bias if plan.bias_keys == "split" else None
-    mask = mask if plan.mask_keys == "split" else None
-    visiting = (k, v, kv_seg, bias, mask)
-    if plan.mode == "all_gather":
-        axes = (1, 1, 1, 3, 3)
-        visiting = tuple(
-            None if x is None else _gather_keys(plan, x, a, direction)
-            for x, a in zip(visiting, axes, strict=True)
-        )
-    return visiting
+def _gathered(plan, x, direction):
+    """The all-gather mode's keys: each array of ``x`` (a tuple of arrays
+    split along the keys) gathered, in natural order."""
+    axes = (1, 1, 1, 3, 3)  # k, v, kv_seg, bias, mask
+    return tuple(
+        None if a is None else _gather_keys(plan, a, axis, direction)
+        for a, axis in zip(x, axes, strict=True)
+    )
 
 
 def _send(plan, x, direction):
     """``x`` (a tuple) sent ``direction`` devices on. The backward pass sends
     its arrays flattened (free): with the other direction, that keeps its
     permutes distinct from the forward pass's, also on 2 devices, where both
-    directions are one permutation."""
+    directions are one permutation and XLA inlines the one-trip loops."""
     perm = _ring_perm(plan.size, direction)
     if direction == 1:
         return lax.ppermute(x, plan.axis_name, perm)
@@ -419,22 +442,36 @@ def _send(plan, x, direction):
     )
 
 
-def _sources(plan, index, direction):
-    """Per step, the start of the visiting keys in the whole key axis (for a
-    bias or mask whose key axis is whole)."""
-    if plan.mode == "all_gather":
-        return [0]
-    n = plan.size
-    return [((index - direction * st) % n) * plan.s for st in range(n)]
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """Ring steps ``first, first + 1, ...`` run by one traced body, which
+    gets its position ``at`` among them (traced in a loop, 0 outside)."""
+
+    plan: Plan
+    first: int
+    count: int
+    direction: int
+
+    def pairs(self):
+        """Per query chunk and key piece: the query chunk, the key piece (its
+        start in the local slice), its configs per (step, device) and its
+        global key offsets per (step, device)."""
+        plan = self.plan
+        pieces = _kv_pieces(plan, self.direction)
+        rows = range(self.first, self.first + self.count)
+        for qc in _chunks(plan, plan.t):
+            for c, kc in enumerate(pieces[self.first]):
+                configs = tuple(_pair_configs(plan, qc, pieces[r][c]) for r in rows)
+                offsets = np.array([pieces[r][c].offsets for r in rows], np.int32)
+                yield qc, kc, configs, offsets
 
 
-def _pair(plan, qc, kc, index, local, visiting, start):
+def _pair(plan, qc, kc, q_off, k_off, local, visiting, start):
     """The operands of one pair's block call: ``(q, k, v, bias, mask, q_len,
-    kv_len, q_seg, kv_seg)`` of the query chunk and key piece."""
+    kv_len, q_seg, kv_seg)`` of the query chunk and key piece, whose global
+    offsets are ``q_off`` and ``k_off``."""
     q, bias, mask, q_len, kv_len, q_seg = local
     k, v, kv_seg, bias_v, mask_v = visiting
-    q_off = jnp.asarray(np.array(qc.offsets, np.int32))[index]
-    k_off = jnp.asarray(np.array(kc.offsets, np.int32))[index]
     return (
         _rows(q, qc),
         _rows(k, kc),
@@ -448,6 +485,25 @@ def _pair(plan, qc, kc, index, local, visiting, start):
     )
 
 
+def _step_pairs(steps, at, index, local, visiting):
+    """Per pair of one step: the query chunk, the key piece, the pair's
+    configs and its block call's operands."""
+    plan = steps.plan
+    start = _start(plan, index, steps.first + at, steps.direction)
+    for qc, kc, configs, offsets in steps.pairs():
+        q_off = jnp.asarray(np.array(qc.offsets, np.int32))[index]
+        k_off = jnp.asarray(offsets)[at, index]
+        yield qc, kc, configs, _pair(plan, qc, kc, q_off, k_off, local, visiting, start)
+
+
+def _loop(count, body, carry):
+    """``body(at, carry)`` for ``at`` in ``range(count)``, rolled (one
+    iteration's buffers, reused), or inlined for a single step."""
+    if count == 1:
+        return body(0, carry)
+    return lax.fori_loop(0, count, body, carry)
+
+
 # -- The forward pass ----------------------------------------------------------
 
 
@@ -459,33 +515,58 @@ def _empty_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
     return jnp.zeros_like(q), lse
 
 
+def _forward_step(steps, at, index, local, visiting, state):
+    """``state`` (per query chunk, the running ``(o, lse)``) merged with one
+    step's pairs."""
+    acc = xla._acc(local[0])
+    state = list(state)
+    starts = [qc.start for qc in _chunks(steps.plan, steps.plan.t)]
+    for qc, _, configs, operands in _step_pairs(steps, at, index, local, visiting):
+        o, lse = _switch(configs, "forward", operands, at, index)
+        a = starts.index(qc.start)
+        state[a] = _merge(*state[a], o.astype(acc), lse)
+    return tuple(state)
+
+
 def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
-    """``(out [B, T, N, H], lse [B, K, G, T])`` of the local queries."""
+    """``(out [B, T, N, H], lse [B, K, G, T])`` of the local queries.
+
+    The steps run in a loop (``lax.fori_loop``) whose carry holds the
+    visiting K/V and the running ``(o, lse)`` per query chunk: one step's
+    buffers, reused, whatever the number of devices. Ring: each iteration
+    sends the visiting K/V on before its compute; the last step, which sends
+    nothing, runs after the loop. All-gather: each iteration takes one
+    device's slice of the gathered K/V.
+    """
+    n = plan.size
     index = lax.axis_index(plan.axis_name)
     acc = xla._acc(q)
-    q_chunks = _chunks(plan, plan.t)
     bias_l = _whole_keys(plan, bias, plan.bias_keys)
     mask_l = _whole_keys(plan, mask, plan.mask_keys)
     local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
-    visiting = _visiting(plan, k, v, kv_seg, bias, mask, 1)
-    state = [None] * len(q_chunks)
-    pieces = _kv_pieces(plan)
-    for st, start in enumerate(_sources(plan, index, 1)):
-        following = None
-        if plan.mode == "ring" and st < plan.size - 1:
-            following = _send(plan, visiting, 1)  # issued before the step's compute
-        for a, qc in enumerate(q_chunks):
-            for kc in pieces[st]:
-                operands = _pair(plan, qc, kc, index, local, visiting, start)
-                o, lse = _switch(
-                    _pair_configs(plan, qc, kc),
-                    "forward",
-                    operands,
-                    index,
-                )
-                o = o.astype(acc)
-                state[a] = (o, lse) if state[a] is None else _merge(*state[a], o, lse)
-        visiting = following
+    travelling = _travelling(plan, k, v, kv_seg, bias, mask)
+    arrays = (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, index)
+    state = tuple(
+        _empty_forward(_rows(q, qc), k, v, None, None, None, None, None, None)
+        for qc in _chunks(plan, plan.t)
+    )
+    state = varying_like(tuple((o.astype(acc), lse) for o, lse in state), *arrays)
+    if plan.mode == "ring":
+        steps = _Steps(plan, 0, n - 1, 1)
+
+        def body(at, carry):
+            visiting, state = carry
+            following = _send(plan, visiting, 1)  # issued before the compute
+            return following, _forward_step(steps, at, index, local, visiting, state)
+
+        if n > 1:
+            travelling, state = _loop(n - 1, body, (travelling, state))
+        state = _forward_step(
+            _Steps(plan, n - 1, 1, 1), 0, index, local, travelling, state
+        )
+    else:
+        visiting = _gathered(plan, travelling, 1)
+        state = _forward_step(_Steps(plan, 0, 1, 1), 0, index, local, visiting, state)
     if sinks is not None:
         state = [_add_sink(o, lse, sinks) for o, lse in state]
     out = jnp.concatenate([o for o, _ in state], axis=1).astype(q.dtype)
@@ -531,79 +612,98 @@ def _pair_backward(
     return _block_backward(config, res, g)
 
 
+def _backward_step(steps, at, index, local, visiting, seen, moving, d_q, d_bias):
+    """One step's gradients added in: ``moving`` (dK, dV and the split bias's
+    gradient of the visiting keys), ``d_q`` and ``d_bias`` (the bias's
+    gradient when its key axis is not split). ``seen`` is ``(out, lse,
+    d_out)`` of the local queries."""
+    plan = steps.plan
+    out, lse, d_out = seen
+    start = _start(plan, index, steps.first + at, steps.direction)
+    dk, dv, db = moving
+    for qc, kc, configs, operands in _step_pairs(steps, at, index, local, visiting):
+        o_c = _rows(out, qc)
+        lse_c = lax.slice_in_dim(lse, qc.start, qc.start + qc.size, axis=3)
+        g_c = _rows(d_out, qc)
+        dq_p, dk_p, dv_p, dbias_p = _switch(
+            configs, "backward", operands + (o_c, lse_c, g_c), at, index
+        )
+        d_q = _add_rows(d_q, dq_p, qc.start)
+        dk = _add_rows(dk, dk_p, kc.start)
+        dv = _add_rows(dv, dv_p, kc.start)
+        if plan.bias_keys == "split":
+            db = _add_at(db, dbias_p, qc.start, kc.start)
+        elif d_bias is not None:
+            col = kc.start + start if plan.bias_keys == "whole" else None
+            d_bias = _add_at(d_bias, dbias_p, qc.start, col)
+    return (dk, dv, db), d_q, d_bias
+
+
 # P = exp(s - L) and D = rowsum(dO * O) from the global O and L: each pair's
 # block backward is its key piece's share. dsink = -sum_rows e^(sink - L) D.
 def backward(plan, res, d_out):
-    """The cotangents of ``(q, k, v, bias, sinks)``."""
+    """The cotangents of ``(q, k, v, bias, sinks)``.
+
+    A loop over the steps, as the forward pass's. Ring: the ring runs the
+    other way round (its permutes then differ from the forward pass's, which
+    XLA would otherwise merge with these when it compiles both together,
+    keeping K/V alive from one pass to the other); each iteration sends the
+    visiting K/V on before its compute, and dK/dV (and the split bias's
+    gradient) after it, the n-th send bringing them home. All-gather: dK/dV
+    of every device's keys add up here and are reduce-scattered at the end.
+    """
     q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, out, lse = res
+    n = plan.size
     index = lax.axis_index(plan.axis_name)
     acc = xla._acc(q)
-    q_chunks = _chunks(plan, plan.t)
     bias_l = _whole_keys(plan, bias, plan.bias_keys)
     mask_l = _whole_keys(plan, mask, plan.mask_keys)
     local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
-    # The ring runs the other way round: the forward pass's permutes are then
-    # not the same computation, which XLA would merge with these (CSE) when
-    # it compiles both together, keeping every step's K/V alive from the
-    # forward pass to the backward (the whole sequence's, on every device).
-    # (An optimization barrier does not stop it: XLA:CPU removes it first.)
-    visiting = _visiting(plan, k, v, kv_seg, bias, mask, -1)
-    d_q = jnp.zeros_like(q, acc)
+    seen = (out, lse, d_out)
+    travelling = _travelling(plan, k, v, kv_seg, bias, mask)
+    arrays = (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, out, lse, d_out)
+    arrays += (index,)
+    split = plan.bias_keys == "split"
     # The bias's gradient stays here unless its key axis is split (then it
     # travels, or is reduce-scattered, with dK and dV).
-    split = plan.bias_keys == "split"
     d_bias = None if bias is None or split else jnp.zeros_like(bias_l, acc)
-    bias_v = visiting[3]
-    # dK, dV (and the split bias's gradient) of the visiting keys.
-    moving = (
-        jnp.zeros_like(visiting[0], acc),
-        jnp.zeros_like(visiting[1], acc),
-        None if bias_v is None else jnp.zeros_like(bias_v, acc),
-    )
-    pieces = _kv_pieces(plan, -1)
-    for st, start in enumerate(_sources(plan, index, -1)):
-        following = None
-        if plan.mode == "ring" and st < plan.size - 1:
+    d_q = jnp.zeros_like(q, acc)
+    moving = (k, v, travelling[3])
+    if plan.mode == "ring":
+        moving = tuple(None if x is None else jnp.zeros_like(x, acc) for x in moving)
+        carry = varying_like((moving, d_q, d_bias), *arrays)
+        steps = _Steps(plan, 0, n - 1, -1)
+
+        def body(at, carry):
+            visiting, *grads = carry
             following = _send(plan, visiting, -1)
-        parts = moving
-        for qc in q_chunks:
-            o_c = _rows(out, qc)
-            lse_c = lax.slice_in_dim(lse, qc.start, qc.start + qc.size, axis=3)
-            g_c = _rows(d_out, qc)
-            for kc in pieces[st]:
-                operands = _pair(plan, qc, kc, index, local, visiting, start)
-                dq_p, dk_p, dv_p, dbias_p = _switch(
-                    _pair_configs(plan, qc, kc),
-                    "backward",
-                    operands + (o_c, lse_c, g_c),
-                    index,
-                )
-                d_q = _add_rows(d_q, dq_p, qc.start)
-                dk, dv, db = parts
-                dk = _add_rows(dk, dk_p, kc.start)
-                dv = _add_rows(dv, dv_p, kc.start)
-                if split:
-                    db = _add_at(db, dbias_p, qc.start, kc.start)
-                elif d_bias is not None:
-                    col = kc.start + start if plan.bias_keys == "whole" else None
-                    d_bias = _add_at(d_bias, dbias_p, qc.start, col)
-                parts = (dk, dv, db)
-        if plan.mode == "ring":
-            moving = _send(plan, parts, -1)  # the n-th permute brings them home
-        else:
-            moving = parts
-        visiting = following
-    d_k, d_v, d_bias_split = moving
-    if plan.mode == "all_gather":
-        d_k, d_v = _scatter_keys(plan, d_k, 1), _scatter_keys(plan, d_v, 1)
-        if split:
-            d_bias_split = _scatter_keys(plan, d_bias_split, 3)
+            moving, d_q, d_bias = _backward_step(
+                steps, at, index, local, visiting, seen, *grads
+            )
+            return following, _send(plan, moving, -1), d_q, d_bias
+
+        if n > 1:
+            travelling, *carry = _loop(n - 1, body, (travelling, *carry))
+        moving, d_q, d_bias = _backward_step(
+            _Steps(plan, n - 1, 1, -1), 0, index, local, travelling, seen, *carry
+        )
+        d_k, d_v, d_bias_split = _send(plan, moving, -1)  # home
+    else:
+        visiting = _gathered(plan, travelling, -1)
+        moving = (visiting[0], visiting[1], visiting[3])
+        moving = tuple(None if x is None else jnp.zeros_like(x, acc) for x in moving)
+        moving, d_q, d_bias = _backward_step(
+            _Steps(plan, 0, 1, -1), 0, index, local, visiting, seen, moving, d_q, d_bias
+        )
+        d_k, d_v = _scatter_keys(plan, moving[0], 1), _scatter_keys(plan, moving[1], 1)
+        d_bias_split = None if moving[2] is None else _scatter_keys(plan, moving[2], 3)
     if split:
         d_bias = d_bias_split
     elif d_bias is not None:
         d_bias = _whole_keys(plan, d_bias, plan.bias_keys, inverse=True)
     d_sinks = None
     if sinks is not None:
+        q_chunks = _chunks(plan, plan.t)
         d_sinks = _sinks_grad(q, sinks, q_len, out, lse, d_out, q_chunks, index)
     return (
         d_q.astype(q.dtype),

@@ -16,6 +16,50 @@ import os
 import sys
 
 
+def cp_collectives(text):
+    """Collectives of a compiled HLO module: ``{op: runs}`` where an op in a
+    while loop's body runs once per trip of the loop (nested loops multiply),
+    and ``{op + " in loops": written}``, those written in loop bodies."""
+    import re
+
+    ops = ("collective-permute", "all-gather", "reduce-scatter")
+    body_of, found = {}, {}  # computation -> [(called body, trips)]; ops
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(1)
+            body_of[current], found[current] = [], collections.Counter()
+            continue
+        if current is None:
+            continue
+        for op in ops:
+            if f" {op}(" in line or f" {op}-start(" in line:
+                found[current][op] += 1
+        for kind, callees in re.findall(
+            r"\b(body|to_apply|calls|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)",
+            line,
+        ):
+            trips = 1
+            if kind == "body":
+                trips = int(re.search(r'"known_trip_count":\{"n":"(\d+)"', line)[1])
+            for callee in re.findall(r"[\w.\-]+", callees):
+                body_of[current].append((callee, trips, kind == "body"))
+    counts = collections.Counter()
+
+    def visit(name, runs, looped):
+        for op, k in found[name].items():
+            counts[op] += runs * k
+            if looped:
+                counts[op + " in loops"] += k
+        for callee, trips, is_body in body_of[name]:
+            visit(callee, runs * trips, looped or is_body)
+
+    entry = re.search(r"^ENTRY %?([\w.\-]+)", text, re.M).group(1)
+    visit(entry, 1, False)
+    return dict(counts)
+
+
 def main():
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -110,12 +154,10 @@ def main():
             )
 
     def collectives(text):
-        found = collections.Counter()
-        for line in text.splitlines():
-            for op in ("collective-permute", "all-gather", "reduce-scatter"):
-                if f" {op}(" in line or f" {op}-start(" in line:
-                    found[op] += 1
-        return dict(found)
+        """Per collective op: how many times it runs, counting each one in a
+        while loop's body once per trip (XLA's known trip count), and how
+        many of those are written in loop bodies."""
+        return cp_collectives(text)
 
     wants = {}
     for name, case in cases.items():
@@ -361,10 +403,10 @@ def memory(report):
 
 
 def order(report):
-    """Where each ring step's collective-permute sits relative to that step's
-    block compute: in the unoptimized StableHLO (program order) and in the
-    scheduled, optimized HLO of the forward pass (4 devices, no mask, one
-    block loop per step)."""
+    """Where each ring step's collective-permutes sit relative to that step's
+    block compute, in the forward pass (4 devices, no mask): the ring's loop
+    body is one function, in the unoptimized StableHLO (program order) and
+    in the scheduled, optimized HLO, and its loop's trip count."""
     import re
 
     import jax
@@ -391,28 +433,45 @@ def order(report):
     shape = jax.ShapeDtypeStruct((1, 64, 2, 4), jnp.float32)
     lowered = f.lower(shape, shape, shape)
 
-    def positions(lines, permute, compute):
-        kinds = []
-        for line in lines:
-            if re.search(permute, line):
+    def with_permutes(text, head, permute, compute):
+        """The kinds ("permute", "compute") in program order in each function
+        of ``text`` that holds a permute, by the function's name."""
+        found, name, kinds = {}, None, []
+        for line in text.splitlines():
+            start = re.match(head, line)
+            if start:
+                name, kinds = start.group(1), []
+                found[name] = kinds
+            elif re.search(permute, line):
                 kinds.append("permute")
             elif re.search(compute, line):
                 kinds.append("compute")
-        return kinds
+        return {k: v for k, v in found.items() if "permute" in v}
 
-    # StableHLO: the shard_map body in program order (the block loops are
-    # func.calls of the body; K and V have one permute each per step).
-    text = lowered.as_text()
-    report["stablehlo"] = positions(
-        text.splitlines(),
-        r"stablehlo\.collective_permute|\bcollective_permute\b",
-        r"func\.call @(closed_call|_block|.*forward)",
+    # StableHLO: the ring's loop body is a func.call'd function: its permutes
+    # (K and V) come first, then its block loop (stablehlo.while).
+    report["stablehlo"] = list(
+        with_permutes(
+            lowered.as_text(),
+            r"^\s*func\.func \w+ @(\w+)",
+            r"stablehlo\.collective_permute",
+            r"stablehlo\.while",
+        ).values()
     )
     compiled = lowered.compile().as_text()
-    entry = compiled[compiled.index("ENTRY") :].splitlines()
-    report["scheduled"] = positions(
-        entry, r" collective-permute(-start)?\(", r" while\("
+    bodies = with_permutes(
+        compiled,
+        r"^%?([\w.\-]+) \(.*\{$",
+        r" collective-permute(-start)?\(",
+        r" while\(",
     )
+    report["scheduled"] = list(bodies.values())
+    report["trips"] = [
+        int(re.search(r'"known_trip_count":\{"n":"(\d+)"', line)[1])
+        for line in compiled.splitlines()
+        for body in bodies
+        if re.search(rf"body=%?{re.escape(body)}\b", line)
+    ]
     report["async"] = bool(re.search(r"collective-permute-(start|done)", compiled))
     print(report, flush=True)
 

@@ -36,14 +36,27 @@ def _report(part):
 
 
 def _check_counts(label, counts):
+    """The collectives of one run, as the ops run them: a ring step is one
+    iteration of a loop (n - 1 trips: the last step, which sends nothing
+    on, runs after it), so each array is written once in the loop body.
+
+    Ring, forward: n - 1 permutes of each array that travels with K/V, all
+    from one permute per array in the loop body. Backward: the ring again
+    (its loop body: one permute per travelling array and one per gradient
+    sent on), and n permutes of each gradient (the n-th, after the loop,
+    brings it home). On 2 devices the one-trip loops are inlined.
+    All-gather: one gather per array, the backward's one more, and one
+    reduce-scatter per gradient, no loop.
+    """
     case, mode, _, n = label.split("/")[:4]
     n = int(n)
     sent, returned = MOVED[case]
     if mode == "ring":
-        # Forward: n - 1 permutes per array; backward: the ring again, and n
-        # permutes of each gradient (the last brings it home).
         want = {"collective-permute": (n - 1) * sent}
         want_both = {"collective-permute": 2 * (n - 1) * sent + n * returned}
+        if n > 2:
+            want["collective-permute in loops"] = sent
+            want_both["collective-permute in loops"] = 2 * sent + returned
     else:
         want = {"all-gather": sent}
         want_both = {"all-gather": 2 * sent, "reduce-scatter": returned}
@@ -178,21 +191,15 @@ def test_context_parallel_composes_with_data_vocab_explicit_and_checkpoint():
 
 
 def test_ring_permute_issued_before_its_steps_compute():
-    # Program order (StableHLO): each step sends K and V on, then computes;
-    # the last step sends nothing. Scheduled by XLA:CPU: every step's permute
-    # still precedes that step's block loop. The CPU's permutes are
-    # synchronous (no -start/-done pair), so "awaited after the compute"
-    # cannot be seen here.
+    # The ring's steps are one loop body (n - 1 trips), in program order
+    # (StableHLO) and as XLA:CPU schedules it: the body sends K and V on,
+    # then computes its block loop. The CPU's permutes are synchronous (no
+    # -start/-done pair), so "awaited after the compute" cannot be seen here.
     report = _report("order")
     n = 4
-    step = ["permute", "permute", "compute"]
-    assert report["stablehlo"][: 3 * n - 2] == step * (n - 1) + ["compute"]
-    scheduled = report["scheduled"]
-    permutes = [i for i, kind in enumerate(scheduled) if kind == "permute"]
-    computes = [i for i, kind in enumerate(scheduled) if kind == "compute"]
-    assert len(permutes) == 2 * (n - 1) and len(computes) == n
-    for st in range(n - 1):
-        assert permutes[2 * st + 1] < computes[st], scheduled
+    for kinds in (report["stablehlo"], report["scheduled"]):
+        assert kinds == [["permute", "permute", "compute"]], report
+    assert report["trips"] == [n - 1]
     assert not report["async"]
 
 
@@ -204,18 +211,32 @@ def test_context_parallel_residuals_shrink_as_one_over_n(n):
         assert report[label]["residuals"] == report["1"]["residuals"] / n, label
 
 
+def _per_device(report, label):
+    return report[label]["temp"] + report[label]["residuals"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ring_temporaries_halve_when_the_devices_double(n):
+    # The ring's steps are a loop: one step's K/V and block buffers, reused,
+    # so temporaries plus residuals per device shrink as 1/n (T = 1024:
+    # ratios 0.52 and 0.53; the unrolled ring gave 0.89 and 0.86).
+    report = _report("memory")
+    got, doubled = (_per_device(report, f"ring/zigzag/{m}") for m in (n, 2 * n))
+    assert doubled <= 0.6 * got, doubled / got
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="the unrolled ring keeps every step's K/V and block buffers alive: "
-    "XLA:CPU hoists all permutes and defers the merges (bench/results/"
-    "context_parallel_cpu.md)",
+    reason="1/n, but with a larger constant: each step's pair calls copy the "
+    "visiting K/V, the local queries and their gradients into the block "
+    "path's layout (bench/results/context_parallel_cpu.md: 0.42-0.50 at "
+    "T = 32768 on 8 devices)",
 )
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_context_parallel_temporaries_shrink_as_one_over_n(n):
-    # Issue 20's target: temporaries plus residuals per device shrink as 1/n
-    # (here within 1.5/n of the one-device op's, at T = 1024).
+def test_ring_temporaries_within_issue_20_target(n):
+    # Issue 20's target: temporaries plus residuals per device within 1.5/n
+    # of the one-device op's (here at T = 1024). The all-gather mode holds
+    # all of K/V and their gradients by design, and is not held to it.
     report = _report("memory")
-    single = report["1"]["temp"] + report["1"]["residuals"]
-    for label in (f"ring/zigzag/{n}", f"all_gather/contiguous/{n}"):
-        got = report[label]["temp"] + report[label]["residuals"]
-        assert got <= 1.5 * single / n, (label, got / single)
+    got = _per_device(report, f"ring/zigzag/{n}") / _per_device(report, "1")
+    assert got <= 1.5 / n, got
