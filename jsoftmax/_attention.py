@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
 from jsoftmax import _context_parallel as cp
 from jsoftmax._checks import float_input, widen_8bit
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
-from jsoftmax._platform import by_platform
 
 _IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
 
@@ -206,8 +206,9 @@ def dot_product_attention(
         axis is 1, split with the keys (``[B, 1, 1, S]``, which then travels
         with K/V). Values, ``lse`` and gradients equal the unsharded op's, for
         every option above. Blocks that the causal mask or window hide across
-        devices are skipped. The XLA block path runs (``implementation``
-        ``None`` or ``"xla"``).
+        devices are skipped. Each pair runs the implementation the call
+        names: under ``None``, the Pallas kernels where the program is
+        lowered for CUDA, the XLA block path elsewhere.
       context_parallel: ``"ring"`` (default): ``n`` steps; each attends the
         local queries to the visiting K/V and merges the partial
         ``(o, L)``, ``L = log(e^L_a + e^L_b)``, ``o = e^(L_a - L) o_a +
@@ -289,12 +290,9 @@ def dot_product_attention(
             query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
             key_value_seq_lengths, local_window_size, lacking, return_residual,
         )  # fmt: skip
-    parallel = _parallel_options(
-        axis_name, context_parallel, context_layout, implementation
-    )
+    parallel = _parallel_options(axis_name, context_parallel, context_layout)
     if parallel is not None:
         scores, bias, mask = (bias, mask), None, None
-        implementation = "xla"
     args = _prepare(
         query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
         key_value_seq_lengths, local_window_size, query_segment_ids,
@@ -389,7 +387,7 @@ def _prepare(
     return _Prepared(tuple(arrays), config, out_shape, out_dtype)
 
 
-def _parallel_options(axis_name, mode, layout, implementation):
+def _parallel_options(axis_name, mode, layout):
     """``(axis_name, size, mode, layout)`` for a context-parallel call (checked),
     or None without ``axis_name``."""
     name = _NAME
@@ -410,11 +408,6 @@ def _parallel_options(axis_name, mode, layout, implementation):
             "parallelism runs inside jax.shard_map (or pmap / vmap with that axis "
             "name), over the axis that splits the sequence"
         ) from None
-    if implementation not in (None, "xla"):
-        raise ValueError(
-            f"{name}: axis_name (context parallelism) runs the XLA block path "
-            f"only, got implementation={implementation!r}; pass None or 'xla'"
-        )
     return axis_name, size, mode, layout
 
 
@@ -437,7 +430,7 @@ def _parallel_plan(args, bias, mask, axis_name, size, mode, layout):
     mask, mask_keys = _split_scores("mask", mask, (batch, heads, t, s), size, False)
     q, k, v, _, sinks, _, q_len, kv_len, q_seg, kv_seg = args.arrays
     (bias,) = varying_like((bias,), *args.arrays)
-    config = dataclasses.replace(args.config, implementation="xla")
+    config = args.config
     plan = cp.Plan(config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys)
     return (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg), plan
 
@@ -766,46 +759,6 @@ def _implementation(implementation, dtype, h, query_chunk_size, key_chunk_size):
     return "xla" if why is not None else "auto"
 
 
-def _on_platform(xla_fn, kernel_fn):
-    """``f(config, *args)``: the implementation ``config.implementation``
-    names, chosen by the platform the program is lowered for (not the
-    default backend), per platform even in a program lowered for several:
-    ``kernel_fn(*args, config=, interpret=False)`` for CUDA, and elsewhere
-    ``xla_fn(*args, config=)`` ("auto") or the kernels in interpret mode
-    ("pallas"). Its derivatives (forward mode, and second derivatives
-    through the backward pass) are ``xla_fn``'s, the same function: a Pallas
-    call has none. ``"xla"`` calls ``xla_fn`` itself."""
-
-    @partial(jax.custom_jvp, nondiff_argnums=(0,))
-    def run(config, *args):
-        kernel = partial(kernel_fn, config=config, interpret=False)
-        if config.implementation == "pallas":
-            default = partial(kernel_fn, config=config, interpret=True)
-        else:
-            default = partial(xla_fn, config=config)
-        return by_platform(args, cuda=kernel, default=default)
-
-    @run.defjvp
-    def run_jvp(config, primals, tangents):
-        _, d_out = jax.jvp(partial(xla_fn, config=config), primals, tangents)
-        return run(config, *primals), d_out
-
-    def call(config, *args):
-        if config.implementation == "xla":
-            return xla_fn(*args, config=config)
-        return run(config, *args)
-
-    return call
-
-
-def _xla_backward(res, d_out, config):
-    return xla.backward(config, res, d_out)
-
-
-_forward = _on_platform(xla.forward, pallas.forward)
-_backward = _on_platform(_xla_backward, pallas.backward)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _attention(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config):
     return _attention_fwd(
@@ -815,7 +768,7 @@ def _attention(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config)
 
 def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config):
     args = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
-    out, lse = _forward(config, *args)
+    out, lse = dispatch.forward(config, *args)
     return (out, lse), (*args, out, lse)
 
 
@@ -824,7 +777,7 @@ def _attention_fwd(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, con
 # (dS' = dS * (1 - tanh^2) under the soft cap);  dsink = -sum_rows e^(sink-L) D
 def _attention_bwd(config, res, cotangents):
     d_out = cotangents[0]  # lse is returned without gradient (stop_gradient)
-    grads = _backward(config, res, d_out)
+    grads = dispatch.backward(config, res, d_out)
     return tuple(grads) + (None,) * 5  # mask, lengths, segment ids
 
 

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_xla as xla
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
@@ -281,17 +282,19 @@ def _branch(kind, config):
     return run
 
 
-# -- The block step (one function for the XLA path and, later, a kernel) -------
+# -- The block step: the XLA path or the kernels, as the config names ----------
 
 
 def _block_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config):
-    """One pair's partial ``(o [B, T, N, H], lse [B, K, G, T])``, no sinks."""
-    return xla.forward(q, k, v, bias, None, mask, q_len, kv_len, q_seg, kv_seg, config)
+    """One pair's partial ``(o [B, T, N, H], lse [B, K, G, T])``, no sinks, by
+    the implementation the config names (the kernels on a CUDA GPU)."""
+    args = (q, k, v, bias, None, mask, q_len, kv_len, q_seg, kv_seg)
+    return dispatch.forward(config, *args)
 
 
 def _block_backward(config, res, d_out):
     """One pair's ``(dq, dk, dv, dbias)`` given the global ``out`` and ``lse``."""
-    return xla.backward(config, res, d_out)[:4]
+    return dispatch.backward(config, res, d_out)[:4]
 
 
 # -- Pieces of arrays ----------------------------------------------------------

@@ -1,0 +1,59 @@
+"""The block step of dot_product_attention on the implementation a call's
+config names: the XLA block path, or the Pallas kernels where the program is
+lowered for CUDA (interpret mode elsewhere under ``"pallas"``). The public
+function's rule and context parallelism's pairs both call it.
+
+``forward(config, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)``
+gives ``(out, lse)``; ``backward(config, res, d_out)`` the cotangents of q,
+k, v, bias and sinks (the contracts of ``_attention_xla``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+
+from jsoftmax import _attention_pallas as pallas
+from jsoftmax import _attention_xla as xla
+from jsoftmax._platform import by_platform
+
+
+def _on_platform(xla_fn, kernel_fn):
+    """``f(config, *args)``: the implementation ``config.implementation``
+    names, chosen by the platform the program is lowered for (not the
+    default backend), per platform even in a program lowered for several:
+    ``kernel_fn(*args, config=, interpret=False)`` for CUDA, and elsewhere
+    ``xla_fn(*args, config=)`` ("auto") or the kernels in interpret mode
+    ("pallas"). Its derivatives (forward mode, and second derivatives
+    through the backward pass) are ``xla_fn``'s, the same function: a Pallas
+    call has none. ``"xla"`` calls ``xla_fn`` itself."""
+
+    @partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def run(config, *args):
+        kernel = partial(kernel_fn, config=config, interpret=False)
+        if config.implementation == "pallas":
+            default = partial(kernel_fn, config=config, interpret=True)
+        else:
+            default = partial(xla_fn, config=config)
+        return by_platform(args, cuda=kernel, default=default)
+
+    @run.defjvp
+    def run_jvp(config, primals, tangents):
+        _, d_out = jax.jvp(partial(xla_fn, config=config), primals, tangents)
+        return run(config, *primals), d_out
+
+    def call(config, *args):
+        if config.implementation == "xla":
+            return xla_fn(*args, config=config)
+        return run(config, *args)
+
+    return call
+
+
+def _xla_backward(res, d_out, config):
+    return xla.backward(config, res, d_out)
+
+
+forward = _on_platform(xla.forward, pallas.forward)
+backward = _on_platform(_xla_backward, pallas.backward)
