@@ -789,28 +789,11 @@ def _attention_tangent(statics, res, t_leaves):
     the residuals (which hold all its inputs): no second hand-written
     derivative, and cheaper than transposing ``_attention_bwd``, whose scans
     would save every block's intermediates. It is the XLA path's forward
-    whichever implementation the call runs (Pallas calls have no JVP).
-    Tangents flow from q, k, v, bias and sinks, as in the backward pass;
-    ``lse`` has none there (its cotangent is ignored), so none here."""
+    whichever implementation the call runs (Pallas calls have no JVP)."""
     (config,) = statics
-    *args, _, lse = res
-    # The float input leaves, in order (None arguments are no leaves).
-    floats = [
-        i
-        for i, a in enumerate(args)
-        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
-    ]
-    moved = [i for i in floats if i < 5]  # q, k, v, bias, sinks
-    t_moved = [t for i, t in zip(floats, t_leaves, strict=True) if i < 5]
-
-    def forward(*xs):
-        full = list(args)
-        for i, x in zip(moved, xs, strict=True):
-            full[i] = x
-        return xla.forward(*full, config)[0]
-
-    _, d_out = jax.jvp(forward, [args[i] for i in moved], t_moved)
-    return [d_out, jnp.zeros(lse.shape, lse.dtype)]
+    return dispatch.recomputed_tangent(
+        lambda *args: xla.forward(*args, config)[0], res, t_leaves
+    )
 
 
 _attention_forward_mode = _with_forward_mode(_attention, tangent=_attention_tangent)

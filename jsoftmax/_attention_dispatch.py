@@ -13,6 +13,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
@@ -57,3 +58,29 @@ def _xla_backward(res, d_out, config):
 
 forward = _on_platform(xla.forward, pallas.forward)
 backward = _on_platform(_xla_backward, pallas.backward)
+
+
+def recomputed_tangent(forward_output, res, t_leaves):
+    """The output's tangent (and a zero one for ``lse``) in a forward-mode
+    rule: ``jax.jvp`` of ``forward_output(*args)`` at the rule's inputs,
+    which its residuals hold ahead of ``(out, lse)``. Tangents flow from q,
+    k, v, bias and sinks, as cotangents do in the backward pass; ``lse`` has
+    none there (its cotangent is ignored), so none here."""
+    *args, _, lse = res
+    # The float input leaves, in order (None arguments are no leaves).
+    floats = [
+        i
+        for i, a in enumerate(args)
+        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    moved = [i for i in floats if i < 5]  # q, k, v, bias, sinks
+    t_moved = [t for i, t in zip(floats, t_leaves, strict=True) if i < 5]
+
+    def output(*xs):
+        full = list(args)
+        for i, x in zip(moved, xs, strict=True):
+            full[i] = x
+        return forward_output(*full)
+
+    _, d_out = jax.jvp(output, [args[i] for i in moved], t_moved)
+    return [d_out, jnp.zeros(lse.shape, lse.dtype)]

@@ -766,25 +766,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _attention_tangent(statics, res, t_leaves):
     """Forward mode: ``jax.jvp`` of the forward pass recomputed from the
-    residuals (as the single-device rule's); ``lse`` has no tangent."""
+    residuals, as the single-device rule's."""
     (plan,) = statics
-    *args, _, lse = res
-    floats = [
-        i
-        for i, a in enumerate(args)
-        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
-    ]
-    moved = [i for i in floats if i < 5]  # q, k, v, bias, sinks
-    t_moved = [t for i, t in zip(floats, t_leaves, strict=True) if i < 5]
-
-    def fwd(*xs):
-        full = list(args)
-        for i, x in zip(moved, xs, strict=True):
-            full[i] = x
-        return forward(plan, *full)[0]
-
-    _, d_out = jax.jvp(fwd, [args[i] for i in moved], t_moved)
-    return [d_out, jnp.zeros(lse.shape, lse.dtype)]
+    return dispatch.recomputed_tangent(
+        lambda *args: forward(plan, *args)[0], res, t_leaves
+    )
 
 
 attention = _with_forward_mode(_attention, tangent=_attention_tangent)
