@@ -44,6 +44,10 @@ class _Config:
     # Measured alternatives (bench/attention.py --precision), not public:
     exact_delta: bool = False  # D = rowsum(P * dP), a pre-pass (_exact_delta)
     static_trips: bool = True  # False: while loops over traced block bounds
+    # Context parallelism's pairs: o, dq, dk, dv and the bias's gradient in
+    # the accumulation dtype (float32 for 16-bit inputs), so that the pairs'
+    # partials are merged and summed before the one rounding to the inputs'.
+    partials: bool = False
 
 
 def dot_product_attention(
@@ -431,6 +435,7 @@ def _parallel_plan(args, bias, mask, axis_name, size, mode, layout):
     q, k, v, _, sinks, _, q_len, kv_len, q_seg, kv_seg = args.arrays
     (bias,) = varying_like((bias,), *args.arrays)
     config = args.config
+    config = dataclasses.replace(config, partials=True)
     plan = cp.Plan(config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys)
     return (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg), plan
 

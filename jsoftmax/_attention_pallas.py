@@ -133,6 +133,12 @@ def _out(shape, dtype, like):
 _SDS_PARAMETERS = inspect.signature(jax.ShapeDtypeStruct).parameters
 
 
+def _dtype(x, config):
+    """An output's dtype: ``x``'s, or float32 for context parallelism's
+    partials (``config.partials``)."""
+    return jnp.float32 if config.partials else x.dtype
+
+
 def _warps(h):
     return 4 if h <= 64 else 8
 
@@ -313,7 +319,7 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config,
             pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
         ],
         out_shape=[
-            _out(call.q.shape, q.dtype, call.q),
+            _out(call.q.shape, _dtype(q, config), call.q),
             _out((batch, n, tp), jnp.float32, call.q),
         ],
         compiler_params=_compiler_params(hp),
@@ -389,7 +395,7 @@ def _dkv(call, rows, config, interpret):
         grid=(batch, kh, call.sp // bk),
         in_specs=specs,
         out_specs=[block, block],
-        out_shape=[_out(call.k.shape, call.k.dtype, call.q)] * 2,
+        out_shape=[_out(call.k.shape, _dtype(call.k, config), call.q)] * 2,
         compiler_params=_compiler_params(hp),
         interpret=interpret,
         name="jsoftmax_attention_dkv",
@@ -454,7 +460,7 @@ def _dq(call, rows, with_bias, config, interpret):
             else pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
         )
     out_specs = [pl.BlockSpec((None, bq, None, hp), lambda b, h, i: (b, i, h, 0))]
-    out_shape = [_out(call.q.shape, call.q.dtype, call.q)]
+    out_shape = [_out(call.q.shape, _dtype(call.q, config), call.q)]
     out_names = ("dq",)
     if with_bias:
         # dS of every (query, key) pair, summed by the caller to the bias's
@@ -506,7 +512,8 @@ def backward(res, d_out, config, interpret=False):
     if bias is not None:
         d_scores = outs[1][:, :, :t, :s]
         axes = tuple(a for a in range(4) if bias.shape[a] == 1)
-        d_bias = jnp.sum(d_scores, axis=axes, keepdims=True).astype(bias.dtype)
+        d_bias = jnp.sum(d_scores, axis=axes, keepdims=True)
+        d_bias = d_bias if config.partials else d_bias.astype(bias.dtype)
     d_sinks = None
     if sinks is not None:
         weights = xla.sink_grad(sinks.astype(jnp.float32)[:, None], lse, delta)

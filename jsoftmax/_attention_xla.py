@@ -367,7 +367,7 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config):
         if sinks is not None:
             sink = reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
         o, lse = finish_rows(m, total, o, sink)
-        return None, (o.astype(q.dtype), lse)
+        return None, (o.astype(acc if config.partials else q.dtype), lse)
 
     xs = (jnp.arange(nq, dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
     _, (o, lse) = lax.scan(query_block, None, xs)
@@ -550,20 +550,17 @@ def backward(config, res, d_out):
     d_k, d_v = d_k[:, :s], d_v[:, :s]
     if d_bias is not None:
         d_bias = d_bias[:, :, :, : bias.shape[2], : bias.shape[3]]
-        d_bias = d_bias.reshape(bias.shape).astype(bias.dtype)
+        d_bias = d_bias.reshape(bias.shape)
+        d_bias = d_bias if config.partials else d_bias.astype(bias.dtype)
     d_sinks = None
     if sinks is not None:
         sink = reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
         d_sink = jnp.sum(sink_grad(sink, lse, delta), axis=(0, 3))
         d_sinks = reshape(d_sink, (n,), sinks, (0,))
         d_sinks = d_sinks.astype(sinks.dtype)
-    return (
-        d_q.astype(q.dtype),
-        d_k.astype(k.dtype),
-        d_v.astype(v.dtype),
-        d_bias,
-        d_sinks,
-    )
+    if not config.partials:
+        d_q, d_k, d_v = d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+    return d_q, d_k, d_v, d_bias, d_sinks
 
 
 def _add_block(d_bias, ds, i0, j0, config):

@@ -287,7 +287,10 @@ def _branch(kind, config):
 
 def _block_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config):
     """One pair's partial ``(o [B, T, N, H], lse [B, K, G, T])``, no sinks, by
-    the implementation the config names (the kernels on a CUDA GPU)."""
+    the implementation the config names (the kernels on a CUDA GPU). The
+    plan's config asks for partials (``o`` here, the gradients in
+    :func:`_block_backward`) in the accumulation dtype: 16-bit inputs are
+    rounded once, after the pairs are merged, not once per pair."""
     args = (q, k, v, bias, None, mask, q_len, kv_len, q_seg, kv_seg)
     return dispatch.forward(config, *args)
 
@@ -515,7 +518,7 @@ def _empty_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
     kh = k.shape[2]
     acc = xla._acc(q)
     lse = jnp.full((b, kh, n // kh, t), -jnp.inf, acc)
-    return jnp.zeros_like(q), lse
+    return jnp.zeros_like(q, acc), lse
 
 
 def _forward_step(steps, at, index, local, visiting, state):
@@ -600,11 +603,12 @@ def _add_rows(total, part, start):
 
 
 def _empty_backward(q, k, v, bias, *_):
+    acc = xla._acc(q)
     return (
-        jnp.zeros_like(q),
-        jnp.zeros_like(k),
-        jnp.zeros_like(v),
-        None if bias is None else jnp.zeros_like(bias),
+        jnp.zeros_like(q, acc),
+        jnp.zeros_like(k, acc),
+        jnp.zeros_like(v, acc),
+        None if bias is None else jnp.zeros_like(bias, acc),
     )
 
 

@@ -10,6 +10,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -241,13 +242,43 @@ def test_ring_temporaries_within_issue_20_target(n):
     assert got <= 1.5 / n, got
 
 
+def _over_vmap_axis(n, mode, layout, **options):
+    """dot_product_attention(q, k, v, **options) with the sequence split over
+    ``n`` entries of a vmap axis named "c" (ppermute and all_gather work over
+    it, so no host devices are needed), taking and returning whole arrays."""
+
+    def split(x):  # [B, T, ...] -> [n, B, T / n, ...] in the layout
+        x = jsoftmax.to_zigzag(x, n) if layout == "zigzag" else x
+        b, t = x.shape[:2]
+        return jnp.moveaxis(x.reshape(b, n, t // n, *x.shape[2:]), 1, 0)
+
+    def join(x):
+        x = jnp.moveaxis(x, 0, 1)
+        x = x.reshape(x.shape[0], -1, *x.shape[3:])
+        return jsoftmax.from_zigzag(x, n) if layout == "zigzag" else x
+
+    def local(q, k, v):
+        return jsoftmax.dot_product_attention(
+            q, k, v, axis_name="c", context_parallel=mode, context_layout=layout,
+            **options,
+        )  # fmt: skip
+
+    def sharded(q, k, v):
+        return join(jax.vmap(local, axis_name="c")(split(q), split(k), split(v)))
+
+    return sharded
+
+
+def _vjp(f, q, k, v, ct):
+    out, pull = jax.vjp(f, q, k, v)
+    return [out, *pull(ct)]
+
+
 @pytest.mark.parametrize("mode", ["ring", "all_gather"])
 def test_pallas_kernels_run_each_pair(mode):
     # implementation="pallas" (interpret mode on this CPU) runs every pair's
     # block step in the kernels, with their bands shifted by the pair's
-    # offset: equal to the unsharded XLA path, values and gradients. The
-    # axis is a vmap axis (ppermute and all_gather work over it), so the
-    # test needs no host devices.
+    # offset: equal to the unsharded XLA path, values and gradients.
     n, b, t, heads, h = 2, 1, 64, 2, 16
     q, k, v, ct = (
         jax.random.normal(key, (b, t, heads, h))
@@ -255,33 +286,110 @@ def test_pallas_kernels_run_each_pair(mode):
     )
     opts = dict(is_causal=True, local_window_size=(40, 0), query_chunk_size=16,
                 key_chunk_size=16)  # fmt: skip
-
-    def split(x):  # [B, T, ...] -> [n, B, T / n, ...], zigzag
-        x = jsoftmax.to_zigzag(x, n)
-        return jnp.moveaxis(x.reshape(b, n, t // n, *x.shape[2:]), 1, 0)
-
-    def join(x):
-        x = jnp.moveaxis(x, 0, 1).reshape(b, t, *x.shape[3:])
-        return jsoftmax.from_zigzag(x, n)
-
-    def sharded(q, k, v):
-        def local(q, k, v):
-            return jsoftmax.dot_product_attention(
-                q, k, v, axis_name="c", context_parallel=mode,
-                context_layout="zigzag", implementation="pallas", **opts,
-            )  # fmt: skip
-
-        return join(jax.vmap(local, axis_name="c")(split(q), split(k), split(v)))
+    sharded = _over_vmap_axis(n, mode, "zigzag", implementation="pallas", **opts)
 
     def unsharded(q, k, v):
         return jsoftmax.dot_product_attention(q, k, v, implementation="xla", **opts)
 
-    def value_and_grads(f):
-        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * ct), (0, 1, 2)))(
-            q, k, v
-        )
-
-    got, want = value_and_grads(sharded), value_and_grads(unsharded)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    got, want = (jax.jit(partial(_vjp, f))(q, k, v, ct) for f in (sharded, unsharded))
+    for g, w in zip(got, want, strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
+
+
+# (axis size, mode, layout, dtype, is_causal)
+LOW_PRECISION = [
+    (2, "ring", "contiguous", jnp.bfloat16, True),
+    (4, "ring", "zigzag", jnp.bfloat16, True),
+    (8, "ring", "contiguous", jnp.bfloat16, False),
+    (4, "all_gather", "zigzag", jnp.float16, True),
+]
+
+
+def _rms_error_ratios(n, mode, layout, dtype, causal):
+    """Per output (out, dq, dk, dv): the RMS error against float32 of the
+    context-parallel op over that of the one-device op, both on the same
+    16-bit inputs (the float32 reference takes those inputs, widened)."""
+    q, k, v, ct = (
+        jax.random.normal(key, (1, 256, 4, 32)).astype(dtype)
+        for key in jax.random.split(jax.random.key(1), 4)
+    )
+    opts = dict(is_causal=causal, query_chunk_size=32, key_chunk_size=32)
+
+    def single(q, k, v):
+        return jsoftmax.dot_product_attention(q, k, v, **opts)
+
+    sharded = _over_vmap_axis(n, mode, layout, **opts)
+    wide = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    exact = jax.jit(partial(_vjp, single))(*wide)
+
+    def rms_error(f):
+        got = jax.jit(partial(_vjp, f))(q, k, v, ct)
+        return np.array([
+            float(jnp.sqrt(jnp.mean((g.astype(jnp.float32) - w) ** 2) / jnp.mean(w**2)))
+            for g, w in zip(got, exact, strict=True)
+        ])  # fmt: skip
+
+    return rms_error(sharded) / rms_error(single)
+
+
+@pytest.mark.parametrize("case", LOW_PRECISION)
+def test_16bit_inputs_rounded_once_as_on_one_device(case):
+    # The pairs' partial outputs and gradients stay in float32 and are
+    # rounded to the inputs' dtype once, after merging: the error against
+    # float32 is the one-device op's (measured ratios 0.91-1.00; rounding
+    # each pair's partials gives 1.05-1.28, caught below).
+    ratios = _rms_error_ratios(*case)
+    assert ratios.max() <= 1.03, ratios
+
+
+def test_16bit_check_catches_rounding_each_pair(monkeypatch):
+    # The same check, with each pair's partials rounded to the inputs' dtype
+    # (what the pairs returned before they returned float32): it fails.
+    from jsoftmax import _context_parallel as cp
+
+    forward, backward = cp._block_forward, cp._block_backward
+
+    def rounded(x, like):
+        return None if x is None else x.astype(like.dtype).astype(x.dtype)
+
+    def forward_rounded(*args, config):
+        out, lse = forward(*args, config=config)
+        return rounded(out, args[0]), lse
+
+    def backward_rounded(config, res, d_out):
+        grads = backward(config, res, d_out)
+        return tuple(rounded(g, x) for g, x in zip(grads, res[:4], strict=True))
+
+    monkeypatch.setattr(cp, "_block_forward", forward_rounded)
+    monkeypatch.setattr(cp, "_block_backward", backward_rounded)
+    cp._branch.cache_clear()  # its pair calls are made from these names
+    try:
+        for case in LOW_PRECISION[:2]:
+            assert _rms_error_ratios(*case).max() > 1.03, case
+    finally:
+        cp._branch.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+def test_pairs_lower_to_the_kernels_for_cuda(mode):
+    # implementation=None lowered for CUDA from this CPU: every pair's block
+    # step is the Triton kernels, with their float32 partial outputs (16-bit
+    # inputs), forward and backward.
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    sharded = _over_vmap_axis(2, mode, "zigzag", is_causal=True)
+
+    def loss(q, k, v):
+        return jnp.sum(sharded(q, k, v).astype(jnp.float32))
+
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, (0, 1, 2))),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+    )(q, q, q)
+    text = exported.mlir_module()
+    # The three kernels (forward, dK/dV, dQ), each called by the pairs' steps.
+    for kernel in ("forward", "dkv", "dq"):
+        assert f"jsoftmax_attention_{kernel}" in text, kernel
+    assert text.count(triton) >= 3
