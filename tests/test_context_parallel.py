@@ -395,3 +395,31 @@ def test_pairs_lower_to_the_kernels_for_cuda(mode):
     for kernel in ("forward", "dkv", "dq"):
         assert f"jsoftmax_attention_{kernel}" in text, kernel
     assert text.count(triton) >= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_gpu_pairs_in_the_kernels_equal_the_unsharded_op(mode, layout):
+    # On a CUDA GPU, implementation=None runs every pair's block step in the
+    # kernels (their default blocks), with the bands shifted per pair: values
+    # and gradients equal the unsharded XLA path's in float32, and in
+    # bfloat16 the error against float32 is the unsharded kernels' (the
+    # partials stay in float32).
+    n, b, t, heads, h = 4, 2, 1024, 4, 64
+    q, k, v, ct = (
+        jax.random.normal(key, (b, t, heads, h))
+        for key in jax.random.split(jax.random.key(5), 4)
+    )
+    opts = dict(is_causal=True, local_window_size=(300, 0))
+    sharded = _over_vmap_axis(n, mode, layout, **opts)
+
+    def unsharded(q, k, v):
+        return jsoftmax.dot_product_attention(q, k, v, implementation="xla", **opts)
+
+    got, want = (jax.jit(partial(_vjp, f))(q, k, v, ct) for f in (sharded, unsharded))
+    for g, w in zip(got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
+    ratios = _rms_error_ratios(n, mode, layout, jnp.bfloat16, True)
+    assert ratios.max() <= 1.03, ratios
