@@ -110,7 +110,7 @@ else  # never install into the Python of the machine a smoke run is tried on
 fi
 # Only where the fallback ran: /tmp/site then holds the carried wheels.
 [ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
-step pytest-gpu 90 "$PY" -m pytest -q -rfEs -m gpu -p no:cacheprovider -n 0 tests/
+step pytest-gpu 120 "$PY" -m pytest -q -rfEs -m gpu -p no:cacheprovider -n 0 tests/
 step attention-targets 215 "$PY" bench/attention.py --gpu-targets --budget-s 185 $QUICK --out "$RESULTS"
 step losses 100 "$PY" bench/losses.py --gpu --budget-s 80 $QUICK --out "$RESULTS"
 step attention-blocks 60 "$PY" bench/attention.py --gpu-blocks --budget-s 40 $QUICK --out "$RESULTS"
