@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from closeness import assert_close
 from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
@@ -22,20 +23,6 @@ B, H = 2, 8
 CHUNKS = dict(query_chunk_size=8, key_chunk_size=16)
 # Relative tolerances (error / largest reference entry) for float32.
 VALUE_RTOL, GRAD_RTOL = 1e-5, 2e-5
-
-
-def assert_close(got, want, rtol, what=""):
-    """Every leaf of ``got`` is finite and within ``rtol`` of ``want``,
-    relative to the largest entry of the reference leaf."""
-    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
-    assert len(got_leaves) == len(want_leaves), what
-    for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
-        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        assert g.shape == w.shape, (what, i, g.shape, w.shape)
-        assert np.isfinite(g).all(), f"{what} leaf {i}: not finite"
-        scale = max(float(np.max(np.abs(w), initial=0.0)), 1e-30)
-        err = float(np.max(np.abs(g - w), initial=0.0)) / scale
-        assert err <= rtol, f"{what} leaf {i}: relative error {err:.3g} > {rtol:.3g}"
 
 
 def _data(t, s, n, k, seed=0, dtype=jnp.float32, batch=B):
@@ -1156,3 +1143,12 @@ def test_while_loop_variant_gives_the_same_values_and_gradients():
     got, want = grads(_with_config(static_trips=False)), grads(_with_config())
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+def test_assert_close_catches_a_slightly_wrong_answer():
+    want = np.linspace(-2.0, 3.0, 50)
+    assert_close(want * (1 + 5e-6), want, 1e-5)
+    with pytest.raises(AssertionError):
+        assert_close(want * (1 + 2e-5), want, 1e-5)
+    with pytest.raises(AssertionError):
+        assert_close(np.where(want > 2.9, np.nan, want), want, 1e-5)

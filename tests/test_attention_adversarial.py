@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from closeness import assert_close
 from jax.sharding import PartitionSpec as P
 
 import jsoftmax
@@ -16,6 +17,8 @@ from jsoftmax import _attention_pallas
 
 TRITON = "__gpu$xla.gpu.triton"
 CHUNKS = dict(query_chunk_size=16, key_chunk_size=16)
+# The kernels against the XLA path, relative to the largest reference entry.
+RTOL = 2e-5
 
 
 def _arrays(b, t, s, n, k_heads, h, dtype=jnp.float32, seed=0):
@@ -35,22 +38,6 @@ def _value_and_grads(implementation, q, k, v, ct, **options):
         q, k, v
     )
     return out, grads
-
-
-def _assert_close(got, want, rtol=2e-5, common_scale=False):
-    """Within ``rtol`` of each reference leaf's largest entry, or with
-    ``common_scale`` of the largest entry of all leaves (for leaves that are
-    0 in exact arithmetic, where both sides are rounding noise)."""
-    want_leaves = [np.asarray(w, np.float64) for w in jax.tree.leaves(want)]
-    common = max(float(np.max(np.abs(w), initial=0.0)) for w in want_leaves)
-    for g, w in zip(jax.tree.leaves(got), want_leaves, strict=True):
-        g = np.asarray(g, np.float64)
-        assert g.shape == w.shape
-        assert np.isfinite(g).all(), "not finite"
-        scale = common if common_scale else float(np.max(np.abs(w), initial=0.0))
-        scale = max(scale, 1e-30)
-        err = float(np.max(np.abs(g - w), initial=0.0)) / scale
-        assert err <= rtol, f"relative error {err:.3g}"
 
 
 def _export_for_cuda(fn, *args):
@@ -90,7 +77,7 @@ def test_pallas_runs_inside_shard_map_with_check_vma():
     want = attend("xla")(q, k, v)
     # ValueError: When `check_vma=True` on `jax.shard_map`, `manual_axis_type`
     # on `jax.ShapeDtypeStruct` must not be `None`.
-    _assert_close(attend("pallas")(q, k, v), want)
+    assert_close(attend("pallas")(q, k, v), want, RTOL)
 
 
 def test_default_lowers_for_cuda_inside_shard_map_with_check_vma():
@@ -133,7 +120,7 @@ def test_pallas_with_a_sequence_of_one(t, s, chunks):
     options = dict(is_causal=t >= s, **chunks)
     want = _value_and_grads("xla", q, k, v, ct, **options)
     got = _value_and_grads("pallas", q, k, v, ct, **options)
-    _assert_close(got, want, common_scale=s == 1)
+    assert_close(got, want, RTOL, common_scale=s == 1)
 
 
 @pytest.mark.parametrize("t, s, h", [(1, 24, 8), (24, 1, 8), (24, 24, 1)])
@@ -179,7 +166,7 @@ def test_pallas_under_x64(options):
     with jax.enable_x64(True):
         want = _value_and_grads("xla", q, k, v, ct, **options)
         got = _value_and_grads("pallas", q, k, v, ct, **options)
-    _assert_close(got, want)
+    assert_close(got, want, RTOL)
 
 
 def test_default_lowers_for_cuda_under_x64():
@@ -204,11 +191,11 @@ def test_default_lowers_for_cuda_under_x64():
 
 def test_assert_close_catches_a_slightly_wrong_answer():
     want = [np.linspace(1.0, 3.0, 8), np.full(4, 1e-7)]
-    _assert_close([want[0] * (1 + 1e-5), want[1] * 2], want, common_scale=True)
+    assert_close([want[0] * (1 + 1e-5), want[1] * 2], want, RTOL, common_scale=True)
     with pytest.raises(AssertionError):
-        _assert_close([want[0] * (1 + 3e-5), want[1]], want, common_scale=True)
+        assert_close([want[0] * (1 + 3e-5), want[1]], want, RTOL, common_scale=True)
     with pytest.raises(AssertionError):
-        _assert_close([want[0], want[1] * 2], want)
+        assert_close([want[0], want[1] * 2], want, RTOL)
 
 
 def test_dq_kernel_zeroes_only_key_blocks_inside_the_score_gradient():
