@@ -383,12 +383,22 @@ def _start(plan, index, step, direction):
     return _source(plan, index, step, direction) * plan.s
 
 
-def _travelling(plan, k, v, kv_seg, bias, mask):
-    """What moves with K/V (or is gathered with them): the arrays split along
-    the keys."""
+def _sides(plan, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
+    """What stays with the local queries, ``(q, bias, mask, q_len, kv_len,
+    q_seg)`` (a bias or mask with a whole key axis in natural order for the
+    all-gather mode), and what moves with K/V (or is gathered with them),
+    ``(k, v, kv_seg, bias, mask)``: the arrays split along the keys."""
+    local = (
+        q,
+        _whole_keys(plan, bias, plan.bias_keys),
+        _whole_keys(plan, mask, plan.mask_keys),
+        q_len,
+        kv_len,
+        q_seg,
+    )
     bias = bias if plan.bias_keys == "split" else None
     mask = mask if plan.mask_keys == "split" else None
-    return (k, v, kv_seg, bias, mask)
+    return local, (k, v, kv_seg, bias, mask)
 
 
 def _gather_keys(plan, x, axis, direction):
@@ -547,10 +557,7 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     n = plan.size
     index = lax.axis_index(plan.axis_name)
     acc = xla._acc(q)
-    bias_l = _whole_keys(plan, bias, plan.bias_keys)
-    mask_l = _whole_keys(plan, mask, plan.mask_keys)
-    local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
-    travelling = _travelling(plan, k, v, kv_seg, bias, mask)
+    local, travelling = _sides(plan, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg)
     arrays = (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, index)
     state = tuple(
         _empty_forward(_rows(q, qc), k, v, None, None, None, None, None, None)
@@ -663,17 +670,14 @@ def backward(plan, res, d_out):
     n = plan.size
     index = lax.axis_index(plan.axis_name)
     acc = xla._acc(q)
-    bias_l = _whole_keys(plan, bias, plan.bias_keys)
-    mask_l = _whole_keys(plan, mask, plan.mask_keys)
-    local = (q, bias_l, mask_l, q_len, kv_len, q_seg)
+    local, travelling = _sides(plan, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg)
     seen = (out, lse, d_out)
-    travelling = _travelling(plan, k, v, kv_seg, bias, mask)
     arrays = (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, out, lse, d_out)
     arrays += (index,)
     split = plan.bias_keys == "split"
     # The bias's gradient stays here unless its key axis is split (then it
     # travels, or is reduce-scattered, with dK and dV).
-    d_bias = None if bias is None or split else jnp.zeros_like(bias_l, acc)
+    d_bias = None if bias is None or split else jnp.zeros_like(local[1], acc)
     d_q = jnp.zeros_like(q, acc)
     moving = (k, v, travelling[3])
     if plan.mode == "ring":
