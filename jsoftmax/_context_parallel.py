@@ -209,9 +209,14 @@ def _kv_pieces(plan, direction=1):
 
 
 def _shifted(config, d, tc, sc):
-    """``config`` for a pair whose keys start ``d`` positions after its queries
-    (local positions from 0), with bounds that hide nothing dropped (so that
-    equal work compiles once), or None if the band hides every pair."""
+    """``config`` for a pair of ``tc`` queries and ``sc`` keys whose keys
+    start ``d`` positions after its queries (local positions from 0), with
+    bounds that hide nothing dropped (so that equal work compiles once), or
+    None if the band hides every pair. Its chunks are cut to the pair's
+    sizes, as the one-device op cuts them to ``T`` and ``S``: the call's come
+    from the local slice, and a pair (half the slice under zigzag) padded to
+    them would compute the padding, or, one token long, not be padded (a
+    1-long axis reads as broadcast) and fail."""
     lower = None if config.lower is None else config.lower - d
     upper = None if config.upper is None else config.upper - d
     # key - query runs over [-(tc - 1), sc - 1] within the pair.
@@ -225,7 +230,13 @@ def _shifted(config, d, tc, sc):
         lower = None
     if upper is not None and upper >= sc - 1:
         upper = None
-    return dataclasses.replace(config, lower=lower, upper=upper)
+    return dataclasses.replace(
+        config,
+        lower=lower,
+        upper=upper,
+        query_chunk=min(config.query_chunk, tc),
+        key_chunk=min(config.key_chunk, sc),
+    )
 
 
 def _pair_configs(plan, q_chunk, kv_chunk):

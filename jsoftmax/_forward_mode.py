@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import jax
 import jax.numpy as jnp
@@ -349,12 +350,42 @@ def _with_forward_mode(
     def rule(*args):
         *statics, primals, tangents = args
         _check_static(name, nondiff, statics)
-        return _jvp_rule(
-            fn, symmetric, tangent, name, nondiff, statics, primals, tangents
-        )
+        unbound = _unbound_vmap_axes()
+        bind = _core.extend_axis_env_nd(unbound) if unbound else nullcontext()
+        with bind:
+            return _jvp_rule(
+                fn, symmetric, tangent, name, nondiff, statics, primals, tangents
+            )
 
     wrapped.defjvp(rule)
     return wrapped
+
+
+def _unbound_vmap_axes() -> list:
+    """``(name, size)`` of the named ``vmap`` axes whose batching encloses
+    this rule but whose names are not bound here.
+
+    ``vmap`` binds its axis name while it traces its function, and a
+    collective in the rule then finds it. But JAX batches a ``custom_jvp``
+    rule lazily, when a ``jit``, ``jax.checkpoint`` or ``lax.scan`` traced
+    around the ``vmap`` is differentiated, and runs it under the ``vmap``'s
+    batching without binding the name again; the rule's traces
+    (:func:`_closure_convert`) then fail on the collective with JAX's
+    "unbound axis name" ``NameError``. Binding those names again gives the
+    rule the environment the ``vmap`` gave the function."""
+    bound = _core.get_axis_env().axis_sizes
+    unnamed = (None, getattr(_core, "no_axis_name", None))
+    axes = []
+    trace = _core.trace_ctx.trace
+    while trace is not None and not isinstance(trace, _core.EvalTrace):
+        # Read defensively: where a JAX version lays this out otherwise, the
+        # rule runs as before (no name bound again), not fails.
+        data = getattr(trace, "axis_data", None)
+        if isinstance(trace, batching.BatchTrace) and data is not None:
+            if data.name not in (*unnamed, *bound):
+                axes.append((data.name, data.size))
+        trace = getattr(trace, "parent_trace", None)
+    return axes
 
 
 def _check_static(name, nondiff, statics):

@@ -397,6 +397,81 @@ def test_pairs_lower_to_the_kernels_for_cuda(mode):
     assert text.count(triton) >= 3
 
 
+# (axis size, mode, T, S) under zigzag: local chunks of one token (T or S
+# = 2n), with queries and keys of different lengths.
+SMALL_PIECES = [
+    (2, "ring", 4, 4),
+    (4, "all_gather", 8, 16),
+]
+
+
+@pytest.mark.parametrize("n, mode, t, s", SMALL_PIECES)
+def test_pairs_smaller_than_the_call_chunk_equal_unsharded(n, mode, t, s):
+    # The chunk sizes default to the local slice's length; a pair's query
+    # chunk or key piece (half the slice under zigzag) is shorter, down to one
+    # token: its block call must use chunks no larger than the pair.
+    q, ct = (jax.random.normal(key, (1, t, 2, 3)) for key in jax.random.split(
+        jax.random.key(5), 2))  # fmt: skip
+    k, v = jax.random.normal(jax.random.key(6), (2, 1, s, 1, 3))
+    opts = dict(is_causal=True, sinks=jnp.array([0.5, -1.0]))
+    sharded = _over_vmap_axis(n, mode, "zigzag", **opts)
+
+    def unsharded(q, k, v):
+        return jsoftmax.dot_product_attention(q, k, v, **opts)
+
+    got, want = (jax.jit(partial(_vjp, f))(q, k, v, ct) for f in (sharded, unsharded))
+    for g, w in zip(got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("chunks", [(None, None), (3, 5), (64, 64)])
+def test_pair_chunks_never_exceed_the_pair(mode, layout, chunks):
+    # Every pair's block call (each step, device and band) has chunks within
+    # its query chunk and key piece: no block is padded past the pair, and a
+    # pair of one token runs (a chunk larger than a 1-long axis is not padded:
+    # that axis reads as broadcast).
+    from jsoftmax import _context_parallel as cp
+    from jsoftmax._attention import _Config
+
+    for n, t, s in ((2, 8, 8), (4, 2, 4), (4, 6, 2), (3, 4, 12)):
+        qc, kc = (min(c or 128, x) for c, x in zip(chunks, (t, s), strict=True))
+        config = _Config(1.0, True, None, 0, None, qc, kc)
+        plan = cp.Plan(config, "c", n, mode, layout, t, s, None, None)
+        for step in cp._kv_pieces(plan):
+            for q_chunk in cp._chunks(plan, t):
+                for kv in step:
+                    for cfg in cp._pair_configs(plan, q_chunk, kv):
+                        if cfg is not None:
+                            assert cfg.query_chunk <= q_chunk.size, (n, t, s)
+                            assert cfg.key_chunk <= kv.size, (n, t, s)
+
+
+@pytest.mark.parametrize("where", ["jit", "checkpoint"])
+def test_gradient_through_jit_or_checkpoint_around_the_sequence_axis(where):
+    # jax.grad of a jit or jax.checkpoint traced around the vmap that splits
+    # the sequence: JAX batches the op's rule lazily there, without binding
+    # the axis name, and its collectives raised "unbound axis name".
+    q, k, v = jax.random.normal(jax.random.key(7), (3, 1, 4, 2, 4))
+    opts = dict(is_causal=True, sinks=jnp.array([0.5, -1.0]))
+    sharded = _over_vmap_axis(2, "all_gather", "contiguous", **opts)
+    around = jax.jit if where == "jit" else jax.checkpoint
+
+    def unsharded(q, k, v):
+        return jsoftmax.dot_product_attention(q, k, v, **opts)
+
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.sin(f(*a)))
+
+    got = jax.jit(jax.grad(loss(around(sharded)), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(unsharded), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["ring", "all_gather"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -509,6 +509,37 @@ def test_vmap_in_axes_nested_and_named_axis_with_collectives():
             _close(got, run(ref)(*args), **tol)
 
 
+def _around(where, f):
+    """``f`` (one array in, one out) inside a jit, a checkpoint or a scan."""
+    if where == "jit":
+        return jax.jit(f)
+    if where == "checkpoint":
+        return jax.checkpoint(f)
+    return lambda x: lax.scan(lambda c, _: (f(c), None), x, None, length=1)[0]
+
+
+@pytest.mark.parametrize("where", ["jit", "checkpoint", "scan"])
+def test_named_vmap_axis_inside_jit_checkpoint_and_scan_is_differentiated(where):
+    # JAX batches a custom_jvp rule lazily when a jit, checkpoint or scan
+    # traced around a named vmap is differentiated, without binding the axis
+    # name: the rules' collectives raised "unbound axis name" NameError.
+    t = _tangents((X,))[0]
+    for op, ref in [
+        (jsoftmax.softmax, jax.nn.softmax),
+        (jsoftmax.log_softmax, jax.nn.log_softmax),
+    ]:
+        op = functools.partial(op, axis_name="c")
+        split = _around(
+            where, jax.vmap(op, in_axes=1, out_axes=1, axis_name="c")
+        )  # one class per instance of "c"
+
+        def got(x, split=split):
+            return split(x[:, :, None])[..., 0]
+
+        _close(jax.jvp(got, (X,), (t,)), jax.jvp(ref, (X,), (t,)))
+        _close(jax.grad(_scalar(got))(X), jax.grad(_scalar(ref))(X))
+
+
 def test_export_serialize_deserialize_differentiate():
     export = pytest.importorskip("jax.export")
     t = _tangents((X,))[0]
@@ -917,4 +948,19 @@ def test_jax_internals_used_are_where_expected():
     assert "parent_trace" in pe.JaxprTrace.__init__.__code__.co_varnames
     with core.JaxprEqnContext().manager:
         pass
+    # A lazily batched rule binds the enclosing vmaps' axis names again.
+    names = []
+    jax.vmap(
+        lambda x: names.extend(
+            (t.axis_data.name, t.axis_data.size)
+            for t in [core.trace_ctx.trace]
+            if isinstance(t, batching.BatchTrace)
+        ),
+        axis_name="c",
+    )(jnp.zeros(2))
+    assert names == [("c", 2)], names
+    with core.extend_axis_env_nd([("d", 3)]):
+        assert core.get_axis_env().axis_sizes["d"] == 3
+    assert "d" not in core.get_axis_env().axis_sizes
+    assert core.no_axis_name is not None
     assert "jax" in sys.modules
