@@ -373,13 +373,16 @@ def _unbound_vmap_axes() -> list:
     (:func:`_closure_convert`) then fail on the collective with JAX's
     "unbound axis name" ``NameError``. Binding those names again gives the
     rule the environment the ``vmap`` gave the function."""
-    bound = _core.get_axis_env().axis_sizes
+    # Read defensively: where a JAX version lays these internals out
+    # otherwise, the rule runs as before (no name bound again), not fails.
+    get_env = getattr(_core, "get_axis_env", None)
+    if get_env is None or not hasattr(_core, "extend_axis_env_nd"):
+        return []
+    bound = getattr(get_env(), "axis_sizes", {})
     unnamed = (None, getattr(_core, "no_axis_name", None))
     axes = []
     trace = _core.trace_ctx.trace
     while trace is not None and not isinstance(trace, _core.EvalTrace):
-        # Read defensively: where a JAX version lays this out otherwise, the
-        # rule runs as before (no name bound again), not fails.
         data = getattr(trace, "axis_data", None)
         if isinstance(trace, batching.BatchTrace) and data is not None:
             if data.name not in (*unnamed, *bound):
