@@ -14,21 +14,23 @@ nothing (the skipped steps). The per-device choices are static NumPy tables
 (:func:`_pair_configs`), which also count the blocks each device computes
 (:func:`block_counts`).
 
-Each pair gives a partial ``(o, L)``; the pairs of a query chunk merge as
+Each pair gives a partial ``(o_p, L_p)``; a query chunk's pairs merge as
 
 .. math::
 
-    L = \log(e^{L_a} + e^{L_b}), \qquad
-    o = e^{L_a - L} o_a + e^{L_b - L} o_b,
+    m = \max_p L_p, \qquad \ell = \sum_p e^{L_p - m}, \qquad
+    L = m + \log \ell, \qquad o = \frac{1}{\ell} \sum_p e^{L_p - m} o_p,
 
-and the sink joins ``L`` once at the end. The backward pass needs no merge:
-given the *global* ``O`` and ``L``, the block path's backward of one pair
-(``P = exp(s - L)``, ``D = rowsum(dO * O)``) is exactly that key/value piece's
-share of the gradient.
+kept as a running ``(o, m, total)`` (``o`` and ``total`` the unnormalised
+sums) and finished once, after the last pair, so that ``L`` is rounded
+once, not at every step; the sink joins ``L`` then. The backward pass
+needs no merge: given the *global* ``O`` and ``L``, the block path's
+backward of one pair (``P = exp(s - L)``, ``D = rowsum(dO * O)``) is
+exactly that key/value piece's share of the gradient.
 
 - ``ring``: ``n`` steps, the first ``n - 1`` a ``lax.fori_loop`` whose carry
   holds the visiting K/V (with its segment ids and the bias and mask columns
-  split with the keys) and the running ``(o, L)``, so that one step's
+  split with the keys) and the running ``(o, m, total)``, so that one step's
   buffers are reused whatever ``n``: each iteration sends the visiting K/V
   on to the next device (``lax.ppermute``, one per array in the loop body,
   ``n - 1`` runs forward) before its compute; the last step, which sends
@@ -348,19 +350,41 @@ def _heads_last(x, n):
     return x.transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
-def _merge(o_a, lse_a, o_b, lse_b):
-    """Two partial ``(o, lse)`` of the same rows as one. Rows that see no key
-    in either part stay ``o = 0, lse = -inf``, with zero tangents."""
-    m = jnp.maximum(lse_a, lse_b)
-    m = jnp.where(m == -jnp.inf, 0, m)
-    total = jnp.exp(lse_a - m) + jnp.exp(lse_b - m)
+def _start_rows(q, kv_heads):
+    """The running ``(o, m, total)`` of rows that have seen no key yet:
+    ``o = sum_p e^(L_p - m) o_p`` and ``total = sum_p e^(L_p - m)`` over the
+    pairs ``p`` merged so far, ``m`` the largest ``L_p``."""
+    b, t, n, _ = q.shape
+    acc = xla._acc(q)
+    row = jnp.zeros((b, kv_heads, n // kv_heads, t), acc)
+    return jnp.zeros_like(q, acc), jnp.full_like(row, -jnp.inf), row
+
+
+def _merge(state, o_p, lse_p):
+    """The running ``(o, m, total)`` with one more pair's partial ``(o_p,
+    lse_p)``. ``L = log(total) + m`` is formed once, at the end
+    (:func:`_finish_rows`): merged as ``(o, L)`` pairs, every merge would
+    round ``L`` again, an error of ``|L| eps`` that grows with the devices;
+    here ``m`` is exact (one of the ``L_p``) and ``total`` is rounded
+    relatively, as the block path's running sum. Rows that see no key stay
+    ``o = 0, total = 0``, with zero tangents."""
+    o, m, total = state
+    new = jnp.maximum(m, lse_p)
+    safe = jnp.where(new == -jnp.inf, 0, new)
+    old_w, new_w = jnp.exp(m - safe), jnp.exp(lse_p - safe)
+    n = o.shape[2]
+    o = o * _heads_last(old_w, n)[..., None] + o_p * _heads_last(new_w, n)[..., None]
+    return o, new, total * old_w + new_w
+
+
+def _finish_rows(state):
+    """``(o, lse)`` from the running ``(o, m, total)``: ``o / total`` and
+    ``m + log(total)``; ``(0, -inf)`` where no key was seen."""
+    o, m, total = state
     empty = total == 0
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1, total)))
-    safe = jnp.where(empty, 0, lse)
-    n = o_a.shape[2]
-    w_a = _heads_last(jnp.exp(lse_a - safe), n)[..., None]
-    w_b = _heads_last(jnp.exp(lse_b - safe), n)[..., None]
-    return o_a * w_a + o_b * w_b, lse
+    total = jnp.where(empty, 1, total)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(total))
+    return o / _heads_last(total, o.shape[2])[..., None], lse
 
 
 def _add_sink(o, lse, sinks):
@@ -543,15 +567,15 @@ def _empty_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
 
 
 def _forward_step(steps, at, index, local, visiting, state):
-    """``state`` (per query chunk, the running ``(o, lse)``) merged with one
-    step's pairs."""
+    """``state`` (per query chunk, the running ``(o, m, total)``) merged
+    with one step's pairs."""
     acc = xla._acc(local[0])
     state = list(state)
     starts = [qc.start for qc in _chunks(steps.plan, steps.plan.t)]
     for qc, _, configs, operands in _step_pairs(steps, at, index, local, visiting):
         o, lse = _switch(configs, "forward", operands, at, index)
         a = starts.index(qc.start)
-        state[a] = _merge(*state[a], o.astype(acc), lse)
+        state[a] = _merge(state[a], o.astype(acc), lse)
     return tuple(state)
 
 
@@ -559,22 +583,18 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     """``(out [B, T, N, H], lse [B, K, G, T])`` of the local queries.
 
     The steps run in a loop (``lax.fori_loop``) whose carry holds the
-    visiting K/V and the running ``(o, lse)`` per query chunk: one step's
-    buffers, reused, whatever the number of devices. Ring: each iteration
+    visiting K/V and the running ``(o, m, total)`` per query chunk: one
+    step's buffers, reused, whatever the number of devices. Ring: each iteration
     sends the visiting K/V on before its compute; the last step, which sends
     nothing, runs after the loop. All-gather: each iteration takes one
     device's slice of the gathered K/V.
     """
     n = plan.size
     index = lax.axis_index(plan.axis_name)
-    acc = xla._acc(q)
     local, travelling = _sides(plan, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg)
     arrays = (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, index)
-    state = tuple(
-        _empty_forward(_rows(q, qc), k, v, None, None, None, None, None, None)
-        for qc in _chunks(plan, plan.t)
-    )
-    state = varying_like(tuple((o.astype(acc), lse) for o, lse in state), *arrays)
+    state = tuple(_start_rows(_rows(q, qc), k.shape[2]) for qc in _chunks(plan, plan.t))
+    state = varying_like(state, *arrays)
     if plan.mode == "ring":
         steps = _Steps(plan, 0, n - 1, 1)
 
@@ -591,6 +611,7 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     else:
         visiting = _gathered(plan, travelling, 1)
         state = _forward_step(_Steps(plan, 0, 1, 1), 0, index, local, visiting, state)
+    state = [_finish_rows(rows) for rows in state]
     if sinks is not None:
         state = [_add_sink(o, lse, sinks) for o, lse in state]
     out = jnp.concatenate([o for o, _ in state], axis=1).astype(q.dtype)

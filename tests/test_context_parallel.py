@@ -310,12 +310,13 @@ LOW_PRECISION = [
 ]
 
 
-def _rms_error_ratios(n, mode, layout, dtype, causal):
-    """Per output (out, dq, dk, dv): the RMS error against float32 of the
-    context-parallel op over that of the one-device op, both on the same
-    16-bit inputs (the float32 reference takes those inputs, widened)."""
+def _rms_error_ratios(n, mode, layout, dtype, causal, scale=1.0):
+    """Per output (out, dq, dk, dv): the RMS error of the context-parallel op
+    over that of the one-device op, both on the same inputs (normal, times
+    ``scale``), against the one-device op on those inputs widened: to
+    float32 for 16-bit inputs, to float64 for float32 ones."""
     q, k, v, ct = (
-        jax.random.normal(key, (1, 256, 4, 32)).astype(dtype)
+        (scale * jax.random.normal(key, (1, 256, 4, 32))).astype(dtype)
         for key in jax.random.split(jax.random.key(1), 4)
     )
     opts = dict(is_causal=causal, query_chunk_size=32, key_chunk_size=32)
@@ -324,13 +325,15 @@ def _rms_error_ratios(n, mode, layout, dtype, causal):
         return jsoftmax.dot_product_attention(q, k, v, **opts)
 
     sharded = _over_vmap_axis(n, mode, layout, **opts)
-    wide = [x.astype(jnp.float32) for x in (q, k, v, ct)]
-    exact = jax.jit(partial(_vjp, single))(*wide)
+    wide = jnp.float64 if dtype == jnp.float32 else jnp.float32
+    with jax.enable_x64(wide == jnp.float64):
+        exact = jax.jit(partial(_vjp, single))(*(x.astype(wide) for x in (q, k, v, ct)))
+        exact = [np.asarray(w, np.float64) for w in exact]
 
     def rms_error(f):
         got = jax.jit(partial(_vjp, f))(q, k, v, ct)
         return np.array([
-            float(jnp.sqrt(jnp.mean((g.astype(jnp.float32) - w) ** 2) / jnp.mean(w**2)))
+            np.sqrt(np.mean((np.asarray(g, np.float64) - w) ** 2) / np.mean(w**2))
             for g, w in zip(got, exact, strict=True)
         ])  # fmt: skip
 
@@ -371,6 +374,60 @@ def test_16bit_check_catches_rounding_each_pair(monkeypatch):
     try:
         for case in LOW_PRECISION[:2]:
             assert _rms_error_ratios(*case).max() > 1.03, case
+    finally:
+        cp._branch.cache_clear()
+
+
+# (axis size, mode, layout, is_causal): float32 inputs of scale 3, whose
+# logits reach tens, so that |L| eps is the size of the rounding that counts.
+FLOAT32_RINGS = [
+    (8, "ring", "contiguous", True),
+    (8, "ring", "zigzag", True),
+    (8, "ring", "contiguous", False),
+]
+
+
+@pytest.mark.parametrize("case", FLOAT32_RINGS)
+def test_ring_float32_error_is_the_one_device_ops(case):
+    # The ring merges each step's partial rows as a running (o, m, total),
+    # forming L = m + log(total) once: the error against float64 is the
+    # one-device op's (measured ratios 0.61-1.16 over the four outputs).
+    # Merged as (o, L) pairs, L rounded again at every step, the ring's
+    # errors were 1.43-2.95 times the one-device op's (caught below).
+    n, mode, layout, causal = case
+    ratios = _rms_error_ratios(n, mode, layout, jnp.float32, causal, scale=3.0)
+    assert ratios.max() <= 1.3, ratios
+
+
+def _merge_as_o_and_lse(state, o_p, lse_p):
+    """The running rows merged as ``(o, L)`` pairs, L rounded each time: the
+    ring's merge before it kept ``(o, m, total)``."""
+    from jsoftmax import _context_parallel as cp
+
+    o, lse = cp._finish_rows(state)
+    top = jnp.maximum(lse, lse_p)
+    top = jnp.where(top == -jnp.inf, 0, top)
+    total = jnp.exp(lse - top) + jnp.exp(lse_p - top)
+    empty = total == 0
+    merged = jnp.where(empty, -jnp.inf, top + jnp.log(jnp.where(empty, 1, total)))
+    safe = jnp.where(empty, 0, merged)
+    n = o.shape[2]
+    o = (
+        o * cp._heads_last(jnp.exp(lse - safe), n)[..., None]
+        + o_p * cp._heads_last(jnp.exp(lse_p - safe), n)[..., None]
+    )
+    return o, merged, jnp.where(empty, 0.0, 1.0)
+
+
+def test_float32_check_catches_lse_rounded_each_merge(monkeypatch):
+    from jsoftmax import _context_parallel as cp
+
+    monkeypatch.setattr(cp, "_merge", _merge_as_o_and_lse)
+    cp._branch.cache_clear()
+    try:
+        for n, mode, layout, causal in FLOAT32_RINGS[:2]:
+            ratios = _rms_error_ratios(n, mode, layout, jnp.float32, causal, 3.0)
+            assert ratios.max() > 1.3, ratios
     finally:
         cp._branch.cache_clear()
 
