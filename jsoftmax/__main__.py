@@ -4,7 +4,9 @@
 and by ``jax.jacfwd`` where the op has forward mode: the "jacfwd" columns)
 against ``jax.jacrev`` of a plain-autodiff reference, under jit and vmap, in float32
 and bfloat16, on the CPU and on any accelerator JAX finds, and prints one
-table. It exits with 1 if any check fails.
+table. On a platform with two devices or more, it also checks
+context-parallel attention over them (under jit). It exits with 1 if any
+check fails.
 
 ``python -m jsoftmax bench [--quick] [--gpu] [--out DIR]`` runs the benchmark
 in ``bench/`` of the checkout this package is imported from (see
@@ -25,6 +27,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jsoftmax
 from jsoftmax import testing
@@ -52,9 +56,9 @@ def _linear(op, x):
 
 
 def _attention(op, x):
-    """Causal grouped-query attention over 3 positions with 2 query heads and
-    1 key/value head of size 2, all taken from ``x`` (rows of 12)."""
-    q = x.reshape(*x.shape[:-1], 3, 2, 2)
+    """Causal grouped-query attention over ``T`` positions with 2 query heads
+    and 1 key/value head of size 2, all taken from ``x`` (rows of ``4 T``)."""
+    q = x.reshape(*x.shape[:-1], x.shape[-1] // 4, 2, 2)
     k = jnp.flip(q[..., :1, :], -3)
     v = jnp.flip(q[..., 1:, :], -1)
     return op(q, k, v, is_causal=True).reshape(x.shape)
@@ -137,6 +141,55 @@ def _cases() -> list[tuple[str, Callable, Callable]]:
     ]
 
 
+def _context_parallel(mesh, mode, layout, q, k, v, is_causal):
+    """Attention with the sequence axis (``-3``) of ``q, k, v`` split over
+    the mesh axis "c", ``mode`` and ``layout`` as ``context_parallel`` and
+    ``context_layout`` name them; in and out in natural order."""
+    n = mesh.shape["c"]
+    seq = P(*(None,) * (q.ndim - 3), "c")
+    zigzag = layout == "zigzag"
+
+    def attend(q, k, v):
+        return jsoftmax.dot_product_attention(
+            q, k, v, is_causal=is_causal, query_chunk_size=2, key_chunk_size=2,
+            axis_name="c", context_parallel=mode, context_layout=layout,
+        )  # fmt: skip
+
+    if zigzag:
+        q, k, v = (jsoftmax.to_zigzag(a, n, axis=-3) for a in (q, k, v))
+    out = jax.shard_map(attend, mesh=mesh, in_specs=(seq,) * 3, out_specs=seq)(q, k, v)
+    return jsoftmax.from_zigzag(out, n, axis=-3) if zigzag else out
+
+
+def _context_parallel_cases(devices) -> list[tuple[str, Callable, Callable]]:
+    """Context-parallel attention over ``devices`` (one platform's), as
+    ``_cases``: the ring under the zigzag layout and the all-gather under the
+    contiguous one, 4 positions a device, against jax.nn on the whole
+    sequence."""
+    n = len(devices)
+    mesh = jax.make_mesh((n,), ("c",), (jax.sharding.AxisType.Auto,), devices=devices)
+    reference = partial(
+        _attention, partial(jax.nn.dot_product_attention, implementation="xla")
+    )
+    return [
+        (
+            f"dot_product_attention[{mode} x{n}]",
+            partial(_attention, partial(_context_parallel, mesh, mode, layout)),
+            reference,
+            mesh,
+        )
+        for mode, layout in (("ring", "zigzag"), ("all_gather", "contiguous"))
+    ]
+
+
+def _mesh_devices(platform: str) -> list[jax.Device]:
+    """The local devices of ``platform`` a context-parallel check spans: the
+    largest power of two of them up to 8, none if there is only one."""
+    devices = jax.local_devices(backend=platform)
+    n = 1 << (min(len(devices), 8).bit_length() - 1)
+    return devices[:n] if n > 1 else []
+
+
 def _backends() -> list[jax.Device]:
     """The first device of each local platform, the CPU always included."""
     devices = {d.platform: d for d in reversed(jax.local_devices())}
@@ -159,27 +212,47 @@ def verify(transforms=("jit", "vmap"), dtypes=("float32", "bfloat16")) -> list[d
 def _verify(transforms, dtypes) -> list[dict]:
     rows = []
     for device in _backends():
+        # A batch of 4 rows of 12 classes; vmap maps over the 4 rows.
         for name, op, reference in _cases():
-            for dtype in dtypes:
-                # A batch of 4 rows of 12 classes; vmap maps over the 4 rows.
-                x = 3.0 * jax.random.normal(jax.random.key(0), (4, 12))
-                x = jax.device_put(x.astype(dtype), device)
-                for transform in transforms:
-                    with jax.default_device(device):
-                        e = testing.vjp_errors(op, reference, x, transform=transform)
-                    rows.append(
-                        dict(
-                            op=name,
-                            backend=device.platform,
-                            transform=transform,
-                            dtype=dtype,
-                            value_error=e.value_error,
-                            jacobian_error=e.jacobian_error,
-                            jacfwd_error=e.forward_error,
-                            jacfwd_passed=e.forward_mismatch is None,
-                            passed=e.passed,
-                        )
-                    )
+            rows += _rows(name, op, reference, device, (4, 12), transforms, dtypes)
+        devices = _mesh_devices(device.platform)
+        # Context parallelism under jit only: eager vmap would dispatch each
+        # operation of every ring step on its own (minutes, not seconds).
+        jitted = tuple(t for t in transforms if t == "jit")
+        if devices and jitted:
+            # 4 positions a device, 16 entries a position (q, k, v from x).
+            for name, op, reference, mesh in _context_parallel_cases(devices):
+                place = NamedSharding(mesh, P())
+                shape = (4, 16 * len(devices))
+                rows += _rows(name, op, reference, place, shape, jitted, dtypes)
+    return rows
+
+
+def _rows(name, op, reference, place, shape, transforms, dtypes) -> list[dict]:
+    """One row per transform and dtype: ``op`` against ``reference`` at an
+    ``x`` of ``shape`` put on ``place`` (a device or a sharding)."""
+    rows = []
+    device = place if isinstance(place, jax.Device) else None
+    platform = (device or place.mesh.devices.flat[0]).platform
+    for dtype in dtypes:
+        x = 3.0 * jax.random.normal(jax.random.key(0), shape)
+        x = jax.device_put(x.astype(dtype), place)
+        for transform in transforms:
+            with jax.default_device(device):
+                e = testing.vjp_errors(op, reference, x, transform=transform)
+            rows.append(
+                dict(
+                    op=name,
+                    backend=platform,
+                    transform=transform,
+                    dtype=dtype,
+                    value_error=e.value_error,
+                    jacobian_error=e.jacobian_error,
+                    jacfwd_error=e.forward_error,
+                    jacfwd_passed=e.forward_mismatch is None,
+                    passed=e.passed,
+                )
+            )
     return rows
 
 

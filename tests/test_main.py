@@ -133,3 +133,54 @@ def test_bench_script_without_main_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     assert cli.main(["bench"]) == 2
     assert "defines no main(argv)" in capsys.readouterr().err
+
+
+# The table on 4 host devices, the context-parallel rows only; with "wrong",
+# the ring's merge keeps only the newest step's partial rows.
+MESH_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from jsoftmax import __main__ as cli, _context_parallel as cp
+cli._cases = lambda: []
+if sys.argv[1:] == ["wrong"]:
+    cp._merge = lambda state, o, lse: (o, lse, (lse > -float("inf")).astype(o.dtype))
+sys.exit(cli.main([]))
+"""
+
+
+def _mesh_table(*args):
+    out = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    rows = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.split(" | ")]
+        if cells[0].startswith("dot_product_attention["):
+            rows[cells[0], cells[2], cells[3]] = cells[-1]
+    return out.returncode, rows, out.stdout + out.stderr
+
+
+def test_main_checks_context_parallel_attention_over_the_devices():
+    # With 2 or more devices on a platform, the table has context-parallel
+    # attention over them (the largest power of two up to 8), under jit.
+    code, rows, out = _mesh_table()
+    want = {
+        (f"dot_product_attention[{mode} x4]", "jit", dtype)
+        for mode in ("ring", "all_gather")
+        for dtype in ("float32", "bfloat16")
+    }
+    assert code == 0, out[-3000:]
+    assert set(rows) == want, out[-3000:]
+    assert set(rows.values()) == {"pass"}
+
+
+def test_main_context_parallel_rows_catch_a_wrong_merge():
+    code, rows, out = _mesh_table("wrong")
+    assert code == 1, out[-3000:]
+    for (op, _, _), result in rows.items():
+        # The all-gather mode merges one partial per row: nothing to lose.
+        assert result == ("FAIL" if "ring" in op else "pass"), out[-3000:]
