@@ -4,9 +4,9 @@
 and by ``jax.jacfwd`` where the op has forward mode: the "jacfwd" columns)
 against ``jax.jacrev`` of a plain-autodiff reference, under jit and vmap, in float32
 and bfloat16, on the CPU and on any accelerator JAX finds, and prints one
-table. On a platform with two devices or more, it also checks
-context-parallel attention over them (under jit). It exits with 1 if any
-check fails.
+table. On a platform with two devices or more, it also checks every op
+that takes ``axis_name`` over them (under jit), against its reference on
+the whole axis. It exits with 1 if any check fails.
 
 ``python -m jsoftmax bench [--quick] [--gpu] [--out DIR]`` runs the benchmark
 in ``bench/`` of the checkout this package is imported from (see
@@ -161,29 +161,87 @@ def _context_parallel(mesh, mode, layout, q, k, v, is_causal):
     return jsoftmax.from_zigzag(out, n, axis=-3) if zigzag else out
 
 
-def _context_parallel_cases(devices) -> list[tuple[str, Callable, Callable]]:
-    """Context-parallel attention over ``devices`` (one platform's), as
-    ``_cases``: the ring under the zigzag layout and the all-gather under the
-    contiguous one, 4 positions a device, against jax.nn on the whole
-    sequence."""
-    n = len(devices)
-    mesh = jax.make_mesh((n,), ("c",), (jax.sharding.AxisType.Auto,), devices=devices)
-    reference = partial(
-        _attention, partial(jax.nn.dot_product_attention, implementation="xla")
-    )
-    return [
+def _mesh_cases(mesh) -> list[tuple[str, Callable, Callable, int]]:
+    """(name, op, reference, row width) of the ops that take ``axis_name``,
+    over the mesh axis "c": softmax, log_softmax and both per-example losses
+    with the classes split (6 a device), the fused loss with its vocabulary
+    split, and context-parallel attention (the ring under the zigzag layout,
+    the all-gather under the contiguous one; 4 positions a device), each
+    against its reference on the whole axis."""
+    n = mesh.shape["c"]
+    classes, cols = 6 * n, P(None, "c")
+
+    def split(fn, *in_specs, out_specs=cols):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+    def labels(x):
+        return _int_labels(x.shape[:-1], classes)
+
+    def weights(x):  # [12, classes]
+        return jnp.cos(jnp.arange(12 * classes).reshape(12, classes)).astype(x.dtype)
+
+    ce_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0, axis_name="c")
+    ref_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0)
+    attention = partial(jax.nn.dot_product_attention, implementation="xla")
+    cases = [
+        (
+            "softmax",
+            split(partial(jsoftmax.softmax, axis_name="c"), cols),
+            testing.reference_softmax,
+        ),
+        (
+            "log_softmax",
+            split(partial(jsoftmax.log_softmax, axis_name="c"), cols),
+            testing.reference_log_softmax,
+        ),
+        (
+            "softmax_cross_entropy",
+            lambda x: split(
+                partial(jsoftmax.softmax_cross_entropy, **ce_opts),
+                cols, cols, out_specs=P(),
+            )(x, _soft_labels(x.shape)),
+            lambda x: testing.reference_softmax_cross_entropy(
+                x, _soft_labels(x.shape), **ref_opts
+            ),
+        ),
+        (
+            "ce_with_integer_labels",
+            lambda x: split(
+                partial(jsoftmax.softmax_cross_entropy_with_integer_labels, **ce_opts),
+                cols, P(), out_specs=P(),
+            )(x, labels(x)),
+            lambda x: testing.reference_softmax_cross_entropy_with_integer_labels(
+                x, labels(x), **ref_opts
+            ),
+        ),
+        (
+            "linear_softmax_cross_entropy",
+            lambda x: split(
+                partial(
+                    jsoftmax.linear_softmax_cross_entropy,
+                    chunk_size=3, reduction="none", axis_name="c",
+                ),
+                P(), cols, P(), out_specs=P(),
+            )(x[:, :12], weights(x), labels(x)),
+            lambda x: testing.reference_softmax_cross_entropy_with_integer_labels(
+                x[:, :12] @ weights(x), labels(x)
+            ),
+        ),
+    ]  # fmt: skip
+    rows = [(f"{name}[axis_name x{n}]", op, ref, classes) for name, op, ref in cases]
+    return rows + [
         (
             f"dot_product_attention[{mode} x{n}]",
             partial(_attention, partial(_context_parallel, mesh, mode, layout)),
-            reference,
-            mesh,
+            partial(_attention, attention),
+            16 * n,
         )
         for mode, layout in (("ring", "zigzag"), ("all_gather", "contiguous"))
     ]
 
 
 def _mesh_devices(platform: str) -> list[jax.Device]:
-    """The local devices of ``platform`` a context-parallel check spans: the
+    """The local devices of ``platform`` the sharded checks span: the
     largest power of two of them up to 8, none if there is only one."""
     devices = jax.local_devices(backend=platform)
     n = 1 << (min(len(devices), 8).bit_length() - 1)
@@ -216,14 +274,17 @@ def _verify(transforms, dtypes) -> list[dict]:
         for name, op, reference in _cases():
             rows += _rows(name, op, reference, device, (4, 12), transforms, dtypes)
         devices = _mesh_devices(device.platform)
-        # Context parallelism under jit only: eager vmap would dispatch each
+        # The sharded ops under jit only: eager vmap would dispatch each
         # operation of every ring step on its own (minutes, not seconds).
         jitted = tuple(t for t in transforms if t == "jit")
         if devices and jitted:
-            # 4 positions a device, 16 entries a position (q, k, v from x).
-            for name, op, reference, mesh in _context_parallel_cases(devices):
-                place = NamedSharding(mesh, P())
-                shape = (4, 16 * len(devices))
+            mesh = jax.make_mesh(
+                (len(devices),), ("c",), (jax.sharding.AxisType.Auto,),
+                devices=devices,
+            )  # fmt: skip
+            place = NamedSharding(mesh, P())
+            for name, op, reference, width in _mesh_cases(mesh):
+                shape = (4, width)
                 rows += _rows(name, op, reference, place, shape, jitted, dtypes)
     return rows
 

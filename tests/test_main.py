@@ -135,8 +135,8 @@ def test_bench_script_without_main_says_so(tmp_path, monkeypatch, capsys):
     assert "defines no main(argv)" in capsys.readouterr().err
 
 
-# The table on 4 host devices, the context-parallel rows only; with "wrong",
-# the ring's merge keeps only the newest step's partial rows.
+# The table on 4 host devices, its sharded rows only; with "wrong", the
+# ring's merge keeps only the newest step's partial rows.
 MESH_SCRIPT = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -147,6 +147,16 @@ if sys.argv[1:] == ["wrong"]:
     cp._merge = lambda state, o, lse: (o, lse, (lse > -float("inf")).astype(o.dtype))
 sys.exit(cli.main([]))
 """
+SHARDED_OPS = [
+    f"{op}[axis_name x4]"
+    for op in (
+        "softmax",
+        "log_softmax",
+        "softmax_cross_entropy",
+        "ce_with_integer_labels",
+        "linear_softmax_cross_entropy",
+    )
+] + ["dot_product_attention[ring x4]", "dot_product_attention[all_gather x4]"]
 
 
 def _mesh_table(*args):
@@ -159,28 +169,28 @@ def _mesh_table(*args):
     rows = {}
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.split(" | ")]
-        if cells[0].startswith("dot_product_attention["):
+        if cells[0] in SHARDED_OPS:
             rows[cells[0], cells[2], cells[3]] = cells[-1]
     return out.returncode, rows, out.stdout + out.stderr
 
 
-def test_main_checks_context_parallel_attention_over_the_devices():
-    # With 2 or more devices on a platform, the table has context-parallel
-    # attention over them (the largest power of two up to 8), under jit.
+def test_main_checks_the_sharded_ops_over_the_devices():
+    # With 2 or more devices on a platform, the table has every op that
+    # takes axis_name over them (the largest power of two up to 8), under
+    # jit: the classes, the vocabulary or the sequence split.
     code, rows, out = _mesh_table()
     want = {
-        (f"dot_product_attention[{mode} x4]", "jit", dtype)
-        for mode in ("ring", "all_gather")
-        for dtype in ("float32", "bfloat16")
+        (op, "jit", dtype) for op in SHARDED_OPS for dtype in ("float32", "bfloat16")
     }
     assert code == 0, out[-3000:]
     assert set(rows) == want, out[-3000:]
     assert set(rows.values()) == {"pass"}
 
 
-def test_main_context_parallel_rows_catch_a_wrong_merge():
+def test_main_sharded_rows_catch_a_wrong_ring_merge():
     code, rows, out = _mesh_table("wrong")
     assert code == 1, out[-3000:]
+    assert len(rows) == 2 * len(SHARDED_OPS)
     for (op, _, _), result in rows.items():
-        # The all-gather mode merges one partial per row: nothing to lose.
-        assert result == ("FAIL" if "ring" in op else "pass"), out[-3000:]
+        # Only the ring merges partial rows: the other rows still pass.
+        assert result == ("FAIL" if "[ring" in op else "pass"), out[-3000:]
