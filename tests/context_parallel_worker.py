@@ -597,6 +597,7 @@ def compose(report):
                 mesh_of((2, 2, 2), ("data", "c", "vocab"), kind), "zigzag", "vocab"
             ),
         )
+    pmap_checks(report, params, x, targets, hidden, check)
     mesh = mesh_of((2, 2, 2), ("data", "c", "vocab"), AxisType.Auto)
     check(
         "checkpoint",
@@ -607,6 +608,65 @@ def compose(report):
     check(
         "checkpoint with a policy", *sharded(mesh, "contiguous", "vocab", remat=policy)
     )
+
+
+def pmap_checks(report, params, x, targets, hidden, check):
+    """The model of :func:`compose` with the sequence over a ``jax.pmap``
+    axis "c" of 4 devices (contiguous): the gradient taken outside the pmap
+    equals plain autodiff; taken inside it (pmap's own transpose of the
+    loss's ``psum``), each device's gradient equals the same model's with a
+    plain jnp attention over the gathered K/V, in the same pmap."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    import jsoftmax
+
+    n, (b, t, _), h = 4, x.shape, 4
+    split = lambda a: jnp.moveaxis(a.reshape(b, n, t // n, *a.shape[2:]), 1, 0)  # noqa: E731
+
+    def ours(q, k, v):
+        return jsoftmax.dot_product_attention(
+            q, k, v, is_causal=True, axis_name="c", query_chunk_size=4,
+            key_chunk_size=4,
+        )  # fmt: skip
+
+    def gathered(q, k, v):
+        k, v = (lax.all_gather(a, "c", axis=1, tiled=True) for a in (k, v))
+        start = lax.axis_index("c") * q.shape[1]
+        rows = jnp.arange(q.shape[1])[:, None] + start
+        visible = jnp.arange(k.shape[1])[None, :] <= rows
+        s = jnp.einsum("btnh,bsnh->bnts", q, k) / h**0.5
+        p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+    def local_loss(p, x, targets, attention):
+        z = hidden(p, x, attention).reshape(-1, x.shape[-1])
+        losses = jsoftmax.linear_softmax_cross_entropy(
+            z, p["wout"], targets.reshape(-1), reduction="sum"
+        )
+        return lax.psum(losses, "c") / (b * t)
+
+    def pmapped(fn):
+        return jax.pmap(fn, axis_name="c", in_axes=(None, 0, 0))
+
+    xs, ts = split(x), split(targets)
+    whole = lambda p: pmapped(partial(local_loss, attention=ours))(p, xs, ts)[0]  # noqa: E731
+    check("pmap, gradient outside", *jax.value_and_grad(whole)(params))
+    inside = {
+        name: pmapped(jax.grad(partial(local_loss, attention=fn)))(params, xs, ts)
+        for name, fn in (("ours", ours), ("gathered", gathered))
+    }
+    for name in params:
+        got, want = (np.asarray(inside[k][name]) for k in ("ours", "gathered"))
+        np.testing.assert_allclose(
+            got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name
+        )
+    report["pmap, gradient inside"] = True
+    print("pmap, gradient inside: equal to the gathered attention's", flush=True)
 
 
 if __name__ == "__main__":
