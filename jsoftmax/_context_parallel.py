@@ -366,10 +366,12 @@ def _merge(state, o_p, lse_p):
     (:func:`_finish_rows`): merged as ``(o, L)`` pairs, every merge would
     round ``L`` again, an error of ``|L| eps`` that grows with the devices;
     here ``m`` is exact (one of the ``L_p``) and ``total`` is rounded
-    relatively, as the block path's running sum. Rows that see no key stay
-    ``o = 0, total = 0``, with zero tangents."""
+    relatively, as the block path's running sum. ``m`` is only a shift
+    that cancels in ``o`` and ``L``: a constant for forward mode (which
+    differentiates this merge), so that no tangent flows through the max.
+    Rows that see no key stay ``o = 0, total = 0``, with zero tangents."""
     o, m, total = state
-    new = jnp.maximum(m, lse_p)
+    new = lax.stop_gradient(jnp.maximum(m, lse_p))
     safe = jnp.where(new == -jnp.inf, 0, new)
     old_w, new_w = jnp.exp(m - safe), jnp.exp(lse_p - safe)
     n = o.shape[2]
@@ -584,9 +586,9 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
 
     The steps run in a loop (``lax.fori_loop``) whose carry holds the
     visiting K/V and the running ``(o, m, total)`` per query chunk: one
-    step's buffers, reused, whatever the number of devices. Ring: each iteration
-    sends the visiting K/V on before its compute; the last step, which sends
-    nothing, runs after the loop. All-gather: each iteration takes one
+    step's buffers, reused, whatever the number of devices. Ring: each
+    iteration sends the visiting K/V on before its compute; the last step,
+    which sends nothing, runs after the loop. All-gather: each iteration takes one
     device's slice of the gathered K/V.
     """
     n = plan.size

@@ -626,7 +626,9 @@ def pmap_checks(report, params, x, targets, hidden, check):
     import jsoftmax
 
     n, (b, t, _), h = 4, x.shape, 4
-    split = lambda a: jnp.moveaxis(a.reshape(b, n, t // n, *a.shape[2:]), 1, 0)  # noqa: E731
+
+    def split(a):  # [B, T, ...] -> [n, B, T / n, ...]
+        return jnp.moveaxis(a.reshape(b, n, t // n, *a.shape[2:]), 1, 0)
 
     def ours(q, k, v):
         return jsoftmax.dot_product_attention(
@@ -654,7 +656,10 @@ def pmap_checks(report, params, x, targets, hidden, check):
         return jax.pmap(fn, axis_name="c", in_axes=(None, 0, 0))
 
     xs, ts = split(x), split(targets)
-    whole = lambda p: pmapped(partial(local_loss, attention=ours))(p, xs, ts)[0]  # noqa: E731
+
+    def whole(p):  # the loss, replicated over the devices
+        return pmapped(partial(local_loss, attention=ours))(p, xs, ts)[0]
+
     check("pmap, gradient outside", *jax.value_and_grad(whole)(params))
     inside = {
         name: pmapped(jax.grad(partial(local_loss, attention=fn)))(params, xs, ts)
