@@ -64,11 +64,12 @@ def _attention(op, x):
     return op(q, k, v, is_causal=True).reshape(x.shape)
 
 
-def _cases() -> list[tuple[str, Callable, Callable]]:
-    """(name, op of one array argument, independent reference)."""
+def _cases() -> list[tuple[str, Callable, Callable, int]]:
+    """(name, op of one array argument, independent reference, width of a
+    row of that argument)."""
     mask = jnp.arange(12) % 3 != 1
     ce_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0)
-    return [
+    rows_of_12 = [
         ("softmax", jsoftmax.softmax, testing.reference_softmax),
         ("log_softmax", jsoftmax.log_softmax, testing.reference_log_softmax),
         (
@@ -123,35 +124,38 @@ def _cases() -> list[tuple[str, Callable, Callable]]:
                 ),
             ),
         ),
-        (
-            "dot_product_attention",
+    ]
+    # Attention over 24 positions in blocks of 16 (a partial block, the
+    # causal diagonal, a skipped block): the smallest blocks the kernels
+    # take, so that on a GPU the default runs the kernels.
+    attention = (
+        "dot_product_attention",
+        partial(
+            _attention,
             partial(
-                _attention,
-                partial(
-                    jsoftmax.dot_product_attention,
-                    query_chunk_size=2,
-                    key_chunk_size=2,
-                ),
-            ),
-            partial(
-                _attention,
-                partial(jax.nn.dot_product_attention, implementation="xla"),
+                jsoftmax.dot_product_attention, query_chunk_size=16, key_chunk_size=16
             ),
         ),
-    ]
+        partial(
+            _attention, partial(jax.nn.dot_product_attention, implementation="xla")
+        ),
+        4 * 24,
+    )
+    return [(*case, 12) for case in rows_of_12] + [attention]
 
 
 def _context_parallel(mesh, mode, layout, q, k, v, is_causal):
     """Attention with the sequence axis (``-3``) of ``q, k, v`` split over
     the mesh axis "c", ``mode`` and ``layout`` as ``context_parallel`` and
-    ``context_layout`` name them; in and out in natural order."""
+    ``context_layout`` name them; in and out in natural order. Blocks of 16,
+    the kernels' smallest: on GPUs the pairs run the kernels."""
     n = mesh.shape["c"]
     seq = P(*(None,) * (q.ndim - 3), "c")
     zigzag = layout == "zigzag"
 
     def attend(q, k, v):
         return jsoftmax.dot_product_attention(
-            q, k, v, is_causal=is_causal, query_chunk_size=2, key_chunk_size=2,
+            q, k, v, is_causal=is_causal, query_chunk_size=16, key_chunk_size=16,
             axis_name="c", context_parallel=mode, context_layout=layout,
         )  # fmt: skip
 
@@ -270,9 +274,10 @@ def verify(transforms=("jit", "vmap"), dtypes=("float32", "bfloat16")) -> list[d
 def _verify(transforms, dtypes) -> list[dict]:
     rows = []
     for device in _backends():
-        # A batch of 4 rows of 12 classes; vmap maps over the 4 rows.
-        for name, op, reference in _cases():
-            rows += _rows(name, op, reference, device, (4, 12), transforms, dtypes)
+        # A batch of 4 rows; vmap maps over the 4 rows.
+        for name, op, reference, width in _cases():
+            shape = (4, width)
+            rows += _rows(name, op, reference, device, shape, transforms, dtypes)
         devices = _mesh_devices(device.platform)
         # The sharded ops under jit only: eager vmap would dispatch each
         # operation of every ring step on its own (minutes, not seconds).

@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 
 import jsoftmax
 from jsoftmax import __main__ as cli
@@ -47,6 +49,7 @@ def test_main_exits_non_zero_when_a_check_fails(monkeypatch, capsys):
                 "shifted",
                 lambda x: testing.reference_softmax(x) + 0.1,
                 testing.reference_softmax,
+                12,
             )
         ]
 
@@ -194,3 +197,22 @@ def test_main_sharded_rows_catch_a_wrong_ring_merge():
     for (op, _, _), result in rows.items():
         # Only the ring merges partial rows: the other rows still pass.
         assert result == ("FAIL" if "[ring" in op else "pass"), out[-3000:]
+
+
+def test_main_attention_rows_run_the_kernels_where_lowered_for_cuda():
+    # On a GPU the table checks the kernels, not the XLA path they fall back
+    # to for blocks they cannot take (blocks of 2 did): the attention row and
+    # the context-parallel ones (over an abstract mesh of 2), lowered for
+    # CUDA with their Jacobians, hold the three kernels.
+    mesh = jax.sharding.AbstractMesh((2,), ("c",), axis_types=(AxisType.Auto,))
+    cases = [c for c in cli._cases() + cli._mesh_cases(mesh) if "attention" in c[0]]
+    assert len(cases) == 3
+    triton = "__gpu$xla.gpu.triton"
+    for name, op, _, width in cases:
+        text = jax.export.export(
+            jax.jit(jax.jacrev(op)),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+        )(jnp.ones((4, width))).mlir_module()
+        for kernel in ("forward", "dkv", "dq"):
+            assert f"jsoftmax_attention_{kernel}" in text, (name, kernel)
