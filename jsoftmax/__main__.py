@@ -64,11 +64,15 @@ def _attention(op, x):
     return op(q, k, v, is_causal=True).reshape(x.shape)
 
 
+# The losses' options in every row: each term of the rule is checked.
+_LOSS_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0)
+
+
 def _cases() -> list[tuple[str, Callable, Callable, int]]:
     """(name, op of one array argument, independent reference, width of a
     row of that argument)."""
     mask = jnp.arange(12) % 3 != 1
-    ce_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0)
+    ce_opts = _LOSS_OPTIONS
     rows_of_12 = [
         ("softmax", jsoftmax.softmax, testing.reference_softmax),
         ("log_softmax", jsoftmax.log_softmax, testing.reference_log_softmax),
@@ -184,8 +188,8 @@ def _mesh_cases(mesh) -> list[tuple[str, Callable, Callable, int]]:
     def weights(x):  # [12, classes]
         return jnp.cos(jnp.arange(12 * classes).reshape(12, classes)).astype(x.dtype)
 
-    ce_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0, axis_name="c")
-    ref_opts = dict(label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0)
+    ce_opts = dict(_LOSS_OPTIONS, axis_name="c")
+    ref_opts = _LOSS_OPTIONS
     attention = partial(jax.nn.dot_product_attention, implementation="xla")
     cases = [
         (
