@@ -2,6 +2,7 @@
 
     python bench/context_parallel.py             # T=32768 on 8 host devices
     python bench/context_parallel.py --quick     # T=2048, a smoke run
+    python bench/context_parallel.py --time      # head groups: time, T=8192
 
 Compile-only (nothing runs): XLA's ``memory_analysis`` of one device's
 program, ``jit(value_and_grad)`` of ``sum(dot_product_attention(...))``
@@ -12,6 +13,13 @@ the backward (``saved_residuals``, divided by the devices), the arguments
 (q, k, v) and the forward pass's collective bytes received, counted from the
 compiled forward program's ``collective-permute`` / ``all-gather`` shapes.
 Writes ``bench/results/context_parallel_cpu.md`` (``_quick`` with --quick).
+
+``--time`` times the ring's ``jit(value_and_grad)`` (8 devices, T=8192, 8
+query and key/value heads, causal) as it runs, one key/value head at a time
+(:func:`jsoftmax._context_parallel.head_groups`), against the ring over all
+heads at once (one group), with a second compiled copy of the latter as the
+A/A control: medians of interleaved rounds, written to
+``bench/results/context_parallel_time_cpu.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jsoftmax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench import machine  # noqa: E402
+from bench import interleaved, machine  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MiB = 2**20
@@ -147,7 +155,7 @@ def measure(t, kv_heads, devices=0, mode="ring", layout="zigzag"):
 
 def rows(t, devices):
     table = []
-    for kv_heads in (N, 1):
+    for kv_heads in (N, 2, 1):
         single = measure(t, kv_heads)
         table.append(("one device", kv_heads, "-", single, single))
         for mode in ("ring", "all_gather"):
@@ -158,10 +166,74 @@ def rows(t, devices):
     return table
 
 
+def timing(t=8192, devices=8, rounds=7):
+    """Median seconds per call of the ring (value and gradients), in head
+    groups and in one group, per layout; and the A/A control."""
+    from jsoftmax import _context_parallel as cp
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (B, t, N, H), jnp.float32) for key in keys)
+    groups = cp.head_groups
+    rows = []
+    for layout in ("zigzag", "contiguous"):
+        fns = {}
+        for name in ("head groups", "one group", "one group (A/A)"):
+            cp.head_groups = groups if name == "head groups" else lambda *a: 1
+            try:
+                _, step = _programs(t, N, devices, "ring", layout)
+                fns[name] = jax.jit(step)
+                jax.block_until_ready(fns[name](q, k, v))  # traced and compiled
+            finally:
+                cp.head_groups = groups
+        medians = {
+            n: float(np.median(x))
+            for n, x in interleaved(fns, (q, k, v), rounds).items()
+        }
+        rows.append((layout, medians))
+        print(layout, medians, flush=True)
+    return rows
+
+
+def main_time(rounds):
+    t, n = 8192, 8
+    rows = timing(t, n, rounds)
+    lines = [
+        "# Context-parallel attention: key/value heads in groups, time",
+        "",
+        f"Machine: {machine()}; {n} host CPU devices via XLA_FLAGS (the 2 cores "
+        "run all 8).",
+        "",
+        f"The ring's `jit(value_and_grad)` of `sum(dot_product_attention(...))` "
+        f"inside `shard_map`, causal, B={B}, T=S={t}, N={N} query and key/value "
+        f"heads, H={H}, float32, default chunks: as it runs (head groups: "
+        f"here one key/value head at a time, {N} groups) against the ring over "
+        "all heads at once (one group), and a second compiled copy of the "
+        f"latter (A/A). Medians of {rounds} interleaved rounds.",
+        "",
+        "| layout | head groups | one group | A/A | groups / one group | A/A ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layout, m in rows:
+        one = m["one group"]
+        lines.append(
+            f"| {layout} | {m['head groups'] * 1e3:,.0f} ms | {one * 1e3:,.0f} ms | "
+            f"{m['one group (A/A)'] * 1e3:,.0f} ms | {m['head groups'] / one:.3f} | "
+            f"{m['one group (A/A)'] / one:.3f} |"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "context_parallel_time_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--time", action="store_true")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
+    if args.time:
+        return main_time(args.rounds)
     t, n = (2048, 8) if args.quick else (32768, 8)
     table = rows(t, n)
     lines = [

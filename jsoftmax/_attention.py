@@ -225,7 +225,17 @@ def dot_product_attention(
         ``"all_gather"``: K/V (and what is split with the keys) are gathered
         (one all-gather per array, forward and backward) and dK, dV
         reduce-scattered: cheaper with few key/value heads, and it holds the
-        whole K/V on every device.
+        whole K/V on every device. Both modes run these collectives once
+        per group of key/value heads, the groups one after another, each
+        group's K/V the size of ``1 / groups`` of them: the fewest groups
+        with at most an eighth of the query heads each (or one key/value
+        head) whose K/V-sized buffers (the ring's visiting and arriving K,
+        V, dK and dV; all-gather's gathered ones) hold no more elements than
+        the local queries (8 heads, or 64 query heads over 8 key/value
+        heads: one key/value head at a time; a single key/value head: one
+        group). The K/V bytes sent are those of one pass; what every head
+        shares (key segment ids, a one-head bias or mask split with the
+        keys) travels once per group.
       context_layout: ``"contiguous"`` (default): device ``i`` holds the
         ``i``-th slice. ``"zigzag"``: the sequence is cut into ``2n`` chunks
         and device ``i`` holds chunks ``i`` and ``2n - 1 - i``
@@ -270,6 +280,8 @@ def dot_product_attention(
         ``local_window_size``, ``soft_cap`` or chunk size (they must be
         static: under ``jit``, pass them with ``static_argnames``). Concrete
         0-d arrays (``np.array(30.)``, ``jnp.float32(30.)``) are accepted.
+      NotImplementedError: ``context_parallel="all_gather"`` with the heads
+        split over an explicit mesh axis (the ring supports it).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -436,8 +448,26 @@ def _parallel_plan(args, bias, mask, axis_name, size, mode, layout):
     (bias,) = varying_like((bias,), *args.arrays)
     config = args.config
     config = dataclasses.replace(config, partials=True)
-    plan = cp.Plan(config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys)
+    groups = cp.head_groups(mode, size, t, s, heads, key.shape[2])
+    if any(_sharded_axis(x, 2) for x in (query, key)):
+        if mode == "all_gather":
+            # lax.psum_scatter of dK/dV fails inside JAX (jax 0.10.2) when
+            # another of their axes is split over an explicit mesh axis.
+            raise NotImplementedError(
+                f"{name}: context_parallel='all_gather' with the heads split over "
+                "an explicit mesh axis; use context_parallel='ring' there"
+            )
+        groups = 1  # heads split over an explicit mesh axis: no slicing them
+    plan = cp.Plan(
+        config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys, groups
+    )
     return (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg), plan
+
+
+def _sharded_axis(x, axis):
+    """Is ``x``'s ``axis`` split over an explicit mesh axis?"""
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return axis < len(spec) and spec[axis] is not None
 
 
 def _split_scores(what, x, local, size, float_mask):

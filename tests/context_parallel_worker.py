@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import sys
+from functools import partial
 
 
 def cp_collectives(text):
@@ -78,8 +79,10 @@ def main():
     jax.config.update("jax_default_matmul_precision", "highest")
     part = sys.argv[1]
     report = {}
-    if part in ("compose", "memory", "order"):
-        {"compose": compose, "memory": memory, "order": order}[part](report)
+    if part in ("compose", "memory", "order", "heads"):
+        parts = {"compose": compose, "memory": memory, "order": order}
+        parts["heads"] = explicit_heads
+        parts[part](report)
         print(json.dumps(report))
         return
     b, t, h = 2, 32, 8
@@ -329,7 +332,7 @@ def main():
         finally:
             xla.online_step = step
         plan = cp.Plan(
-            config, "c", n, "ring", layout, t_long // n, t_long // n, None, None
+            config, "c", n, "ring", layout, t_long // n, t_long // n, None, None, 1
         )
         static = cp.block_counts(plan)
         np.testing.assert_array_equal(seen, static, err_msg=layout)
@@ -343,9 +346,12 @@ def main():
 
 
 def memory(report):
-    """Per-device bytes of jit(value_and_grad) inside shard_map on 2, 4 and 8
-    devices and of the one-device op (compile-only): temporaries and the
-    forward pass's residuals, causal, T = 1024."""
+    """Per-device bytes of jit(value_and_grad) inside shard_map and of the
+    one-device op (compile-only): temporaries and the forward pass's
+    residuals, causal. At T = 1024 (4 heads, blocks of 32), both modes on
+    2, 4 and 8 devices; at issue 20's size, T = 32768 (8 query heads of 64,
+    default blocks), the ring in both layouts on 2, 4 and 8 devices with 8
+    key/value heads, and on 8 with 1."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -353,12 +359,12 @@ def memory(report):
     from jax.sharding import PartitionSpec as P
 
     import jsoftmax
+    from jsoftmax import _context_parallel as cp
 
-    t, heads, h = 1024, 4, 32
-    shape = jax.ShapeDtypeStruct((1, t, heads, h), jnp.float32)
-    chunks = dict(query_chunk_size=32, key_chunk_size=32)
+    def measure(n, t, heads, kv_heads, h, chunks, **parallel):
+        q = jax.ShapeDtypeStruct((1, t, heads, h), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, t, kv_heads, h), jnp.float32)
 
-    def measure(n, **parallel):
         def attend(q, k, v):
             return jsoftmax.dot_product_attention(
                 q, k, v, is_causal=True, **chunks, **parallel
@@ -383,23 +389,48 @@ def memory(report):
         else:
             attend_, step_ = attend, step
         temp = (
-            jax.jit(step_).lower(shape, shape, shape).compile().memory_analysis()
+            jax.jit(step_).lower(q, kv, kv).compile().memory_analysis()
         ).temp_size_in_bytes
         residuals = sum(
             int(np.prod(a.shape)) * a.dtype.itemsize
-            for a, why in saved_residuals(attend_, shape, shape, shape)
+            for a, why in saved_residuals(attend_, q, kv, kv)
             if not str(why).startswith("from the argument")
         ) / max(n, 1)
         return {"temp": temp, "residuals": residuals}
 
-    report["1"] = measure(0)
+    small = (1024, 4, 4, 32, dict(query_chunk_size=32, key_chunk_size=32))
+    report["1"] = measure(0, *small)
     for n in (2, 4, 8):
         for mode, layout in (("ring", "zigzag"), ("all_gather", "contiguous")):
             label = f"{mode}/{layout}/{n}"
             report[label] = measure(
-                n, axis_name="c", context_parallel=mode, context_layout=layout
+                n, *small, axis_name="c", context_parallel=mode, context_layout=layout
             )
             print(label, report[label], flush=True)
+    for kv_heads in (8, 1):
+        large = (32768, 8, kv_heads, 64, {})
+        report[f"target/1/kv{kv_heads}"] = measure(0, *large)
+        for n in (2, 4, 8) if kv_heads == 8 else (8,):
+            for layout in ("zigzag", "contiguous"):
+                label = f"target/ring/{layout}/{n}/kv{kv_heads}"
+                report[label] = measure(
+                    n, *large, axis_name="c", context_parallel="ring",
+                    context_layout=layout,
+                )  # fmt: skip
+                print(label, report[label], flush=True)
+    # The ring with the K/V of every head travelling together.
+    groups = cp.head_groups
+    cp.head_groups = lambda *args: 1
+    try:
+        for layout in ("zigzag", "contiguous"):
+            label = f"one-group/ring/{layout}/8/kv8"
+            report[label] = measure(
+                8, 32768, 8, 8, 64, {}, axis_name="c", context_parallel="ring",
+                context_layout=layout,
+            )  # fmt: skip
+            print(label, report[label], flush=True)
+    finally:
+        cp.head_groups = groups
 
 
 def order(report):
@@ -474,6 +505,91 @@ def order(report):
     ]
     report["async"] = bool(re.search(r"collective-permute-(start|done)", compiled))
     print(report, flush=True)
+
+
+def explicit_heads(report):
+    """Tensor and context parallelism together: a mesh ("c", "model") of
+    explicit axes, shard_map manual over "c" only, q, k, v with the sequence
+    over "c" and the heads over "model". Both modes and layouts, causal,
+    with sinks: the output and the gradients of q, k, v and the sinks equal
+    the unsharded op's, and the output keeps the heads' sharding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    n, t, heads, kv_heads, h = 2, 32, 4, 2, 8
+    mesh = jax.make_mesh(
+        (n, 2), ("c", "model"), (AxisType.Explicit,) * 2, devices=jax.devices()[:4]
+    )
+    keys = jax.random.split(jax.random.key(5), 5)
+    q, ct = (jax.random.normal(key, (1, t, heads, h)) for key in keys[:2])
+    k, v = (jax.random.normal(key, (1, t, kv_heads, h)) for key in keys[2:4])
+    sinks = jax.random.normal(keys[4], (heads,))
+    opts = dict(is_causal=True, query_chunk_size=4, key_chunk_size=4)
+
+    def loss(f, ct, q, k, v, sinks):
+        return jnp.sum(f(q, k, v, sinks) * ct)
+
+    def unsharded(q, k, v, sinks):
+        return jsoftmax.dot_product_attention(q, k, v, sinks=sinks, **opts)
+
+    want = jax.value_and_grad(partial(loss, unsharded, ct), (0, 1, 2, 3))(
+        q, k, v, sinks
+    )
+    want = (unsharded(q, k, v, sinks), *want)
+    for mode in ("ring", "all_gather"):
+        for layout in ("contiguous", "zigzag"):
+
+            def local(q, k, v, sinks, mode=mode, layout=layout):
+                return jsoftmax.dot_product_attention(
+                    q, k, v, sinks=sinks, axis_name="c", context_parallel=mode,
+                    context_layout=layout, **opts,
+                )  # fmt: skip
+
+            seq = P(None, "c")
+            f = jax.shard_map(
+                local, in_specs=(seq, seq, seq, P()), out_specs=seq, axis_names={"c"}
+            )
+            # The layout is applied to (and undone on) host arrays.
+            put = lambda x, layout=layout: jax.device_put(  # noqa: E731
+                jsoftmax.to_zigzag(x, n) if layout == "zigzag" else x,
+                NamedSharding(mesh, P(None, "c", "model")),
+            )
+            back = lambda x, layout=layout: (  # noqa: E731
+                jsoftmax.from_zigzag(np.asarray(x), n) if layout == "zigzag" else x
+            )
+            with jax.set_mesh(mesh):
+                args = (put(q), put(k), put(v), sinks)
+                if mode == "all_gather":
+                    try:
+                        jax.jit(f)(*args)
+                    except NotImplementedError as e:
+                        assert "use context_parallel='ring'" in str(e), e
+                        report[mode] = "raises"
+                        break
+                    raise AssertionError("all_gather with split heads ran")
+                out = jax.jit(f)(*args)
+                value, grads = jax.jit(
+                    jax.value_and_grad(partial(loss, f, put(ct)), (0, 1, 2, 3))
+                )(*args)
+            assert out.sharding.spec[2] == "model", out.sharding
+            got = (back(out), value, *(back(g) for g in grads[:3]), grads[3])
+            for name, g, w in zip(
+                ("out", "loss", "dq", "dk", "dv", "dsinks"),
+                got,
+                (want[0], want[1], *want[2]),
+                strict=True,
+            ):
+                scale = float(np.abs(w).max())
+                np.testing.assert_allclose(
+                    np.asarray(g), w, rtol=1e-5, atol=1e-5 * scale, err_msg=name
+                )
+            report[f"{mode}/{layout}"] = "equal"
+            print(mode, layout, "equal to unsharded", flush=True)
 
 
 def compose(report):
