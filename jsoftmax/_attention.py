@@ -280,8 +280,6 @@ def dot_product_attention(
         ``local_window_size``, ``soft_cap`` or chunk size (they must be
         static: under ``jit``, pass them with ``static_argnames``). Concrete
         0-d arrays (``np.array(30.)``, ``jnp.float32(30.)``) are accepted.
-      NotImplementedError: ``context_parallel="all_gather"`` with the heads
-        split over an explicit mesh axis (the ring supports it).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -450,13 +448,6 @@ def _parallel_plan(args, bias, mask, axis_name, size, mode, layout):
     config = dataclasses.replace(config, partials=True)
     groups = cp.head_groups(mode, size, t, s, heads, key.shape[2])
     if any(_sharded_axis(x, 2) for x in (query, key)):
-        if mode == "all_gather":
-            # lax.psum_scatter of dK/dV fails inside JAX (jax 0.10.2) when
-            # another of their axes is split over an explicit mesh axis.
-            raise NotImplementedError(
-                f"{name}: context_parallel='all_gather' with the heads split over "
-                "an explicit mesh axis; use context_parallel='ring' there"
-            )
         groups = 1  # heads split over an explicit mesh axis: no slicing them
     plan = cp.Plan(
         config, axis_name, size, mode, layout, t, s, bias_keys, mask_keys, groups

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_xla as xla
@@ -108,9 +109,22 @@ def _permute_chunks(name, x, axis_size, axis, order):
             f"{name}: the sequence length {length} (axis {axis}) must be divisible "
             f"by 2 * axis_size = {2 * n}"
         )
+    sharding = jax.typeof(x).sharding
+    spec = tuple(sharding.spec) + (None,) * x.ndim
+    split = _explicit(x) and spec[axis] is not None
+    if split:
+        # The axis split over an explicit mesh axis: gathered, reordered and
+        # split again as it was (the chunks move between devices).
+        whole = P(*spec[:axis], None, *spec[axis + 1 : x.ndim])
+        x = jax.sharding.reshard(x, sharding.update(spec=whole))
+    dims = tuple(range(axis + 1)) + tuple(range(axis, x.ndim))
     shape = x.shape[:axis] + (2 * n, length // (2 * n)) + x.shape[axis + 1 :]
-    x = jnp.take(x.reshape(shape), order(n), axis=axis)
-    return x.reshape(x.shape[:axis] + (length,) + x.shape[axis + 2 :])
+    x = jnp.take(xla.reshape(x, shape, x, dims), order(n), axis=axis)
+    dims = tuple(range(axis + 1)) + tuple(range(axis + 2, x.ndim))
+    x = xla.reshape(x, x.shape[:axis] + (length,) + x.shape[axis + 2 :], x, dims)
+    if split:
+        x = jax.sharding.reshard(x, sharding)
+    return x
 
 
 def to_zigzag(x: jax.typing.ArrayLike, axis_size: int, axis: int = 1) -> jax.Array:
@@ -122,7 +136,10 @@ def to_zigzag(x: jax.typing.ArrayLike, axis_size: int, axis: int = 1) -> jax.Arr
     and ``2 * axis_size - 1 - i``: under a causal mask every device then has
     the same amount of work. Apply it once to every per-token array of a
     batch (tokens, targets, positions, segment ids) and pass
-    ``context_layout="zigzag"`` to :func:`dot_product_attention`.
+    ``context_layout="zigzag"`` to :func:`dot_product_attention`. An array
+    whose axis is already split over an explicit mesh axis keeps its
+    sharding: its chunks move between the devices (the axis is gathered,
+    reordered and split again).
 
     Args:
       x: an array with a sequence axis.
@@ -496,6 +513,12 @@ def _scatter_keys(plan, x, axis):
     """The transpose of :func:`_gather_keys`: each device's share of the sum."""
     if plan.layout == "zigzag":
         x = to_zigzag(x, plan.size, axis=axis)
+    if _explicit(x) and any(e is not None for e in jax.typeof(x).sharding.spec):
+        # lax.psum_scatter fails inside JAX (0.10.2) on an array with an
+        # axis split over an explicit mesh axis: the sum everywhere, sliced.
+        size = x.shape[axis] // plan.size
+        start = lax.axis_index(plan.axis_name) * size
+        return lax.dynamic_slice_in_dim(lax.psum(x, plan.axis_name), start, size, axis)
     return lax.psum_scatter(x, plan.axis_name, scatter_dimension=axis, tiled=True)
 
 

@@ -217,16 +217,18 @@ def test_context_parallel_composes_with_data_vocab_explicit_and_checkpoint():
     assert len(report) == 10 and all(report.values())
 
 
-def test_ring_with_heads_split_over_an_explicit_axis_equals_unsharded():
+def test_heads_split_over_an_explicit_axis_equal_unsharded():
     # Tensor and context parallelism in one mesh of explicit axes (shard_map
-    # manual over the sequence axis only, the heads over "model"): the ring
-    # keeps the heads' sharding and equals the unsharded op, values and
-    # gradients (q, k, v, sinks), both layouts. The all-gather mode raises a
-    # named NotImplementedError there (psum_scatter fails inside JAX).
+    # manual over the sequence axis only, the heads over "model"): both modes
+    # keep the heads' sharding and equal the unsharded op, values and
+    # gradients (q, k, v, sinks), both layouts, with to_zigzag and
+    # from_zigzag applied to the sharded arrays (which keep their sharding).
     report = _report("heads")
     assert report == {
-        "ring/contiguous": "equal", "ring/zigzag": "equal", "all_gather": "raises"
-    }  # fmt: skip
+        f"{mode}/{layout}": "equal"
+        for mode in ("ring", "all_gather")
+        for layout in ("contiguous", "zigzag")
+    }
 
 
 def test_ring_permute_issued_before_its_steps_compute():
