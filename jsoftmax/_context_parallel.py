@@ -405,10 +405,16 @@ def _start_rows(q, kv_heads):
     """The running ``(o, m, total)`` of rows that have seen no key yet:
     ``o = sum_p e^(L_p - m) o_p`` and ``total = sum_p e^(L_p - m)`` over the
     pairs ``p`` merged so far, ``m`` the largest ``L_p``."""
+    row = _row_stats(q, kv_heads, 0)
+    return jnp.zeros_like(q, row.dtype), jnp.full_like(row, -jnp.inf), row
+
+
+def _row_stats(q, kv_heads, value):
+    """``[B, K, G, T]`` rows of ``q`` filled with ``value``, sharded (under an
+    explicit mesh) as the block path shards its ``lse``."""
     b, t, n, _ = q.shape
-    acc = xla._acc(q)
-    row = jnp.zeros((b, kv_heads, n // kv_heads, t), acc)
-    return jnp.zeros_like(q, acc), jnp.full_like(row, -jnp.inf), row
+    rows = jnp.full_like(q[..., 0], value, xla._acc(q)).transpose(0, 2, 1)
+    return xla.reshape(rows, (b, kv_heads, n // kv_heads, t), q, (0, 2, 2, 1))
 
 
 def _merge(state, o_p, lse_p):
@@ -491,19 +497,13 @@ def _sides(plan, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
 
 def _gather_keys(plan, x, axis, direction):
     """All devices' key slices of ``x`` along ``axis``, in natural order.
-    The backward pass (``direction`` -1) gathers them on a new leading axis
-    and moves it into place: not the forward's computation, which XLA would
+    The backward pass (``direction`` -1) gathers them with a trailing axis of
+    1 (as :func:`_send`): not the forward's computation, which XLA would
     otherwise merge with it (CSE) and keep alive from one pass to the other."""
     if direction == 1:
         x = lax.all_gather(x, plan.axis_name, axis=axis, tiled=True)
     else:
-        local = x
-        x = jnp.moveaxis(lax.all_gather(x, plan.axis_name), 0, axis)
-        shape = (
-            x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :]
-        )
-        # Sharded (explicit mesh) as the local slice is.
-        x = xla.reshape(x, shape, local, tuple(range(local.ndim)))
+        x = lax.all_gather(x[..., None], plan.axis_name, axis=axis, tiled=True)[..., 0]
     if plan.layout == "zigzag":
         x = from_zigzag(x, plan.size, axis=axis)
     return x
@@ -622,13 +622,8 @@ def _loop(count, body, carry):
 
 
 def _empty_forward(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
-    b, t, n, _ = q.shape
-    kh = k.shape[2]
-    acc = xla._acc(q)
-    # [B, N, T] as [B, K, G, T], sharded (explicit mesh) as the block path's.
-    rows = jnp.full_like(q[..., 0], -jnp.inf, acc).transpose(0, 2, 1)
-    lse = xla.reshape(rows, (b, kh, n // kh, t), q, (0, 2, 2, 1))
-    return jnp.zeros_like(q, acc), lse
+    lse = _row_stats(q, k.shape[2], -jnp.inf)
+    return jnp.zeros_like(q, lse.dtype), lse
 
 
 def _forward_step(steps, at, index, local, visiting, state):
@@ -650,9 +645,7 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     args = (q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
     if plan.groups == 1:
         return _forward_heads(plan, *args)
-    b, t, n, _ = q.shape
-    kh = k.shape[2]
-    ng, kg = n // plan.groups, kh // plan.groups
+    ng, kg = q.shape[2] // plan.groups, k.shape[2] // plan.groups
 
     def body(j, carry):
         out, lse = carry
@@ -660,7 +653,7 @@ def forward(plan, q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
         out = lax.dynamic_update_slice_in_dim(out, o_j, j * ng, 2)
         return out, lax.dynamic_update_slice_in_dim(lse, lse_j, j * kg, 1)
 
-    lse = jnp.zeros((b, kh, n // kh, t), xla._acc(q))
+    lse = _row_stats(q, k.shape[2], 0)
     carry = varying_like(
         (jnp.zeros_like(q), lse), *args, lax.axis_index(plan.axis_name)
     )

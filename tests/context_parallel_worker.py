@@ -12,6 +12,7 @@ doctests from every module) does nothing.
 
 import collections
 import json
+import math
 import os
 import sys
 from functools import partial
@@ -508,11 +509,14 @@ def order(report):
 
 
 def explicit_heads(report):
-    """Tensor and context parallelism together: a mesh ("c", "model") of
-    explicit axes, shard_map manual over "c" only, q, k, v with the sequence
-    over "c" and the heads over "model". Both modes and layouts, causal,
-    with sinks: the output and the gradients of q, k, v and the sinks equal
-    the unsharded op's, and the output keeps the heads' sharding."""
+    """Tensor or data parallelism beside context parallelism, in meshes of
+    explicit axes with shard_map manual over "c" only: q, k, v with the
+    sequence over "c" and the heads over "model" (2 and 4 devices along
+    "c": the ring's steps are then inlined, and a loop), or the batch over
+    "data" (key/value heads in groups, each group's pass a loop trip). Both
+    modes and layouts, causal, with sinks: the output and the gradients of
+    q, k, v and the sinks equal the unsharded op's, and the output keeps
+    the sharding of its heads and batch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -521,13 +525,10 @@ def explicit_heads(report):
 
     import jsoftmax
 
-    n, t, heads, kv_heads, h = 2, 32, 4, 2, 8
-    mesh = jax.make_mesh(
-        (n, 2), ("c", "model"), (AxisType.Explicit,) * 2, devices=jax.devices()[:4]
-    )
+    b, t, heads, kv_heads, h = 2, 32, 4, 2, 8
     keys = jax.random.split(jax.random.key(5), 5)
-    q, ct = (jax.random.normal(key, (1, t, heads, h)) for key in keys[:2])
-    k, v = (jax.random.normal(key, (1, t, kv_heads, h)) for key in keys[2:4])
+    q, ct = (jax.random.normal(key, (b, t, heads, h)) for key in keys[:2])
+    k, v = (jax.random.normal(key, (b, t, kv_heads, h)) for key in keys[2:4])
     sinks = jax.random.normal(keys[4], (heads,))
     opts = dict(is_causal=True, query_chunk_size=4, key_chunk_size=4)
 
@@ -541,52 +542,74 @@ def explicit_heads(report):
         q, k, v, sinks
     )
     want = (unsharded(q, k, v, sinks), *want)
-    for mode in ("ring", "all_gather"):
-        for layout in ("contiguous", "zigzag"):
+    # (name, mesh axes and sizes, the sharding of q, k, v and the output)
+    meshes = (
+        ("heads", (("c", 2), ("model", 2)), P(None, "c", "model")),
+        ("heads4", (("c", 4), ("model", 2)), P(None, "c", "model")),
+        ("batch", (("data", 2), ("c", 4)), P("data", "c")),
+    )
 
-            def local(q, k, v, sinks, mode=mode, layout=layout):
-                return jsoftmax.dot_product_attention(
-                    q, k, v, sinks=sinks, axis_name="c", context_parallel=mode,
-                    context_layout=layout, **opts,
-                )  # fmt: skip
+    def padded(spec):
+        return tuple(spec) + (None,) * (4 - len(spec))
 
-            seq = P(None, "c")
-            f = jax.shard_map(
-                local, in_specs=(seq, seq, seq, P()), out_specs=seq, axis_names={"c"}
-            )
+    for name, axes, spec in meshes:
+        names, sizes = zip(*axes, strict=True)
+        n = dict(axes)["c"]
+        mesh = jax.make_mesh(
+            sizes,
+            names,
+            (AxisType.Explicit,) * 2,
+            devices=jax.devices()[: math.prod(sizes)],
+        )
+        for mode in ("ring", "all_gather"):
+            for layout in ("contiguous", "zigzag"):
 
-            # The layout applied to (and undone on) the sharded arrays: the
-            # chunks move between devices, and the sharding stays.
-            def put(x, layout=layout):
-                x = jax.device_put(x, NamedSharding(mesh, P(None, "c", "model")))
-                if layout == "zigzag":
-                    x = jsoftmax.to_zigzag(x, n)
-                assert tuple(x.sharding.spec)[:3] == (None, "c", "model"), x.sharding
-                return x
+                def local(q, k, v, sinks, mode=mode, layout=layout):
+                    return jsoftmax.dot_product_attention(
+                        q, k, v, sinks=sinks, axis_name="c",
+                        context_parallel=mode, context_layout=layout, **opts,
+                    )  # fmt: skip
 
-            def back(x, layout=layout):
-                return jsoftmax.from_zigzag(x, n) if layout == "zigzag" else x
-
-            with jax.set_mesh(mesh):
-                args = (put(q), put(k), put(v), sinks)
-                out = jax.jit(f)(*args)
-                value, grads = jax.jit(
-                    jax.value_and_grad(partial(loss, f, put(ct)), (0, 1, 2, 3))
-                )(*args)
-            assert out.sharding.spec[2] == "model", out.sharding
-            got = (back(out), value, *(back(g) for g in grads[:3]), grads[3])
-            for name, g, w in zip(
-                ("out", "loss", "dq", "dk", "dv", "dsinks"),
-                got,
-                (want[0], want[1], *want[2]),
-                strict=True,
-            ):
-                scale = float(np.abs(w).max())
-                np.testing.assert_allclose(
-                    np.asarray(g), w, rtol=1e-5, atol=1e-5 * scale, err_msg=name
+                seq = P(None, "c")
+                f = jax.shard_map(
+                    local,
+                    in_specs=(seq, seq, seq, P()),
+                    out_specs=seq,
+                    axis_names={"c"},
                 )
-            report[f"{mode}/{layout}"] = "equal"
-            print(mode, layout, "equal to unsharded", flush=True)
+
+                # The layout applied to (and undone on) the sharded arrays:
+                # the chunks move between devices, and the sharding stays.
+                def put(x, layout=layout, n=n, mesh=mesh, spec=spec):
+                    x = jax.device_put(x, NamedSharding(mesh, spec))
+                    if layout == "zigzag":
+                        x = jsoftmax.to_zigzag(x, n)
+                    assert padded(x.sharding.spec) == padded(spec), x.sharding
+                    return x
+
+                def back(x, layout=layout, n=n):
+                    return jsoftmax.from_zigzag(x, n) if layout == "zigzag" else x
+
+                with jax.set_mesh(mesh):
+                    args = (put(q), put(k), put(v), sinks)
+                    out = jax.jit(f)(*args)
+                    value, grads = jax.jit(
+                        jax.value_and_grad(partial(loss, f, put(ct)), (0, 1, 2, 3))
+                    )(*args)
+                assert padded(out.sharding.spec) == padded(spec), out.sharding
+                got = (back(out), value, *(back(g) for g in grads[:3]), grads[3])
+                for label, g, w in zip(
+                    ("out", "loss", "dq", "dk", "dv", "dsinks"),
+                    got,
+                    (want[0], want[1], *want[2]),
+                    strict=True,
+                ):
+                    scale = float(np.abs(w).max())
+                    np.testing.assert_allclose(
+                        np.asarray(g), w, rtol=1e-5, atol=1e-5 * scale, err_msg=label
+                    )
+                report[f"{name}/{mode}/{layout}"] = "equal"
+                print(name, mode, layout, "equal to unsharded", flush=True)
 
 
 def compose(report):

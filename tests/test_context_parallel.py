@@ -217,15 +217,18 @@ def test_context_parallel_composes_with_data_vocab_explicit_and_checkpoint():
     assert len(report) == 10 and all(report.values())
 
 
-def test_heads_split_over_an_explicit_axis_equal_unsharded():
-    # Tensor and context parallelism in one mesh of explicit axes (shard_map
-    # manual over the sequence axis only, the heads over "model"): both modes
-    # keep the heads' sharding and equal the unsharded op, values and
-    # gradients (q, k, v, sinks), both layouts, with to_zigzag and
-    # from_zigzag applied to the sharded arrays (which keep their sharding).
+def test_heads_or_batch_split_over_an_explicit_axis_equal_unsharded():
+    # Tensor or data parallelism beside context parallelism, in meshes of
+    # explicit axes (shard_map manual over the sequence axis only): the heads
+    # over "model" with 2 and 4 devices along the sequence (the ring's steps
+    # inlined, and a loop), or the batch over "data" (key/value head groups
+    # in a loop). Both modes keep the sharding and equal the unsharded op,
+    # values and gradients (q, k, v, sinks), both layouts, with to_zigzag
+    # and from_zigzag applied to the sharded arrays.
     report = _report("heads")
     assert report == {
-        f"{mode}/{layout}": "equal"
+        f"{mesh}/{mode}/{layout}": "equal"
+        for mesh in ("heads", "heads4", "batch")
         for mode in ("ring", "all_gather")
         for layout in ("contiguous", "zigzag")
     }
