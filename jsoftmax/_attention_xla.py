@@ -281,9 +281,26 @@ def _visit_blocks(config, lo, hi, trips, body, carry):
 
     def step(n, carry):
         j = lo + lax.convert_element_type(n, lo.dtype)
-        return lax.cond(j < hi, partial(body, j), lambda c: c, carry)
+        return lax.cond(_any_example(j < hi), partial(body, j), lambda c: c, carry)
 
     return lax.fori_loop(0, trips, step, carry)
+
+
+@jax.custom_batching.custom_vmap
+def _any_example(pred):
+    """``pred``, or under ``vmap`` whether it holds for any example: a block
+    that only some examples visit (their lengths differ) is computed for all,
+    its masks hiding it from the others. A ``cond`` on a batched predicate
+    would compute both branches at every step, and reverse mode of that
+    (second derivatives) fails in JAX (0.10.2) on the ``stop_gradient`` it
+    puts on the branches' operands."""
+    return pred
+
+
+@_any_example.def_vmap
+def _any_example_vmap(axis_size, in_batched, pred):
+    (batched,) = in_batched
+    return _any_example(jnp.any(pred) if batched else pred), False
 
 
 def _dynamic_bounds(ctx, outer_start, lo, hi, outer_is_query):
