@@ -120,7 +120,10 @@ def dot_product_attention(
     entirely are skipped, not computed and masked: causal attention does
     about half the work of full attention, a window of width ``w`` about
     ``T * w``. Blocks past the longest ``key_value_seq_lengths`` (and query
-    blocks past the longest ``query_seq_lengths``) are skipped too.
+    blocks past the longest ``query_seq_lengths``) are skipped too; under
+    ``vmap`` over examples with lengths of their own, the longest over the
+    vmapped examples too (a block that some of them visit is computed for
+    all, and masked for the others).
 
     Args:
       query: ``[B, T, N, H]`` or ``[T, N, H]``.
