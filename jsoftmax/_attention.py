@@ -263,8 +263,9 @@ def dot_product_attention(
       unwritten tail) changes nothing, whatever the chunk sizes and the other
       sequences' lengths (jax.nn's output is NaN). A NaN in a key or value
       hidden only by ``mask``, the causal mask, a window or segment ids
-      meets zero probabilities in a matmul and reaches the rows of its block,
-      as in jax.nn.
+      meets zero probabilities in a matmul and reaches the rows of its block
+      that see a key, as in jax.nn; rows that see none stay 0, and it
+      reaches no gradient through them.
 
     Raises:
       ValueError: with ``axis_name``: an axis name not bound here (outside

@@ -74,8 +74,10 @@ def finish_rows(m, total, o, sink):
         total_all = total * shift + jnp.exp(sink - m_all)
     else:
         m_all, total_all = m, total
-    lse = jnp.where(total == 0, -jnp.inf, m_all + jnp.log(total_all))
-    o = o / jnp.where(total == 0, 1, total_all)[..., None]
+    empty = total == 0
+    lse = jnp.where(empty, -jnp.inf, m_all + jnp.log(total_all))
+    # Selected, not scaled: 0 * NaN (a value hidden from the row) is NaN.
+    o = jnp.where(empty[..., None], 0, o / jnp.where(empty, 1, total_all)[..., None])
     return o, lse
 
 
@@ -83,6 +85,13 @@ def safe_lse(lse):
     """``L`` for recomputing ``P = exp(s - L)``: +inf where no key is visible
     (``L = -inf``), so that ``P = 0`` there whatever ``s`` is."""
     return jnp.where(lse == -jnp.inf, jnp.inf, lse)
+
+
+def _hidden_zero(dp, valid):
+    """``dP`` with the hidden entries 0: a NaN or inf in a value hidden from
+    every row of a block (the causal mask, a window, padded queries) would
+    otherwise reach dS as ``0 * NaN``."""
+    return dp if valid is None else jnp.where(valid, dp, 0)
 
 
 def score_grad(p, dp, delta, tanh):
@@ -448,7 +457,7 @@ def _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_):
                 x = jnp.where(valid, x, -jnp.inf)
             p = jnp.exp(x - lb[..., None])
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
-            return d + jnp.sum(p * dp, axis=-1)
+            return d + jnp.sum(p * _hidden_zero(dp, valid), axis=-1)
 
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
         d = _visit_blocks(config, lo, hi, trips, step, jnp.zeros_like(qb[..., 0], acc))
@@ -527,7 +536,7 @@ def backward(config, res, d_out):
                 out_sharding=kv_sharding,
             )
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
-            d_scores, ds = score_grad(p, dp, db, tanh)
+            d_scores, ds = score_grad(p, _hidden_zero(dp, valid), db, tanh)
             if d_bias is not None:
                 d_bias = _add_block(d_bias, d_scores, i0, j0, config)
             ds = ds.astype(q.dtype)

@@ -939,6 +939,55 @@ def test_nan_past_key_value_lengths_never_reaches_the_arithmetic(chunk, neighbou
         np.testing.assert_array_equal(got[~hidden], np.asarray(want)[~hidden])
 
 
+@pytest.mark.parametrize("opts", [dict(is_causal=True), dict(local_window_size=2)])
+@pytest.mark.parametrize("call", ["batched", "vmap"])
+def test_nan_seen_only_by_padded_queries_stays_out(call, opts):
+    # A NaN in a value inside the key length that the causal mask (or a
+    # window) hides from every real query of its sequence, and that only its
+    # padded queries' blocks visit, because the other sequence is longer (in
+    # one batch, or under vmap over examples, whose blocks are computed for
+    # all). Those rows see no key: 0 * NaN made their output NaN, and dS (0 *
+    # NaN through dP) every dK of the block. Output and gradients now equal
+    # those of a clean value, whatever the chunking.
+    t, n, k = 13, 2, 1
+    q, kk, v, ct = _data(t, t, n, k, seed=29)
+    q_len, kv_len = np.array([t, 3], np.int32), np.array([t, t], np.int32)
+    poison = np.zeros((B, t, 1, 1), np.float32)
+    poison[1, 10] = np.nan
+
+    def attention(q, kk, v, q_len, kv_len):
+        return jsoftmax.dot_product_attention(
+            q, kk, v, query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
+            query_chunk_size=4, key_chunk_size=4, **opts,
+        )  # fmt: skip
+
+    if call == "vmap":
+        one = attention
+
+        def attention(q, kk, v, q_len, kv_len):
+            def example(q, kk, v, a, b):
+                return one(q[None], kk[None], v[None], a[None], b[None])[0]
+
+            return jax.vmap(example)(q, kk, v, q_len, kv_len)
+
+    @jax.jit
+    def run(q, kk, v):
+        def loss(q, kk, v):
+            out = attention(q, kk, v, q_len, kv_len)
+            return jnp.sum(out * ct), out
+
+        (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, kk, v)
+        return out, grads
+
+    got, want = run(q, kk, v + poison), run(q, kk, v)
+    assert np.isfinite(np.asarray(got[0])).all()
+    np.testing.assert_array_equal(got[0], want[0])
+    d_q, d_k, d_v = got[1]
+    np.testing.assert_array_equal(d_q, want[1][0])
+    np.testing.assert_array_equal(d_k, want[1][1])
+    np.testing.assert_array_equal(d_v, want[1][2])
+
+
 @pytest.mark.parametrize("x64", [False, True])
 @pytest.mark.parametrize("mode", ["eager", "jit", "disable_jit"])
 def test_index_arithmetic_has_one_dtype_in_every_mode(mode, x64):
