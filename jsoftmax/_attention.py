@@ -153,10 +153,13 @@ def dot_product_attention(
           block path. Chosen by the platform the program is *lowered* for
           (as :func:`jax.lax.platform_dependent` does), not by the default backend:
           :func:`jax.export` for CUDA from a CPU gets the kernels. The
-          kernels lack only float64, head dims ``H > 256`` and chunk sizes
-          that are not powers of two of at least 16; those calls take the
-          XLA path. A program lowered for several platforms at once (one
-          :func:`jax.export` for CPU and CUDA) gets each platform's path.
+          kernels lack only float64, head dims ``H > 256``, chunk sizes
+          that are not powers of two of at least 16, and symbolic shapes
+          (:func:`jax.export` shape polymorphism; ``vmap`` of the op over a
+          symbolic axis is not detected and fails to lower for CUDA);
+          those calls take the XLA path. A program lowered for several
+          platforms at once (one :func:`jax.export` for CPU and CUDA) gets
+          each platform's path.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
           FlashAttention-2 forward, and a backward of one program per key
@@ -394,7 +397,9 @@ def _prepare(
     )
     config = _Config(
         scale, prescaled, lower, upper, soft_cap, query_chunk, key_chunk,
-        _implementation(implementation, query.dtype, h, *kernel_chunks),
+        _implementation(
+            implementation, query.dtype, h, *kernel_chunks, (query.shape, key.shape)
+        ),
         *kernel_chunks,
     )  # fmt: skip
     # Inside shard_map(check_vma=True), every differentiable input varies
@@ -771,7 +776,7 @@ def _index(w):
 # -- The rule -------------------------------------------------------------------
 
 
-def _implementation(implementation, dtype, h, query_chunk_size, key_chunk_size):
+def _implementation(implementation, dtype, h, query_chunk_size, key_chunk_size, shapes):
     """The rule's implementation for ``implementation=`` (checked)."""
     _require_static("implementation", implementation)
     if implementation not in _IMPLEMENTATIONS:
@@ -781,7 +786,7 @@ def _implementation(implementation, dtype, h, query_chunk_size, key_chunk_size):
         )
     if implementation == "xla":
         return "xla"
-    why = pallas.unsupported(dtype, h, query_chunk_size, key_chunk_size)
+    why = pallas.unsupported(dtype, h, query_chunk_size, key_chunk_size, shapes)
     if implementation == "pallas":
         if why is not None:
             raise ValueError(f"{_NAME}: implementation='pallas' does not support {why}")

@@ -32,10 +32,14 @@ _MIN_BLOCK = 16  # Triton's smallest dot operand
 _MAX_HEAD_DIM = 256
 
 
-def unsupported(dtype, head_dim, query_chunk_size, key_chunk_size):
+def unsupported(dtype, head_dim, query_chunk_size, key_chunk_size, shapes=()):
     """Why the kernels cannot run a call (a message naming the option), or
     None. Every attention option is supported; these are the limits of the
-    Triton dots."""
+    Triton dots and grids (``shapes``: the inputs' shapes)."""
+    if not all(isinstance(d, int) for shape in shapes for d in shape):
+        return (
+            "symbolic shapes (jax.export shape polymorphism: the Triton grid is static)"
+        )
     if jnp.dtype(dtype) == jnp.float64:
         return "float64 inputs (the Triton dots are float32, 16-bit or 8-bit)"
     if head_dim > _MAX_HEAD_DIM:

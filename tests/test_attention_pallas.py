@@ -295,6 +295,20 @@ def test_default_falls_back_where_the_kernels_do_not_run(options, dtype):
             jsoftmax.dot_product_attention(q, k, v, implementation="pallas", **options)
 
 
+def test_default_takes_the_xla_path_for_a_symbolic_batch():
+    # jax.export shape polymorphism: the Triton grid is static, and lowering
+    # the kernels over a symbolic batch for CUDA raised NotImplementedError
+    # (dynamic grid bounds). None now takes the XLA path there, and runs the
+    # kernels again once the batch is static; "pallas" names the reason.
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+    (b,) = jax.export.symbolic_shape("b")
+    shapes = [jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype) for x in (q, k, v)]
+    assert TRITON not in _lowered_text(_loss(is_causal=True), ["cuda"], *shapes)
+    assert _lowered_text(_loss(is_causal=True), ["cuda"], q, k, v).count(TRITON) == 3
+    with pytest.raises(ValueError, match="'pallas' does not support symbolic shapes"):
+        _lowered_text(_loss(implementation="pallas"), ["cuda"], *shapes)
+
+
 def test_pallas_refuses_a_head_dim_past_its_limit():
     q, k, v, _ = _arrays(2, jnp.bfloat16, h=264)
     with pytest.raises(ValueError, match="head dim H of 264"):
@@ -424,6 +438,9 @@ def test_unsupported_reasons_name_the_option():
     assert why(jnp.bfloat16, 128, None, None) is None
     assert "float64" in why(jnp.float64, 64, None, None)
     assert "key_chunk_size=48" in why(jnp.float32, 64, 64, 48)
+    (b,) = jax.export.symbolic_shape("b")
+    assert "symbolic" in why(jnp.float32, 64, None, None, ((b, 4, 2, 64),))
+    assert why(jnp.float32, 64, None, None, ((3, 4, 2, 64),)) is None
 
 
 # ---------------------------------------------------------------------------
