@@ -175,8 +175,15 @@ def _batch(axis_data, operands, dims, *, maps):
     res_dims, t_dims = _split(dims, maps)
     # Every tangent is moved to (or broadcast at) axis 0, so that the backward
     # pass returns batched cotangents at axis 0 for all of them; JAX transposes
-    # the broadcast of an unbatched tangent into a sum.
-    t = [batching.bdim_at_front(x, d, size) for x, d in zip(t, t_dims, strict=True)]
+    # the broadcast of an unbatched tangent into a sum. Under an explicit mesh
+    # that shards the vmapped axis, the broadcast tangents and the outputs are
+    # sharded over it as the batched operands are: the vmaps below, and those
+    # of the transpose (reverse mode), require every mapped axis to agree.
+    mesh_axis = axis_data.explicit_mesh_axis
+    t = [
+        batching.bdim_at_front(x, d, size, mesh_axis=mesh_axis)
+        for x, d in zip(t, t_dims, strict=True)
+    ]
     vmap = functools.partial(
         jax.vmap,
         axis_name=axis_data.name,
@@ -188,7 +195,7 @@ def _batch(axis_data, operands, dims, *, maps):
         vmap(maps.jvp, in_axes=(res_dims, 0), out_axes=0),
         vmap(maps.vjp, in_axes=(res_dims, 0), out_axes=0),
         maps.num_res,
-        tuple(_core.unmapped_aval(size, 0, a) for a in maps.out_avals),
+        tuple(_core.unmapped_aval(size, 0, a, mesh_axis) for a in maps.out_avals),
     )
     out = custom_vjp_linear_p.bind(*res, *t, maps=batched)
     return out, [0] * len(out)

@@ -416,6 +416,56 @@ def explicit_mode(mesh):
     return make
 
 
+def explicit_vmap_mode(mesh, how):
+    """``vmap`` over the batch cut into N chunks (microbatches), the mapped
+    axis split over an ``Explicit`` mesh axis, the replicated inputs
+    broadcast (``in_axes=None``). ``how``: the gradient of the whole
+    ("grad outside"), each chunk's own ("grad inside": per-example
+    gradients), or in place of gradients the JVP along the inputs themselves
+    ("jvp"). The ops' batching rules must shard what they create along the
+    mapped axis (broadcast tangents, their outputs' types) as their batched
+    inputs are."""
+
+    def make(f, impl, axis_name, args, specs, argnums, out_spec):
+        body = partial(f, impl, axis_name)
+        in_axes = [0 if s == Bd else None for s in specs]
+
+        def chunk(a, put):  # the global args, batch-sized ones as [N, B/N, ...]
+            return [
+                put(x.reshape(N, -1, *x.shape[1:]), Bd) if ax == 0 else put(x, Rd)
+                for x, ax in zip(a, in_axes, strict=True)
+            ]
+
+        def put(x, spec):
+            return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+        mapped = jax.vmap(body, in_axes=in_axes)
+        shape = jax.eval_shape(mapped, *chunk(args, lambda x, _: x)).shape
+        cot = _cotangent(shape)
+        if how == "grad outside":
+            return lambda *a: _grad(mapped, argnums, cot)(*chunk(a, put))
+        if how == "jvp":
+
+            def jvp(*a):
+                a = chunk(a, put)
+
+                def along(*d):
+                    return mapped(*(d[argnums.index(i)] if i in argnums else x
+                                    for i, x in enumerate(a)))  # fmt: skip
+
+                primals = [a[i] for i in argnums]
+                return jax.jvp(along, primals, primals)
+
+            return jvp
+        per_chunk = jax.vmap(
+            lambda c, *a: _grad(body, argnums, c)(*a), in_axes=(0, *in_axes)
+        )
+        return lambda *a: per_chunk(put(cot, Bd), *chunk(a, put))
+
+    make.mesh = mesh
+    return make
+
+
 mesh_v = jax.make_mesh((N,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
 mesh_d = jax.make_mesh((N,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 mesh_2 = jax.make_mesh(
@@ -466,6 +516,20 @@ SUITES = [
                     (N,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)
                 )
             )
+        },
+    ),
+    (
+        "data",
+        EXPLICIT_CASES,
+        None,
+        {
+            f"vmap over an Explicit mesh axis/{how}": explicit_vmap_mode(
+                jax.make_mesh(
+                    (N,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)
+                ),
+                how,
+            )
+            for how in ("grad outside", "grad inside", "jvp")
         },
     ),
     ("data x vocab", MESH2_CASES, "vocab", shard_map_modes(mesh_2)),

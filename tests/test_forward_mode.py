@@ -959,6 +959,10 @@ def test_jax_internals_used_are_where_expected():
         axis_name="c",
     )(jnp.zeros(2))
     assert names == [("c", 2)], names
+    # The batching rule shards what it broadcasts along an Explicit mesh axis.
+    assert isinstance(batching.AxisData.explicit_mesh_axis, property)
+    assert "explicit_mesh_axis" in core.unmapped_aval.__code__.co_varnames
+    assert "mesh_axis" in batching.bdim_at_front.__code__.co_varnames
     with core.extend_axis_env_nd([("d", 3)]):
         assert core.get_axis_env().axis_sizes["d"] == 3
     assert "d" not in core.get_axis_env().axis_sizes
