@@ -155,11 +155,10 @@ def dot_product_attention(
           :func:`jax.export` for CUDA from a CPU gets the kernels. The
           kernels lack only float64, head dims ``H > 256``, chunk sizes
           that are not powers of two of at least 16, and symbolic shapes
-          (:func:`jax.export` shape polymorphism; ``vmap`` of the op over a
-          symbolic axis is not detected and fails to lower for CUDA);
-          those calls take the XLA path. A program lowered for several
-          platforms at once (one :func:`jax.export` for CPU and CUDA) gets
-          each platform's path.
+          (:func:`jax.export` shape polymorphism, a ``vmap`` of the op over
+          a symbolic axis included); those calls take the XLA path. A
+          program lowered for several platforms at once (one
+          :func:`jax.export` for CPU and CUDA) gets each platform's path.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
           FlashAttention-2 forward, and a backward of one program per key

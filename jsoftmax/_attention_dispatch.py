@@ -35,9 +35,10 @@ def _on_platform(xla_fn, kernel_fn):
         kernel = partial(kernel_fn, config=config, interpret=False)
         if config.implementation == "pallas":
             default = partial(kernel_fn, config=config, interpret=True)
+            symbolic = _refuse_symbolic
         else:
-            default = partial(xla_fn, config=config)
-        return by_platform(args, cuda=kernel, default=default)
+            default = symbolic = partial(xla_fn, config=config)
+        return by_platform(args, cuda=kernel, default=default, symbolic=symbolic)
 
     @run.defjvp
     def run_jvp(config, primals, tangents):
@@ -50,6 +51,17 @@ def _on_platform(xla_fn, kernel_fn):
         return run(config, *args)
 
     return call
+
+
+def _refuse_symbolic(*args):
+    """The kernels for CUDA under a ``vmap`` of symbolic size: refused, as the
+    kernels refuse symbolic shapes they see."""
+    del args
+    raise ValueError(
+        "dot_product_attention: implementation='pallas' does not support "
+        "symbolic shapes (a vmap of symbolic size, lowered for CUDA: the "
+        "Triton grid is static)"
+    )
 
 
 def _xla_backward(res, d_out, config):

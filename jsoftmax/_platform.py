@@ -17,17 +17,19 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax._src import dispatch, effects
+from jax._src import core, dispatch, effects
 from jax._src.interpreters import batching, mlir
 from jax.extend.core import Primitive
 
 
 class _Branches:
-    """The two functions of flat arrays, and their outputs' avals. Hashed by
-    identity: a primitive parameter, never holding a tracer."""
+    """The two functions of flat arrays, the CUDA one's stand-in under a
+    ``vmap`` of symbolic size, and their outputs' avals. Hashed by identity:
+    a primitive parameter, never holding a tracer."""
 
-    def __init__(self, cuda, default, out_avals):
-        self.cuda, self.default, self.out_avals = cuda, default, out_avals
+    def __init__(self, cuda, default, symbolic, out_avals):
+        self.cuda, self.default, self.symbolic = cuda, default, symbolic
+        self.out_avals = out_avals
 
     def __repr__(self):
         return "<cuda | default>"
@@ -54,7 +56,10 @@ mlir.register_lowering(by_platform_p, _lowering)
 
 
 def _batch(axis_data, args, dims, *, branches):
-    """vmap: both branches vmapped, outputs at axis 0."""
+    """vmap: the branches vmapped, outputs at axis 0. A vmap of symbolic size
+    (:func:`jax.export` shape polymorphism) would give the CUDA branch's
+    kernels a grid of dynamic bounds, which the Triton lowering refuses: the
+    stand-in takes the CUDA branch's place there."""
     if all(d is None for d in dims):
         out = by_platform_p.bind(*args, branches=branches)
         return out, [None] * len(out)
@@ -66,21 +71,29 @@ def _batch(axis_data, args, dims, *, branches):
         axis_size=axis_data.size,
         spmd_axis_name=axis_data.spmd_name,
     )
-    out = _bind(vmap(branches.cuda), vmap(branches.default), args)
+    symbolic = vmap(branches.symbolic)
+    static = core.is_constant_dim(axis_data.size)
+    cuda = vmap(branches.cuda) if static else symbolic
+    out = _bind(cuda, vmap(branches.default), symbolic, args)
     return out, [0] * len(out)
 
 
 batching.fancy_primitive_batchers[by_platform_p] = _batch
 
 
-def _bind(cuda, default, leaves):
+def _bind(cuda, default, symbolic, leaves):
     out_avals = tuple(jax.make_jaxpr(default)(*leaves).out_avals)
-    return by_platform_p.bind(*leaves, branches=_Branches(cuda, default, out_avals))
+    branches = _Branches(cuda, default, symbolic, out_avals)
+    return by_platform_p.bind(*leaves, branches=branches)
 
 
-def by_platform(args, *, cuda, default):
+def by_platform(args, *, cuda, default, symbolic):
     """``cuda(*args)`` where the program is lowered for CUDA, ``default(*args)``
-    elsewhere (both the same output structure, shapes and dtypes)."""
+    elsewhere (all three the same output structure, shapes and dtypes).
+
+    ``cuda`` may run kernels, whose grids need static shapes: ``symbolic``
+    takes its place for CUDA under a ``vmap`` of symbolic size (symbolic
+    shapes the caller sees, it handles itself)."""
     leaves, in_tree = jax.tree.flatten(args)
     out_tree = []
 
@@ -93,5 +106,5 @@ def by_platform(args, *, cuda, default):
 
         return run
 
-    out = _bind(flat(cuda), flat(default), leaves)
+    out = _bind(flat(cuda), flat(default), flat(symbolic), leaves)
     return jax.tree.unflatten(out_tree[0], out)

@@ -309,6 +309,31 @@ def test_default_takes_the_xla_path_for_a_symbolic_batch():
         _lowered_text(_loss(implementation="pallas"), ["cuda"], *shapes)
 
 
+@pytest.mark.parametrize("implementation", [None, "pallas"])
+def test_vmap_of_symbolic_size_takes_the_xla_path_for_cuda(implementation):
+    # The op sees one example's static shapes under a vmap over a symbolic
+    # batch; its batching rule gave the kernels a grid of dynamic bounds, and
+    # the CUDA lowering raised NotImplementedError. The vmapped CUDA branch is
+    # now the XLA path under None; "pallas" is refused with a ValueError.
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+    (b,) = jax.export.symbolic_shape("b")
+    shapes = [jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype) for x in (q, k, v)]
+    static = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+
+    def one(q, k, v):
+        return _loss(is_causal=True, implementation=implementation)(
+            q[None], k[None], v[None]
+        )
+
+    assert _lowered_text(jax.vmap(one), ["cuda"], *static).count(TRITON) == 3
+    if implementation is None:
+        text = _lowered_text(jax.vmap(one), ["cuda"], *shapes)
+        assert TRITON not in text and "stablehlo.while" in text
+    else:
+        with pytest.raises(ValueError, match="a vmap of symbolic size"):
+            _lowered_text(jax.vmap(one), ["cuda"], *shapes)
+
+
 def test_pallas_refuses_a_head_dim_past_its_limit():
     q, k, v, _ = _arrays(2, jnp.bfloat16, h=264)
     with pytest.raises(ValueError, match="head dim H of 264"):
