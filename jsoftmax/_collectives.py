@@ -172,6 +172,13 @@ def labels_in_range(labels, classes: int):
     """
     info = jnp.iinfo(labels.dtype)
     nonneg = labels >= np.array(0, labels.dtype)
+    if not isinstance(classes, (int, np.integer)):
+        # Symbolic (jax.export): the count is a traced int32 there, so the
+        # labels are capped at int32's max in their own dtype, then compared
+        # in int32 (no label wraps into range).
+        top = np.array(min(info.max, np.iinfo(np.int32).max), labels.dtype)
+        capped = jnp.minimum(labels, top).astype(np.int32)
+        return nonneg & (capped < jnp.asarray(classes, np.int32))
     if classes == 0:
         return jnp.zeros(labels.shape, bool)
     if classes - 1 >= info.max:  # every non-negative label names a class

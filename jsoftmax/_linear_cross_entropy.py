@@ -134,8 +134,9 @@ def linear_softmax_cross_entropy(
       TypeError: complex inputs, non-integer labels, a non-boolean ``where``,
         a ``chunk_size`` that is not an int (a bool, a float, a traced value),
         an option that is not a real number (named).
-      ValueError: shapes that do not match (named), a bad ``reduction``, a
-        ``chunk_size`` below 1, bad options.
+      ValueError: shapes that do not match (named), a symbolic ``V``
+        (:func:`jax.export`), a bad ``reduction``, a ``chunk_size`` below 1,
+        bad options.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -155,6 +156,12 @@ def linear_softmax_cross_entropy(
             f"{x.shape} and w {w.shape}"
         )
     num_tokens, vocab = x.shape[0], w.shape[1]
+    if not isinstance(vocab, int):
+        raise ValueError(
+            f"{name}: the vocabulary V of w {w.shape} is symbolic (jax.export "
+            "shape polymorphism): its chunks are a static loop, so V must be "
+            "static; a symbolic batch is supported"
+        )
     if vocab == 0:
         raise ValueError(f"{name}: w of shape {w.shape} has no classes (V = 0)")
     # Labels keep their dtype: the range test runs in it (shard_labels), so a

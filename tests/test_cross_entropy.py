@@ -492,6 +492,39 @@ def test_out_of_range_labels_never_wrap_into_range(dtype):
         assert jnp.all(jnp.isnan(fused)), fused
 
 
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_export_with_a_symbolic_class_count(dtype):
+    # jax.export with V symbolic raised InconclusiveDimensionOperation in the
+    # labels' range test (V - 1 >= the dtype's max). Called at several V, the
+    # export equals the static op, an out-of-range label's NaN included (the
+    # labels' dtype's max, V itself, -1 where signed).
+    b, v = jax.export.symbolic_shape("b, v")
+
+    def loss(z, ids):
+        out = jsoftmax.softmax_cross_entropy_with_integer_labels(z, ids)
+        return jnp.sum(jnp.where(jnp.isnan(out), 0, out)), out
+
+    f = jax.value_and_grad(loss, has_aux=True)
+    shapes = (
+        jax.ShapeDtypeStruct((b, v), jnp.float32),
+        jax.ShapeDtypeStruct((b,), dtype),
+    )
+    restored = jax.export.deserialize(
+        jax.export.export(jax.jit(f))(*shapes).serialize()
+    )
+    info = jnp.iinfo(dtype)
+    for classes in (3, 200, 300):
+        ids = [0, classes - 1, classes, int(info.max), 1] + (
+            [-1] if info.min < 0 else []
+        )
+        ids = np.array([i for i in ids if info.min <= i <= info.max], dtype)
+        z = jax.random.normal(jax.random.key(classes), (len(ids), classes))
+        got, want = restored.call(z, ids), jax.jit(f)(z, ids)
+        chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+        nan = np.isnan(np.asarray(want[0][1]))
+        assert np.array_equal(nan, (ids.astype(np.int64) < 0) | (ids >= classes))
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_minus_100_padding_masked_with_where_has_zero_gradient(jit):
     # jnp.where(keep, loss, 0) on -100 padding gave NaN gradients.

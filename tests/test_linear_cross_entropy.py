@@ -398,3 +398,23 @@ def test_export_with_a_symbolic_batch():
         atol=1e-6,
     )
     assert default_chunk_size(b, 4096) == 1024
+
+
+def test_export_with_a_symbolic_vocabulary_is_refused_by_name():
+    # The chunks are a static loop: a symbolic V raised an inconclusive
+    # dimension comparison from inside the chunk-size default.
+    b, v = jax.export.symbolic_shape("b, v")
+    args = (
+        jax.ShapeDtypeStruct((b, D), jnp.float32),
+        jax.ShapeDtypeStruct((D, v), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+    for chunk_size in (None, 4):
+        with pytest.raises(ValueError, match="vocabulary V .* is symbolic"):
+            jax.export.export(
+                jax.jit(
+                    partial(
+                        jsoftmax.linear_softmax_cross_entropy, chunk_size=chunk_size
+                    )
+                )
+            )(*args)
