@@ -30,25 +30,18 @@ def _on_platform(xla_fn, kernel_fn):
     through the backward pass) are ``xla_fn``'s, the same function: a Pallas
     call has none. ``"xla"`` calls ``xla_fn`` itself."""
 
-    @partial(jax.custom_jvp, nondiff_argnums=(0,))
-    def run(config, *args):
+    def call(config, *args):
+        xla_call = partial(xla_fn, config=config)
+        if config.implementation == "xla":
+            return xla_call(*args)
         kernel = partial(kernel_fn, config=config, interpret=False)
+        default, symbolic = xla_call, xla_call
         if config.implementation == "pallas":
             default = partial(kernel_fn, config=config, interpret=True)
             symbolic = _refuse_symbolic
-        else:
-            default = symbolic = partial(xla_fn, config=config)
-        return by_platform(args, cuda=kernel, default=default, symbolic=symbolic)
-
-    @run.defjvp
-    def run_jvp(config, primals, tangents):
-        _, d_out = jax.jvp(partial(xla_fn, config=config), primals, tangents)
-        return run(config, *primals), d_out
-
-    def call(config, *args):
-        if config.implementation == "xla":
-            return xla_fn(*args, config=config)
-        return run(config, *args)
+        return by_platform(
+            args, cuda=kernel, default=default, symbolic=symbolic, derivative=xla_call
+        )
 
     return call
 

@@ -6,10 +6,13 @@ when one program is lowered for several (``jax.export`` with
 the lowering, and a Pallas GPU kernel has no CPU lowering: a kernel in its
 ``cuda`` branch makes a CPU-and-CUDA export fail. Here the choice is a
 primitive whose lowering rule is per platform (``mlir.lower_per_platform``),
-so each branch is lowered for its own platform only. It has no derivative
-rules: callers differentiate around it (``jsoftmax._attention`` wraps it in a
-``custom_jvp``). This module and ``_forward_mode`` are where jsoftmax touches
-JAX internals (``jax._src``'s dispatch, effects and mlir registries).
+so each branch is lowered for its own platform only. Its derivative is that
+of a differentiable twin the caller gives (a kernel has none), as a JVP rule
+of the primitive, so that it holds wherever JAX moves the primitive (a
+``custom_jvp`` around it is inlined when a ``lax.scan`` body is partially
+evaluated for a second derivative). This module and ``_forward_mode`` are
+where jsoftmax touches JAX internals (``jax._src``'s dispatch, effects, ad,
+batching and mlir registries).
 """
 
 from __future__ import annotations
@@ -18,18 +21,25 @@ import functools
 
 import jax
 from jax._src import core, dispatch, effects
-from jax._src.interpreters import batching, mlir
+from jax._src.interpreters import ad, batching, mlir
 from jax.extend.core import Primitive
 
 
 class _Branches:
-    """The two functions of flat arrays, the CUDA one's stand-in under a
-    ``vmap`` of symbolic size, and their outputs' avals. Hashed by identity:
-    a primitive parameter, never holding a tracer."""
+    """The functions of flat arrays, all of the same outputs: ``cuda``,
+    ``default``, ``symbolic`` (the CUDA one's stand-in under a ``vmap`` of
+    symbolic size) and ``derivative`` (differentiable), and their outputs'
+    avals. Hashed by identity: a primitive parameter, never holding a
+    tracer."""
 
-    def __init__(self, cuda, default, symbolic, out_avals):
-        self.cuda, self.default, self.symbolic = cuda, default, symbolic
-        self.out_avals = out_avals
+    def __init__(self, fns, out_avals):
+        self.fns, self.out_avals = fns, out_avals
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["fns"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def __repr__(self):
         return "<cuda | default>"
@@ -55,6 +65,17 @@ def _lowering(ctx, *args, branches):
 mlir.register_lowering(by_platform_p, _lowering)
 
 
+def _jvp(primals, tangents, *, branches):
+    """The derivative twin's JVP, beside the chosen branch's output."""
+    out = by_platform_p.bind(*primals, branches=branches)
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    _, d_out = jax.jvp(branches.derivative, list(primals), tangents)
+    return out, d_out
+
+
+ad.primitive_jvps[by_platform_p] = _jvp
+
+
 def _batch(axis_data, args, dims, *, branches):
     """vmap: the branches vmapped, outputs at axis 0. A vmap of symbolic size
     (:func:`jax.export` shape polymorphism) would give the CUDA branch's
@@ -71,25 +92,25 @@ def _batch(axis_data, args, dims, *, branches):
         axis_size=axis_data.size,
         spmd_axis_name=axis_data.spmd_name,
     )
-    symbolic = vmap(branches.symbolic)
-    static = core.is_constant_dim(axis_data.size)
-    cuda = vmap(branches.cuda) if static else symbolic
-    out = _bind(cuda, vmap(branches.default), symbolic, args)
+    fns = {name: vmap(fn) for name, fn in branches.fns.items()}
+    if not core.is_constant_dim(axis_data.size):
+        fns["cuda"] = fns["symbolic"]
+    out = _bind(fns, args)
     return out, [0] * len(out)
 
 
 batching.fancy_primitive_batchers[by_platform_p] = _batch
 
 
-def _bind(cuda, default, symbolic, leaves):
-    out_avals = tuple(jax.make_jaxpr(default)(*leaves).out_avals)
-    branches = _Branches(cuda, default, symbolic, out_avals)
-    return by_platform_p.bind(*leaves, branches=branches)
+def _bind(fns, leaves):
+    out_avals = tuple(jax.make_jaxpr(fns["default"])(*leaves).out_avals)
+    return by_platform_p.bind(*leaves, branches=_Branches(fns, out_avals))
 
 
-def by_platform(args, *, cuda, default, symbolic):
+def by_platform(args, *, cuda, default, symbolic, derivative):
     """``cuda(*args)`` where the program is lowered for CUDA, ``default(*args)``
-    elsewhere (all three the same output structure, shapes and dtypes).
+    elsewhere (all four functions the same output structure, shapes and
+    dtypes), differentiated as ``derivative(*args)`` is.
 
     ``cuda`` may run kernels, whose grids need static shapes: ``symbolic``
     takes its place for CUDA under a ``vmap`` of symbolic size (symbolic
@@ -106,5 +127,6 @@ def by_platform(args, *, cuda, default, symbolic):
 
         return run
 
-    out = _bind(flat(cuda), flat(default), flat(symbolic), leaves)
+    fns = dict(cuda=cuda, default=default, symbolic=symbolic, derivative=derivative)
+    out = _bind({name: flat(fn) for name, fn in fns.items()}, leaves)
     return jax.tree.unflatten(out_tree[0], out)

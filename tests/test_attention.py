@@ -578,6 +578,40 @@ def test_vmap_over_extra_leading_axes():
     )
 
 
+@pytest.mark.parametrize("loop", ["scan", "map", "fori_loop"])
+def test_second_derivatives_inside_a_loop(loop):
+    # Layers in a lax.scan (or map, or fori_loop): the loop's partial
+    # evaluation inlined the custom_jvp that gave the platform choice its
+    # derivative, and jax.hessian or jvp of grad raised "Differentiation rule
+    # for 'jsoftmax_by_platform' not implemented" with implementation=None.
+    q, kk, v, _ = _data(6, 6, 2, 2, batch=1)
+    layers = jnp.array([0.5, -1.0, 2.0])
+
+    def body(attention, q, c, s):
+        return c + jnp.sum(jnp.sin(attention(q * s + c, kk, v, is_causal=True)))
+
+    def stack(attention):
+        def f(q):
+            step = functools.partial(body, attention, q)
+            if loop == "scan":
+                return jax.lax.scan(lambda c, s: (step(c, s), None), 0.0, layers)[0]
+            if loop == "map":
+                return jnp.sum(jax.lax.map(lambda s: step(0.0, s), layers))
+            return jax.lax.fori_loop(0, 3, lambda i, c: step(c, layers[i]), 0.0)
+
+        def derivatives(q):
+            hvp = jax.jvp(jax.grad(f), (q,), (jnp.cos(q),))[1]
+            norm = jax.grad(lambda q: jnp.sum(jax.grad(f)(q) ** 2))(q)
+            return f(q), hvp, norm, jax.hessian(f)(q)
+
+        return jax.jit(derivatives)(q)
+
+    want = stack(_jax_nn)
+    for options in (CHUNKS, dict(implementation="pallas")):
+        ours = functools.partial(jsoftmax.dot_product_attention, **options)
+        assert_close(stack(ours), want, GRAD_RTOL)
+
+
 def test_vmap_over_per_example_lengths_and_its_second_derivatives():
     # vmap (and vmap of vmap) over examples with lengths of their own: a
     # block that some examples skip is computed for all of them, masked; the
