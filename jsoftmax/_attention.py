@@ -18,7 +18,7 @@ from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
 from jsoftmax import _context_parallel as cp
-from jsoftmax._checks import float_input, widen_8bit
+from jsoftmax._checks import as_input, float_input, widen_8bit
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
 
@@ -678,7 +678,7 @@ def _scores_input(name, what, x, full, float_mask):
     if float_mask:
         x = widen_8bit(float_input(name, x))
     else:
-        x = jnp.asarray(x)
+        x = as_input(x)
         if x.dtype != jnp.bool_:
             raise TypeError(
                 f"{name}: mask must be boolean (True where a query may attend), got "
@@ -701,7 +701,7 @@ def _scores_input(name, what, x, full, float_mask):
 def _int_input(name, what, x, shape):
     if x is None:
         return None
-    x = jnp.asarray(x)
+    x = as_input(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: {what} must be integers, got dtype {x.dtype}")
     if x.shape != shape:

@@ -97,6 +97,24 @@ def float_input(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     return real_float(name, x)
 
 
+def as_input(x: jax.typing.ArrayLike) -> jax.Array:
+    """``jnp.asarray(x)``, typed on the context mesh (replicated) where that
+    mesh has ``Explicit`` axes and ``x`` has no mesh: an array made before
+    :func:`jax.set_mesh` (parameters initialised earlier, NumPy labels,
+    constants). The ops give their intermediates the shardings of their
+    inputs, and one of no mesh beside one sharded over it conflicts (a
+    ``cond``'s branches, a scan's carry, an ``out_sharding``), where plain
+    JAX code reads it as replicated."""
+    x = jnp.asarray(x)
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = jax.sharding.AxisType.Explicit
+    if mesh.empty or explicit not in mesh.axis_types:
+        return x
+    if not jax.typeof(x).sharding.mesh.empty:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def real_float(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     """Converts ``x`` to a real floating array, promoting ints and bools.
 
@@ -106,7 +124,7 @@ def real_float(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     Raises:
       TypeError: ``x`` is complex.
     """
-    x = jnp.asarray(x)
+    x = as_input(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(
             f"{name} does not support complex input (got dtype {x.dtype}); "
@@ -200,7 +218,7 @@ def mask_input(
     """
     if where is None:
         return None
-    where = jnp.asarray(where)
+    where = as_input(where)
     if where.dtype != jnp.bool_:
         raise TypeError(
             f"{name}: where must be a boolean mask, got dtype {where.dtype}. An "

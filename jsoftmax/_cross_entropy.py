@@ -13,6 +13,7 @@ from jax import lax
 
 from jsoftmax._checks import (
     Axis,
+    as_input,
     compute_dtype,
     float_input,
     lowest,
@@ -361,7 +362,7 @@ _softmax_cross_entropy_forward_mode = with_forward_mode(_softmax_cross_entropy)
 
 def check_integer_labels(name, labels, want_shape):
     """Checks integer labels: an integer dtype and the expected shape."""
-    labels = jnp.asarray(labels)
+    labels = as_input(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{name}: labels must be integer class ids, got {labels.dtype}")
     if labels.shape != tuple(want_shape):

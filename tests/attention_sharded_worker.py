@@ -107,6 +107,13 @@ def main():
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
         print(f"explicit {name}-sharded: equal to unsharded")
+        # k and v made before the mesh (uncommitted: no sharding in their
+        # type), as plain JAX code may pass them beside sharded queries.
+        with jax.set_mesh(explicit):
+            got = f(args[0], *kv, *args[3:], with_sinks=True)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+        print(f"explicit {name}-sharded, k and v made outside: equal to unsharded")
 
     # vmap over examples whose mapped axis is split over the Explicit mesh,
     # each with its own lengths, bias and sinks broadcast (in_axes=None): the

@@ -394,10 +394,13 @@ def mapped_mode(transform, inside):
     return make
 
 
-def explicit_mode(mesh):
+def explicit_mode(mesh, replicated_outside=False):
     """Plain ``jit`` over a mesh whose axes are ``Explicit`` (sharding in
     types): every array's sharding is part of its type, so each op must give
-    its intermediates and cotangents consistent shardings."""
+    its intermediates and cotangents consistent shardings. With
+    ``replicated_outside``, the replicated inputs keep no sharding (arrays
+    made before ``jax.set_mesh``: parameters, NumPy constants), as plain JAX
+    code takes them."""
 
     def make(f, impl, axis_name, args, specs, argnums, out_spec):
         body = partial(f, impl, axis_name)
@@ -405,7 +408,9 @@ def explicit_mode(mesh):
 
         def run(*a):
             a = [
-                jax.sharding.reshard(x, NamedSharding(mesh, s))
+                x
+                if replicated_outside and s == Rd
+                else jax.sharding.reshard(x, NamedSharding(mesh, s))
                 for x, s in zip(a, specs, strict=True)
             ]
             return _grad(body, argnums, cot)(*a)
@@ -514,6 +519,22 @@ SUITES = [
             "jit over an Explicit mesh": explicit_mode(
                 jax.make_mesh(
                     (N,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)
+                )
+            )
+        },
+    ),
+    (
+        "data",
+        # The fused loss's w and bias, replicated beside a sharded x.
+        {name: case for name, case in EXPLICIT_CASES.items() if "linear" in name},
+        None,
+        {
+            "jit over an Explicit mesh, replicated inputs made outside it": (
+                explicit_mode(
+                    jax.make_mesh(
+                        (N,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)
+                    ),
+                    replicated_outside=True,
                 )
             )
         },

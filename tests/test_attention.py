@@ -828,6 +828,7 @@ def test_sharded_inputs_compile_without_collectives():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "no collectives" in out.stdout
     assert "vmap over an explicit axis: equal to unsharded" in out.stdout
+    assert out.stdout.count("k and v made outside: equal to unsharded") == 2
 
 
 # ---------------------------------------------------------------------------
