@@ -33,7 +33,7 @@ from jsoftmax._cross_entropy import (
     check_loss_options,
     loud_labels,
 )
-from jsoftmax._forward_mode import with_forward_mode
+from jsoftmax._forward_mode import _with_forward_mode
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -298,9 +298,12 @@ def _local_labels(labels, w, x, axis_name):
     return jnp.where(holds, here, -1), holds, in_range
 
 
-def _linear_cross_entropy_fwd(
+def _losses(
     x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap, axis_name
 ):
+    """The per-token losses (0 where ``where`` is False), before an
+    out-of-range label's NaN, whether each label is in range, and the
+    backward pass's row statistics ``(m, log_s)``."""
     local_labels, holds, in_range = _local_labels(labels, w, x, axis_name)
     m, s, target, total = _online_logsumexp(
         x, w, bias, local_labels, chunk_size, soft_cap, bool(label_smoothing)
@@ -320,10 +323,22 @@ def _linear_cross_entropy_fwd(
         loss = loss - label_smoothing * total / _vocab(w, axis_name)
     if z_loss:
         loss = loss + z_loss * jnp.square(m_all + log_s)
-    loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, 0)
-    return per_shard(loss, axis_name), (x, w, bias, labels, where, m_all, log_s)
+    return loss, in_range, (m_all, log_s)
+
+
+def _linear_cross_entropy_fwd(
+    x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap, axis_name
+):
+    loss, in_range, (m, log_s) = _losses(
+        x, w, bias, labels, where, chunk_size, label_smoothing, z_loss, soft_cap,
+        axis_name,
+    )  # fmt: skip
+    if where is not None:
+        in_range = in_range | ~where
+    loss = jnp.where(in_range, loss, jnp.nan)
+    return per_shard(loss, axis_name), (x, w, bias, labels, where, m, log_s)
 
 
 # dz = g * ((1 + 2 z_loss L) * p - (1 - a) * onehot(y) - a / V) * cap'(z)
@@ -394,4 +409,27 @@ def _linear_cross_entropy_bwd(
 
 
 _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
-_linear_cross_entropy_forward_mode = with_forward_mode(_linear_cross_entropy)
+
+
+def _linear_cross_entropy_tangent(statics, res, t_leaves):
+    """Forward mode: JAX's own ``jax.jvp`` of the forward pass recomputed from
+    the residuals, chunk by chunk, as the forward holds one chunk of logits.
+    The tangent map derived from ``bwd`` (its transpose) stacked every
+    chunk's probabilities, ``[B, V]``: the logits the fused loss never
+    holds. An out-of-range label's tangent is finite, as ``bwd``'s is
+    (:func:`loud_labels` makes it NaN where it is not 0)."""
+    x, w, bias, labels, where, _, _ = res
+    axis_name = statics[-1]
+
+    def losses(x, w, *bias):
+        loss, _, _ = _losses(x, w, *(bias or (None,)), labels, where, *statics)
+        return per_shard(loss, axis_name)
+
+    primals = (x, w) if bias is None else (x, w, bias)
+    _, d_loss = jax.jvp(losses, primals, tuple(t_leaves))
+    return [d_loss]
+
+
+_linear_cross_entropy_forward_mode = _with_forward_mode(
+    _linear_cross_entropy, tangent=_linear_cross_entropy_tangent
+)

@@ -216,6 +216,59 @@ def test_never_materialises_the_logits():
     assert fused_temp < logits_bytes / 4
 
 
+@pytest.mark.parametrize("mode", ["jvp", "linearize"])
+def test_forward_mode_never_materialises_the_logits(mode):
+    # The tangent map derived from the backward pass (its transpose) stacked
+    # every chunk's probabilities: 1.6x the [B, V] logits at this size.
+    b, d, v = 1024, 64, 65536
+    shapes = (
+        jax.ShapeDtypeStruct((b, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )
+
+    def forward(x, w, y):
+        def loss(x, w):
+            return jsoftmax.linear_softmax_cross_entropy(x, w, y, reduction="none")
+
+        if mode == "jvp":
+            return jax.jvp(loss, (x, w), (x, w))
+        return jax.linearize(loss, x, w)[1](x, w)
+
+    temp = jax.jit(forward).lower(*shapes).compile().memory_analysis()
+    assert temp.temp_size_in_bytes < b * v * 4 / 4
+
+
+def test_forward_mode_of_masked_and_out_of_range_tokens():
+    # A masked token's tangent is 0; an out-of-range label's is NaN (loud, as
+    # its gradient is) unless its tangent is 0; the others equal jax.jvp of
+    # the reference.
+    x, w, bias, _ = _data(3)
+    labels = jnp.array([0, -100, 36, 37, 5, -1])
+    keep = jnp.array([True, False, True, False, True, True])
+
+    def ours(x, w, bias):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, bias=bias, where=keep, reduction="none", chunk_size=8
+        )
+
+    def theirs(x, w, bias):
+        safe = jnp.where((labels >= 0) & (labels < 37), labels, 0)
+        return jnp.where(keep, reference(x, w, bias, safe, reduction="none"), 0)
+
+    primals = (x, w, bias)
+    tangents = tuple(jnp.cos(a) for a in primals)
+    loss, t = jax.jvp(ours, primals, tangents)
+    want_loss, want_t = jax.jvp(theirs, primals, tangents)
+    ok = keep & (labels >= 0) & (labels < 37)
+    assert np.array_equal(np.isnan(t), np.asarray(keep & ~ok))
+    assert np.array_equal(np.isnan(loss), np.asarray(keep & ~ok))
+    chex.assert_trees_all_close(t[ok], want_t[ok], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(t[~keep]) == 0)
+    zero = tuple(jnp.zeros_like(a) for a in primals)
+    assert not np.any(np.isnan(jax.jvp(ours, primals, zero)[1]))
+
+
 def test_default_chunk_size():
     assert default_chunk_size(4096, 32768) == 1024
     assert default_chunk_size(8192, 262144) == 512
