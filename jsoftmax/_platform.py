@@ -35,12 +35,6 @@ class _Branches:
     def __init__(self, fns, out_avals):
         self.fns, self.out_avals = fns, out_avals
 
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["fns"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
     def __repr__(self):
         return "<cuda | default>"
 
@@ -55,8 +49,8 @@ def _lowering(ctx, *args, branches):
     return mlir.lower_per_platform(
         ctx,
         "jsoftmax_by_platform",
-        {"cuda": mlir.lower_fun(branches.cuda, multiple_results=True)},
-        mlir.lower_fun(branches.default, multiple_results=True),
+        {"cuda": mlir.lower_fun(branches.fns["cuda"], multiple_results=True)},
+        mlir.lower_fun(branches.fns["default"], multiple_results=True),
         effects.no_effects,
         *args,
     )
@@ -69,7 +63,7 @@ def _jvp(primals, tangents, *, branches):
     """The derivative twin's JVP, beside the chosen branch's output."""
     out = by_platform_p.bind(*primals, branches=branches)
     tangents = [ad.instantiate_zeros(t) for t in tangents]
-    _, d_out = jax.jvp(branches.derivative, list(primals), tangents)
+    _, d_out = jax.jvp(branches.fns["derivative"], list(primals), tangents)
     return out, d_out
 
 
