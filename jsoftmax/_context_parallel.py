@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Hashable
 from functools import partial
 
@@ -72,6 +71,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_xla as xla
+from jsoftmax._checks import static_int
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
 
@@ -91,13 +91,8 @@ def _zigzag_order(axis_size):
 
 def _permute_chunks(name, x, axis_size, axis, order):
     x = jnp.asarray(x)
-    try:
-        n = operator.index(axis_size)
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(
-            f"{name}: axis_size and axis must be ints, got {axis_size!r} and {axis!r}"
-        ) from None
+    n = static_int(name, "axis_size", axis_size)
+    axis = static_int(name, "axis", axis)
     if n < 1:
         raise ValueError(f"{name}: axis_size must be positive, got {n}")
     if not -x.ndim <= axis < x.ndim:

@@ -207,7 +207,7 @@ def _refuse_unsupported(
             "layer with sow_weights=False, or use flax's attention to inspect them"
         )
     parts = precision if isinstance(precision, (tuple, list)) else (precision,)
-    if not all(p is None or lax.Precision(p) == lax.Precision.DEFAULT for p in parts):
+    if not all(_default_precision(p) for p in parts):
         raise ValueError(
             f"{name}: precision={precision!r} is not supported: jsoftmax's matmuls "
             "take their precision from jax_default_matmul_precision in the forward "
@@ -259,3 +259,15 @@ def _scores_input(name, what, x, scores):
         return x.reshape((1,) + x.shape[batch_axes:])
     x = jnp.broadcast_to(x, scores[:batch_axes] + x.shape[batch_axes:])
     return x.reshape((math.prod(scores[:batch_axes]),) + x.shape[batch_axes:])
+
+
+def _default_precision(p) -> bool:
+    """Whether ``p`` asks for the default matmul precision (None or
+    ``lax.Precision.DEFAULT`` in any spelling); anything else, a dot
+    algorithm preset or a name JAX does not know included, does not."""
+    if p is None:
+        return True
+    try:
+        return lax.Precision(p) == lax.Precision.DEFAULT
+    except (TypeError, ValueError):
+        return False

@@ -131,6 +131,23 @@ def test_zigzag_on_other_axes_and_its_transpose():
     np.testing.assert_array_equal(pull(z)[0], x)
 
 
+@pytest.mark.parametrize("fn", [jsoftmax.to_zigzag, jsoftmax.from_zigzag])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        # A bool is an int to Python: True would silently mean 1.
+        (dict(axis_size=True), "axis_size must be an int, got True"),
+        (dict(axis_size=2, axis=True), "axis must be an int, got True"),
+        (dict(axis_size=2.0), "axis_size must be an int, got 2.0"),
+        (dict(axis_size=np.int32(2), axis=np.bool_(True)), "axis must be an int"),
+    ],
+)
+def test_zigzag_refuses_bools_and_floats(fn, kw, match):
+    with pytest.raises(TypeError, match=match):
+        fn(jnp.zeros((2, 8)), **kw)
+    assert fn(jnp.arange(8.0)[None], 2, axis=np.int64(1)).shape == (1, 8)
+
+
 def test_zigzag_length_not_divisible_names_both_numbers():
     with pytest.raises(ValueError, match=r"length 10 .* 2 \* axis_size = 4"):
         jsoftmax.to_zigzag(jnp.zeros((1, 10)), 2)

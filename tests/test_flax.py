@@ -442,6 +442,10 @@ def test_integer_inputs_promote_to_float_as_in_flax():
         (dict(precision=lax.Precision.HIGHEST), "precision="),
         (dict(precision="float32"), "precision="),
         (dict(precision=(None, lax.Precision.HIGH)), "precision="),
+        # A dot algorithm preset, and a name JAX does not know: refused with
+        # this message, not lax.Precision's bare one.
+        (dict(precision=lax.DotAlgorithmPreset.F32_F32_F32), "precision=.*unset"),
+        (dict(precision="bogus"), "precision=.*unset"),
         (dict(einsum_dot_general=lax.dot_general), "einsum_dot_general"),
         (dict(mask=jnp.ones((T, T))), r"mask of shape \(6, 6\)"),
         (dict(bias=jnp.ones((3, N, T, S))), r"bias of shape \(3, 2, 6, 5\)"),
