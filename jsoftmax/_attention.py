@@ -18,7 +18,13 @@ from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
 from jsoftmax import _context_parallel as cp
-from jsoftmax._checks import as_input, float_input, widen_8bit
+from jsoftmax._checks import (
+    as_input,
+    broadcast_dims,
+    float_input,
+    share_shardings,
+    widen_8bit,
+)
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
 
@@ -116,6 +122,14 @@ def dot_product_attention(
     lengths end early are skipped by a ``cond``. ``implementation`` picks
     the XLA block path or Pallas kernels (the default on a CUDA GPU).
 
+    On a mesh with ``Explicit`` axes (sharding in types), inputs split
+    differently (a mask, bias, lengths, segment ids or sinks split over the
+    batch or the heads beside replicated q, k, v) are first brought to one
+    split per dimension, as broadcasting does in plain JAX, and key positions
+    split over a mesh axis are gathered (a sequence split that is not
+    gathered is context parallelism: ``axis_name``). The XLA path and the
+    kernels then keep the batch, head and query splits.
+
     Blocks that the causal mask, the local window or the key padding hide
     entirely are skipped, not computed and masked: causal attention does
     about half the work of full attention, a window of width ``w`` about
@@ -159,6 +173,13 @@ def dot_product_attention(
           a symbolic axis included); those calls take the XLA path. A
           program lowered for several platforms at once (one
           :func:`jax.export` for CPU and CUDA) gets each platform's path.
+          On a mesh with ``Explicit`` axes (sharding in types) the kernels
+          run shard by shard in a ``shard_map`` over the batch and the query
+          heads as the query is split (their key/value heads with them, or
+          one replicated); a split of query or key positions is gathered
+          for them. Inside a ``vmap`` whose mapped axis is split over such
+          an axis (Pallas takes no operand typed on a mesh axis outside a
+          ``shard_map``), ``None`` takes the XLA path.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
           FlashAttention-2 forward, and a backward of one program per key
@@ -279,7 +300,8 @@ def dot_product_attention(
         ints, an empty sequence, a symbolic sequence length ``T`` or ``S``
         under :mod:`jax.export` (the block schedule is static; a symbolic batch
         is supported); an unknown ``implementation``, or an option that
-        ``"pallas"`` or ``"cudnn"`` lacks (named).
+        ``"pallas"`` or ``"cudnn"`` lacks (named), ``"pallas"`` inside a
+        ``vmap`` whose mapped axis is split over an ``Explicit`` mesh axis.
       TypeError: a non-boolean mask, non-integer lengths or segment ids,
         complex inputs, inputs of different dtypes; a bool or non-number
         ``scale`` or ``soft_cap``; a traced ``is_causal``,
@@ -405,8 +427,36 @@ def _prepare(
     # over the mesh axes any input varies over: then a replicated bias or
     # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
     arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
+    dims = _dims(query, key, bias, mask)
+    arrays = tuple(share_shardings(arrays, dims, whole=("keys",)))
     arrays = varying_like(arrays[:5], *arrays) + arrays[5:]
     return _Prepared(tuple(arrays), config, out_shape, out_dtype)
+
+
+def _dims(query, key, bias, mask):
+    """The logical dimensions of the rule's arrays' axes, for
+    :func:`share_shardings`: each of batch, query positions and query heads
+    split one way in all of them on an ``Explicit`` mesh (a mask or lengths
+    split over the batch beside replicated q, k, v). The key positions, over
+    which each row's softmax runs block by block, are gathered where split
+    (splitting them is context parallelism: ``axis_name``). The key/value
+    heads are the query heads' only without grouping; the head dims, which
+    the matmuls contract, are left alone."""
+    kv_heads = "heads" if key.shape[2] == query.shape[2] else "kv_heads"
+    full = ("batch", "heads", "queries", "keys")
+    shape = query.shape[:1] + query.shape[2:3] + query.shape[1:2] + key.shape[1:2]
+    return (
+        ("batch", "queries", "heads", None),
+        ("batch", "keys", kv_heads, None),
+        ("batch", "keys", kv_heads, None),
+        broadcast_dims(bias, shape, full),
+        ("heads",),
+        broadcast_dims(mask, shape, full),
+        ("batch",),
+        ("batch",),
+        ("batch", "queries"),
+        ("batch", "keys"),
+    )
 
 
 def _parallel_options(axis_name, mode, layout):

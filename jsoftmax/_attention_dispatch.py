@@ -10,17 +10,21 @@ k, v, bias and sinks (the contracts of ``_attention_xla``).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
-from jsoftmax._platform import by_platform
+from jsoftmax._checks import explicit_axes, mesh_spec
+from jsoftmax._platform import by_platform, vmapped_mesh_axes
 
 
-def _on_platform(xla_fn, kernel_fn):
+def _on_platform(xla_fn, kernel_fn, layout):
     """``f(config, *args)``: the implementation ``config.implementation``
     names, chosen by the platform the program is lowered for (not the
     default backend), per platform even in a program lowered for several:
@@ -28,22 +32,163 @@ def _on_platform(xla_fn, kernel_fn):
     ``xla_fn(*args, config=)`` ("auto") or the kernels in interpret mode
     ("pallas"). Its derivatives (forward mode, and second derivatives
     through the backward pass) are ``xla_fn``'s, the same function: a Pallas
-    call has none. ``"xla"`` calls ``xla_fn`` itself."""
+    call has none. ``"xla"`` calls ``xla_fn`` itself. On a mesh with
+    ``Explicit`` axes the kernels run shard by shard, the arrays laid out by
+    ``layout`` (see :func:`_per_shard`)."""
 
     def call(config, *args):
         xla_call = partial(xla_fn, config=config)
         if config.implementation == "xla":
             return xla_call(*args)
-        kernel = partial(kernel_fn, config=config, interpret=False)
+        pallas = config.implementation == "pallas"
+        kernel, interpreted = (
+            _per_shard(
+                partial(kernel_fn, config=config, interpret=interpret),
+                layout,
+                xla_call,
+                _refuse_vmapped_mesh_axes if pallas else xla_call,
+            )
+            for interpret in (False, True)
+        )
         default, symbolic = xla_call, xla_call
-        if config.implementation == "pallas":
-            default = partial(kernel_fn, config=config, interpret=True)
-            symbolic = _refuse_symbolic
+        if pallas:
+            default, symbolic = interpreted, _refuse_symbolic
         return by_platform(
             args, cuda=kernel, default=default, symbolic=symbolic, derivative=xla_call
         )
 
     return call
+
+
+def _per_shard(kernel, layout, twin, instead):
+    """``kernel``, run shard by shard in a ``shard_map`` over the mesh's
+    ``Explicit`` axes where it has some (a Pallas call takes no split
+    operand); ``instead`` inside a ``vmap`` whose mapped axis is split over
+    one, where Pallas (its Triton lowering and its interpreter) refuses any
+    operand typed on an axis it does not hold manual.
+
+    ``layout(*args)`` gives the spec each array is split by for that (None
+    for an absent one) and each output's: the batch and the query heads split
+    as the query's are, what the kernels cannot split (query and key
+    positions, head dims) whole. The arrays are resharded to it first, and
+    the outputs to the shardings of ``twin``'s (the XLA path's, which keeps
+    every split), as the platform choice needs of its branches. An output
+    split over fewer axes than the inputs (d sinks, and d bias or d K/V
+    where they are not split with the batch or the heads) is the ``psum`` of
+    its shards' parts."""
+
+    def run(*args):
+        # Found when traced: a vmap of the op reaches here.
+        if vmapped_mesh_axes():
+            return instead(*args)
+        axes = explicit_axes()
+        if not axes:
+            return kernel(*args)
+        leaves, tree = jax.tree.flatten(args)
+        in_specs, out_specs = layout(*args)
+        in_specs = [spec for spec in in_specs if spec is not None]
+        leaves = [_reshard(x, spec) for x, spec in zip(leaves, in_specs, strict=True)]
+        split = set().union(*map(_axes, in_specs))
+        present = []  # which outputs are not None
+
+        def shard(*leaves):
+            outs = kernel(*jax.tree.unflatten(tree, leaves))
+            present[:] = [x is not None for x in outs]
+            return [
+                lax.psum(x, tuple(sorted(split - _axes(spec))))
+                for x, spec in zip(outs, out_specs, strict=True)
+                if x is not None
+            ]
+
+        outs = jax.shard_map(
+            shard,
+            in_specs=tuple(P(*spec) for spec in in_specs),
+            out_specs=[P(*spec) for spec in out_specs if spec is not None],
+            axis_names=set(axes),
+            check_vma=False,
+        )(*leaves)
+        targets = jax.make_jaxpr(twin)(*args).out_avals
+        outs = iter(
+            _reshard(x, mesh_spec(t)) for x, t in zip(outs, targets, strict=True)
+        )
+        return tuple(next(outs) if here else None for here in present)
+
+    return run
+
+
+def _reshard(x, spec):
+    spec = tuple(spec)
+    return x if mesh_spec(x) == spec else jax.sharding.reshard(x, P(*spec))
+
+
+def _axes(spec):
+    """The mesh axes a spec splits over."""
+    return {axis for entry in spec if entry for axis in entry}
+
+
+def _forward_layout(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
+    """The specs the kernels run shard by shard with (see :func:`_per_shard`):
+    the batch split as the query's, the query heads too with their
+    key/value heads (split alike, or one replicated), else whole; with the
+    outputs' (``o`` as q, ``lse [B, K, G, T]``)."""
+    del v
+    b, _, n, _ = mesh_spec(q)
+    kv_heads = k.shape[2]
+    if n and kv_heads == 1:
+        kv_n = None
+    elif n and kv_heads % _size(n):
+        n = kv_n = None  # the groups do not split alike: whole heads
+    else:
+        kv_n = n
+    kv = (b, None, kv_n, None)
+
+    def scores(x):  # bias, mask: [B, N, T, S], their own size-1 axes unsplit
+        if x is None:
+            return None
+        return (
+            b if x.shape[0] > 1 else None,
+            n if x.shape[1] > 1 else None,
+            None,
+            None,
+        )
+
+    def given(x, spec):
+        return None if x is None else spec
+
+    arrays = (
+        (b, None, n, None), kv, kv, scores(bias), given(sinks, (n,)), scores(mask),
+        given(q_len, (b,)), given(kv_len, (b,)), given(q_seg, (b, None)),
+        given(kv_seg, (b, None)),
+    )  # fmt: skip
+    lse = (b, kv_n, None if kv_n else n, None)
+    return arrays, ((b, None, n, None), lse)
+
+
+def _size(entry):
+    """How many shards a spec entry splits an axis into."""
+    shape = jax.sharding.get_abstract_mesh().shape
+    return math.prod(shape[axis] for axis in entry)
+
+
+def _backward_layout(res, d_out):
+    """:func:`_forward_layout`'s for the backward pass: the residuals (the
+    inputs, ``o`` and ``lse``) and the cotangent in; the inputs' cotangents
+    out, each split as its input."""
+    del d_out
+    arrays, (o, lse) = _forward_layout(*res[:10])
+    return (*arrays, o, lse, o), arrays[:5]
+
+
+def _refuse_vmapped_mesh_axes(*args):
+    """The kernels inside a ``vmap`` whose mapped axis is split over a mesh
+    axis: refused (see :func:`_per_shard`)."""
+    del args
+    raise ValueError(
+        "dot_product_attention: implementation='pallas' does not support a "
+        "vmap whose mapped axis is split over an Explicit mesh axis (Pallas "
+        "refuses operands typed on a mesh axis outside shard_map); the XLA "
+        "path (implementation=None or 'xla') supports it"
+    )
 
 
 def _refuse_symbolic(*args):
@@ -61,8 +206,8 @@ def _xla_backward(res, d_out, config):
     return xla.backward(config, res, d_out)
 
 
-forward = _on_platform(xla.forward, pallas.forward)
-backward = _on_platform(_xla_backward, pallas.backward)
+forward = _on_platform(xla.forward, pallas.forward, _forward_layout)
+backward = _on_platform(_xla_backward, pallas.backward, _backward_layout)
 
 
 def recomputed_tangent(forward_output, res, t_leaves):

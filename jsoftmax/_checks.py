@@ -106,13 +106,97 @@ def as_input(x: jax.typing.ArrayLike) -> jax.Array:
     ``cond``'s branches, a scan's carry, an ``out_sharding``), where plain
     JAX code reads it as replicated."""
     x = jnp.asarray(x)
-    mesh = jax.sharding.get_abstract_mesh()
-    explicit = jax.sharding.AxisType.Explicit
-    if mesh.empty or explicit not in mesh.axis_types:
-        return x
-    if not jax.typeof(x).sharding.mesh.empty:
+    if not explicit_axes() or not jax.typeof(x).sharding.mesh.empty:
         return x
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def share_shardings(arrays: Sequence, dims: Sequence, whole: tuple = ()) -> list:
+    """``arrays`` resharded so that each logical dimension is split one way in
+    all of them, where the context mesh has ``Explicit`` axes.
+
+    ``dims[i]`` names the logical dimension of each axis of ``arrays[i]``
+    (None for an axis to leave alone: a broadcast axis of size 1, a
+    contracted one); an array may be None. A dimension split over a mesh axis
+    in one array and replicated in another becomes split in both, as plain
+    JAX's broadcasting gives the sharded operand's sharding to the result
+    (``x + where``): the ops' intermediates, loop carries and ``cond``
+    branches are typed from several inputs, and one typed from the main input
+    alone would conflict with an auxiliary input split differently (labels or
+    a mask split over the batch beside replicated logits). Splitting a
+    replicated array is local; its cotangent is gathered back by
+    ``reshard``'s transpose. Dimensions whose inputs disagree (two different
+    mesh axes), and arrays that would then use one mesh axis twice, are left
+    as they are. The dimensions in ``whole`` are gathered wherever split:
+    ones the op reduces over block by block (attention's keys).
+    """
+    if not explicit_axes():
+        return list(arrays)
+    specs = [None if a is None else mesh_spec(a) for a in arrays]
+    chosen: dict = {}
+    for spec, names in zip(specs, dims, strict=True):
+        if spec is None:
+            continue
+        for entry, dim in zip(spec, names, strict=True):
+            if dim is not None and entry is not None:
+                chosen.setdefault(dim, set()).add(entry)
+    out = []
+    for a, spec, names in zip(arrays, specs, dims, strict=True):
+        if a is None:
+            out.append(a)
+            continue
+        want = tuple(
+            None
+            if dim in whole
+            else next(iter(chosen[dim]))
+            if len(chosen.get(dim, ())) == 1
+            else entry
+            for entry, dim in zip(spec, names, strict=True)
+        )
+        used = [axis for entry in want if entry is not None for axis in entry]
+        if want != spec and len(used) == len(set(used)):
+            a = jax.sharding.reshard(a, jax.sharding.PartitionSpec(*want))
+        out.append(a)
+    return out
+
+
+def explicit_axes() -> tuple:
+    """The names of the context mesh's ``Explicit`` axes (none outside a mesh,
+    and inside ``shard_map``, whose axes are ``Manual``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = jax.sharding.AxisType.Explicit
+    return tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == explicit
+    )
+
+
+def mesh_spec(x) -> tuple:
+    """The mesh axes of each axis of ``x``'s type (an array's, or the abstract
+    value itself), each entry None or a tuple of axis names."""
+    aval = x if isinstance(x, jax.core.ShapedArray) else jax.typeof(x)
+    spec = tuple(aval.sharding.spec)
+    spec += (None,) * (aval.ndim - len(spec))
+    return tuple(
+        None if e is None else (e,) if isinstance(e, str) else tuple(e) or None
+        for e in spec
+    )
+
+
+def broadcast_dims(x, shape: tuple, names: Sequence | None = None) -> tuple | None:
+    """The logical dimensions of ``x``'s axes where it broadcasts (NumPy's
+    rule, aligned at the right) to an array of ``shape`` whose axes are
+    ``names`` (default: their positions), for :func:`share_shardings`; None
+    for an axis of size 1 that broadcasts, and for ``x`` None."""
+    if x is None:
+        return None
+    names = tuple(range(len(shape))) if names is None else tuple(names)
+    offset = len(shape) - x.ndim
+    return tuple(
+        names[offset + i] if d == shape[offset + i] else None
+        for i, d in enumerate(x.shape)
+    )
 
 
 def real_float(name: str, x: jax.typing.ArrayLike) -> jax.Array:
@@ -237,11 +321,19 @@ def mask_input(
     return where
 
 
+def broadcast_like(v, x):
+    """``v`` broadcast to the shape of ``x``, split over the mesh axes ``x``
+    is: a row statistic broadcast back over a class axis split on an
+    ``Explicit`` mesh keeps the split (``jnp.broadcast_to`` alone would give
+    it the statistic's own sharding, replicated along that axis)."""
+    return jnp.broadcast_to(v, x.shape, out_sharding=jax.typeof(x).sharding)
+
+
 def masked_fill(x, where, fill):
     """``x`` where the mask is set and ``fill`` elsewhere; ``x`` if no mask."""
     if where is None:
         return x
-    return jnp.where(jnp.broadcast_to(where, x.shape), x, fill)
+    return jnp.where(broadcast_like(where, x), x, fill)
 
 
 def lowest(dtype):

@@ -14,6 +14,7 @@ from jax import lax
 from jsoftmax._checks import (
     Axis,
     as_input,
+    broadcast_dims,
     compute_dtype,
     float_input,
     lowest,
@@ -21,6 +22,7 @@ from jsoftmax._checks import (
     masked_fill,
     normalize_axis,
     row_max,
+    share_shardings,
     widen_8bit,
 )
 from jsoftmax._collectives import (
@@ -280,7 +282,12 @@ def softmax_cross_entropy(
     axes = normalize_axis(name, axis, logits.ndim, logits.shape)
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
-    # Each input varies over the mesh axes any of them does (see varying_like).
+    # Split alike on an Explicit mesh (see share_shardings), and each input
+    # varies over the mesh axes any of them does (see varying_like).
+    full = broadcast_dims(logits, logits.shape)
+    logits, labels, where = share_shardings(
+        (logits, labels, where), (full, full, broadcast_dims(where, logits.shape))
+    )
     logits, labels = varying_like((logits, labels), logits, labels, where)
     axis_name = shard_axis(axis_name)
     loss = _softmax_cross_entropy_forward_mode(
@@ -445,7 +452,13 @@ def softmax_cross_entropy_with_integer_labels(
     )
     where = mask_input(name, where, logits.shape)
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
-    # logits vary over the mesh axes the labels or mask do (see varying_like).
+    # Split alike on an Explicit mesh (see share_shardings), and logits vary
+    # over the mesh axes the labels or mask do (see varying_like).
+    full = broadcast_dims(logits, logits.shape)
+    logits, labels, where = share_shardings(
+        (logits, labels, where),
+        (full, full[:ax] + full[ax + 1 :], broadcast_dims(where, logits.shape)),
+    )
     logits = varying_like(logits, labels, where)
     axis_name = shard_axis(axis_name)
     loss = _integer_cross_entropy_forward_mode(

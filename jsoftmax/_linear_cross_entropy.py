@@ -13,6 +13,7 @@ from jsoftmax._checks import (
     compute_dtype,
     float_input,
     mask_input,
+    share_shardings,
     static_int,
     widen_8bit,
 )
@@ -192,8 +193,12 @@ def linear_softmax_cross_entropy(
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = widen_8bit(x.astype(dtype)), widen_8bit(w.astype(dtype))
-    # Each of x, w, bias varies over the mesh axes any input does: replicated x
-    # with vocab-sharded w, replicated w with batch-sharded x (see varying_like).
+    # The tokens split alike on an Explicit mesh (see share_shardings). Each of
+    # x, w, bias varies over the mesh axes any input does: replicated x with
+    # vocab-sharded w, replicated w with batch-sharded x (see varying_like).
+    x, labels, where = share_shardings(
+        (x, labels, where), (("tokens", None), ("tokens",), ("tokens",))
+    )
     x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
     axis_name = shard_axis(axis_name)
 

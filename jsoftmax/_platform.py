@@ -101,6 +101,13 @@ def _bind(fns, leaves):
     return by_platform_p.bind(*leaves, branches=_Branches(fns, out_avals))
 
 
+def vmapped_mesh_axes() -> frozenset:
+    """The mesh axes that enclosing ``vmap``s split their mapped axes over
+    (``spmd_axis_name``, or a mapped axis split on an ``Explicit`` mesh):
+    inside them, no ``shard_map`` may name those axes."""
+    return frozenset(getattr(core.get_axis_env(), "explicit_mesh_axis_names", ()))
+
+
 def by_platform(args, *, cuda, default, symbolic, derivative):
     """``cuda(*args)`` where the program is lowered for CUDA, ``default(*args)``
     elsewhere (all four functions the same output structure, shapes and

@@ -10,12 +10,15 @@ from jax import lax
 
 from jsoftmax._checks import (
     Axis,
+    broadcast_dims,
+    broadcast_like,
     compute_dtype,
     float_input,
     mask_input,
     masked_fill,
     normalize_axis,
     row_max,
+    share_shardings,
     widen_8bit,
 )
 from jsoftmax._collectives import pmax, psum, varying_like
@@ -27,6 +30,10 @@ def _prepare(name, x, axis, where):
     x = float_input(name, x)
     axes = normalize_axis(name, axis, x.ndim, x.shape)
     where = mask_input(name, where, x.shape)
+    # Split alike on an Explicit mesh (see share_shardings).
+    x, where = share_shardings(
+        (x, where), (broadcast_dims(x, x.shape), broadcast_dims(where, x.shape))
+    )
     # x varies over every mesh axis the mask does, so that dx has x's type
     # (JAX sums dx over the axes it marked x along; see varying_like).
     return varying_like(widen_8bit(x), where), axes, where, x.dtype
@@ -216,7 +223,7 @@ def _log_softmax_fwd(x, where, axes, axis_name):
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
     # Rows with no valid entry have s == 0 and stay at -inf instead of NaN
     # (see _softmax for why a clamp at 1 and not a select).
-    lse = jnp.broadcast_to(jnp.log(jnp.maximum(s, 1)), shifted.shape)
+    lse = broadcast_like(jnp.log(jnp.maximum(s, 1)), shifted)
     # For autodiff of these lines (reverse over reverse), masked outputs take
     # the row's lse as a constant: a cotangent there (NaN from sin(-inf) under
     # a jnp.where) cannot reach the row's valid inputs. Same values.

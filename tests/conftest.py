@@ -16,6 +16,7 @@ collect_ignore = [
     "sharded_worker.py",
     "sharding_modes_worker.py",
     "second_derivatives_worker.py",
+    "mixed_sharding_worker.py",
 ]
 
 

@@ -7,7 +7,8 @@ reports the collectives it finds in the compiled HLO. A second worker,
 tests/sharding_modes_worker.py, checks every op against plain autodiff of the
 same loss written with psum/pmax, in every way JAX can split an axis. A third,
 tests/second_derivatives_worker.py, checks every op's second derivatives
-against the unsharded op's.
+against the unsharded op's. A fourth, tests/mixed_sharding_worker.py, puts each
+input of each op on its own sharding over an Explicit mesh.
 """
 
 import json
@@ -21,16 +22,22 @@ import pytest
 WORKER = pathlib.Path(__file__).with_name("sharded_worker.py")
 
 
-@pytest.mark.parametrize("shards", [2, 4, 8])
-def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
+def run_worker(name, *args, timeout=600):
+    """Runs ``tests/<name>`` with ``args`` in its own process; asserts that it
+    passed and returns its report (the JSON of its last line)."""
     out = subprocess.run(
-        [sys.executable, str(WORKER), str(shards)],
+        [sys.executable, str(WORKER.with_name(name)), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+def test_sharded_ops_equal_unsharded_with_fewest_collectives(shards):
+    report = run_worker("sharded_worker.py", shards)
     counts = {
         name: c["all-reduce"] + c["all-reduce-start"] for name, c in report.items()
     }
@@ -58,13 +65,17 @@ def test_every_op_equals_psum_autodiff_in_every_sharding_mode():
     # shard_map with and without check_vma, pmap, vmap(axis_name=...),
     # gradients inside and outside, cotangents that differ per shard, data
     # parallelism with replicated parameters, and a data x vocab mesh.
-    out = subprocess.run(
-        [sys.executable, str(WORKER.with_name("sharding_modes_worker.py"))],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    report = run_worker("sharding_modes_worker.py", timeout=900)
+    assert report["checks"] > 0 and not report["failures"], report
+
+
+def test_every_op_with_inputs_split_differently_over_an_explicit_mesh():
+    # Each input on its own sharding (replicated, batch, classes or heads,
+    # positions): labels or masks split beside replicated logits, q/k/v,
+    # bias, lengths, segment ids and sinks each their own way; the Pallas
+    # kernels shard by shard; Explicit/Auto meshes; lowered for CUDA.
+    report = run_worker("mixed_sharding_worker.py", timeout=900)
+    assert report["checks"] >= 300 and not report["failures"], report
 
 
 @pytest.mark.parametrize("shards", [2, 4])
@@ -72,15 +83,7 @@ def test_second_derivatives_with_axis_name_equal_unsharded(shards):
     # hessian, jvp of grad and jacrev(jacrev) of every op, inside and around
     # shard_map, check_vma on and off. The fused loss raised "Differentiation
     # rule for 'pmax' not implemented": its running max carried a tangent.
-    out = subprocess.run(
-        [sys.executable, str(WORKER.with_name("second_derivatives_worker.py")),
-         str(shards)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["checks"] == 72
+    assert run_worker("second_derivatives_worker.py", shards)["checks"] == 72
 
 
 def test_vocab_parallel_example_matches_single_device():

@@ -1,0 +1,340 @@
+"""Every op with its inputs split differently over an ``Explicit`` mesh.
+
+Run as ``python tests/mixed_sharding_worker.py``: it sets XLA_FLAGS for 4 host
+CPU devices before importing jax (hence a separate process). On a 2 x 2 mesh,
+"data" x "model", each input of each op is put on every sharding of a small
+set: replicated, its batch split, its class (or head, or position) axis split,
+both. Plain JAX code runs with any such mix (broadcasting gives the result
+the sharded operand's sharding); each op, value and gradient under ``jit``,
+must equal the op on unsharded inputs, with
+
+- softmax and log_softmax: a mask of the input's shape and a row mask;
+- both per-example losses: labels and mask split apart from the logits;
+- the fused loss: labels and token mask split over the batch, ``x`` not;
+- attention: q, k, v, bias, mask, lengths, segment ids and sinks each split
+  their own way (grouped-query too, unbatched, keys split), the XLA path, the
+  Pallas kernels in interpret mode (run shard by shard in a ``shard_map``),
+  a mesh of Explicit and Auto axes, a ``vmap`` over a split axis, and the
+  kernels lowered for CUDA under such a split;
+- context parallelism in a ``shard_map`` over the sequence's mesh axis, the
+  batch split over the other, Explicit one.
+
+It prints one JSON line, the number of checks and the failures, and exits
+with status 1 if any check failed.
+"""
+
+import itertools
+import json
+import os
+import sys
+
+# Host CPU devices, also on a machine with a GPU; less optimisation compiles
+# the many small programs faster.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    " --xla_llvm_disable_expensive_passes=true"
+)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jsoftmax  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+RTOL = 1e-5  # of the largest entry of each compared array
+MESH = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+rng = np.random.default_rng(0)
+checks, failures = 0, []
+
+
+def problem(got, want):
+    """None if every leaf of ``got`` is within RTOL of the largest finite
+    entry of ``want``'s and non-finite exactly where ``want``'s is (NaN for
+    NaN, the same infinities), else what differs."""
+    worst = 0.0
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        finite = np.isfinite(w)
+        if not np.array_equal(g[~finite], w[~finite], equal_nan=True) or not (
+            np.isfinite(g[finite]).all()
+        ):
+            return "non-finite entries differ"
+        g, w = g[finite], w[finite]
+        scale = max(float(np.max(np.abs(w), initial=0.0)), 1e-30)
+        worst = max(worst, float(np.max(np.abs(g - w), initial=0.0)) / scale)
+    return None if worst <= RTOL else f"error {worst:.3g} of the largest entry"
+
+
+def put(x, spec, mesh=MESH):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def check(name, f, args, argnums, options, mesh=MESH):
+    """``f``'s output and the gradient of its weighted sum (``argnums``) with
+    the inputs put on each combination of ``options`` (one list of specs per
+    input) equal them on the unsharded inputs."""
+    global checks
+
+    def loss(*a):
+        out = f(*a)
+        cot = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
+        return jnp.sum(out * cot), out
+
+    run = jax.jit(jax.grad(loss, argnums, has_aux=True))
+    want = run(*args)
+    for specs in itertools.product(*options):
+        checks += 1
+        where = f"{name} {tuple(tuple(s) for s in specs)}"
+        try:
+            with jax.set_mesh(mesh):
+                got = run(*(put(a, s, mesh) for a, s in zip(args, specs, strict=True)))
+        except Exception as e:  # noqa: BLE001 (reported, not hidden)
+            first = str(e).strip().splitlines()[0][:160]
+            failures.append(f"{where}: {type(e).__name__}: {first}")
+            continue
+        if found := problem(got, want):
+            failures.append(f"{where}: {found}")
+
+
+# The check can fail: a gradient off by 1e-4 of its largest entry is caught,
+# one off by 1e-7 is not.
+_w = {"g": jnp.asarray([1.0, -2.0, 3.0])}
+assert problem({"g": _w["g"].at[0].add(3e-4)}, _w) is not None
+assert problem({"g": _w["g"].at[0].add(3e-7)}, _w) is None
+assert problem({"g": _w["g"].at[1].set(jnp.nan)}, _w) is not None
+assert problem({"g": _w["g"].at[1].set(jnp.inf)}, _w) is not None
+_inf = {"g": _w["g"].at[2].set(-jnp.inf)}
+assert problem(_inf, _inf) is None
+assert problem({"g": _inf["g"].at[2].set(jnp.inf)}, _inf) is not None
+
+# softmax, log_softmax and the per-example losses.
+B, V, D = 4, 8, 6
+ROWS = [P(), P("data"), P(None, "model"), P("data", "model")]
+x = jnp.asarray(rng.normal(size=(B, V)), jnp.float32)
+mask = jnp.asarray(rng.random((B, V)) < 0.7)
+for op in (jsoftmax.softmax, jsoftmax.log_softmax):
+    check(
+        op.__name__,
+        lambda x, m, op=op: jnp.where(m, op(x, where=m), 0),
+        (x, mask), 0, [ROWS, ROWS],
+    )  # fmt: skip
+    check(
+        f"{op.__name__} row mask",
+        lambda x, m, op=op: jnp.where(m[:, None], op(x, where=m[:, None]), 0),
+        (x, mask[:, 0]), 0, [ROWS, [P(), P("data")]],
+    )  # fmt: skip
+# No label mass on masked classes (that loss is inf, by design).
+labels = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, V)), jnp.float32), where=mask)
+check(
+    "softmax_cross_entropy",
+    lambda x, y, m: jsoftmax.softmax_cross_entropy(x, y, where=m),
+    (x, labels, mask), (0, 1), [ROWS, ROWS, ROWS],
+)  # fmt: skip
+ids = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+check(
+    "softmax_cross_entropy_with_integer_labels",
+    lambda x, i, m: jsoftmax.softmax_cross_entropy_with_integer_labels(x, i, where=m),
+    # The class axis split without axis_name fails in optax too (a gather).
+    (x, ids, mask), 0, [ROWS[:2], ROWS[:2], ROWS[:2]],
+)  # fmt: skip
+tokens = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+check(
+    "linear_softmax_cross_entropy",
+    lambda x, w, i, m: jsoftmax.linear_softmax_cross_entropy(
+        x, w, i, where=m, reduction="none", chunk_size=4
+    ),
+    (tokens, w, ids, mask[:, 0]), (0, 1),
+    [[P(), P("data")], [P()], [P(), P("data")], [P(), P("data")]],
+)  # fmt: skip
+
+# Attention: every input split its own way.
+B, T, N, K, H = 4, 32, 4, 2, 4
+q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+k, v = (jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32) for _ in range(2))
+k_g, v_g = k[:, :, :K], v[:, :, :K]
+bias = jnp.asarray(rng.normal(size=(B, N, T, T)), jnp.float32)
+head_bias = bias[0]  # [N, T, S]
+score_mask = jnp.asarray(rng.random((B, 1, T, T)) < 0.8)
+lengths = jnp.asarray([3, 32, 17, 0], jnp.int32)
+segments = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1), jnp.int32)
+sinks = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+QKV = [P(), P("data"), P(None, None, "model"), P(None, "model")]
+KV = [P(), P("data"), P(None, None, "model")]
+
+
+def attention(impl, fixed=None, named=()):
+    def f(q, k, v, *extra):
+        return jsoftmax.dot_product_attention(
+            q, k, v, **dict(zip(named, extra, strict=True)), **(fixed or {}),
+            implementation=impl, query_chunk_size=16, key_chunk_size=16,
+        )  # fmt: skip
+
+    return f
+
+
+CAUSAL = dict(is_causal=True)
+LENGTHS = ("query_seq_lengths", "key_value_seq_lengths")
+SEGMENTS = ("query_segment_ids", "key_value_segment_ids")
+# name: fixed options, named arrays, arrays after q, spec options, argnums,
+# whether the kernels (in interpret mode, slower) run it too.
+CASES = {
+    "causal, bias": (CAUSAL, ("bias",), (k, v, bias),
+                     [QKV, [P(), P("data")], [P()], [P(), P("data")]], 4, True),
+    "lengths": ({}, LENGTHS, (k, v, lengths, lengths),
+                [QKV, [P(), P("data")], [P()], [P(), P("data")], [P()]], 3, False),
+    "segment ids": ({}, SEGMENTS, (k, v, segments, segments),
+                    [QKV, [P(), P("data")], [P()], [P(), P("data")], [P()]], 3, False),
+    "grouped-query, causal": (CAUSAL, (), (k_g, v_g), [QKV, KV, KV], 3, True),
+    "mask": ({}, ("mask",), (k, v, score_mask),
+             [[P(), P("data")], [P()], [P()],
+              [P(), P("data"), P(None, None, "model"), P(None, None, None, "model")]],
+             3, False),
+    "head bias": ({}, ("bias",), (k, v, head_bias),
+                  [[P(), P(None, None, "model")], [P()], [P()],
+                   [P(), P("model"), P(None, "data")]], 4, True),
+    "sinks": ({}, ("sinks",), (k, v, sinks),
+              [[P(), P("data"), P(None, None, "model")], [P()], [P()],
+               [P(), P("model")]], 4, True),
+    "keys split": (CAUSAL, (), (k, v),
+                   [[P(), P(None, "model")], [P(), P(None, "model"), P(None, "data")],
+                    [P(), P(None, "model")]], 3, True),
+}  # fmt: skip
+for impl in ("xla", "pallas"):
+    for name, (fixed, named, rest, options, argc, kernels) in CASES.items():
+        if impl == "pallas" and not kernels:
+            continue
+        f = attention(impl, fixed, named)
+        check(f"attention {impl}: {name}", f, (q, *rest), tuple(range(argc)), options)
+    seg = segments[0]
+    check(
+        f"attention {impl}: unbatched, segment ids",
+        attention(impl, named=SEGMENTS), (q[0], k[0], v[0], seg, seg), (0, 1, 2),
+        [[P(), P(None, "model")], [P(), P(None, "model")], [P()], [P(), P("data")],
+         [P()]],
+    )  # fmt: skip
+    # A mesh of Explicit and Auto axes: the kernels' shard_map is partial.
+    for kinds in (
+        (AxisType.Explicit, AxisType.Auto),
+        (AxisType.Auto, AxisType.Explicit),
+    ):
+        split = P("data", None, "model")
+        check(
+            f"attention {impl}: {kinds[0].name}/{kinds[1].name} mesh",
+            attention(impl, CAUSAL, ("key_value_seq_lengths",)),
+            (q, k_g, v_g, lengths), (0, 1, 2),
+            [[split], [split], [split], [P("data")]],
+            mesh=jax.make_mesh((2, 2), ("data", "model"), axis_types=kinds),
+        )  # fmt: skip
+
+
+# vmap over examples whose mapped axis is split over "data": the XLA path
+# under None; the kernels, which Pallas cannot run on an operand typed on an
+# axis outside a shard_map, refused by name under "pallas".
+def per_example(impl):
+    def one(q, k, v, length):
+        return jsoftmax.dot_product_attention(
+            q[None], k[None], v[None], is_causal=True,
+            key_value_seq_lengths=length[None], implementation=impl,
+        )[0]  # fmt: skip
+
+    return jax.vmap(one)
+
+
+check(
+    "vmap over a split axis, None",
+    per_example(None), (q, k_g, v_g, lengths), (0, 1, 2),
+    [[P("data", None, "model")], [P("data")], [P("data")], [P("data")]],
+)  # fmt: skip
+checks += 1
+try:
+    with jax.set_mesh(MESH):
+        jax.jit(jax.grad(lambda *a: jnp.sum(per_example("pallas")(*a))))(
+            put(q, P("data")), put(k_g, P("data")), put(v_g, P("data")),
+            put(lengths, P("data")),
+        )  # fmt: skip
+    failures.append("vmap over a split axis, 'pallas': not refused")
+except ValueError as e:
+    if "vmap whose mapped axis is split" not in str(e):
+        failures.append(f"vmap over a split axis, 'pallas': {e}")
+
+# Lowered for CUDA from the CPU under such a split: the three kernels (the
+# forward, dK/dV, dQ) under None and "pallas"; the XLA path under a vmap of
+# the split axis.
+TRITON = "__gpu$xla.gpu.triton"
+for name, f, specs, want in [
+    ("batch and heads split, None", attention(None),
+     [P("data", None, "model"), P("data", None, "model"), P("data")], 3),
+    ("queries split, 'pallas'", attention("pallas"), [P(None, "data"), P(), P()], 3),
+    ("vmap over a split axis, None", per_example(None),
+     [P("data"), P("data"), P("data"), P("data")], 0),
+]:  # fmt: skip
+    checks += 1
+    args = (q, k_g, v_g, lengths)[: len(specs)]
+    try:
+        with jax.set_mesh(MESH):
+            exported = jax.export.export(
+                jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a)), (0, 1, 2))),
+                platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+            )(*(put(a, s) for a, s in zip(args, specs, strict=True)))
+    except Exception as e:  # noqa: BLE001 (reported, not hidden)
+        first = str(e).strip().splitlines()[0][:160]
+        failures.append(f"CUDA lowering, {name}: {type(e).__name__}: {first}")
+        continue
+    found = exported.mlir_module().count(TRITON)
+    if found != want:
+        failures.append(f"CUDA lowering, {name}: {found} Triton calls, want {want}")
+
+
+# Context parallelism in a shard_map over "seq" alone, the batch split over
+# "data", Explicit, outside it: the pairs' kernels run shard by shard over
+# "data" (6 Triton calls in the lowered gradient, as on an Auto mesh, where
+# none of this is needed); output and gradient equal the one-device op's.
+def context_parallel(q):
+    def body(q):
+        return jsoftmax.dot_product_attention(q, q, q, is_causal=True, axis_name="seq")
+
+    return jax.shard_map(
+        body, in_specs=P(None, "seq"), out_specs=P(None, "seq"), axis_names={"seq"}
+    )(q)
+
+
+seq_mesh = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+q_long = jnp.asarray(rng.normal(size=(4, 64, 4, 16)), jnp.float32)
+weights_cp = jnp.cos(jnp.arange(16.0))
+
+
+def output_and_grad(f):
+    return jax.jit(lambda q: (f(q), jax.grad(lambda q: jnp.sum(f(q) * weights_cp))(q)))
+
+
+want_cp = output_and_grad(
+    lambda q: jsoftmax.dot_product_attention(q, q, q, is_causal=True)
+)(q_long)
+checks += 2
+with jax.set_mesh(seq_mesh):
+    split_q = put(q_long, P("data", "seq"), seq_mesh)
+    got_cp = output_and_grad(context_parallel)(split_q)
+    try:
+        exported = jax.export.export(
+            jax.jit(jax.grad(lambda q: jnp.sum(context_parallel(q)))),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+        )(split_q)
+        found = exported.mlir_module().count(TRITON)
+    except Exception as e:  # noqa: BLE001 (reported, not hidden)
+        found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+if found_cp := problem(got_cp, want_cp):
+    failures.append(f"context parallel against one device: {found_cp}")
+if found != 6:
+    failures.append(f"CUDA lowering, context parallel over seq: {found}, want 6")
+
+print(json.dumps({"checks": checks, "failures": failures}))
+sys.exit(1 if failures else 0)
