@@ -94,6 +94,8 @@ def _per_shard(kernel, layout, twin, instead):
         def shard(*leaves):
             outs = kernel(*jax.tree.unflatten(tree, leaves))
             present[:] = [x is not None for x in outs]
+            # The specs, given before the outputs are known, name the same ones.
+            assert present == [spec is not None for spec in out_specs], out_specs
             return [
                 lax.psum(x, tuple(sorted(split - _axes(spec))))
                 for x, spec in zip(outs, out_specs, strict=True)
@@ -108,12 +110,25 @@ def _per_shard(kernel, layout, twin, instead):
             check_vma=False,
         )(*leaves)
         targets = jax.make_jaxpr(twin)(*args).out_avals
-        outs = iter(
-            _reshard(x, mesh_spec(t)) for x, t in zip(outs, targets, strict=True)
-        )
+        outs = iter(_like(x, t) for x, t in zip(outs, targets, strict=True))
         return tuple(next(outs) if here else None for here in present)
 
     return run
+
+
+def _like(x, aval):
+    """``x`` with the type of ``aval``: its sharding, and varying over the
+    manual axes of an enclosing ``shard_map`` as ``aval`` does (the inner
+    ``shard_map``, ``check_vma=False``, hands back values that vary over
+    them, typed as if they did not: context parallelism's pairs)."""
+    x = _reshard(x, mesh_spec(aval))
+    missing = _varying(aval) - _varying(jax.typeof(x))
+    return lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
+
+
+def _varying(aval):
+    mat = getattr(aval, "manual_axis_type", None)
+    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
 
 
 def _reshard(x, spec):
@@ -137,7 +152,9 @@ def _forward_layout(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     if n and kv_heads == 1:
         kv_n = None
     elif n and kv_heads % _size(n):
-        n = kv_n = None  # the groups do not split alike: whole heads
+        # The groups do not split alike: whole heads (each device along that
+        # axis computes all of them).
+        n = kv_n = None
     else:
         kv_n = n
     kv = (b, None, kv_n, None)
