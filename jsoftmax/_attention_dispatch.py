@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
 from jsoftmax._checks import explicit_axes, mesh_spec
+from jsoftmax._collectives import vma
 from jsoftmax._platform import by_platform, vmapped_mesh_axes
 
 
@@ -122,13 +123,8 @@ def _like(x, aval):
     ``shard_map``, ``check_vma=False``, hands back values that vary over
     them, typed as if they did not: context parallelism's pairs)."""
     x = _reshard(x, mesh_spec(aval))
-    missing = _varying(aval) - _varying(jax.typeof(x))
+    missing = vma(aval) - vma(x)
     return lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
-
-
-def _varying(aval):
-    mat = getattr(aval, "manual_axis_type", None)
-    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
 
 
 def _reshard(x, spec):

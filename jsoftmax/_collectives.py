@@ -127,9 +127,10 @@ def per_shard(losses, axis_name):
 
 
 def vma(x):
-    """The mesh axes ``x`` varies over inside ``shard_map`` with
-    ``check_vma=True``; empty elsewhere."""
-    return set(jax.typeof(x).manual_axis_type.varying)
+    """The mesh axes ``x`` (an array, or its abstract value) varies over
+    inside ``shard_map`` with ``check_vma=True``; empty elsewhere."""
+    aval = x if isinstance(x, jax.core.ShapedArray) else jax.typeof(x)
+    return set(aval.manual_axis_type.varying)
 
 
 def varying_like(tree, *arrays):
