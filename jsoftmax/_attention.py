@@ -22,6 +22,8 @@ from jsoftmax._checks import (
     as_input,
     broadcast_dims,
     float_input,
+    mesh_spec,
+    shards,
     share_shardings,
     widen_8bit,
 )
@@ -177,8 +179,12 @@ def dot_product_attention(
           run shard by shard in a ``shard_map`` over the batch and the query
           heads as the query is split (their key/value heads with them, or
           one replicated); a split of query or key positions is gathered
-          for them. Inside a ``vmap`` whose mapped axis is split over such
-          an axis (Pallas takes no operand typed on a mesh axis outside a
+          for them. Query heads split into more shards than the key/value
+          heads divide into (tensor parallelism past them) get ``key`` and
+          ``value`` repeated to ``lcm(K, shards)`` heads split with them,
+          on every path: each device computes its own query heads only.
+          Inside a ``vmap`` whose mapped axis is split over such an axis
+          (Pallas takes no operand typed on a mesh axis outside a
           ``shard_map``), ``None`` takes the XLA path.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
@@ -428,9 +434,38 @@ def _prepare(
     # sinks (or k, v) gets one cotangent part per shard, which JAX sums.
     arrays = (query, key, value, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg)
     dims = _dims(query, key, bias, mask)
-    arrays = tuple(share_shardings(arrays, dims, whole=("keys",)))
+    arrays = share_shardings(arrays, dims, whole=("keys",))
+    arrays[1:3] = _kv_heads_with_queries(*arrays[:3])
     arrays = varying_like(arrays[:5], *arrays) + arrays[5:]
     return _Prepared(tuple(arrays), config, out_shape, out_dtype)
+
+
+def _kv_heads_with_queries(query, key, value):
+    """``key`` and ``value`` with each head repeated ``r`` times in a row,
+    split as the query heads are, where those are split over ``Explicit``
+    mesh axes into more shards than the key/value heads divide into (tensor
+    parallelism past the key/value heads: 4 query heads over 4 devices with
+    2 key/value heads): ``lcm(K, shards)`` heads, which the shards divide.
+    Each shard then holds the key/value heads of its own query heads, and
+    the XLA path and the kernels compute only those; otherwise each shard
+    gathers every head and computes all of them (the kernels), or the query
+    heads are moved between shards to split the groups (the XLA path), where
+    their number allows. One key/value head stays as it is: each shard uses
+    it whole. The repeat's transpose sums the repeated heads' cotangents."""
+    heads = mesh_spec(query)[2]
+    kv_heads = key.shape[2]
+    if heads is None or kv_heads == 1 or kv_heads % shards(heads) == 0:
+        return key, value
+    repeats = math.lcm(kv_heads, shards(heads)) // kv_heads
+    batch = mesh_spec(key)[0]
+
+    def spread(x):
+        x = jax.sharding.reshard(x, jax.P(batch))  # the heads whole
+        return jax.sharding.reshard(
+            jnp.repeat(x, repeats, axis=2), jax.P(batch, None, heads)
+        )
+
+    return spread(key), spread(value)
 
 
 def _dims(query, key, bias, mask):

@@ -10,7 +10,6 @@ k, v, bias and sinks (the contracts of ``_attention_xla``).
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
@@ -140,19 +139,13 @@ def _axes(spec):
 def _forward_layout(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     """The specs the kernels run shard by shard with (see :func:`_per_shard`):
     the batch split as the query's, the query heads too with their
-    key/value heads (split alike, or one replicated), else whole; with the
-    outputs' (``o`` as q, ``lse [B, K, G, T]``)."""
+    key/value heads (split alike, or one replicated); with the outputs'
+    (``o`` as q, ``lse [B, K, G, T]``)."""
     del v
     b, _, n, _ = mesh_spec(q)
-    kv_heads = k.shape[2]
-    if n and kv_heads == 1:
-        kv_n = None
-    elif n and kv_heads % _size(n):
-        # The groups do not split alike: whole heads (each device along that
-        # axis computes all of them).
-        n = kv_n = None
-    else:
-        kv_n = n
+    # More shards than key/value heads: the public function repeats them to
+    # a number the shards divide, except a single one.
+    kv_n = None if k.shape[2] == 1 else n
     kv = (b, None, kv_n, None)
 
     def scores(x):  # bias, mask: [B, N, T, S], their own size-1 axes unsplit
@@ -175,12 +168,6 @@ def _forward_layout(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     )  # fmt: skip
     lse = (b, kv_n, None if kv_n else n, None)
     return arrays, ((b, None, n, None), lse)
-
-
-def _size(entry):
-    """How many shards a spec entry splits an axis into."""
-    shape = jax.sharding.get_abstract_mesh().shape
-    return math.prod(shape[axis] for axis in entry)
 
 
 def _backward_layout(res, d_out):

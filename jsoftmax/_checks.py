@@ -6,6 +6,7 @@ with a clear message before anything is computed.
 
 from __future__ import annotations
 
+import math
 import operator
 import sys
 from collections.abc import Sequence
@@ -182,6 +183,13 @@ def mesh_spec(x) -> tuple:
         None if e is None else (e,) if isinstance(e, str) else tuple(e) or None
         for e in spec
     )
+
+
+def shards(entry) -> int:
+    """How many shards a spec entry (a tuple of mesh axis names, as
+    :func:`mesh_spec` gives) splits an axis into, on the context mesh."""
+    shape = jax.sharding.get_abstract_mesh().shape
+    return math.prod(shape[axis] for axis in entry)
 
 
 def broadcast_dims(x, shape: tuple, names: Sequence | None = None) -> tuple | None:

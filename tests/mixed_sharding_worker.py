@@ -25,7 +25,9 @@ with status 1 if any check failed.
 
 import itertools
 import json
+import math
 import os
+import re
 import sys
 
 # Host CPU devices, also on a machine with a GPU; less optimisation compiles
@@ -291,6 +293,62 @@ for name, f, specs, want in [
     found = exported.mlir_module().count(TRITON)
     if found != want:
         failures.append(f"CUDA lowering, {name}: {found} Triton calls, want {want}")
+
+
+# The query heads over 4 shards, more than the key/value heads divide into
+# (tensor parallelism past them): 4 query heads over 2 key/value heads (one
+# group per shard) and 12 over 3 (a shard's 3 query heads span two groups).
+# Output and gradient equal the unsharded op's, and each shard computes its
+# own query heads only: the kernels lowered for CUDA take N / 4 query heads
+# and as many key/value heads, and the XLA path's largest product per device
+# is the batch's N / 4 heads' 16 x 16 blocks of scores. Before, the kernels
+# took all N query heads on each shard, and the XLA path all 4 of the first
+# case's.
+HEADS_MESH = jax.make_mesh((4,), ("model",), axis_types=(AxisType.Explicit,))
+q12 = jnp.asarray(rng.normal(size=(2, T, 12, H)), jnp.float32)
+k3, v3 = (jnp.asarray(rng.normal(size=(2, T, 3, H)), jnp.float32) for _ in range(2))
+heads_split = P(None, None, "model")
+for impl in ("xla", "pallas"):
+    for name, args in [
+        ("4 query, 2 key/value heads", (q, k_g, v_g)),
+        ("12 query, 3 key/value heads", (q12, k3, v3)),
+    ]:  # fmt: skip
+        check(
+            f"attention {impl}: {name}, query heads over 4 shards",
+            attention(impl, CAUSAL), args, (0, 1, 2),
+            [[heads_split], [P()], [P()]], mesh=HEADS_MESH,
+        )  # fmt: skip
+for args in ((q, k_g, v_g), (q12, k3, v3)):
+    checks += 2
+    local = args[0].shape[2] // 4
+    with jax.set_mesh(HEADS_MESH):
+        split = [put(args[0], heads_split, HEADS_MESH)] + [
+            put(a, P(), HEADS_MESH) for a in args[1:]
+        ]
+        grad = jax.jit(
+            jax.grad(lambda *a: jnp.sum(attention(None, CAUSAL)(*a)), (0, 1, 2))
+        )
+        module = jax.export.export(
+            grad,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+        )(*split).mlir_module()
+        operands = [
+            re.findall(r"tensor<(\d+)x(\d+)x(\d+)x", line)[:3]
+            for line in module.splitlines()
+            if TRITON in line
+        ]
+        heads = {tuple(int(shape[2]) for shape in qkv) for qkv in operands}
+        xla_grad = jax.jit(
+            jax.grad(lambda *a: jnp.sum(attention("xla", CAUSAL)(*a)), (0, 1, 2))
+        )
+        hlo = xla_grad.lower(*split).compile().as_text()
+    products = re.findall(r"= f32\[([\d,]*)\][^ ]* dot\(", hlo)
+    largest = max(math.prod(map(int, dims.split(","))) for dims in products)
+    if len(operands) != 3 or heads != {(local, local, local)}:
+        failures.append(f"kernels' query and key/value heads per shard {heads}")
+    if largest != args[0].shape[0] * local * 16 * 16:  # batch, heads, 16 x 16
+        failures.append(f"XLA path's largest product per device: {largest} entries")
 
 
 # Context parallelism in a shard_map over "seq" alone, the batch split over

@@ -180,3 +180,16 @@ def test_losses_gpu_mode_runs_at_smoke_sizes(monkeypatch, tmp_path, standard_pro
     table = (tmp_path / "losses_quick_gpu.md").read_text()
     assert "| log_softmax | bfloat16 |" in table and "| optax (unfused) |" in table
     assert "jsoftmax chunk_size=256" in table
+
+
+def test_tensor_parallel_bench_quick_writes_its_table(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/tensor_parallel.py", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "tensor_parallel_quick.md").read_text()
+    # One row per head count, each timed beside jax.nn and the A/A copy.
+    assert table.count("\n| ") == 4 and "| 4 | 2 |" in table, table
