@@ -185,7 +185,8 @@ def dot_product_attention(
           on every path: each device computes its own query heads only.
           Inside a ``vmap`` whose mapped axis is split over such an axis
           (Pallas takes no operand typed on a mesh axis outside a
-          ``shard_map``), ``None`` takes the XLA path.
+          ``shard_map``), the kernels run on each shard's part of the
+          mapped axis in a ``shard_map`` over it.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
           FlashAttention-2 forward, and a backward of one program per key
@@ -307,7 +308,8 @@ def dot_product_attention(
         under :mod:`jax.export` (the block schedule is static; a symbolic batch
         is supported); an unknown ``implementation``, or an option that
         ``"pallas"`` or ``"cudnn"`` lacks (named), ``"pallas"`` inside a
-        ``vmap`` whose mapped axis is split over an ``Explicit`` mesh axis.
+        ``vmap`` of symbolic size whose mapped axis is split over an
+        ``Explicit`` mesh axis.
       TypeError: a non-boolean mask, non-integer lengths or segment ids,
         complex inputs, inputs of different dtypes; a bool or non-number
         ``scale`` or ``soft_cap``; a traced ``is_causal``,

@@ -50,12 +50,17 @@ def _on_platform(xla_fn, kernel_fn, layout):
             )
             for interpret in (False, True)
         )
-        default, symbolic = xla_call, xla_call
+        default, symbolic, manual = xla_call, xla_call, ("cuda",)
         if pallas:
-            default, symbolic = interpreted, _refuse_symbolic
+            default, symbolic, manual = (
+                interpreted,
+                _refuse_symbolic,
+                ("cuda", "default"),
+            )
         return by_platform(
-            args, cuda=kernel, default=default, symbolic=symbolic, derivative=xla_call
-        )
+            args, cuda=kernel, default=default, symbolic=symbolic,
+            derivative=xla_call, manual=manual,
+        )  # fmt: skip
 
     return call
 
@@ -63,9 +68,12 @@ def _on_platform(xla_fn, kernel_fn, layout):
 def _per_shard(kernel, layout, twin, instead):
     """``kernel``, run shard by shard in a ``shard_map`` over the mesh's
     ``Explicit`` axes where it has some (a Pallas call takes no split
-    operand); ``instead`` inside a ``vmap`` whose mapped axis is split over
-    one, where Pallas (its Triton lowering and its interpreter) refuses any
-    operand typed on an axis it does not hold manual.
+    operand). Pallas (its Triton lowering and its interpreter) refuses any
+    operand typed on a mesh axis it does not hold manual: under a ``vmap``
+    whose mapped axis is split over one, :func:`by_platform`'s batching rule
+    runs this inside a ``shard_map`` over that axis; ``instead`` where it
+    could not (a ``vmap`` of symbolic size, or a JAX whose ``vmap`` does not
+    say which mesh axes it maps over).
 
     ``layout(*args)`` gives the spec each array is split by for that (None
     for an absent one) and each output's: the batch and the query heads split
@@ -78,7 +86,7 @@ def _per_shard(kernel, layout, twin, instead):
     its shards' parts."""
 
     def run(*args):
-        # Found when traced: a vmap of the op reaches here.
+        # Found when traced: a vmap of the op that no shard_map undid.
         if vmapped_mesh_axes():
             return instead(*args)
         axes = explicit_axes()
@@ -181,13 +189,14 @@ def _backward_layout(res, d_out):
 
 def _refuse_vmapped_mesh_axes(*args):
     """The kernels inside a ``vmap`` whose mapped axis is split over a mesh
-    axis: refused (see :func:`_per_shard`)."""
+    axis, where they cannot run shard by shard: refused (see
+    :func:`_per_shard`)."""
     del args
     raise ValueError(
-        "dot_product_attention: implementation='pallas' does not support a "
-        "vmap whose mapped axis is split over an Explicit mesh axis (Pallas "
-        "refuses operands typed on a mesh axis outside shard_map); the XLA "
-        "path (implementation=None or 'xla') supports it"
+        "dot_product_attention: implementation='pallas' does not support this "
+        "vmap, whose mapped axis is split over an Explicit mesh axis and which "
+        "cannot run shard by shard (a vmap of symbolic size); the XLA path "
+        "(implementation=None or 'xla') supports it"
     )
 
 

@@ -18,22 +18,25 @@ batching and mlir registries).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 from jax._src import core, dispatch, effects
 from jax._src.interpreters import ad, batching, mlir
 from jax.extend.core import Primitive
+from jax.sharding import PartitionSpec as P
 
 
 class _Branches:
     """The functions of flat arrays, all of the same outputs: ``cuda``,
     ``default``, ``symbolic`` (the CUDA one's stand-in under a ``vmap`` of
     symbolic size) and ``derivative`` (differentiable), and their outputs'
-    avals. Hashed by identity: a primitive parameter, never holding a
-    tracer."""
+    avals; ``manual`` names those that take no operand typed on a mesh axis
+    (see :func:`_batch`). Hashed by identity: a primitive parameter, never
+    holding a tracer."""
 
-    def __init__(self, fns, out_avals):
-        self.fns, self.out_avals = fns, out_avals
+    def __init__(self, fns, out_avals, manual):
+        self.fns, self.out_avals, self.manual = fns, out_avals, manual
 
     def __repr__(self):
         return "<cuda | default>"
@@ -74,7 +77,10 @@ def _batch(axis_data, args, dims, *, branches):
     """vmap: the branches vmapped, outputs at axis 0. A vmap of symbolic size
     (:func:`jax.export` shape polymorphism) would give the CUDA branch's
     kernels a grid of dynamic bounds, which the Triton lowering refuses: the
-    stand-in takes the CUDA branch's place there."""
+    stand-in takes the CUDA branch's place there. Where the mapped axis is
+    split over ``Explicit`` mesh axes, the ``manual`` branches vmap each
+    shard's part inside a ``shard_map`` over those axes, so that they see no
+    operand typed on them (which a Pallas call refuses)."""
     if all(d is None for d in dims):
         out = by_platform_p.bind(*args, branches=branches)
         return out, [None] * len(out)
@@ -87,35 +93,78 @@ def _batch(axis_data, args, dims, *, branches):
         spmd_axis_name=axis_data.spmd_name,
     )
     fns = {name: vmap(fn) for name, fn in branches.fns.items()}
+    axes = getattr(axis_data, "explicit_mesh_axis", None)
+    if axes and core.is_constant_dim(axis_data.size):
+        for name in branches.manual:
+            fns[name] = _shard_by_shard(
+                branches.fns[name], dims, axes, axis_data, len(branches.out_avals)
+            )
     if not core.is_constant_dim(axis_data.size):
         fns["cuda"] = fns["symbolic"]
-    out = _bind(fns, args)
+    out = _bind(fns, args, branches.manual)
     return out, [0] * len(out)
 
 
 batching.fancy_primitive_batchers[by_platform_p] = _batch
 
 
-def _bind(fns, leaves):
-    out_avals = tuple(jax.make_jaxpr(fns["default"])(*leaves).out_avals)
-    return by_platform_p.bind(*leaves, branches=_Branches(fns, out_avals))
+def _shard_by_shard(fn, dims, axes, axis_data, outputs):
+    """``fn`` vmapped over the axes ``dims`` of its arguments (None: not
+    mapped), whose mapped axis is split over the mesh ``axes``: each shard's
+    part vmapped inside a ``shard_map`` over ``axes``, the outputs mapped at
+    axis 0."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = math.prod(mesh.shape[axis] for axis in axes)
+    local = jax.vmap(
+        fn,
+        in_axes=list(dims),
+        out_axes=0,
+        axis_name=axis_data.name,
+        axis_size=axis_data.size // shards,
+    )
+
+    def spec(d):
+        return P() if d is None else P(*(None,) * d, axes)
+
+    def run(*leaves):
+        return jax.shard_map(
+            local,
+            in_specs=tuple(spec(d) for d in dims),
+            out_specs=[P(axes)] * outputs,
+            axis_names=set(axes),
+            check_vma=False,
+        )(*leaves)
+
+    return run
+
+
+def _bind(fns, leaves, manual):
+    # The differentiable twin's: every branch gives the same, and it can be
+    # traced anywhere (a manual branch not inside a vmap over mesh axes).
+    out_avals = tuple(jax.make_jaxpr(fns["derivative"])(*leaves).out_avals)
+    return by_platform_p.bind(*leaves, branches=_Branches(fns, out_avals, manual))
 
 
 def vmapped_mesh_axes() -> frozenset:
     """The mesh axes that enclosing ``vmap``s split their mapped axes over
-    (``spmd_axis_name``, or a mapped axis split on an ``Explicit`` mesh):
-    inside them, no ``shard_map`` may name those axes."""
-    return frozenset(getattr(core.get_axis_env(), "explicit_mesh_axis_names", ()))
+    (``spmd_axis_name``, or a mapped axis split on an ``Explicit`` mesh) and
+    that no ``shard_map`` inside them holds manual: inside them, no
+    ``shard_map`` may name those axes."""
+    names = getattr(core.get_axis_env(), "explicit_mesh_axis_names", ())
+    return frozenset(names) - set(jax.sharding.get_abstract_mesh().manual_axes)
 
 
-def by_platform(args, *, cuda, default, symbolic, derivative):
+def by_platform(args, *, cuda, default, symbolic, derivative, manual=("cuda",)):
     """``cuda(*args)`` where the program is lowered for CUDA, ``default(*args)``
     elsewhere (all four functions the same output structure, shapes and
     dtypes), differentiated as ``derivative(*args)`` is.
 
     ``cuda`` may run kernels, whose grids need static shapes: ``symbolic``
     takes its place for CUDA under a ``vmap`` of symbolic size (symbolic
-    shapes the caller sees, it handles itself)."""
+    shapes the caller sees, it handles itself). The branches named in
+    ``manual`` take no operand typed on a mesh axis: under a ``vmap`` whose
+    mapped axis is split over ``Explicit`` mesh axes, they run shard by
+    shard in a ``shard_map`` over those axes."""
     leaves, in_tree = jax.tree.flatten(args)
     out_tree = []
 
@@ -129,5 +178,5 @@ def by_platform(args, *, cuda, default, symbolic, derivative):
         return run
 
     fns = dict(cuda=cuda, default=default, symbolic=symbolic, derivative=derivative)
-    out = _bind({name: flat(fn) for name, fn in fns.items()}, leaves)
+    out = _bind({name: flat(fn) for name, fn in fns.items()}, leaves, manual)
     return jax.tree.unflatten(out_tree[0], out)
