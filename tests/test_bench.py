@@ -61,14 +61,19 @@ def test_softmax_bench_without_out_leaves_committed_results_alone(
     }
 
 
-def test_losses_bench_quick_writes_table(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "bench/losses.py", "--quick", "--out", str(tmp_path)],
+def _quick_run(script, out):
+    """Runs ``bench/<script> --quick --out <out>``; asserts that it passed."""
+    run = subprocess.run(
+        [sys.executable, f"bench/{script}", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_losses_bench_quick_writes_table(tmp_path):
+    _quick_run("losses.py", tmp_path)
     table = (tmp_path / "losses_quick.md").read_text()
     assert "jsoftmax (fused)" in table and "optax (unfused)" in table
     assert "| integer |" in table and "| probabilities |" in table
@@ -183,13 +188,7 @@ def test_losses_gpu_mode_runs_at_smoke_sizes(monkeypatch, tmp_path, standard_pro
 
 
 def test_tensor_parallel_bench_quick_writes_its_table(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "bench/tensor_parallel.py", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    _quick_run("tensor_parallel.py", tmp_path)
     table = (tmp_path / "tensor_parallel_quick.md").read_text()
     # One row per head count, each timed beside jax.nn and the A/A copy.
     assert table.count("\n| ") == 4 and "| 4 | 2 |" in table, table
