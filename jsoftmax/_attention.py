@@ -22,6 +22,7 @@ from jsoftmax._checks import (
     as_input,
     broadcast_dims,
     float_input,
+    in_operands_mesh,
     mesh_spec,
     shards,
     share_shardings,
@@ -58,6 +59,7 @@ class _Config:
     partials: bool = False
 
 
+@in_operands_mesh
 def dot_product_attention(
     query: jax.typing.ArrayLike,
     key: jax.typing.ArrayLike,
@@ -459,7 +461,9 @@ def _kv_heads_with_queries(query, key, value):
     if heads is None or kv_heads == 1 or kv_heads % shards(heads) == 0:
         return key, value
     repeats = math.lcm(kv_heads, shards(heads)) // kv_heads
-    batch = mesh_spec(key)[0]
+    # The batch keeps its split, less the heads' axes (a mix that puts them
+    # on k's batch: gathered there).
+    batch = tuple(a for a in mesh_spec(key)[0] or () if a not in heads) or None
 
     def spread(x):
         x = jax.sharding.reshard(x, jax.P(batch))  # the heads whole

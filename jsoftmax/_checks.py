@@ -6,6 +6,7 @@ with a clear message before anything is computed.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import sys
@@ -161,10 +162,48 @@ def share_shardings(arrays: Sequence, dims: Sequence, whole: tuple = ()) -> list
     return out
 
 
-def explicit_axes() -> tuple:
-    """The names of the context mesh's ``Explicit`` axes (none outside a mesh,
-    and inside ``shard_map``, whose axes are ``Manual``)."""
-    mesh = jax.sharding.get_abstract_mesh()
+def in_operands_mesh(fn):
+    """``fn`` run with the mesh of its array arguments' types as the context
+    mesh where none is set: arrays put on an ``Explicit`` mesh and passed to
+    ``jit`` outside ``jax.set_mesh``, as plain JAX code may. The ops read
+    the mesh from the context (splits, ``reshard`` to a spec,
+    ``shard_map``); an arguments' mesh with no ``Explicit`` axis changes
+    nothing."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not jax.sharding.get_abstract_mesh().empty:
+            return fn(*args, **kwargs)
+        for leaf in jax.tree.leaves((args, kwargs)):
+            mesh = _mesh(leaf)
+            if mesh is not None and explicit_axes(mesh):
+                # A concrete array's device mesh (eager calls run on it), a
+                # traced one's abstract mesh.
+                if isinstance(mesh, jax.sharding.Mesh):
+                    context = jax.set_mesh(mesh)
+                else:
+                    context = jax.sharding.use_abstract_mesh(mesh)
+                with context:
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _mesh(x):
+    """The mesh of an array's sharding (None for other values)."""
+    if not isinstance(x, jax.Array):
+        return None
+    if isinstance(x, jax.core.Tracer):
+        return getattr(jax.typeof(x).sharding, "mesh", None)
+    return getattr(x.sharding, "mesh", None)
+
+
+def explicit_axes(mesh=None) -> tuple:
+    """The names of the ``Explicit`` axes of ``mesh`` (default: the context
+    mesh; none outside a mesh, and inside ``shard_map``, whose axes are
+    ``Manual``)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     explicit = jax.sharding.AxisType.Explicit
     return tuple(
         name

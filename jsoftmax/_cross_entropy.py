@@ -17,6 +17,7 @@ from jsoftmax._checks import (
     broadcast_dims,
     compute_dtype,
     float_input,
+    in_operands_mesh,
     lowest,
     mask_input,
     masked_fill,
@@ -188,6 +189,7 @@ def _ruled_out(labels, where, label_smoothing):
     return lax.stop_gradient(off)
 
 
+@in_operands_mesh
 def softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -380,6 +382,7 @@ def check_integer_labels(name, labels, want_shape):
     return labels
 
 
+@in_operands_mesh
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

@@ -12,6 +12,7 @@ from jax import lax
 from jsoftmax._checks import (
     compute_dtype,
     float_input,
+    in_operands_mesh,
     mask_input,
     share_shardings,
     static_int,
@@ -70,6 +71,7 @@ def default_chunk_size(num_tokens, vocab: int) -> int:
     return int(min(vocab, min(max(size, 128), 8192)))
 
 
+@in_operands_mesh
 def linear_softmax_cross_entropy(
     x: jax.typing.ArrayLike,
     w: jax.typing.ArrayLike,

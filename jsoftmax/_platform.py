@@ -112,9 +112,11 @@ def _shard_by_shard(fn, dims, axes, axis_data, outputs):
     """``fn`` vmapped over the axes ``dims`` of its arguments (None: not
     mapped), whose mapped axis is split over the mesh ``axes``: each shard's
     part vmapped inside a ``shard_map`` over ``axes``, the outputs mapped at
-    axis 0."""
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = math.prod(mesh.shape[axis] for axis in axes)
+    axis 0. The mesh is the context's where it is traced (inside an outer
+    one of nested vmaps, its axis manual), else the one here (a program
+    lowered outside ``jax.set_mesh``)."""
+    traced_in = jax.sharding.get_abstract_mesh()
+    shards = math.prod(traced_in.shape[axis] for axis in axes)
     local = jax.vmap(
         fn,
         in_axes=list(dims),
@@ -127,8 +129,10 @@ def _shard_by_shard(fn, dims, axes, axis_data, outputs):
         return P() if d is None else P(*(None,) * d, axes)
 
     def run(*leaves):
+        mesh = jax.sharding.get_abstract_mesh()
         return jax.shard_map(
             local,
+            mesh=traced_in if mesh.empty else mesh,
             in_specs=tuple(spec(d) for d in dims),
             out_specs=[P(axes)] * outputs,
             axis_names=set(axes),

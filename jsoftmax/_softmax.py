@@ -14,6 +14,7 @@ from jsoftmax._checks import (
     broadcast_like,
     compute_dtype,
     float_input,
+    in_operands_mesh,
     mask_input,
     masked_fill,
     normalize_axis,
@@ -62,6 +63,7 @@ def _shifted(x, where, axes, axis_name):
     return x.astype(dtype) - jnp.expand_dims(m, axes)
 
 
+@in_operands_mesh
 def softmax(
     x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None, axis_name=None
 ) -> jax.Array:
@@ -154,6 +156,7 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 _softmax_forward_mode = with_forward_mode(_softmax, symmetric=True)
 
 
+@in_operands_mesh
 def log_softmax(
     x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None, axis_name=None
 ) -> jax.Array:

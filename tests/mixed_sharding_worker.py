@@ -23,6 +23,7 @@ It prints one JSON line, the number of checks and the failures, and exits
 with status 1 if any check failed.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -77,10 +78,11 @@ def put(x, spec, mesh=MESH):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
-def check(name, f, args, argnums, options, mesh=MESH):
+def check(name, f, args, argnums, options, mesh=MESH, in_context=True):
     """``f``'s output and the gradient of its weighted sum (``argnums``) with
     the inputs put on each combination of ``options`` (one list of specs per
-    input) equal them on the unsharded inputs."""
+    input) equal them on the unsharded inputs; called inside ``jax.set_mesh``
+    (``in_context``) or outside it, the mesh known from the inputs alone."""
     global checks
 
     def loss(*a):
@@ -94,7 +96,7 @@ def check(name, f, args, argnums, options, mesh=MESH):
         checks += 1
         where = f"{name} {tuple(tuple(s) for s in specs)}"
         try:
-            with jax.set_mesh(mesh):
+            with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
                 got = run(*(put(a, s, mesh) for a, s in zip(args, specs, strict=True)))
         except Exception as e:  # noqa: BLE001 (reported, not hidden)
             first = str(e).strip().splitlines()[0][:160]
@@ -303,6 +305,49 @@ for name, f, args, specs, local in [
         failures.append(f"CUDA lowering, {name}: Triton calls' queries {firsts}")
 
 
+# Outside jax.set_mesh, arrays put on an Explicit mesh (plain JAX code runs
+# so under jit): the ops take the mesh from the inputs' types. Before, the
+# attention kernels (and, with the key/value heads repeated or a vmap over a
+# split axis, the XLA path) failed, and so did log_softmax with a row mask
+# and the integer-label loss with labels split apart from the logits.
+check(
+    "outside set_mesh: log_softmax, row mask",
+    lambda x, m: jnp.where(m[:, None], jsoftmax.log_softmax(x, where=m[:, None]), 0),
+    (x, mask[:, 0]), 0, [[P(None, "model")], [P("data")]], in_context=False,
+)  # fmt: skip
+check(
+    "outside set_mesh: integer labels",
+    jsoftmax.softmax_cross_entropy_with_integer_labels,
+    (x, ids), 0, [[P()], [P("data")]], in_context=False,
+)  # fmt: skip
+for impl in ("xla", "pallas"):
+    check(
+        f"outside set_mesh: attention {impl}, grouped-query",
+        attention(impl, CAUSAL), (q, k_g, v_g), (0, 1, 2),
+        [[P("data", None, "model")], [P(), P("data")], [P()]], in_context=False,
+    )  # fmt: skip
+    check(
+        f"outside set_mesh: vmap over a split axis, {impl}",
+        per_example(impl), (q, k_g, v_g, lengths), (0, 1, 2),
+        [[P("data")], [P("data")], [P("data")], [P("data")]], in_context=False,
+    )  # fmt: skip
+checks += 1
+try:
+    found = (
+        jax.export.export(
+            jax.jit(jax.grad(lambda *a: jnp.sum(attention(None)(*a)), (0, 1, 2))),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+        )(put(q, P("data", None, "model")), put(k_g, P("data")), put(v_g, P("data")))
+        .mlir_module()
+        .count(TRITON)
+    )
+except Exception as e:  # noqa: BLE001 (reported, not hidden)
+    found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+if found != 3:
+    failures.append(f"CUDA lowering outside set_mesh: {found}, want 3 Triton calls")
+
+
 # The query heads over 4 shards, more than the key/value heads divide into
 # (tensor parallelism past them): 4 query heads over 2 key/value heads (one
 # group per shard) and 12 over 3 (a shard's 3 query heads span two groups).
@@ -317,14 +362,15 @@ q12 = jnp.asarray(rng.normal(size=(2, T, 12, H)), jnp.float32)
 k3, v3 = (jnp.asarray(rng.normal(size=(2, T, 3, H)), jnp.float32) for _ in range(2))
 heads_split = P(None, None, "model")
 for impl in ("xla", "pallas"):
-    for name, args in [
-        ("4 query, 2 key/value heads", (q, k_g, v_g)),
-        ("12 query, 3 key/value heads", (q12, k3, v3)),
+    # k and v also with their batch split over the heads' axis: gathered.
+    for name, args, kv in [
+        ("4 query, 2 key/value heads", (q, k_g, v_g), [P(), P("model")]),
+        ("12 query, 3 key/value heads", (q12, k3, v3), [P()]),
     ]:  # fmt: skip
         check(
             f"attention {impl}: {name}, query heads over 4 shards",
-            attention(impl, CAUSAL), args, (0, 1, 2),
-            [[heads_split], [P()], [P()]], mesh=HEADS_MESH,
+            attention(impl, CAUSAL), args, (0, 1, 2), [[heads_split], kv, kv],
+            mesh=HEADS_MESH,
         )  # fmt: skip
 for args in ((q, k_g, v_g), (q12, k3, v3)):
     checks += 2
