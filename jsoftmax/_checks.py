@@ -194,9 +194,11 @@ def _mesh(x):
     """The mesh of an array's sharding (None for other values)."""
     if not isinstance(x, jax.Array):
         return None
-    if isinstance(x, jax.core.Tracer):
-        return getattr(jax.typeof(x).sharding, "mesh", None)
-    return getattr(x.sharding, "mesh", None)
+    try:
+        sharding = x.sharding  # a concrete array's, on devices
+    except AttributeError:  # a traced array's, in its type
+        sharding = jax.typeof(x).sharding
+    return getattr(sharding, "mesh", None)
 
 
 def explicit_axes(mesh=None) -> tuple:
