@@ -4,7 +4,6 @@ over blocks), and the block maths the Pallas kernels share with it."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import jax
@@ -13,7 +12,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jsoftmax._checks import compute_dtype
+from jsoftmax._checks import compute_dtype, shards
 
 # Default block sizes, chosen by measurement: `python bench/attention.py
 # --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
@@ -616,14 +615,9 @@ def reshape(x, shape, like, dims):
     out, used = [], set()
     for size, d in zip(shape, dims, strict=True):
         entry = None if d is None or d in used else spec[d]
-        if entry is not None and size % _shards(sharding.mesh, entry) == 0:
+        if entry is not None and size % shards(entry, sharding.mesh) == 0:
             used.add(d)
         else:
             entry = None
         out.append(entry)
     return lax.reshape(x, shape, out_sharding=sharding.update(spec=P(*out)))
-
-
-def _shards(mesh, entry):
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return math.prod(mesh.shape[name] for name in names)

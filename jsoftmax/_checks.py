@@ -226,11 +226,13 @@ def mesh_spec(x) -> tuple:
     )
 
 
-def shards(entry) -> int:
-    """How many shards a spec entry (a tuple of mesh axis names, as
-    :func:`mesh_spec` gives) splits an axis into, on the context mesh."""
-    shape = jax.sharding.get_abstract_mesh().shape
-    return math.prod(shape[axis] for axis in entry)
+def shards(entry, mesh=None) -> int:
+    """How many shards a spec entry (a mesh axis name, or a tuple of them as
+    :func:`mesh_spec` gives) splits an axis into, on ``mesh`` (default: the
+    context mesh)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names)
 
 
 def broadcast_dims(x, shape: tuple, names: Sequence | None = None) -> tuple | None:
