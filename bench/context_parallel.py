@@ -30,7 +30,10 @@ import pathlib
 import re
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from host_devices import request  # noqa: E402
+
+request(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -40,8 +43,6 @@ from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jsoftmax  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench import interleaved, machine  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -7,19 +7,19 @@ Compile-only: XLA's memory_analysis of the jitted shard_map'ed
 V / shards vocabulary columns of w.
 """
 
-import os
 import pathlib
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from host_devices import request  # noqa: E402
+
+request(8)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jsoftmax  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench import machine  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -22,7 +22,10 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from host_devices import request  # noqa: E402
+
+request(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -32,8 +35,6 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jsoftmax  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench import interleaved, machine  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

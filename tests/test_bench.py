@@ -4,6 +4,7 @@ No timing is asserted here; the numbers live in bench/results/.
 """
 
 import json
+import os
 import pathlib
 import runpy
 import subprocess
@@ -192,3 +193,18 @@ def test_tensor_parallel_bench_quick_writes_its_table(tmp_path):
     table = (tmp_path / "tensor_parallel_quick.md").read_text()
     # One row per head count, each timed beside jax.nn and the A/A copy.
     assert table.count("\n| ") == 4 and "| 4 | 2 |" in table, table
+
+
+def test_multi_device_benches_keep_the_flags_already_set(monkeypatch):
+    # bench/host_devices.py adds the host device count to XLA_FLAGS. Before,
+    # a setdefault left a user's flags (a dump folder; the suite's compile
+    # options) without it, and the 4- and 8-device benches found one device.
+    host = runpy.run_path(str(ROOT / "bench" / "host_devices.py"))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    host["request"](8)
+    assert os.environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {host['FLAG']}=8"
+    host["request"](4)  # a count already set is the user's
+    assert os.environ["XLA_FLAGS"].endswith("=8")
+    monkeypatch.delenv("XLA_FLAGS")
+    host["request"](4)
+    assert os.environ["XLA_FLAGS"] == f"{host['FLAG']}=4"
