@@ -12,7 +12,9 @@ import re
 import sys
 
 N = int(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N}"
+os.environ["XLA_FLAGS"] = (  # after pytest's flags (tests/conftest.py)
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N}"
+)
 # The N devices are host CPUs, also on a machine with a GPU.
 os.environ["JAX_PLATFORMS"] = "cpu"
 

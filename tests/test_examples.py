@@ -51,7 +51,8 @@ def test_train_lm_two_steps_agree_with_jax_nn_and_optax(tmp_path):
 # 2 and 4 of them, in both modes and both layouts between the two runs.
 CONTEXT_PARALLEL_RUNS = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+flags = os.environ.get("XLA_FLAGS", "")  # pytest's (tests/conftest.py)
+os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, sys.argv[1])
 import train_lm
