@@ -251,9 +251,10 @@ def _log_softmax_bwd(axes, axis_name, res, g):
     # count of outputs would materialise a converted copy of o. Across shards,
     # the count shares the psum of the cotangent sum instead. The test is
     # "not -inf" rather than "> -inf" so that a NaN row (from +inf or NaN
-    # inputs) keeps a NaN gradient instead of a silent 0.
+    # inputs) keeps a NaN gradient instead of a silent 0. (-inf is the max
+    # of an empty axis, which has no identity otherwise.)
     if axis_name is None:
-        valid = jnp.max(o32, axes, keepdims=True) != -jnp.inf
+        valid = jnp.max(o32, axes, keepdims=True, initial=-jnp.inf) != -jnp.inf
     else:
         count = jnp.sum(o32 != -jnp.inf, axes, keepdims=True, dtype=dtype)
         total, count = psum((total, count), axis_name)

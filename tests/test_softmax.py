@@ -582,3 +582,19 @@ def test_axis_as_a_concrete_array_and_bad_axis_values(name):
             op(x, axis=bad)
     with pytest.raises(TypeError, match="axis must be static"):
         jax.jit(lambda a: op(x, axis=a))(0)
+
+
+@op_names
+@pytest.mark.parametrize("shape,axis", [((3, 0), -1), ((0, 4), 0), ((2, 0, 3), (1, 2))])
+@pytest.mark.parametrize("jit", [False, True])
+def test_empty_axis_has_an_empty_value_and_gradient_as_in_jax_nn(
+    name, shape, axis, jit
+):
+    # log_softmax's backward took the max of an empty axis (no identity).
+    ours, _, nn = OPS[name]
+    for f in (ours, nn):
+        value_and_grad = jax.value_and_grad(lambda x, f=f: jnp.sum(f(x, axis)))
+        total, dx = (jax.jit(value_and_grad) if jit else value_and_grad)(
+            jnp.ones(shape)
+        )
+        assert total == 0 and dx.shape == shape
