@@ -207,7 +207,10 @@ def linear_softmax_cross_entropy(
     losses = _linear_cross_entropy_forward_mode(
         x, w, bias, labels, where, chunk_size, *options, axis_name
     )
-    losses = loud_labels(losses, labels, _vocab(w, axis_name))
+    # Masked tokens' labels (-100 padding) are not checked: their cotangents,
+    # which the backward zeroes, never hold a NaN (jax_debug_nans stays quiet).
+    checked = labels if where is None else jnp.where(where, labels, 0)
+    losses = loud_labels(losses, checked, _vocab(w, axis_name))
     if reduction == "none":
         return losses.astype(out_dtype)
     total = jnp.sum(losses)

@@ -334,6 +334,29 @@ def test_minus_100_padding_masked_after_the_loss_has_zero_gradient(reduce):
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_minus_100_padding_masked_with_where_raises_no_debug_nans_alarm():
+    # Outside jit, jax_debug_nans stopped at the NaN cotangent that the label
+    # check gave the masked -100 tokens, which the backward then zeroed.
+    x, w, bias, labels = _data(9)
+    labels = labels.at[jnp.array([1, 4])].set(-100)
+    keep = labels != -100
+
+    def loss(x, w, labels, where):
+        return jsoftmax.linear_softmax_cross_entropy(x, w, labels, where=where)
+
+    with jax.debug_nans(True):
+        got = jax.grad(loss, (0, 1))(x, w, labels, keep)
+    want = jax.grad(
+        lambda x, w: reference(x, w, None, jnp.where(keep, labels, 0), where=keep),
+        (0, 1),
+    )(x, w)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    # A counted token's out-of-range label still makes the gradient NaN.
+    dx, dw = jax.grad(loss, (0, 1))(x, w, labels, jnp.ones(B, bool))
+    assert bool(jnp.all(jnp.isnan(dx[1]))) and bool(jnp.any(jnp.isnan(dw)))
+    assert bool(jnp.all(jnp.isfinite(jnp.delete(dx, jnp.array([1, 4]), axis=0))))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1), dict(soft_cap=3.0)])
 def test_loss_is_never_negative_when_the_target_is_the_max(dtype, opts):
