@@ -195,6 +195,8 @@ def linear_softmax_cross_entropy(
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = widen_8bit(x.astype(dtype)), widen_8bit(w.astype(dtype))
+    if x.shape[1] == 0:  # no features: one of zeros gives the same logits
+        x, w = jnp.pad(x, ((0, 0), (0, 1))), jnp.pad(w, ((0, 1), (0, 0)))
     # The tokens split alike on an Explicit mesh (see share_shardings). Each of
     # x, w, bias varies over the mesh axes any input does: replicated x with
     # vocab-sharded w, replicated w with batch-sharded x (see varying_like).

@@ -494,3 +494,22 @@ def test_export_with_a_symbolic_vocabulary_is_refused_by_name():
                     )
                 )
             )(*args)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_no_features_gives_the_loss_of_the_bias_alone(jit):
+    # D = 0 raised an IndexError (a carry built from x's first column).
+    _, _, bias, labels = _data(10)
+    x, w = jnp.ones((B, 0)), jnp.ones((0, V))
+
+    def ours(x, w, bias):
+        return jsoftmax.linear_softmax_cross_entropy(x, w, labels, bias=bias)
+
+    def theirs(x, w, bias):
+        logits = jnp.broadcast_to(bias, (B, V))
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    f = jax.value_and_grad(ours, (0, 1, 2))
+    got = (jax.jit(f) if jit else f)(x, w, bias)
+    chex.assert_trees_all_close(got, jax.value_and_grad(theirs, (0, 1, 2))(x, w, bias))
+    assert got[1][0].shape == (B, 0) and got[1][1].shape == (0, V)
