@@ -360,7 +360,7 @@ def dot_product_attention(
     else:
         arrays, plan = _parallel_plan(args, *scores, *parallel)
         out, lse = cp.attention(*arrays, plan)
-    out = out.reshape(args.out_shape).astype(args.out_dtype)
+    out = out[..., : args.out_shape[-1]].reshape(args.out_shape).astype(args.out_dtype)
     if not return_residual:
         return out
     return out, _lse_output(lse, args)
@@ -420,6 +420,10 @@ def _prepare(
     soft_cap = _soft_cap(soft_cap)
 
     query, key, value = (widen_8bit(a) for a in (query, key, value))
+    if h == 0:  # no features: one of zeros gives the same scores; sliced away
+        pad = ((0, 0),) * 3 + ((0, 1),)
+        query, key, value = (jnp.pad(a, pad) for a in (query, key, value))
+        h = 1
     query, scale = _scale(query, scale, h)
     # float32/float64 queries are scaled before the matmul (T x H products
     # instead of T x S); 16-bit ones keep their rounding and the float32

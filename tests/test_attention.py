@@ -554,6 +554,31 @@ def test_empty_batch_with_lengths():
     assert [g.shape for g in grads] == [q.shape, kk.shape, v.shape]
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_no_head_features_give_an_empty_output_and_the_bias_lse(jit, scale):
+    # H = 0 divided by zero for the default scale (IndexError with one):
+    # jax.nn gives the empty output; the scores are the bias alone.
+    q, k = jnp.ones((2, 3, 2, 0)), jnp.ones((2, 4, 2, 0))
+    bias = jax.random.normal(jax.random.key(0), (2, 2, 3, 4))
+
+    def f(q, k, v, bias):
+        out, lse = jsoftmax.dot_product_attention(
+            q, k, v, bias, scale=scale, is_causal=True, return_residual=True
+        )
+        return jnp.sum(out), lse
+
+    (total, lse), grads = (jax.jit if jit else lambda f: f)(
+        jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True)
+    )(q, k, k, bias)
+    causal = jnp.tril(jnp.ones((3, 4), bool))
+    want = jax.nn.logsumexp(jnp.where(causal, bias, -jnp.inf), axis=-1)  # [B, N, T]
+    want = jnp.swapaxes(want, 1, 2)  # the residual is [B, T, N]
+    assert total == 0 and [g.shape for g in grads[:3]] == [q.shape, k.shape, k.shape]
+    np.testing.assert_allclose(lse, want, rtol=1e-6)
+    np.testing.assert_array_equal(grads[3], np.zeros(bias.shape))
+
+
 # ---------------------------------------------------------------------------
 # Transforms.
 
