@@ -26,6 +26,7 @@ from jsoftmax._checks import (
     mesh_spec,
     shards,
     share_shardings,
+    traced_once,
     widen_8bit,
 )
 from jsoftmax._collectives import varying_like
@@ -356,7 +357,7 @@ def dot_product_attention(
         implementation,
     )  # fmt: skip
     if parallel is None:
-        out, lse = _attention_forward_mode(*args.arrays, args.config)
+        out, lse = traced_once(_attention_forward_mode)(*args.arrays, args.config)
     else:
         arrays, plan = _parallel_plan(args, *scores, *parallel)
         out, lse = cp.attention(*arrays, plan)

@@ -190,6 +190,24 @@ def in_operands_mesh(fn):
     return run
 
 
+def traced_once(rule):
+    """``rule`` (an op's ``custom_vjp``, or its forward-mode wrapper) under a
+    ``jax.jit`` whose static arguments are its ``nondiff_argnums``, inlined
+    into an enclosing trace (``inline=True``): a call traces the rule once per
+    argument types and static options, not once per call. Outside ``jit``
+    (eager calls, ``jax.grad`` of them) the block loops are then compiled
+    once, not at every call; under ``jit`` the program is the same, and a
+    rule called again at the same types (a model's layers) is not traced
+    again. Keyed on the rule object, so that a rule swapped in is traced
+    anew."""
+    return _jitted(rule, tuple(rule.nondiff_argnums))
+
+
+@functools.cache
+def _jitted(rule, static):
+    return jax.jit(rule, static_argnums=static, inline=True)
+
+
 def _mesh(x):
     """The mesh of an array's sharding (None for other values)."""
     if not isinstance(x, jax.Array):

@@ -24,6 +24,7 @@ from jsoftmax._checks import (
     normalize_axis,
     row_max,
     share_shardings,
+    traced_once,
     widen_8bit,
 )
 from jsoftmax._collectives import (
@@ -292,7 +293,7 @@ def softmax_cross_entropy(
     )
     logits, labels = varying_like((logits, labels), logits, labels, where)
     axis_name = shard_axis(axis_name)
-    loss = _softmax_cross_entropy_forward_mode(
+    loss = traced_once(_softmax_cross_entropy_forward_mode)(
         logits, labels, where, axes, *options, axis_name
     )
     return loss.astype(dtype)
@@ -464,7 +465,7 @@ def softmax_cross_entropy_with_integer_labels(
     )
     logits = varying_like(logits, labels, where)
     axis_name = shard_axis(axis_name)
-    loss = _integer_cross_entropy_forward_mode(
+    loss = traced_once(_integer_cross_entropy_forward_mode)(
         logits, labels, where, ax, *options, axis_name
     )
     classes = logits.shape[ax] * num_shards(axis_name)

@@ -16,6 +16,7 @@ from jsoftmax._checks import (
     mask_input,
     share_shardings,
     static_int,
+    traced_once,
     widen_8bit,
 )
 from jsoftmax._collectives import (
@@ -206,7 +207,7 @@ def linear_softmax_cross_entropy(
     x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
     axis_name = shard_axis(axis_name)
 
-    losses = _linear_cross_entropy_forward_mode(
+    losses = traced_once(_linear_cross_entropy_forward_mode)(
         x, w, bias, labels, where, chunk_size, *options, axis_name
     )
     # Masked tokens' labels (-100 padding) are not checked: their cotangents,

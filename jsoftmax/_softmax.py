@@ -20,6 +20,7 @@ from jsoftmax._checks import (
     normalize_axis,
     row_max,
     share_shardings,
+    traced_once,
     widen_8bit,
 )
 from jsoftmax._collectives import pmax, psum, varying_like
@@ -121,7 +122,7 @@ def softmax(
       Array([0.5, 0. , 0.5], dtype=float32)
     """
     x, axes, where, dtype = _prepare("softmax", x, axis, where)
-    return _softmax_forward_mode(x, where, axes, axis_name).astype(dtype)
+    return traced_once(_softmax_forward_mode)(x, where, axes, axis_name).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -213,7 +214,8 @@ def log_softmax(
       Array([-inf, -inf], dtype=float32)
     """
     x, axes, where, dtype = _prepare("log_softmax", x, axis, where)
-    return _log_softmax_forward_mode(x, where, axes, axis_name).astype(dtype)
+    rule = traced_once(_log_softmax_forward_mode)
+    return rule(x, where, axes, axis_name).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

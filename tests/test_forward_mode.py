@@ -170,28 +170,32 @@ def test_first_and_second_order_forward_mode_match_the_reference(name):
     )
 
 
-def test_a_slightly_wrong_tangent_is_caught():
+def test_a_slightly_wrong_tangent_is_caught(monkeypatch):
     # A backward pass 0.1% off fails the first-order comparisons above, one 1%
     # off the second-order ones (whose entries are smaller than TOL2's atol).
+    # Each wrong rule is a new custom_vjp swapped in for softmax's (the op
+    # traces each rule object once: a rule redefined in place is not seen).
     bwd = _softmax._softmax_bwd
-    scale = [1.0]
 
-    def wrong(axes, axis_name, res, g):
-        dx, dwhere = bwd(axes, axis_name, res, g)
-        return dx * scale[0], dwhere
+    def swap_in(scale):
+        def wrong(axes, axis_name, res, g):
+            dx, dwhere = bwd(axes, axis_name, res, g)
+            return dx * scale, dwhere
+
+        rule = jax.custom_vjp(_softmax._softmax.fun, nondiff_argnums=(2, 3))
+        rule.defvjp(_softmax._softmax_fwd, wrong)
+        wrapped = jsoftmax.with_forward_mode(rule, symmetric=True)
+        monkeypatch.setattr(_softmax, "_softmax_forward_mode", wrapped)
 
     t = _tangents((X,))
     s, ref = _scalar(jsoftmax.softmax), _scalar(jax.nn.softmax)
-    _softmax._softmax.defvjp(_softmax._softmax_fwd, wrong)
-    try:
-        scale[0] = 1.001
-        with pytest.raises(AssertionError):
-            _close(jax.jvp(jsoftmax.softmax, (X,), t), jax.jvp(jax.nn.softmax, (X,), t))
-        scale[0] = 1.01
-        with pytest.raises(AssertionError):
-            _close(jax.hessian(s)(X[0]), jax.hessian(ref)(X[0]), **TOL2)
-    finally:
-        _softmax._softmax.defvjp(_softmax._softmax_fwd, bwd)
+    swap_in(1.001)
+    with pytest.raises(AssertionError):
+        _close(jax.jvp(jsoftmax.softmax, (X,), t), jax.jvp(jax.nn.softmax, (X,), t))
+    swap_in(1.01)
+    with pytest.raises(AssertionError):
+        _close(jax.hessian(s)(X[0]), jax.hessian(ref)(X[0]), **TOL2)
+    swap_in(1.0)
     _close(jax.jvp(jsoftmax.softmax, (X,), t), jax.jvp(jax.nn.softmax, (X,), t))
     _close(jax.hessian(s)(X[0]), jax.hessian(ref)(X[0]), **TOL2)
 

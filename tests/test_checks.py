@@ -1,0 +1,228 @@
+"""The wrappers every op shares: each op's rule under a cached, inlined jit
+(``traced_once``). Outside ``jit`` a call at types seen before compiles
+nothing; under ``jit`` the program holds no call of its own."""
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax._src import dispatch
+
+import jsoftmax
+from jsoftmax import _attention as _attention_module
+from jsoftmax import _cross_entropy, _linear_cross_entropy, _softmax
+
+K = jax.random.split(jax.random.key(3), 8)
+X = jax.random.normal(K[0], (4, 12))
+LABELS = jnp.array([3, -100, 11, 0], jnp.int16)
+WHERE = LABELS >= 0
+Q = jax.random.normal(K[1], (2, 8, 4, 4))
+KV = jax.random.normal(K[2], (2, 8, 2, 4))
+H = jax.random.normal(K[3], (4, 6))
+W = jax.random.normal(K[4], (6, 12))
+SEGMENTS = jnp.array([[0, 0, 0, 1, 1, 1, 2, 2]] * 2)
+
+
+def _attention(**options):
+    return (
+        lambda q, kv: jsoftmax.dot_product_attention(q, kv, kv, **options),
+        (Q, KV),
+    )
+
+
+# name -> (function, args), every op and the options that change its rule.
+OPS = {
+    "softmax": (jsoftmax.softmax, (X,)),
+    "softmax where, axis=0": (
+        lambda x: jsoftmax.softmax(x, axis=0, where=x > 0),
+        (X,),
+    ),
+    "log_softmax": (jsoftmax.log_softmax, (X,)),
+    "softmax_cross_entropy": (
+        lambda x: jsoftmax.softmax_cross_entropy(x, jax.nn.softmax(2 * x)),
+        (X,),
+    ),
+    "integer labels, -100 masked, smoothing": (
+        lambda x: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x, LABELS, where=WHERE[:, None], label_smoothing=0.1
+        ),
+        (X,),
+    ),
+    "linear_softmax_cross_entropy, chunks of 2": (
+        lambda h, w: jsoftmax.linear_softmax_cross_entropy(
+            h, w, LABELS, where=WHERE, chunk_size=2
+        ),
+        (H, W),
+    ),
+    "attention causal, grouped": _attention(
+        is_causal=True, query_chunk_size=4, key_chunk_size=4
+    ),
+    "attention window, segments, lengths, sinks, soft cap": _attention(
+        local_window_size=(3, 1),
+        query_segment_ids=SEGMENTS,
+        key_value_segment_ids=SEGMENTS,
+        key_value_seq_lengths=jnp.array([8, 5]),
+        sinks=jnp.array([0.5, -1.0, 0.0, 2.0]),
+        soft_cap=5.0,
+        query_chunk_size=4,
+        key_chunk_size=4,
+    ),
+    "attention bias, mask": _attention(
+        bias=jax.random.normal(K[5], (1, 4, 8, 8)),
+        mask=jax.random.bernoulli(K[6], 0.7, (2, 1, 8, 8)),
+    ),
+    "attention pallas (interpreted)": _attention(
+        is_causal=True, implementation="pallas", query_chunk_size=16
+    ),
+}
+
+
+@contextlib.contextmanager
+def compiles():
+    """The names of the programs compiled inside the block."""
+    names = []
+
+    def listen(event, seconds, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _grad(f):
+    return jax.grad(lambda *a: jnp.sum(f(*a)), argnums=0)
+
+
+@pytest.mark.parametrize("mode", ["call", "grad"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_a_repeated_eager_call_compiles_nothing(name, mode):
+    # The block loops (attention, the fused loss) were traced and compiled
+    # again at every call outside jit: 250 ms a call for a small attention.
+    f, args = OPS[name]
+    f = f if mode == "call" else _grad(f)
+    first = f(*args)
+    with compiles() as names:
+        again = f(*args)
+        jax.block_until_ready(again)
+    assert names == []
+    np.testing.assert_array_equal(again, first)
+    # The same values as under jit (one program, the rule inlined).
+    np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_the_compile_counter_sees_a_compile_per_call():
+    # A control: a function jit traces anew at every call (as the eager block
+    # loops were) is seen compiling each time.
+    def retraced(x):
+        return jax.jit(lambda y: jnp.sum(jnp.exp(y)))(x)
+
+    retraced(X)
+    with compiles() as names:
+        retraced(X)
+    assert len(names) == 1
+
+
+def test_new_static_options_and_types_are_traced_anew():
+    # The cache is keyed on the static options and the argument types: a
+    # call that differs in either gets its own program.
+    f = functools.partial(jsoftmax.dot_product_attention, query_chunk_size=4)
+    f(Q, KV, KV)
+    for changed in (
+        lambda: f(Q, KV, KV, is_causal=True),
+        lambda: f(Q, KV, KV, scale=0.3),
+        lambda: f(Q[:, :6], KV, KV),
+        lambda: f(Q.astype(jnp.bfloat16), *(KV.astype(jnp.bfloat16),) * 2),
+    ):
+        with compiles() as names:
+            changed()
+        assert names
+    got = f(Q, KV, KV, scale=0.3)
+    want = jax.nn.dot_product_attention(Q, KV, KV, scale=0.3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_under_jit_the_rule_is_inlined(name):
+    # No call of its own in the jaxpr: the programs, residuals and memory
+    # tests see what they saw before.
+    f, args = OPS[name]
+
+    def twice(*a):
+        return f(*a), f(*a)
+
+    assert not _rule_calls(jax.make_jaxpr(twice)(*args))
+
+
+# The ops' rules, as jit names their calls.
+RULES = {
+    rule.__name__
+    for rule in (
+        _softmax._softmax_forward_mode,
+        _softmax._log_softmax_forward_mode,
+        _cross_entropy._softmax_cross_entropy_forward_mode,
+        _cross_entropy._integer_cross_entropy_forward_mode,
+        _linear_cross_entropy._linear_cross_entropy_forward_mode,
+        _attention_module._attention_forward_mode,
+    )
+}
+
+
+def _rule_calls(jaxpr):
+    """The top-level jit calls of a rule in a jaxpr (jnp's own jits, such as
+    jnp.where's, are left out)."""
+    return [
+        e.params["name"]
+        for e in jaxpr.eqns
+        if e.primitive.name in ("jit", "pjit") and e.params["name"] in RULES
+    ]
+
+
+def test_the_rule_call_check_sees_a_call():
+    # A control: the same rule under a jit that is not inlined is seen.
+    rule = _softmax._softmax_forward_mode
+    called = jax.jit(rule, static_argnums=rule.nondiff_argnums)
+    jaxpr = jax.make_jaxpr(lambda x: called(x, None, (1,), None))(X)
+    assert _rule_calls(jaxpr) == [rule.__name__]
+    assert len(RULES) == 6
+
+
+def test_a_layer_stack_traces_the_attention_rule_once(monkeypatch):
+    rule = _attention_module._attention_forward_mode
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return rule(*args)
+
+    counted.nondiff_argnums = rule.nondiff_argnums
+    monkeypatch.setattr(_attention_module, "_attention_forward_mode", counted)
+
+    def stack(x):
+        for _ in range(4):
+            x = x + jsoftmax.dot_product_attention(x, x, x, is_causal=True)
+        return jnp.sum(x)
+
+    jax.make_jaxpr(jax.grad(stack))(Q)
+    assert len(calls) == 1
+    stack(Q[:, :5])  # eager, a new shape
+    assert len(calls) == 2
+
+
+def test_optax_still_matches_after_a_cached_call():
+    # A cached program is not reused for other label values (labels are
+    # arguments, not static).
+    loss = jsoftmax.softmax_cross_entropy_with_integer_labels
+    for labels in (jnp.array([1, 2, 3, 4]), jnp.array([0, 0, 11, 5])):
+        np.testing.assert_allclose(
+            loss(X, labels),
+            optax.softmax_cross_entropy_with_integer_labels(X, labels),
+            rtol=1e-6,
+        )
