@@ -739,8 +739,9 @@ def _soft_cap(soft_cap):
     if isinstance(soft_cap, (str, bytes, bool, np.bool_)) or np.ndim(soft_cap) != 0:
         raise TypeError(f"{name}: soft_cap must be a real number, got {soft_cap!r}")
     value = np.asarray(soft_cap)
-    if not np.issubdtype(value.dtype, np.integer) and not np.issubdtype(
-        value.dtype, np.floating
+    # jnp's issubdtype knows bfloat16 and float8 (not numpy floating types).
+    if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(
+        value.dtype, jnp.floating
     ):
         raise TypeError(f"{name}: soft_cap must be a real number, got {soft_cap!r}")
     value = float(value)

@@ -59,7 +59,9 @@ def _option(name, arg, value):
         raise TypeError(f"{name}: {arg} must be a real number, got {value!r}")
     value = np.asarray(value)
     if not (
-        isinstance(value.item(), numbers.Real) and np.issubdtype(value.dtype, np.number)
+        # jnp's issubdtype knows bfloat16 and float8 (not numpy numbers).
+        isinstance(value.item(), numbers.Real)
+        and jnp.issubdtype(value.dtype, jnp.number)
     ):
         raise TypeError(f"{name}: {arg} must be a real number, got {value!r}")
     value = float(value)

@@ -1142,6 +1142,8 @@ _STATIC_Q = jnp.asarray(
         (dict(soft_cap=np.array(30.0)), dict(soft_cap=30.0)),
         (dict(soft_cap=jnp.float32(30.0)), dict(soft_cap=30.0)),
         (dict(soft_cap=np.float16(2)), dict(soft_cap=2.0)),
+        (dict(soft_cap=jnp.array(2.5, jnp.bfloat16)), dict(soft_cap=2.5)),
+        (dict(soft_cap=np.array(2.5, jnp.bfloat16)), dict(soft_cap=2.5)),
         (dict(soft_cap=3), dict(soft_cap=3.0)),
         (dict(scale=np.array(0.5)), dict(scale=0.5)),
         (dict(scale=jnp.float32(0.5)), dict(scale=0.5)),

@@ -770,6 +770,34 @@ def test_traced_options_name_the_argument(arg):
             f(0.1)
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64],
+    ids=lambda d: jnp.dtype(d).name,
+)
+@pytest.mark.parametrize("array", [np.array, jnp.array])
+def test_zero_d_options_of_every_float_dtype_are_accepted_in_every_loss(dtype, array):
+    # A 0-d bfloat16 option was refused (not a numpy number), float16 not.
+    z, q, ids = _data((2, 5))
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 5))
+    with jax.enable_x64(dtype == jnp.float64):
+        opts = {
+            name: array(value, dtype=dtype)
+            for name, value in (
+                ("label_smoothing", 0.1),
+                ("z_loss", 0.3),
+                ("soft_cap", 2.0),
+            )
+        }
+        same = {name: float(value) for name, value in opts.items()}
+        for op, args in (
+            (jsoftmax.softmax_cross_entropy, (z, q)),
+            (jsoftmax.softmax_cross_entropy_with_integer_labels, (z, ids)),
+            (jsoftmax.linear_softmax_cross_entropy, (x, w, ids)),
+        ):
+            np.testing.assert_array_equal(op(*args, **opts), op(*args, **same))
+
+
 def test_numpy_and_concrete_jax_scalars_are_accepted_as_options_and_axis():
     z, q, ids = _data((2, 5))
     want = jsoftmax.softmax_cross_entropy_with_integer_labels(
