@@ -195,6 +195,15 @@ def test_tensor_parallel_bench_quick_writes_its_table(tmp_path):
     assert table.count("\n| ") == 4 and "| 4 | 2 |" in table, table
 
 
+def test_eager_bench_quick_writes_its_tables(tmp_path):
+    _quick_run("eager.py", tmp_path)
+    table = (tmp_path / "eager_quick.md").read_text()
+    # Every op called and differentiated beside its baseline and the A/A copy;
+    # two layer stacks built.
+    assert table.count("| call |") == 6 and table.count("| grad |") == 6, table
+    assert "| 1 |" in table and "| 2 |" in table
+
+
 def test_multi_device_benches_keep_the_flags_already_set(monkeypatch):
     # bench/host_devices.py adds the host device count to XLA_FLAGS. Before,
     # a setdefault left a user's flags (a dump folder; the suite's compile
