@@ -29,7 +29,7 @@ from jsoftmax._checks import (
     traced_once,
     widen_8bit,
 )
-from jsoftmax._collectives import varying_like
+from jsoftmax._collectives import axis_names, varying_like
 from jsoftmax._forward_mode import _with_forward_mode
 
 _IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
@@ -522,6 +522,7 @@ def _parallel_options(axis_name, mode, layout):
             raise ValueError(f"{name}: {what} must be one of {allowed}, got {value!r}")
     if axis_name is None:
         return None
+    axis_name = axis_names(axis_name)
     try:
         size = lax.axis_size(axis_name)
     except NameError:

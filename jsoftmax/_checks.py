@@ -199,7 +199,9 @@ def traced_once(rule):
     once, not at every call; under ``jit`` the program is the same, and a
     rule called again at the same types (a model's layers) is not traced
     again. Keyed on the rule object, so that a rule swapped in is traced
-    anew."""
+    anew. A new static option value compiles a new program outside ``jit``:
+    the per-example losses, whose options a schedule may change at every
+    call, call their rules directly."""
     return _jitted(rule, tuple(rule.nondiff_argnums))
 
 

@@ -41,10 +41,17 @@ class ShardAxis:
     tracked: bool
 
 
+def axis_names(axis_name):
+    """``axis_name`` with a list of names made a tuple: ``lax.psum`` takes
+    either, and the ops pass it on as a static (hashable) argument."""
+    return tuple(axis_name) if isinstance(axis_name, list) else axis_name
+
+
 def shard_axis(axis_name):
     """``axis_name`` resolved into a :class:`ShardAxis` (None stays None)."""
     if axis_name is None or isinstance(axis_name, ShardAxis):
         return axis_name
+    axis_name = axis_names(axis_name)
     # axis_index varies over the axis exactly when JAX tracks variation.
     tracked = vma(lax.axis_index(axis_name)) >= set(_names(axis_name))
     return ShardAxis(axis_name, lax.axis_size(axis_name), tracked)

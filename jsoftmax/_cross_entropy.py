@@ -24,7 +24,6 @@ from jsoftmax._checks import (
     normalize_axis,
     row_max,
     share_shardings,
-    traced_once,
     widen_8bit,
 )
 from jsoftmax._collectives import (
@@ -295,7 +294,11 @@ def softmax_cross_entropy(
     )
     logits, labels = varying_like((logits, labels), logits, labels, where)
     axis_name = shard_axis(axis_name)
-    loss = traced_once(_softmax_cross_entropy_forward_mode)(
+    # Run as is, not through traced_once: outside jit its ops are dispatched
+    # one by one (each compiled once by JAX), so that an option changed at
+    # every call (a z_loss or smoothing schedule) compiles nothing, where a
+    # program cached per option value would compile at each new value.
+    loss = _softmax_cross_entropy_forward_mode(
         logits, labels, where, axes, *options, axis_name
     )
     return loss.astype(dtype)
@@ -467,7 +470,8 @@ def softmax_cross_entropy_with_integer_labels(
     )
     logits = varying_like(logits, labels, where)
     axis_name = shard_axis(axis_name)
-    loss = traced_once(_integer_cross_entropy_forward_mode)(
+    # Not through traced_once: see softmax_cross_entropy.
+    loss = _integer_cross_entropy_forward_mode(
         logits, labels, where, ax, *options, axis_name
     )
     classes = logits.shape[ax] * num_shards(axis_name)

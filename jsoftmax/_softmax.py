@@ -23,7 +23,7 @@ from jsoftmax._checks import (
     traced_once,
     widen_8bit,
 )
-from jsoftmax._collectives import pmax, psum, varying_like
+from jsoftmax._collectives import axis_names, pmax, psum, varying_like
 from jsoftmax._forward_mode import with_forward_mode
 
 
@@ -122,7 +122,8 @@ def softmax(
       Array([0.5, 0. , 0.5], dtype=float32)
     """
     x, axes, where, dtype = _prepare("softmax", x, axis, where)
-    return traced_once(_softmax_forward_mode)(x, where, axes, axis_name).astype(dtype)
+    rule = traced_once(_softmax_forward_mode)
+    return rule(x, where, axes, axis_names(axis_name)).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -215,7 +216,7 @@ def log_softmax(
     """
     x, axes, where, dtype = _prepare("log_softmax", x, axis, where)
     rule = traced_once(_log_softmax_forward_mode)
-    return rule(x, where, axes, axis_name).astype(dtype)
+    return rule(x, where, axes, axis_names(axis_name)).astype(dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -1,6 +1,8 @@
-"""The wrappers every op shares: each op's rule under a cached, inlined jit
-(``traced_once``). Outside ``jit`` a call at types seen before compiles
-nothing; under ``jit`` the program holds no call of its own."""
+"""The wrappers the ops share: attention's, the fused loss's, softmax's and
+log_softmax's rules under a cached, inlined jit (``traced_once``). Outside
+``jit`` a call at types and options seen before compiles nothing (the
+per-example losses run op by op there); under ``jit`` the program holds no
+call of its own."""
 
 import contextlib
 import functools
@@ -116,6 +118,28 @@ def test_a_repeated_eager_call_compiles_nothing(name, mode):
     np.testing.assert_array_equal(again, first)
     # The same values as under jit (one program, the rule inlined).
     np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["call", "grad"])
+def test_a_loss_option_schedule_outside_jit_compiles_nothing(mode):
+    # The per-example losses run op by op outside jit (not through a program
+    # cached per static option): a smoothing or z_loss value changed at every
+    # call compiled a new program each time (72 ms a call, and the programs
+    # kept) while their rules went through traced_once.
+    for op, labels in (
+        (jsoftmax.softmax_cross_entropy, jax.nn.softmax(2 * X)),
+        (jsoftmax.softmax_cross_entropy_with_integer_labels, jnp.abs(LABELS) % 12),
+    ):
+
+        def loss(x, value, op=op, labels=labels):
+            return op(x, labels, label_smoothing=value, z_loss=value / 10)
+
+        f = loss if mode == "call" else jax.grad(lambda *a: jnp.sum(loss(*a)))
+        f(X, 0.05)
+        with compiles() as names:
+            for value in (0.1, 0.2, 0.3):
+                jax.block_until_ready(f(X, value))
+        assert names == []
 
 
 def test_the_compile_counter_sees_a_compile_per_call():

@@ -11,13 +11,20 @@ against the unsharded op's. A fourth, tests/mixed_sharding_worker.py, puts each
 input of each op on its own sharding over an Explicit mesh.
 """
 
+import functools
 import json
 import pathlib
 import re
 import subprocess
 import sys
 
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+import jsoftmax
 
 WORKER = pathlib.Path(__file__).with_name("sharded_worker.py")
 
@@ -93,3 +100,64 @@ def test_vocab_parallel_example_matches_single_device():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded and single-device losses agree" in out.stdout
+
+
+def _split(x, axis):
+    """``x`` cut in 2 along ``axis``, the halves stacked first (vmap's shards)."""
+    return jnp.stack(jnp.split(x, 2, axis=axis))
+
+
+def test_axis_name_as_a_list_equals_the_name():
+    # lax.psum takes a list of names; the ops pass axis_name on as a static,
+    # hashable argument, and a list raised (softmax under vmap from the cached
+    # rule call; the losses and context parallelism always). vmap's named
+    # axis stands in for 2 devices.
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (3, 8))
+    labels = jnp.array([1, 6, 3])
+    h, w = jax.random.normal(keys[1], (3, 4)), jax.random.normal(keys[2], (4, 8))
+    q = jax.random.normal(keys[3], (1, 8, 2, 4))
+    ops = {
+        "softmax": (lambda a, n: jsoftmax.softmax(a, axis_name=n), (_split(x, 1),)),
+        "log_softmax": (
+            lambda a, n: jsoftmax.log_softmax(a, axis_name=n),
+            (_split(x, 1),),
+        ),
+        "softmax_cross_entropy": (
+            lambda a, n: jsoftmax.softmax_cross_entropy(
+                a, jax.nn.softmax(a), axis_name=n
+            ),
+            (_split(x, 1),),
+        ),
+        "integer labels": (
+            lambda a, n: jsoftmax.softmax_cross_entropy_with_integer_labels(
+                a, labels, axis_name=n
+            ),
+            (_split(x, 1),),
+        ),
+        "fused loss": (
+            lambda w, n: jsoftmax.linear_softmax_cross_entropy(
+                h, w, labels, axis_name=n
+            ),
+            (_split(w, 1),),
+        ),
+        "context-parallel attention": (
+            lambda q, n: jsoftmax.dot_product_attention(
+                q, q, q, is_causal=True, axis_name=n
+            ),
+            (_split(q, 1),),
+        ),
+    }
+    for name, (op, args) in ops.items():
+        results = {}
+        for axis_name in ("i", ["i"], ("i",)):
+            f = jax.vmap(functools.partial(op, n=axis_name), axis_name="i")
+            value = f(*args)
+            grad = jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))))(*args)
+            results[str(axis_name)] = (value, grad)
+        for got in results.values():
+            chex.assert_trees_all_equal(got, results["i"], custom_message=name)
+    want = jax.nn.dot_product_attention(q, q, q, is_causal=True)
+    attention = functools.partial(ops["context-parallel attention"][0], n=["i"])
+    got = jax.vmap(attention, axis_name="i")(_split(q, 1))
+    np.testing.assert_allclose(jnp.concatenate(list(got), axis=1), want, atol=1e-6)
