@@ -162,6 +162,31 @@ def varying_like(tree, *arrays):
     return jax.tree.map(cast, tree)
 
 
+def varying_over_shards(tree, axis):
+    """Marks ``tree``, inputs split over ``axis`` (a :class:`ShardAxis`: the
+    classes or the vocabulary), as varying over its mesh axes where JAX
+    tracks variation and they do not already.
+
+    An input given replicated over the axis (``in_specs=P()``) is every
+    shard's slice alike: the global input is it tiled, and its gradient the
+    sum of the shards'. The backward passes give each shard its own part
+    (the label's class lies on one shard); marked varying, JAX transposes the
+    mark into their ``psum``, as it does for plain code. Unmarked, the
+    cotangent's type did not match the input's (the integer-label loss
+    raised), or a rule whose parts happened to be invariant returned one
+    shard's part (the probability-label loss: a quarter of the gradient over
+    4 shards)."""
+    if axis is None or not axis.tracked:
+        return tree
+    names = _names(axis.name)
+
+    def cast(leaf):
+        missing = tuple(n for n in names if n not in vma(leaf))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
+
+
 def index_dtype(*sizes) -> np.dtype:
     """int32 when every size fits in it (always, in practice), else int64.
 

@@ -36,6 +36,7 @@ from jsoftmax._collectives import (
     shard_axis,
     shard_labels,
     varying_like,
+    varying_over_shards,
 )
 from jsoftmax._forward_mode import with_forward_mode
 
@@ -294,6 +295,7 @@ def softmax_cross_entropy(
     )
     logits, labels = varying_like((logits, labels), logits, labels, where)
     axis_name = shard_axis(axis_name)
+    logits, labels = varying_over_shards((logits, labels), axis_name)
     # Run as is, not through traced_once: outside jit its ops are dispatched
     # one by one (each compiled once by JAX), so that an option changed at
     # every call (a z_loss or smoothing schedule) compiles nothing, where a
@@ -470,6 +472,7 @@ def softmax_cross_entropy_with_integer_labels(
     )
     logits = varying_like(logits, labels, where)
     axis_name = shard_axis(axis_name)
+    logits = varying_over_shards(logits, axis_name)
     # Not through traced_once: see softmax_cross_entropy.
     loss = _integer_cross_entropy_forward_mode(
         logits, labels, where, ax, *options, axis_name

@@ -28,6 +28,7 @@ from jsoftmax._collectives import (
     shard_axis,
     shard_labels,
     varying_like,
+    varying_over_shards,
 )
 from jsoftmax._cross_entropy import (
     cap,
@@ -204,8 +205,9 @@ def linear_softmax_cross_entropy(
     x, labels, where = share_shardings(
         (x, labels, where), (("tokens", None), ("tokens",), ("tokens",))
     )
-    x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
     axis_name = shard_axis(axis_name)
+    w, bias = varying_over_shards((w, bias), axis_name)
+    x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
 
     losses = traced_once(_linear_cross_entropy_forward_mode)(
         x, w, bias, labels, where, chunk_size, *options, axis_name

@@ -240,6 +240,39 @@ for kw, tag in (({}, ""), (OPTS, "+options")):
         (R, C, P("v"), R) + (R,) * len(t), (0, 1, 2), R,
     )  # fmt: skip
 
+# The inputs split over the classes given replicated instead: every shard
+# holds the same slice (the global input is it tiled), and its gradient is
+# the sum of the shards'. Under shard_map(check_vma=True) the probability-
+# label loss gave a quarter of it, and the integer-label and fused losses
+# raised.
+S = V // N  # classes per shard
+# A mask slice that leaves every row a valid class, labels on valid classes.
+mask_r = mask[:, 2 * S : 3 * S]
+probs_r = np.where(mask_r, probs[:, :S], 0)
+ids_r = np.array([1, 9, 14, 6])
+REPLICATED_CASES = {
+    "softmax": (softmax_case("softmax"), (x[:, :S],), (R,), (0,), R),
+    "log_softmax": (softmax_case("log_softmax"), (x[:, :S],), (R,), (0,), R),
+    "ce": (ce_case(), (x[:, :S], probs[:, :S]), (R, R), (0, 1), R),
+    "ce, logits replicated": (ce_case(), (x[:, :S], probs), (R, C), (0, 1), R),
+    "ce+options": (
+        ce_case(**OPTS), (x[:, :S], probs_r, mask_r),
+        (R, R, R), (0, 1), R,
+    ),
+    "int_ce": (int_ce_case(), (x[:, :S], ids_r), (R, R), (0,), R),
+    "int_ce+options": (
+        int_ce_case(**OPTS), (x[:, :S], ids_r, mask_r), (R, R, R), (0,), R
+    ),
+    "linear": (
+        linear_case("none"), (xl, wl[:, :S], bl[:S], idl), (R, R, R, R),
+        (0, 1, 2), R,
+    ),
+    "linear+options, w replicated": (
+        linear_case("mean", **OPTS), (xl, wl[:, :S], bl, idl, tok),
+        (R, R, P("v"), R, R), (0, 1, 2), R,
+    ),
+}  # fmt: skip
+
 # Data parallelism: no axis_name; the batch split over "data" and some inputs
 # replicated, so that their gradient must be summed over the batch shards.
 Bd, Rd = P("data"), P()
@@ -503,6 +536,7 @@ SUITES = [
             "vmap/grad inside": mapped_mode(jax.vmap, True),
         },
     ),
+    ("vocab, split inputs replicated", REPLICATED_CASES, "v", shard_map_modes(mesh_v)),
     # Without check_vma, data parallelism has nothing to get wrong: no op
     # communicates, and the user sums the replicated inputs' gradients.
     (
