@@ -24,6 +24,7 @@ from jsoftmax._checks import (
     float_input,
     in_operands_mesh,
     mesh_spec,
+    number_kind,
     shards,
     share_shardings,
     traced_once,
@@ -725,6 +726,9 @@ def _scale(query, scale, h):
         raise TypeError(f"{name}: scale must be a real number, got {scale!r}")
     if np.ndim(scale) != 0:
         raise ValueError(f"{name}: scale must be a scalar, got shape {np.shape(scale)}")
+    if number_kind(scale) is None:
+        # A complex scale would lose its imaginary part in the cast below.
+        raise TypeError(f"{name}: scale must be a real number, got {scale!r}")
     if isinstance(scale, (int, float, np.number)):
         return query, float(scale)
     query = (query * jnp.asarray(scale, query.dtype)).astype(query.dtype)
@@ -737,15 +741,9 @@ def _soft_cap(soft_cap):
     if soft_cap is None:
         return None
     _require_static("soft_cap", soft_cap)
-    if isinstance(soft_cap, (str, bytes, bool, np.bool_)) or np.ndim(soft_cap) != 0:
+    if number_kind(soft_cap) is None:
         raise TypeError(f"{name}: soft_cap must be a real number, got {soft_cap!r}")
-    value = np.asarray(soft_cap)
-    # jnp's issubdtype knows bfloat16 and float8 (not numpy floating types).
-    if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(
-        value.dtype, jnp.floating
-    ):
-        raise TypeError(f"{name}: soft_cap must be a real number, got {soft_cap!r}")
-    value = float(value)
+    value = float(soft_cap)
     # An infinite cap would be inf * tanh(0) = NaN, not "no cap".
     if not 0 < value < math.inf:
         raise ValueError(
@@ -830,14 +828,9 @@ def _chunk(what, size, default, length):
     if size is None:
         return int(min(default, length))
     _require_static(what, size)
-    if isinstance(size, (bool, np.bool_)):
+    if number_kind(size) != "i":
         raise ValueError(f"{_NAME}: {what} must be a positive int, got {size!r}")
-    try:
-        size = operator.index(size)
-    except TypeError:
-        raise ValueError(
-            f"{_NAME}: {what} must be a positive int, got {size!r}"
-        ) from None
+    size = operator.index(size)
     if size < 1:
         raise ValueError(f"{_NAME}: {what} must be a positive int, got {size!r}")
     return int(min(size, length))
@@ -869,8 +862,8 @@ def _band(is_causal, window):
 
 
 def _index(w):
-    if isinstance(w, (bool, np.bool_)):
-        raise TypeError(f"{w!r} is a bool")
+    if number_kind(w) != "i":
+        raise TypeError(f"{w!r} is not an int")
     return operator.index(w)
 
 

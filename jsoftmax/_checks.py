@@ -58,6 +58,32 @@ def normalize_axis(
     return tuple(sorted(out))
 
 
+def number_kind(value) -> str | None:
+    """``"i"`` if ``value`` is one integer, ``"f"`` if one real float, else None.
+
+    Python ints and floats, and 0-d NumPy or JAX values of an integer or
+    floating dtype of any width (bfloat16 and float8 too, which NumPy's
+    issubdtype does not count as numbers), traced ones included. Not a bool,
+    a complex number, a string, a datetime or a timedelta (NumPy counts
+    timedelta64 as an integer: ``np.timedelta64(2)`` would silently mean 2),
+    a sequence or an array of more than one element.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, int):
+        return "i"
+    if isinstance(value, float):
+        return "f"
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or np.ndim(value) != 0 or np.dtype(dtype).kind in "mM":
+        return None
+    if jnp.issubdtype(dtype, jnp.integer):
+        return "i"
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "f"
+    return None
+
+
 def static_int(name: str, arg: str, value, what: str = "an int", *, shown=None) -> int:
     """A static integer argument (an axis, a size) as a Python int.
 
@@ -77,13 +103,8 @@ def static_int(name: str, arg: str, value, what: str = "an int", *, shown=None) 
             f"Python int (under jit, close over it or mark it static with "
             f"static_argnames=({arg!r},))"
         )
-    dtype = getattr(value, "dtype", None)
-    integer = dtype is None or np.issubdtype(dtype, np.integer)
-    if not isinstance(value, (bool, np.bool_)) and integer and np.ndim(value) == 0:
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
+    if number_kind(value) == "i":
+        return operator.index(value)
     raise TypeError(f"{name}: {arg} must be {what}, got {shown!r}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from functools import partial
 
 import jax
@@ -22,6 +21,7 @@ from jsoftmax._checks import (
     mask_input,
     masked_fill,
     normalize_axis,
+    number_kind,
     row_max,
     share_shardings,
     widen_8bit,
@@ -55,14 +55,7 @@ def _option(name, arg, value):
             f"{name}: {arg} must be a static number, got a traced value. Under "
             f"jit, close over it or pass it with static_argnames=({arg!r},)"
         )
-    if isinstance(value, (str, bytes, bool, np.bool_)) or np.ndim(value) != 0:
-        raise TypeError(f"{name}: {arg} must be a real number, got {value!r}")
-    value = np.asarray(value)
-    if not (
-        # jnp's issubdtype knows bfloat16 and float8 (not numpy numbers).
-        isinstance(value.item(), numbers.Real)
-        and jnp.issubdtype(value.dtype, jnp.number)
-    ):
+    if number_kind(value) is None:
         raise TypeError(f"{name}: {arg} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):

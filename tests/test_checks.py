@@ -16,7 +16,7 @@ from jax._src import dispatch
 
 import jsoftmax
 from jsoftmax import _attention as _attention_module
-from jsoftmax import _cross_entropy, _linear_cross_entropy, _softmax
+from jsoftmax import _checks, _cross_entropy, _linear_cross_entropy, _softmax
 
 K = jax.random.split(jax.random.key(3), 8)
 X = jax.random.normal(K[0], (4, 12))
@@ -250,3 +250,79 @@ def test_optax_still_matches_after_a_cached_call():
             optax.softmax_cross_entropy_with_integer_labels(X, labels),
             rtol=1e-6,
         )
+
+
+def _window_pair(q, k, v, *, local_window_size):
+    return jsoftmax.dot_product_attention(
+        q, k, v, local_window_size=(1, local_window_size)
+    )
+
+
+_LOSSES = [
+    (jsoftmax.softmax_cross_entropy, (X, X), {}),
+    (
+        jsoftmax.softmax_cross_entropy_with_integer_labels,
+        (X, LABELS),
+        {"where": WHERE[:, None]},
+    ),
+    (jsoftmax.linear_softmax_cross_entropy, (H, W, LABELS), {"where": WHERE}),
+]
+# The static number options of every op: (option, a valid value, op, args, kw).
+NUMBER_OPTIONS = [
+    ("axis", -1, jsoftmax.softmax, (X,), {}),
+    ("axis", -1, jsoftmax.log_softmax, (X,), {}),
+    ("axis", -1, jsoftmax.softmax_cross_entropy, (X, X), {}),
+    ("chunk_size", 2, jsoftmax.linear_softmax_cross_entropy, (H, W, LABELS % 12), {}),
+    ("axis_size", 2, jsoftmax.to_zigzag, (X,), {}),
+    ("axis", 1, jsoftmax.from_zigzag, (X, 2), {}),
+    ("scale", 2, jsoftmax.dot_product_attention, (Q, KV, KV), {}),
+    ("soft_cap", 2, jsoftmax.dot_product_attention, (Q, KV, KV), {}),
+    ("query_chunk_size", 2, jsoftmax.dot_product_attention, (Q, KV, KV), {}),
+    ("key_chunk_size", 2, jsoftmax.dot_product_attention, (Q, KV, KV), {}),
+    ("local_window_size", 2, jsoftmax.dot_product_attention, (Q, KV, KV), {}),
+    ("local_window_size", 2, _window_pair, (Q, KV, KV), {}),
+] + [
+    (arg, value, op, args, kw)
+    for op, args, kw in _LOSSES
+    for arg, value in (("label_smoothing", 0), ("z_loss", 1), ("soft_cap", 2))
+]
+
+
+@pytest.mark.parametrize(
+    "arg,value,op,args,kw",
+    NUMBER_OPTIONS,
+    ids=[f"{o[2].__name__}-{o[0]}" for o in NUMBER_OPTIONS],
+)
+def test_timedeltas_datetimes_and_complex_numbers_are_not_number_options(
+    arg, value, op, args, kw
+):
+    # NumPy counts timedelta64 as an integer: np.timedelta64(2) passed as a
+    # soft cap, a z_loss, an axis or a chunk size meant 2, and a complex scale
+    # lost its imaginary part with only a warning.
+    for good in (value, np.int64(value), jnp.array(value)):
+        op(*args, **kw, **{arg: good})  # the control: the number is accepted
+    bad = [
+        np.timedelta64(value),
+        np.array(value, "m8[s]"),
+        np.datetime64(value, "s"),
+        complex(value, 1),
+        np.complex64(value),
+        jnp.array(complex(value, 1)),
+    ]
+    for v in bad:
+        with pytest.raises((TypeError, ValueError), match=rf"\b{arg}\b"):
+            op(*args, **kw, **{arg: v})
+
+
+def test_number_kind_tells_ints_floats_and_the_rest():
+    ints = [3, np.int8(3), np.uint64(3), jnp.array(3, jnp.int16), np.array(3)]
+    floats = [0.5, np.float16(0.5), jnp.bfloat16(0.5), np.array(0.5, jnp.float8_e4m3fn)]
+    others = [
+        True, np.bool_(True), jnp.array(True), "3", b"3", None, [3], np.ones(2),
+        np.ones((1,)), 3j, np.complex128(3), np.timedelta64(3), np.datetime64(3, "s"),
+    ]  # fmt: skip
+    assert [_checks.number_kind(v) for v in ints] == ["i"] * len(ints)
+    assert [_checks.number_kind(v) for v in floats] == ["f"] * len(floats)
+    assert [_checks.number_kind(v) for v in others] == [None] * len(others)
+    traced = jax.jit(lambda a: _checks.number_kind(a) == "f" and a)
+    assert traced(jnp.float32(0.5))  # a traced scalar keeps its kind
