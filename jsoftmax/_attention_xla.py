@@ -104,6 +104,9 @@ def score_grad(p, dp, delta, tanh):
 def sink_grad(sink, lse, delta):
     """``d sink = -sum_rows e^(sink - L) D`` per row (summed by the caller):
     the sink's probability times the softmax VJP's ``-D``."""
+    # sink lines up with lse's last axes (no rank promotion: some users set
+    # jax_numpy_rank_promotion="raise").
+    sink = sink.reshape((1,) * (lse.ndim - sink.ndim) + sink.shape)
     weight = jnp.where(lse == -jnp.inf, 0, jnp.exp(sink - lse))
     return -weight * delta
 
@@ -237,12 +240,13 @@ def _logits(ctx, qb, kb, i0, j0, structural):
     valid = None
 
     def both(m):
+        m = m.reshape((1,) * (x.ndim - m.ndim) + m.shape)  # as x: [B, K, G, bq, bk]
         return m if valid is None else valid & m
 
     if structural:
         rows = i0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         cols = j0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        valid = in_band(rows, cols, ctx.s, config.lower, config.upper)
+        valid = both(in_band(rows, cols, ctx.s, config.lower, config.upper))
     if ctx.mask is not None:
         valid = both(_block(ctx.mask, {3: i0, 4: j0}, sizes))
     if ctx.q_len is not None:

@@ -46,6 +46,7 @@ def softmax_jacobian(y: jax.typing.ArrayLike) -> jax.Array:
             "Jacobian is taken over the last axis"
         )
     y32 = y.astype(compute_dtype(y.dtype))
-    eye = jnp.eye(y.shape[-1], dtype=y32.dtype)
+    n = y.shape[-1]
+    eye = jnp.eye(n, dtype=y32.dtype).reshape((1,) * (y.ndim - 1) + (n, n))
     jac = y32[..., :, None] * (eye - y32[..., None, :])
     return jac.astype(y.dtype)

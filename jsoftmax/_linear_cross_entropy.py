@@ -241,7 +241,7 @@ def _chunk_logits(x, w, bias, start, size, soft_cap):
     w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
     z = jnp.dot(x, w_c, preferred_element_type=acc(x))
     if bias is not None:
-        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(acc(x))
+        z = z + lax.dynamic_slice_in_dim(bias, start, size).astype(acc(x))[None]
     return cap(z, soft_cap)
 
 

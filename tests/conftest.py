@@ -1,7 +1,9 @@
 """Shared test setup.
 
-Strict dtype promotion catches silent upcasts. x64 stays off globally; float64
-tests enable it locally with ``jax.enable_x64(True)``. float32 matmuls run at
+Strict dtype promotion catches silent upcasts, and rank promotion raises
+(here and in the tests' subprocesses): the ops must work for users who set
+``jax_numpy_rank_promotion="raise"``. x64 stays off globally; float64 tests
+enable it locally with ``jax.enable_x64(True)``. float32 matmuls run at
 full float32 precision: on GPUs JAX's default lets them use TF32 (10 mantissa
 bits), and the fused loss's chunked matmuls then differ from an unfused
 reference by about 5e-3 (measured on an H200, jax 0.11.2).
@@ -31,6 +33,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# No implicit rank promotion in the ops (users set it to "raise"); the tests'
+# subprocesses inherit it.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 collect_ignore = [
     "sharded_worker.py",

@@ -422,7 +422,7 @@ def context_parallel(q, impl=None):
 
 seq_mesh = jax.make_mesh((2, 2), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
 q_long = jnp.asarray(rng.normal(size=(4, 64, 4, 16)), jnp.float32)
-weights_cp = jnp.cos(jnp.arange(16.0))
+weights_cp = jnp.cos(jnp.arange(16.0))[None, None, None]  # over H
 
 
 def output_and_grad(f):

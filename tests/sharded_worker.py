@@ -226,7 +226,9 @@ for kw in ({}, dict(opts, where=tok)):
         g(x2, w2, b2), jax.grad(lin, (0, 1, 2))(x2, w2, b2), **TOL
     )
     if not kw:
-        want = optax.softmax_cross_entropy_with_integer_labels(x2 @ w2 + b2, y2).mean()
+        want = optax.softmax_cross_entropy_with_integer_labels(
+            x2 @ w2 + b2[None], y2
+        ).mean()
         chex.assert_trees_all_close(f(x2, w2, b2), want, **TOL)
         report["linear/fwd"] = count_collectives(f, x2, w2, b2)
         report["linear/fwd+bwd"] = count_collectives(g, x2, w2, b2)

@@ -115,7 +115,7 @@ def ref_int_ce(
     z = _capped(logits, where, soft_cap)
     lse = _lse(z, axis_name)
     z = z if where is None else jnp.where(where, z, 0)
-    target = ids[:, None] == _classes(z, axis_name)
+    target = ids[:, None] == _classes(z, axis_name)[None]
     loss = lse - (1 - label_smoothing) * _psum(
         jnp.sum(jnp.where(target, z, 0), -1), axis_name
     )
@@ -130,7 +130,7 @@ def ref_linear(
     axis_name=None, **opts,
 ):  # fmt: skip
     del chunk_size
-    loss = ref_int_ce(x @ w + bias, ids, axis_name=axis_name, **opts)
+    loss = ref_int_ce(x @ w + bias[None], ids, axis_name=axis_name, **opts)
     if where is not None:
         loss = jnp.where(where, loss, 0)
     if reduction == "none":

@@ -223,6 +223,12 @@ def test_comparisons_catch_small_errors():
 # no key.
 
 
+def _rank4(a):
+    """``a`` with leading axes of 1 up to rank 4 (the suite runs with
+    jax_numpy_rank_promotion="raise")."""
+    return a.reshape((1,) * (4 - a.ndim) + a.shape)
+
+
 def reference(
     q,
     k,
@@ -258,9 +264,10 @@ def reference(
     if soft_cap is not None:
         x = soft_cap * jnp.tanh(x / soft_cap)
     if bias is not None:
-        x = x + bias.astype(ft)
+        x = x + _rank4(bias).astype(ft)
     rows = jnp.arange(t, dtype=jnp.int32)[:, None]
     cols = jnp.arange(s, dtype=jnp.int32)[None, :]
+    rows, cols = _rank4(rows), _rank4(cols)
     valid = jnp.ones((batch, n, t, s), bool)
     if is_causal:
         valid &= cols <= rows
@@ -272,7 +279,7 @@ def reference(
         )
         valid &= (cols >= rows - left) & (cols <= rows + right)
     if mask is not None:
-        valid &= mask
+        valid &= _rank4(mask)
     if query_seq_lengths is not None:
         valid &= rows < query_seq_lengths.astype(jnp.int32)[:, None, None, None]
     if key_value_seq_lengths is not None:

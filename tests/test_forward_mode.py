@@ -54,7 +54,7 @@ def _linear(op):
 
 def _linear_reference(x, w, b):
     return testing.reference_softmax_cross_entropy_with_integer_labels(
-        x @ w + b, YL, **OPTS
+        x @ w + b[None], YL, **OPTS
     )
 
 
@@ -601,7 +601,7 @@ def test_elementwise_rule(symmetric):
 
 
 def _plain(p, ids, k):
-    z = p["w"][ids] * k + p["b"]
+    z = p["w"][ids] * k + p["b"][None]
     return {"z": z, "norm": jnp.sum(p["w"] ** 2), "ids": ids}
 
 

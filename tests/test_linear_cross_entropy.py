@@ -29,7 +29,7 @@ def _data(seed=0, b=B, d=D, v=V):
 
 def reference(x, w, bias, labels, where=None, reduction="mean", **opts):
     """The unfused definition: full logits, then the per-example loss."""
-    logits = x @ w + (0.0 if bias is None else bias)
+    logits = x @ w + (0.0 if bias is None else bias[None])
     loss = ref_int_ce(logits, labels, **opts)
     if where is not None:
         loss = jnp.where(where, loss, 0.0)
@@ -385,7 +385,7 @@ def test_precision_at_large_logits_no_worse_than_twice_optax(offset):
 
     def theirs(x, w=w, bias=bias):
         return optax.softmax_cross_entropy_with_integer_labels(
-            x @ w + bias, labels
+            x @ w + bias[None], labels
         ).sum()
 
     with jax.enable_x64(True):

@@ -119,7 +119,7 @@ def test_vmap_batched_where_and_in_axes(name):
     where = _mask((3, 5, 6), seed=6)  # batch axis of the mask is axis 1
 
     def loss(fn, x, where):
-        return jnp.sum(jnp.where(where, fn(x, where=where), 0.0) * jnp.arange(6.0))
+        return jnp.sum(jnp.where(where, fn(x, where=where), 0.0) @ jnp.arange(6.0))
 
     got = jax.vmap(jax.grad(partial(loss, op)), in_axes=(0, 1))(x, where)
     want = jax.vmap(jax.grad(partial(loss, ref)), in_axes=(0, 1))(x, where)
@@ -414,7 +414,7 @@ def test_value_and_grad_vjp_checkpoint_scan(name):
     w = jnp.linspace(-1.0, 1.0, 7)
 
     def loss(fn, x):
-        return jnp.sum(jnp.sin(fn(x)) * w)
+        return jnp.sum(jnp.sin(fn(x)) * w[None])
 
     val, grad = jax.value_and_grad(partial(loss, op))(x)
     val_ref, grad_ref = jax.value_and_grad(partial(loss, ref))(x)
