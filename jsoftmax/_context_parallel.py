@@ -455,8 +455,31 @@ def _add_sink(o, lse, sinks):
 # -- The steps: what each device attends to, and when K/V move -----------------
 
 
-def _ring_perm(n, direction):
-    return [(i, (i + direction) % n) for i in range(n)]
+def _ring_perm(axis_name, n, direction):
+    """The axes and pairs of the ``lax.ppermute`` that sends each device's
+    arrays to the device ``direction`` positions on, positions counted as
+    ``lax.axis_index`` counts them (and as the sequence is split). Over a
+    tuple of mesh axes in another order than the mesh's, ppermute numbers
+    the devices in the mesh's order (JAX 0.10.2) and axis_index in the
+    tuple's: the pairs are given over the axes in the mesh's order, which
+    both read alike."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    mesh = jax.sharding.get_abstract_mesh()
+    ordered = tuple(a for a in mesh.axis_names if a in names)
+    if len(names) < 2 or len(ordered) != len(names) or ordered == names:
+        return axis_name, [(i, (i + direction) % n) for i in range(n)]
+
+    def mesh_index(position):
+        coords = {}
+        for a in reversed(names):
+            position, coords[a] = divmod(position, mesh.shape[a])
+        index = 0
+        for a in ordered:
+            index = index * mesh.shape[a] + coords[a]
+        return index
+
+    pairs = [(mesh_index(i), mesh_index((i + direction) % n)) for i in range(n)]
+    return ordered, pairs
 
 
 def _source(plan, index, step, direction):
@@ -543,11 +566,11 @@ def _send(plan, x, direction):
     an explicit mesh): with the other direction, that keeps its permutes
     distinct from the forward pass's, also on 2 devices, where both
     directions are one permutation and XLA inlines the one-trip loops."""
-    perm = _ring_perm(plan.size, direction)
+    axes, perm = _ring_perm(plan.axis_name, plan.size, direction)
     if direction == 1:
-        return lax.ppermute(x, plan.axis_name, perm)
+        return lax.ppermute(x, axes, perm)
     marked = tuple(None if a is None else a[..., None] for a in x)
-    marked = lax.ppermute(marked, plan.axis_name, perm)
+    marked = lax.ppermute(marked, axes, perm)
     return tuple(None if a is None else a[..., 0] for a in marked)
 
 

@@ -174,12 +174,22 @@ def main():
         assert np.isneginf(lse).any() and np.isfinite(lse).any(), name
         print(name, "empty rows:", int(np.isneginf(lse).sum()), flush=True)
 
-    def sharded(case, n, mode, layout, check_vma=True, forward_counts=False):
+    def sharded(
+        case, n, mode, layout, check_vma=True, forward_counts=False, axis_name="c"
+    ):
         """jit(vjp) of the op inside shard_map over n devices, with the inputs
-        in the layout and the results back in natural order."""
+        in the layout and the results back in natural order. ``axis_name``: a
+        mesh axis, or a pair of them, the mesh's in sorted order."""
+        names = (axis_name,) if isinstance(axis_name, str) else tuple(sorted(axis_name))
         mesh = jax.make_mesh(
-            (n,), ("c",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+            (n,) if len(names) == 1 else (2, n // 2),
+            names,
+            (jax.sharding.AxisType.Auto,) * len(names),
+            devices=jax.devices()[:n],
         )
+
+        def on(spec):
+            return P(*(axis_name if e == "c" else e for e in spec))
 
         def put(x, axes=(1,)):
             if layout == "zigzag":
@@ -190,14 +200,15 @@ def main():
         def back(x, axis=1):
             return jsoftmax.from_zigzag(x, n, axis=axis) if layout == "zigzag" else x
 
-        seq = P(None, "c")
+        seq = on(P(None, "c"))
         bias, bias_spec, bias_axes = case["bias"]
         mask, mask_spec, mask_axes = case["mask"]
+        bias_spec, mask_spec = on(bias_spec), on(mask_spec)
         parallel = dict(context_parallel=mode, context_layout=layout)
         # Lengths stay global and replicated; segment ids are split.
         int_specs = {k: P() if x.ndim == 1 else seq for k, x in case["ints"].items()}
         f = jax.shard_map(
-            attention(case, axis_name="c", **parallel),
+            attention(case, axis_name=axis_name, **parallel),
             mesh=mesh,
             in_specs=(seq, seq, seq, bias_spec, P(), mask_spec, int_specs),
             out_specs=(seq, seq),
@@ -227,6 +238,8 @@ def main():
         label = f"{name}/{mode}/{layout}/{n}"
         if not kw.get("check_vma", True):
             label += "/no-vma"
+        if kw.get("axis_name", "c") != "c":
+            label += f"/{kw['axis_name']}"
         got, counts = sharded(cases[name], n, mode, layout, **kw)
         want = wants[name]
         check(label, got, (*want[:2], *want[2]))
@@ -244,6 +257,17 @@ def main():
         # Without variation tracking, the replicated sinks' cotangent parts
         # are summed by shard_map's transpose, not by the op.
         run("causal", 2, "ring", "contiguous", check_vma=False)
+        # The sequence split over two mesh axes named in the other order than
+        # the mesh's: lax.ppermute numbers the devices in the mesh's order
+        # there, lax.axis_index in the name's (the ring's causal mask, window,
+        # lengths and key-split bias were silently misplaced).
+        for name, mode, layout in (
+            ("causal", "ring", "contiguous"),
+            ("causal", "ring", "zigzag"),
+            ("window", "ring", "contiguous"),
+            ("window", "all_gather", "zigzag"),
+        ):
+            run(name, 4, mode, layout, axis_name=("b", "a"))
         # Forward mode, and the gradient taken inside shard_map through
         # jax.checkpoint (the replicated sinks' parts summed by the op's
         # varying mark), on 4 devices.

@@ -93,9 +93,10 @@ def _check_counts(label, counts):
 
 def test_context_parallel_equals_unsharded_on_2_and_4_devices():
     # Values, lse and gradients (q, k, v, bias, sinks) of both cases in both
-    # modes and layouts, check_vma on and off.
+    # modes and layouts, check_vma on and off, and over two mesh axes named
+    # in the other order than the mesh's.
     report = _report("values")
-    assert len(report) == 6
+    assert len(report) == 10
     for label, counts in report.items():
         _check_counts(label, counts)
 
