@@ -200,7 +200,8 @@ def dot_product_attention(
           FlashAttention-2 forward, and a backward of one program per key
           block (dK, dV) and one per query block (dQ), with every option
           above. On other platforms they run in Pallas interpret mode (slow:
-          for tests and debugging). A call the kernels lack raises a
+          for tests and debugging; inside ``shard_map``, gradients need
+          ``check_vma=False``). A call the kernels lack raises a
           ``ValueError`` naming it. With a ``bias``, the backward holds the
           float32 ``[B, N, T, S]`` score gradient before summing it to the
           bias's shape. Forward mode and second derivatives differentiate
@@ -309,7 +310,11 @@ def dot_product_attention(
       ValueError: with ``axis_name``: an axis name not bound here (outside
         ``shard_map``), a sequence length not divisible by ``2n`` under
         ``"zigzag"`` (both named), a bias or mask not split along with the
-        sequence, ``implementation="pallas"``. Shapes that do not fit (named):
+        sequence. ``implementation="pallas"`` off a CUDA GPU (Pallas'
+        interpreter) inside ``shard_map(check_vma=True)`` on operands that
+        vary over its axes, for its gradient and for a forward pass with
+        sinks or lengths (JAX cannot lower the interpreter there; pass
+        ``check_vma=False``). Shapes that do not fit (named):
         ranks, batch, head counts (``N % K``), head dims,
         bias/mask/lengths/segment ids/sinks, chunk sizes that are not positive
         ints, an empty sequence, a symbolic sequence length ``T`` or ``S``

@@ -24,7 +24,7 @@ from jsoftmax._collectives import vma
 from jsoftmax._platform import by_platform, vmapped_mesh_axes
 
 
-def _on_platform(xla_fn, kernel_fn, layout):
+def _on_platform(xla_fn, kernel_fn, layout, interpreter_fails):
     """``f(config, *args)``: the implementation ``config.implementation``
     names, chosen by the platform the program is lowered for (not the
     default backend), per platform even in a program lowered for several:
@@ -34,7 +34,8 @@ def _on_platform(xla_fn, kernel_fn, layout):
     through the backward pass) are ``xla_fn``'s, the same function: a Pallas
     call has none. ``"xla"`` calls ``xla_fn`` itself. On a mesh with
     ``Explicit`` axes the kernels run shard by shard, the arrays laid out by
-    ``layout`` (see :func:`_per_shard`)."""
+    ``layout`` (see :func:`_per_shard`). ``interpreter_fails(*args)``: where
+    the interpreted kernels are refused (see :func:`_interpretable`)."""
 
     def call(config, *args):
         xla_call = partial(xla_fn, config=config)
@@ -43,7 +44,12 @@ def _on_platform(xla_fn, kernel_fn, layout):
         pallas = config.implementation == "pallas"
         kernel, interpreted = (
             _per_shard(
-                partial(kernel_fn, config=config, interpret=interpret),
+                _interpretable(
+                    partial(kernel_fn, config=config, interpret=True),
+                    interpreter_fails,
+                )
+                if interpret
+                else partial(kernel_fn, config=config, interpret=False),
                 layout,
                 xla_call,
                 _refuse_vmapped_mesh_axes if pallas else xla_call,
@@ -63,6 +69,41 @@ def _on_platform(xla_fn, kernel_fn, layout):
         )  # fmt: skip
 
     return call
+
+
+def _interpretable(kernel, fails):
+    """``kernel`` (the kernels in Pallas' interpreter), refused with a
+    ValueError saying so inside a ``shard_map`` that tracks variation
+    (``check_vma=True``), where an operand varies over its axes and
+    ``fails(*args)``: the interpreter mixes such operands with values of its
+    own that do not vary, and JAX (0.10.2) refuses that when lowering it,
+    asking for an issue. It does so for the backward kernels, and for the
+    forward's with sinks or lengths; the forward's other options run. The
+    kernels lowered for CUDA are not interpreted."""
+
+    def run(*args):
+        varying = set().union(*(vma(x) for x in jax.tree.leaves(args)))
+        if varying and fails(*args):
+            raise ValueError(
+                "dot_product_attention: implementation='pallas' off a CUDA GPU "
+                "runs the kernels in Pallas' interpreter, which JAX cannot "
+                "lower inside shard_map with check_vma=True on operands that "
+                f"vary over its axes {sorted(varying, key=str)} (its gradient, "
+                "and its forward pass with sinks or lengths). Pass "
+                "check_vma=False to shard_map, or use implementation=None or "
+                "'xla' (lowered for a CUDA GPU, the kernels are not interpreted)"
+            )
+        return kernel(*args)
+
+    return run
+
+
+def _forward_fails(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
+    return sinks is not None or q_len is not None or kv_len is not None
+
+
+def _backward_fails(*args):
+    return True
 
 
 def _per_shard(kernel, layout, twin, instead):
@@ -215,8 +256,10 @@ def _xla_backward(res, d_out, config):
     return xla.backward(config, res, d_out)
 
 
-forward = _on_platform(xla.forward, pallas.forward, _forward_layout)
-backward = _on_platform(_xla_backward, pallas.backward, _backward_layout)
+forward = _on_platform(xla.forward, pallas.forward, _forward_layout, _forward_fails)
+backward = _on_platform(
+    _xla_backward, pallas.backward, _backward_layout, _backward_fails
+)
 
 
 def recomputed_tangent(forward_output, res, t_leaves):
