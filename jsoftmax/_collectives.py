@@ -154,12 +154,7 @@ def varying_like(tree, *arrays):
     with ``arrays``.
     """
     axes = set().union(*(vma(a) for a in arrays if a is not None))
-
-    def cast(leaf):
-        missing = tuple(sorted(axes - vma(leaf), key=str))
-        return lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-    return jax.tree.map(cast, tree)
+    return _vary_over(tree, sorted(axes, key=str))
 
 
 def varying_over_shards(tree, axis):
@@ -178,10 +173,15 @@ def varying_over_shards(tree, axis):
     4 shards)."""
     if axis is None or not axis.tracked:
         return tree
-    names = _names(axis.name)
+    return _vary_over(tree, _names(axis.name))
+
+
+def _vary_over(tree, axes):
+    """``tree``, each leaf marked varying over those of ``axes`` it does not
+    already vary over."""
 
     def cast(leaf):
-        missing = tuple(n for n in names if n not in vma(leaf))
+        missing = tuple(a for a in axes if a not in vma(leaf))
         return lax.pcast(leaf, missing, to="varying") if missing else leaf
 
     return jax.tree.map(cast, tree)
