@@ -1,6 +1,7 @@
-"""Calls outside ``jit``: each op, and ``jax.grad`` of it, run eagerly, against
-jax.nn and optax; and the time to trace, lower and compile ``jit(grad)`` of a
-stack of attention layers.
+"""Calls outside ``jit``: each op, ``jax.grad`` of it, and its second
+derivatives (a jvp-of-grad Hessian-vector product, grad of grad), run
+eagerly, against jax.nn and optax; and the time to trace, lower and compile
+``jit(grad)`` of a stack of attention layers.
 
     python bench/eager.py           # bench/results/eager_cpu.md
     python bench/eager.py --quick   # smaller shapes, 2 rounds, a smoke run
@@ -8,7 +9,9 @@ stack of attention layers.
 Eager calls are how notebooks, debuggers and first tries run the ops. Each op
 calls its rule through a ``jax.jit`` keyed on the static options
 (``jsoftmax._checks.traced_once``): the block loops of attention and the
-fused loss are traced and compiled once per shape, not at every call. The
+fused loss are traced and compiled once per shape, not at every call; their
+rules' traces are kept, so that second derivatives, which run the first
+derivative's rules at every call, compile them once too. The
 per-call cost left is the argument checks and the small ops around the rule,
 each dispatched on its own. The baseline's second copy (the same function
 timed as a separate entry) is the A/A control. Medians of interleaved rounds
@@ -93,26 +96,56 @@ def _grad(f, argnums):
     return jax.grad(lambda *a: jnp.sum(f(*a)), argnums)
 
 
-def _check(ours, base, args):
+def _hvp(f, argnums):
+    """The Hessian-vector product of f's sum in its float arguments, each
+    vector the argument itself (jvp of grad), without jit."""
+    grad = _grad(f, argnums)
+
+    def hvp(*args):
+        def in_floats(*floats):
+            full = list(args)
+            for i, x in zip(argnums, floats, strict=True):
+                full[i] = x
+            return grad(*full)
+
+        floats = [args[i] for i in argnums]
+        return jax.jvp(in_floats, floats, floats)[1]
+
+    return hvp
+
+
+def _grad_of_grad(f, argnums):
+    """Reverse over reverse: grad of the squared norm of the gradient."""
+    grad = _grad(f, argnums)
+    return jax.grad(lambda *a: sum(jnp.sum(g**2) for g in grad(*a)), argnums)
+
+
+MODES_1 = ("call", "grad")
+MODES = {
+    "call": lambda f, argnums: f,
+    "grad": _grad,
+    "hvp": _hvp,
+    "grad(grad)": _grad_of_grad,
+}
+
+
+def _check(ours, base, args, rtol):
     got, want = ours(*args), base(*args)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         scale = max(float(jnp.max(jnp.abs(w))), 1.0)
-        assert float(jnp.max(jnp.abs(g - w))) <= 1e-4 * scale
+        assert float(jnp.max(jnp.abs(g - w))) <= rtol * scale
 
 
 def eager_rows(quick, rounds):
     rows = []
     for name, (ours, base, base_name, args, argnums) in cases(quick).items():
-        for mode in ("call", "grad"):
-            if mode == "call":
-                fns = {"jsoftmax": ours, BASE: base, COPY: lambda *a, b=base: b(*a)}
-            else:
-                fns = {
-                    "jsoftmax": _grad(ours, argnums),
-                    BASE: _grad(base, argnums),
-                    COPY: _grad(lambda *a, b=base: b(*a), argnums),
-                }
-            _check(fns["jsoftmax"], fns[BASE], args)
+        for mode, transform in MODES.items():
+            fns = {
+                "jsoftmax": transform(ours, argnums),
+                BASE: transform(base, argnums),
+                COPY: transform(lambda *a, b=base: b(*a), argnums),
+            }
+            _check(fns["jsoftmax"], fns[BASE], args, 1e-4 if mode in MODES_1 else 1e-3)
             times = interleaved(fns, args, rounds)
             ours_t, base_t, copy_t = (times[m] for m in ("jsoftmax", BASE, COPY))
             rows.append(
@@ -178,8 +211,10 @@ def main(argv=None):
             f"{machine()}; float32; medians of {rounds} interleaved rounds in one "
             "process, each sample enough back-to-back calls to last about 5 ms. "
             "`call`: the op itself; `grad`: `jax.grad` of its sum w.r.t. its "
-            "float inputs (the weights of the fused loss too), both without "
-            "`jit`. A/A: the baseline's second copy over the baseline.",
+            "float inputs (the weights of the fused loss too); `hvp`: `jax.jvp` "
+            "of that gradient, each tangent its input; `grad(grad)`: `jax.grad` "
+            "of the gradient's squared norm; all without `jit`. A/A: the "
+            "baseline's second copy over the baseline.",
             "",
             "| op | mode | baseline | jsoftmax ms | baseline ms | ratio | A/A |",
             "|---|---|---|---|---|---|---|",

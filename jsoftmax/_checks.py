@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsoftmax._forward_mode import jit_kept
+
 Axis = int | Sequence[int] | None
 
 
@@ -214,10 +216,12 @@ def in_operands_mesh(fn):
 def traced_once(rule):
     """``rule`` (an op's ``custom_vjp``, or its forward-mode wrapper) under a
     ``jax.jit`` whose static arguments are its ``nondiff_argnums``, inlined
-    into an enclosing trace (``inline=True``): a call traces the rule once per
-    argument types and static options, not once per call. Outside ``jit``
-    (eager calls, ``jax.grad`` of them) the block loops are then compiled
-    once, not at every call; under ``jit`` the program is the same, and a
+    into an enclosing staged trace and a call of its own outside one
+    (:func:`~jsoftmax._forward_mode.jit_kept`): a call traces the rule once
+    per argument types and static options, not once per call. Outside
+    ``jit`` (eager calls, ``jax.grad`` of them, and second derivatives
+    around those) the block loops are then compiled once, not at every
+    call; under ``jit`` the program is the same, and a
     rule called again at the same types (a model's layers) is not traced
     again. Keyed on the rule object, so that a rule swapped in is traced
     anew. A new static option value compiles a new program outside ``jit``:
@@ -228,7 +232,7 @@ def traced_once(rule):
 
 @functools.cache
 def _jitted(rule, static):
-    return jax.jit(rule, static_argnums=static, inline=True)
+    return jit_kept(rule, static_argnums=static)
 
 
 def _mesh(x):

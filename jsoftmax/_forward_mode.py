@@ -38,7 +38,11 @@ symmetric). :func:`with_forward_mode` builds on that:
   ``fwd`` call, and of ``L``, ahead of the residuals. No primitive parameter
   holds a tracer, which would outlive its trace (a ``jit``'s lowering, a
   ``vmap`` that does not see its batch axis, a ``jvp`` that does not see its
-  tangent).
+  tangent). Traced rules that close over no traced value are kept, per
+  static arguments and argument types (the 256 last used), and evaluated
+  through a ``jit`` of their own outside a staged trace (:func:`jit_kept`):
+  a second derivative outside ``jit``, which evaluates the first
+  derivative's rules eagerly at every call, compiles their loops once.
 
 Everything here that touches JAX internals (``jax.extend.core.Primitive``,
 the ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``,
@@ -57,7 +61,9 @@ from contextlib import nullcontext
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as _config
 from jax._src import core as _core
+from jax._src import util as _util
 from jax._src.interpreters import ad, batching, mlir
 from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import Primitive
@@ -425,6 +431,8 @@ def _merge(nondiff, statics, primals):
 
 def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents):
     y, res = _fwd_call(fn.fwd, statics, nondiff, primals)
+    # What the rules below compute is determined by these and the avals.
+    rule_key = (fn, fn.fwd, fn.bwd, tangent, symmetric, tuple(statics), _avals(primals))
     y_leaves, out_tree = jax.tree.flatten(y)
     res_leaves, res_tree = jax.tree.flatten(res)
     p_leaves = jax.tree.leaves(primals)
@@ -466,7 +474,9 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     # jit functions it calls are traced anew (their cache keys hold the
     # context), not reused from the forward pass, as for the custom_vjp.
     with _core.JaxprEqnContext().manager:
-        bwd, closed = _closure_convert(user_bwd, res_leaves, list(out_avals))
+        bwd, closed = _closure_convert(
+            user_bwd, res_leaves, list(out_avals), key=("bwd", rule_key)
+        )
     own, closed_own = None, []
     if tangent is not None:
 
@@ -474,7 +484,9 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
             res = jax.tree.unflatten(res_tree, res_leaves)
             return list(tangent(statics, res, list(t)))
 
-        own, closed_own = _closure_convert(user_tangent, res_leaves, t_avals)
+        own, closed_own = _closure_convert(
+            user_tangent, res_leaves, t_avals, key=("tangent", rule_key)
+        )
     n, m = len(closed), len(closed) + len(closed_own)
     res_leaves = closed + closed_own + res_leaves
 
@@ -552,7 +564,8 @@ def _fwd_call(fwd, statics, nondiff, primals):
     # The traced values fwd closes over are passed to the call: an enclosing
     # jvp whose tangents come only through them (not through the primals)
     # would otherwise bind the call in its parent trace, out of their scope.
-    converted, closed = _closure_convert(call, *primals)
+    key = ("fwd", fwd, tuple(statics), nondiff, tuple(arrays))
+    converted, closed = _closure_convert(call, *primals, key=key, state=forwarded)
     whole = jax.custom_jvp(converted)
     whole.defjvp(lambda primals, tangents: jax.jvp(converted, primals, tangents))
     y, computed = whole(closed, *primals)
@@ -562,7 +575,7 @@ def _fwd_call(fwd, statics, nondiff, primals):
     return y, jax.tree.unflatten(res_tree, res)
 
 
-def _closure_convert(f, *example_args):
+def _closure_convert(f, *example_args, key=None, state=None):
     """``f`` traced into a jaxpr on the avals of ``example_args``, as
     ``(converted, closed)``: ``closed`` are the traced values ``f`` closes
     over, and ``converted(closed, *args)`` is ``f(*args)``, evaluating that
@@ -570,27 +583,133 @@ def _closure_convert(f, *example_args):
     tracer. Constants that are not traced stay in it; outputs may be None.
     (``jax.closure_convert`` keeps in the closure the tracers it deems unable
     to carry a tangent, a ``vmap``'s among them.) Outside any transformation,
-    ``f`` itself, untraced: there is no tracer to close over."""
+    ``f`` itself, untraced: there is no tracer to close over.
+
+    ``key``, where given, is a hashable value that, with the avals of
+    ``example_args`` and JAX's trace context, determines what ``f`` computes
+    (the rule and its static arguments), and ``state`` a list ``f`` fills
+    while traced. A jaxpr that closes over no traced value is then kept under
+    that key and given again, ``state`` restored, to a later call: the
+    ``while`` and ``scan`` loops in it keep their jaxprs, whose compiled
+    programs JAX caches by identity. (The rules run again at every call of a
+    second derivative outside ``jit``, where JAX's ``jvp`` of a ``grad``
+    evaluates the first derivative's rules eagerly: a fresh jaxpr each time
+    compiled every loop in it again.)"""
     if not _under_a_transformation():
         # Eager, as JAX runs a custom_vjp's fwd and bwd: nothing traced to
         # close over, and Python control flow on values works as for it.
         return lambda closed, *args: f(*args), []
-    jaxpr, shapes = jax.make_jaxpr(f, return_shape=True)(*example_args)
-    is_traced = [isinstance(c, _core.Tracer) for c in jaxpr.consts]
-    kept = [None if t else c for c, t in zip(jaxpr.consts, is_traced, strict=True)]
-    closed = [c for c, t in zip(jaxpr.consts, is_traced, strict=True) if t]
-    out_tree = jax.tree.structure(shapes)
-    jaxpr = jaxpr.jaxpr
+    cache_key = _cache_key(key, example_args)
+    kept = _kept.take(cache_key) if cache_key is not None else None
+    if kept is None:
+        jaxpr, shapes = jax.make_jaxpr(f, return_shape=True)(*example_args)
+        kept = _Traced(jaxpr, jax.tree.structure(shapes), list(state or []))
+    elif state is not None:
+        state[:] = kept.state
+    if cache_key is not None and not any(kept.is_traced):
+        _kept.put(cache_key, kept)
+    return kept.jitted, [
+        c for c, t in zip(kept.jaxpr.consts, kept.is_traced, strict=True) if t
+    ]
 
-    def converted(hoisted, *args):
+
+@dataclasses.dataclass(eq=False)
+class _Traced:
+    """One traced rule: its jaxpr, output tree, and the state it filled."""
+
+    jaxpr: _core.ClosedJaxpr
+    out_tree: jax.tree_util.PyTreeDef
+    state: list
+
+    def __post_init__(self):
+        self.is_traced = [isinstance(c, _core.Tracer) for c in self.jaxpr.consts]
+        self.jitted = jit_kept(self.converted)
+
+    def converted(self, hoisted, *args):
         hoisted = iter(hoisted)
         consts = [
-            next(hoisted) if t else c for c, t in zip(kept, is_traced, strict=True)
+            next(hoisted) if t else c
+            for c, t in zip(self.jaxpr.consts, self.is_traced, strict=True)
         ]
-        out = _core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves(args))
-        return jax.tree.unflatten(out_tree, out)
+        out = _core.eval_jaxpr(self.jaxpr.jaxpr, consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(self.out_tree, out)
 
-    return converted, closed
+
+class _KeptTraces:
+    """The traced rules :func:`_closure_convert` keeps, the least recently
+    used first, at most ``size``. Registered with JAX's caches, so that
+    ``jax.clear_caches()`` clears it too (after a rule's code changes)."""
+
+    def __init__(self, size):
+        self.size = size
+        self._items = {}
+
+    def take(self, key):
+        """The entry under ``key`` (or None), taken out: put it back."""
+        return self._items.pop(key, None)
+
+    def put(self, key, value):
+        self._items[key] = value
+        while len(self._items) > self.size:
+            del self._items[next(iter(self._items))]
+
+    def cache_clear(self):
+        self._items.clear()
+
+    def cache_info(self):
+        return f"{len(self._items)} traced rules kept, at most {self.size}"
+
+    def cache_keys(self):
+        return list(self._items)
+
+
+_kept = _KeptTraces(256)
+_util.register_cache(_kept, "jsoftmax's traced custom_vjp rules")
+
+
+def _cache_key(key, example_args):
+    """``key`` with the avals of ``example_args`` and the trace context, or
+    None where nothing may be kept (no key, an unhashable one, or JAX's
+    tracer-leak checks on, under which JAX keeps no traces either)."""
+    if key is None or _config.check_tracer_leaks.value:
+        return None
+    full = (key, _avals(example_args), _config.trace_context())
+    try:
+        hash(full)
+    except TypeError:
+        return None
+    return full
+
+
+def jit_kept(f, **options) -> Callable:
+    """``jax.jit(f, **options)``, inlined into an enclosing staged trace
+    (``jit``, ``scan``, ``make_jaxpr``), and a call of its own outside one.
+
+    Under ``jit`` the program is then the one ``f`` itself gives. Outside,
+    the transformations of the call (``grad``, ``jvp``, and a second
+    derivative around them, which JAX evaluates eagerly) keep it a call,
+    whose transformed programs JAX caches: inlined, the loops in it reached
+    JAX's eager rules one by one, and their transposes and tangent programs,
+    built anew at every call, were compiled again at every call."""
+    inlined = jax.jit(f, inline=True, **options)
+    called = jax.jit(f, inline=False, **options)
+
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        return (inlined if _staged() else called)(*args, **kwargs)
+
+    return call
+
+
+def _staged() -> bool:
+    """Whether this call is being staged into a jaxpr (``jit``, a loop body,
+    ``make_jaxpr``), not evaluated, under whatever transformations."""
+    trace = _core.trace_ctx.trace
+    while trace is not None and not isinstance(trace, _core.EvalTrace):
+        if isinstance(trace, pe.DynamicJaxprTrace):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
 
 
 def _under_a_transformation() -> bool:
@@ -603,6 +722,14 @@ def _under_a_transformation() -> bool:
             return True
         trace = trace.parent_trace
     return False
+
+
+def _avals(tree):
+    """The tree structure of ``tree`` and the avals of its leaves."""
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple(
+        x if isinstance(x, _core.AbstractValue) else jax.typeof(x) for x in leaves
+    )
 
 
 def _position(leaf, inputs, arrays):

@@ -1,10 +1,9 @@
 """The wrappers the ops share: attention's, the fused loss's, softmax's and
-log_softmax's rules under a cached, inlined jit (``traced_once``). Outside
-``jit`` a call at types and options seen before compiles nothing (the
-per-example losses run op by op there); under ``jit`` the program holds no
-call of its own."""
+log_softmax's rules under a cached jit (``traced_once``), inlined into staged
+traces. Outside ``jit`` a call, its gradient, or a second derivative at
+types and options seen before compiles nothing (the per-example losses run
+op by op there); under ``jit`` the program holds no call of its own."""
 
-import contextlib
 import functools
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax._src import dispatch
+from compiles import compiles
 
 import jsoftmax
 from jsoftmax import _attention as _attention_module
@@ -83,22 +82,6 @@ OPS = {
 }
 
 
-@contextlib.contextmanager
-def compiles():
-    """The names of the programs compiled inside the block."""
-    names = []
-
-    def listen(event, seconds, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            names.append(kwargs.get("fun_name"))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def _grad(f):
     return jax.grad(lambda *a: jnp.sum(f(*a)), argnums=0)
 
@@ -118,6 +101,31 @@ def test_a_repeated_eager_call_compiles_nothing(name, mode):
     np.testing.assert_array_equal(again, first)
     # The same values as under jit (one program, the rule inlined).
     np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=1e-6, atol=1e-6)
+
+
+SECOND_DERIVATIVES = {
+    # Hessian-vector products, forward over reverse and reverse over reverse.
+    "jvp(grad)": lambda f: lambda *a: jax.jvp(_grad(f), a, a)[1],
+    "grad(grad)": lambda f: _grad(lambda *a: jnp.sum(_grad(f)(*a) ** 2)),
+}
+
+
+@pytest.mark.parametrize("form", list(SECOND_DERIVATIVES))
+@pytest.mark.parametrize("name", [n for n in OPS if "pallas" not in n])
+def test_a_repeated_eager_second_derivative_compiles_nothing(name, form):
+    # JAX evaluates the first derivative's rules eagerly under an outer jvp
+    # or grad: the rules were traced again at every call, and each loop in
+    # them, its transpose and its tangent program compiled again (0.5-3 s a
+    # call for a small attention, 0.1 s for the fused loss).
+    f, args = OPS[name]
+    f = SECOND_DERIVATIVES[form](f)
+    first = f(*args)
+    with compiles() as names:
+        again = f(*args)
+        jax.block_until_ready(again)
+    assert names == []
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["call", "grad"])

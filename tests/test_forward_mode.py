@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compiles import compiles
 from jax import lax
 from jax._src.ad_checkpoint import saved_residuals
 
@@ -672,6 +673,90 @@ def test_reverse_mode_runs_the_users_backward_pass():
     _close(jax.jvp(wrapped, (x,), (jnp.ones_like(x),))[1], 2 * jnp.cos(x))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(wrapped(x))))(x))
     assert "custom_vjp_linear" not in jaxpr  # transposed into bwd's own ops
+
+
+def _plain_powers_scan(x, p):
+    return lax.scan(lambda c, _: (c * x, c), x, None, length=p["n"])[1]
+
+
+# x, x^2, ..., x^n, by a loop: a rule whose fwd and bwd hold loops.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _powers(x, p):
+    return _plain_powers_scan(x, p)
+
+
+def _powers_fwd(x, p):
+    return _plain_powers_scan(x, p), x
+
+
+# d(x^(k+1)) = (k+1) x^k dx, summed over the powers k = 0..n-1
+def _powers_bwd(p, x, g):
+    def step(acc, k_and_gk):
+        k, gk = k_and_gk
+        return acc + gk * (k + 1) * x**k, None
+
+    ks = jnp.arange(p["n"], dtype=x.dtype)
+    return (lax.scan(step, jnp.zeros_like(x), (ks, g))[0],)
+
+
+_powers.defvjp(_powers_fwd, _powers_bwd)
+
+
+def _plain_powers(x, p):
+    return jnp.stack([x ** (k + 1) for k in range(p["n"])])
+
+
+def test_eager_second_derivatives_of_a_rule_with_loops_compile_once():
+    # Outside jit JAX evaluates a first derivative's rules eagerly under an
+    # outer jvp or grad; each call traced them anew, and every loop in them
+    # compiled again. The traced rules are now kept per static arguments and
+    # types, and given again. An unhashable static argument (a dict) is
+    # traced at every call, as before.
+    x = X[0]
+
+    def hvps(op, n):
+        def loss(x):
+            return jnp.sum(jnp.sin(op(x, n)))
+
+        return (
+            jax.jvp(jax.grad(loss), (x,), (x,))[1],
+            jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x),
+        )
+
+    class Static(dict):
+        def __hash__(self):
+            return hash(tuple(self.items()))
+
+    f = jsoftmax.with_forward_mode(_powers)
+    for n in (2, 3):
+        want = hvps(_plain_powers, {"n": n})
+        _close(hvps(f, Static(n=n)), want, **TOL2)
+        with compiles() as names:
+            _close(hvps(f, Static(n=n)), want, **TOL2)
+        assert names == []
+        _close(hvps(f, {"n": n}), want, **TOL2)
+    # Kept per rule: a backward pass defined anew is traced anew (here a
+    # wrong one, twice the derivative, which forward mode then shows).
+    x2 = X[1]
+
+    @jax.custom_vjp
+    def g(x):
+        return jnp.sin(x)
+
+    g.defvjp(_sin_fwd, lambda cos_x, d: (d * cos_x,))
+    h = jsoftmax.with_forward_mode(g)
+    _close(
+        jax.jvp(jax.grad(lambda x: jnp.sum(h(x))), (x2,), (x2,))[1], -jnp.sin(x2) * x2
+    )
+    g.defvjp(_sin_fwd, lambda cos_x, d: (2 * d * cos_x,))
+    _close(
+        jax.jvp(jax.grad(lambda x: jnp.sum(h(x))), (x2,), (x2,))[1],
+        -2 * jnp.sin(x2) * x2,
+    )
+    # jax.clear_caches() forgets the kept traces too.
+    assert _forward_mode._kept.cache_keys()
+    jax.clear_caches()
+    assert not _forward_mode._kept.cache_keys()
 
 
 def test_rules_with_other_cotangent_dtypes_wrong_shapes_and_constants():
