@@ -20,6 +20,7 @@ from jsoftmax import _attention_xla as xla
 from jsoftmax import _context_parallel as cp
 from jsoftmax._checks import (
     as_input,
+    as_int_input,
     broadcast_dims,
     float_input,
     in_operands_mesh,
@@ -317,10 +318,13 @@ def dot_product_attention(
         ``check_vma=False``). Shapes that do not fit (named):
         ranks, batch, head counts (``N % K``), head dims,
         bias/mask/lengths/segment ids/sinks, chunk sizes that are not positive
-        ints, an empty sequence, a symbolic sequence length ``T`` or ``S``
-        under :mod:`jax.export` (the block schedule is static; a symbolic batch
-        is supported); an unknown ``implementation``, or an option that
-        ``"pallas"`` or ``"cudnn"`` lacks (named), ``"pallas"`` inside a
+        ints, a ``local_window_size`` that is not an int or a pair of ints,
+        NumPy 64-bit segment ids past int32's range where 64-bit types are off
+        (JAX would wrap them into it), an empty sequence, a symbolic sequence
+        length ``T`` or ``S`` under :mod:`jax.export` (the block schedule is
+        static; a symbolic batch is supported); an unknown
+        ``implementation``, or an option that ``"pallas"`` or ``"cudnn"``
+        lacks (named), ``"pallas"`` inside a
         ``vmap`` of symbolic size whose mapped axis is split over an
         ``Explicit`` mesh axis.
       TypeError: a non-boolean mask, non-integer lengths or segment ids,
@@ -363,7 +367,11 @@ def dot_product_attention(
         implementation,
     )  # fmt: skip
     if parallel is None:
-        out, lse = traced_once(_attention_forward_mode)(*args.arrays, args.config)
+        batch, t, *_ = args.arrays[0].shape
+        config = _band_within(args.config, t, args.arrays[1].shape[1])
+        if batch == 0:  # nothing to compute: the XLA path's empty output
+            config = dataclasses.replace(config, implementation="xla")
+        out, lse = traced_once(_attention_forward_mode)(*args.arrays, config)
     else:
         arrays, plan = _parallel_plan(args, *scores, *parallel)
         out, lse = cp.attention(*arrays, plan)
@@ -735,6 +743,8 @@ def _scale(query, scale, h):
         # A complex scale would lose its imaginary part in the cast below.
         raise TypeError(f"{name}: scale must be a real number, got {scale!r}")
     if isinstance(scale, (int, float, np.number)):
+        if not math.isfinite(float(scale)):  # every score would be NaN or inf
+            raise ValueError(f"{name}: scale must be finite, got {scale!r}")
         return query, float(scale)
     query = (query * jnp.asarray(scale, query.dtype)).astype(query.dtype)
     return query, 1.0
@@ -806,7 +816,7 @@ def _scores_input(name, what, x, full, float_mask):
 def _int_input(name, what, x, shape):
     if x is None:
         return None
-    x = as_input(x)
+    x = as_int_input(name, what, x, saturate="lengths" in what)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: {what} must be integers, got dtype {x.dtype}")
     if x.shape != shape:
@@ -864,6 +874,20 @@ def _band(is_causal, window):
     if is_causal:
         upper = 0 if upper is None else min(upper, 0)
     return lower, upper
+
+
+def _band_within(config, t, s):
+    """``config`` with the band's bounds that hide nothing dropped, and the
+    others clamped to the span of ``key - query``, ``[-(t - 1), s - 1]``: a
+    window of ``2**31 - 1`` or ``10**12`` (a placeholder for "unbounded")
+    shows every key, and the block arithmetic stays within int32. (Context
+    parallelism does this per pair of chunks, on global positions.)"""
+    lower, upper = config.lower, config.upper
+    if lower is not None:
+        lower = None if lower <= -(t - 1) else min(lower, s)
+    if upper is not None:
+        upper = None if upper >= s - 1 else max(upper, -t)
+    return dataclasses.replace(config, lower=lower, upper=upper)
 
 
 def _index(w):
@@ -930,4 +954,6 @@ def _attention_tangent(statics, res, t_leaves):
     )
 
 
-_attention_forward_mode = _with_forward_mode(_attention, tangent=_attention_tangent)
+_attention_forward_mode = _with_forward_mode(
+    _attention, tangent=_attention_tangent, keep_traces=True
+)

@@ -185,7 +185,10 @@ def _length_bounds(lo, hi, inner_len, inner_block, outer_len, outer_start):
     if inner_len is not None:
         inner = jnp.maximum(inner_len, 0)
         block = jnp.int32(inner_block)
-        hi = jnp.minimum(hi, lax.div(inner + block - 1, block))
+        # The blocks that hold a position below the length, rounded up
+        # without adding (a length near int32's max would wrap).
+        blocks = lax.div(inner, block) + (lax.rem(inner, block) > 0).astype(jnp.int32)
+        hi = jnp.minimum(hi, blocks)
     if outer_len is not None:
         hi = jnp.where(outer_start >= outer_len, lo, hi)
     return lo, jnp.maximum(hi, lo)
@@ -203,10 +206,10 @@ def _tile(ref, lead, rows, cols, full_rows, full_cols):
 
 def _scores(spec, r, q, k, i0, j0, bq, bk, head, q_seg, rows_sliced):
     """The block's scores ``[bq, bk]`` (float32), masked to -inf where hidden,
-    and the soft cap's ``tanh``. ``rows_sliced``: the bias and mask refs hold
-    every query (dK/dV) and are sliced at ``i0``; else the key axis is
-    sliced at ``j0``. ``head``: the query head within the refs' group axis
-    (None: the refs have no group axis)."""
+    the soft cap's ``tanh``, and which entries are visible. ``rows_sliced``:
+    the bias and mask refs hold every query (dK/dV) and are sliced at ``i0``;
+    else the key axis is sliced at ``j0``. ``head``: the query head within
+    the refs' group axis (None: the refs have no group axis)."""
     x = spec.dot(q, k, transpose_b=True) * jnp.float32(spec.scale)
     x, tanh = xla.capped(x, spec.soft_cap)
     rows = i0 + jnp.arange(bq, dtype=jnp.int32)[:, None]
@@ -229,7 +232,7 @@ def _scores(spec, r, q, k, i0, j0, bq, bk, head, q_seg, rows_sliced):
     if spec.segments:
         kv_seg = r["kv_seg"][pl.ds(j0, bk)] if not rows_sliced else r["kv_seg"][...]
         valid = valid & (q_seg[:, None] == kv_seg[None, :])
-    return jnp.where(valid, x, -jnp.inf), tanh
+    return jnp.where(valid, x, -jnp.inf), tanh, valid
 
 
 def _segments_meet(a, b):
@@ -271,7 +274,7 @@ def _forward_kernel(*refs, names, spec, bq, bk, nk):
         j0 = j * bk
         k = r["k"][pl.ds(j0, bk), :]
         v = r["v"][pl.ds(j0, bk), :]
-        x, _ = _scores(spec, r, q, k, i0, j0, bq, bk, None, q_seg, rows_sliced=False)
+        x, _, _ = _scores(spec, r, q, k, i0, j0, bq, bk, None, q_seg, rows_sliced=False)
 
         def weigh(p):
             return spec.dot(p.astype(v.dtype), v)
@@ -359,10 +362,12 @@ def _dkv_kernel(*refs, names, spec, bq, bk, nq):
             q = r["q"][rows, g, :]
             do = r["do"][rows, g, :]
             q_seg = r["q_seg"][rows] if spec.segments else None
-            x, tanh = _scores(spec, r, q, k, i0, j0, bq, bk, g, q_seg, rows_sliced=True)
+            x, tanh, valid = _scores(
+                spec, r, q, k, i0, j0, bq, bk, g, q_seg, rows_sliced=True
+            )
             p = jnp.exp(x - r["lse"][g, rows][:, None])
             d_v = d_v + spec.dot(p.astype(do.dtype).T, do)
-            dp = spec.dot(do, v, transpose_b=True)
+            dp = xla.hidden_zero(spec.dot(do, v, transpose_b=True), valid)
             _, ds = xla.score_grad(p, dp, r["delta"][g, rows], tanh)
             return d_k + spec.dot(ds.astype(q.dtype).T, q), d_v
 
@@ -426,9 +431,11 @@ def _dq_kernel(*refs, names, spec, bq, bk, nk):
         j0 = j * bk
         k = r["k"][pl.ds(j0, bk), :]
         v = r["v"][pl.ds(j0, bk), :]
-        x, tanh = _scores(spec, r, q, k, i0, j0, bq, bk, None, q_seg, rows_sliced=False)
+        x, tanh, valid = _scores(
+            spec, r, q, k, i0, j0, bq, bk, None, q_seg, rows_sliced=False
+        )
         p = jnp.exp(x - lse[:, None])
-        dp = spec.dot(do, v, transpose_b=True)
+        dp = xla.hidden_zero(spec.dot(do, v, transpose_b=True), valid)
         d_scores, ds = xla.score_grad(p, dp, delta, tanh)
         if d_scores_ref is not None:
             d_scores_ref[:, pl.ds(j0, bk)] = d_scores

@@ -86,7 +86,7 @@ def safe_lse(lse):
     return jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
 
-def _hidden_zero(dp, valid):
+def hidden_zero(dp, valid):
     """``dP`` with the hidden entries 0: a NaN or inf in a value hidden from
     every row of a block (the causal mask, a window, padded queries) would
     otherwise reach dS as ``0 * NaN``."""
@@ -460,7 +460,7 @@ def _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_):
                 x = jnp.where(valid, x, -jnp.inf)
             p = jnp.exp(x - lb[..., None])
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
-            return d + jnp.sum(p * _hidden_zero(dp, valid), axis=-1)
+            return d + jnp.sum(p * hidden_zero(dp, valid), axis=-1)
 
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
         d = _visit_blocks(config, lo, hi, trips, step, jnp.zeros_like(qb[..., 0], acc))
@@ -539,7 +539,7 @@ def backward(config, res, d_out):
                 out_sharding=kv_sharding,
             )
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=acc)
-            d_scores, ds = score_grad(p, _hidden_zero(dp, valid), db, tanh)
+            d_scores, ds = score_grad(p, hidden_zero(dp, valid), db, tanh)
             if d_bias is not None:
                 d_bias = _add_block(d_bias, d_scores, i0, j0, config)
             ds = ds.astype(q.dtype)

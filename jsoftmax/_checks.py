@@ -136,6 +136,36 @@ def as_input(x: jax.typing.ArrayLike) -> jax.Array:
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
+def as_int_input(name: str, what: str, x, *, saturate: bool) -> jax.Array:
+    """:func:`as_input` for integer ids (class labels, sequence lengths,
+    segment ids). Where 64-bit types are off (JAX's default), JAX converts a
+    NumPy int64 or uint64 array to 32 bits by wrapping: ``2**32 + 1`` reads
+    as 1, a valid label or length. Such values are clamped to int32's range
+    first (``saturate``: past it, a label is out of range and a length past
+    any sequence either way), or refused (segment ids, where clamping could
+    merge two segments)."""
+    if (
+        isinstance(x, (np.ndarray, np.generic))
+        and x.dtype.kind in "iu"
+        and x.dtype.itemsize == 8
+        and jax.dtypes.canonicalize_dtype(x.dtype).itemsize < 8
+    ):
+        info = np.iinfo(np.int32)
+        x = np.asarray(x)
+        low = x.size and (x.dtype.kind == "i" and x.min() < info.min)
+        high = x.size and x.max() > info.max
+        if (low or high) and not saturate:
+            raise ValueError(
+                f"{name}: {what} hold values past int32's range, which JAX "
+                "(64-bit types off) would wrap into it; renumber them, or turn "
+                "on jax_enable_x64"
+            )
+        if x.dtype.kind == "u":
+            x = np.minimum(x, np.uint64(info.max))
+        x = np.clip(x, info.min, info.max).astype(np.int32)
+    return as_input(x)
+
+
 def share_shardings(arrays: Sequence, dims: Sequence, whole: tuple = ()) -> list:
     """``arrays`` resharded so that each logical dimension is split one way in
     all of them, where the context mesh has ``Explicit`` axes.

@@ -145,7 +145,10 @@ def to_zigzag(x: jax.typing.ArrayLike, axis_size: int, axis: int = 1) -> jax.Arr
       ``x`` with its sequence axis reordered.
 
     Raises:
-      ValueError: a sequence length not divisible by ``2 * axis_size``.
+      ValueError: a sequence length not divisible by ``2 * axis_size``, an
+        ``axis_size`` below 1, or an ``axis`` out of range.
+      TypeError: an ``axis_size`` or ``axis`` that is not a static int (a
+        bool, a float, a traced value).
 
     Examples:
       >>> import jax.numpy as jnp, jsoftmax
@@ -169,7 +172,10 @@ def from_zigzag(x: jax.typing.ArrayLike, axis_size: int, axis: int = 1) -> jax.A
       ``x`` with its sequence axis in natural order.
 
     Raises:
-      ValueError: a sequence length not divisible by ``2 * axis_size``.
+      ValueError: a sequence length not divisible by ``2 * axis_size``, an
+        ``axis_size`` below 1, or an ``axis`` out of range.
+      TypeError: an ``axis_size`` or ``axis`` that is not a static int (a
+        bool, a float, a traced value).
     """
     return _permute_chunks(
         "from_zigzag", x, axis_size, axis, lambda n: np.argsort(_zigzag_order(n))
@@ -980,4 +986,4 @@ def _attention_tangent(statics, res, t_leaves):
     )
 
 
-attention = _with_forward_mode(_attention, tangent=_attention_tangent)
+attention = _with_forward_mode(_attention, tangent=_attention_tangent, keep_traces=True)

@@ -12,7 +12,7 @@ from jax import lax
 
 from jsoftmax._checks import (
     Axis,
-    as_input,
+    as_int_input,
     broadcast_dims,
     compute_dtype,
     float_input,
@@ -38,7 +38,7 @@ from jsoftmax._collectives import (
     varying_like,
     varying_over_shards,
 )
-from jsoftmax._forward_mode import with_forward_mode
+from jsoftmax._forward_mode import _with_forward_mode
 
 # Shared by the per-example losses and the fused linear loss.
 
@@ -353,26 +353,33 @@ def _softmax_cross_entropy_bwd(
     valid, log_s = split_empty(log_s)
     g = jnp.where(valid, g.astype(z.dtype), 0)  # empty rows: gradient 0
     scale = q_sum + 2 * z_loss * (m + log_s) if z_loss else q_sum
-    g, scale, m, log_s = (jnp.expand_dims(a, axes) for a in (g, scale, m, log_s))
+    g, scale, m, log_s, valid = (
+        jnp.expand_dims(a, axes) for a in (g, scale, m, log_s, valid)
+    )
     shifted = z - m
     p = jnp.exp(shifted - log_s)
     # Masked classes are 0 (cap_grad gets finite capped logits there).
     dz = masked_fill(cap_grad(g * (scale * p - q), z_capped, soft_cap), where, 0)
-    # The mask is on the factor L - z, which is +inf at masked (and -inf)
-    # logits, rather than on the product: the forward-mode tangent map is this
-    # function transposed, where a mask on the product would come first and
-    # meet the inf as 0 * inf = NaN.
-    dlabels = g * (1 - label_smoothing) * masked_fill(log_s - shifted, where, 0)
+    # The factor L - z is +inf at masked (and -inf) logits, and NaN in a row
+    # with no valid class: it is 0 at masked classes and in such rows, where
+    # g is 0 (0 * inf = NaN). The mask is also on the product, for the
+    # forward-mode tangent map, this function transposed: there it comes
+    # first, as a select, and a NaN or inf label tangent at a masked class
+    # takes no part (a product with the 0 factor would be NaN).
+    factor = jnp.where(valid, masked_fill(log_s - shifted, where, 0), 0)
+    dlabels = masked_fill(g * (1 - label_smoothing) * factor, where, 0)
     return dz.astype(logits.dtype), dlabels.astype(labels.dtype), None
 
 
 _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
-_softmax_cross_entropy_forward_mode = with_forward_mode(_softmax_cross_entropy)
+_softmax_cross_entropy_forward_mode = _with_forward_mode(
+    _softmax_cross_entropy, keep_traces=True
+)
 
 
 def check_integer_labels(name, labels, want_shape):
     """Checks integer labels: an integer dtype and the expected shape."""
-    labels = as_input(labels)
+    labels = as_int_input(name, "labels", labels, saturate=True)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{name}: labels must be integer class ids, got {labels.dtype}")
     if labels.shape != tuple(want_shape):
@@ -501,7 +508,7 @@ def _loud_labels_bwd(classes, labels, g):
 
 
 _loud_labels.defvjp(_loud_labels_fwd, _loud_labels_bwd)
-loud_labels = with_forward_mode(_loud_labels, symmetric=True)
+loud_labels = _with_forward_mode(_loud_labels, symmetric=True, keep_traces=True)
 
 
 def _target_parts(z, labels, axis, axis_name):
@@ -625,4 +632,6 @@ def _integer_cross_entropy_bwd(
 
 
 _integer_cross_entropy.defvjp(_integer_cross_entropy_fwd, _integer_cross_entropy_bwd)
-_integer_cross_entropy_forward_mode = with_forward_mode(_integer_cross_entropy)
+_integer_cross_entropy_forward_mode = _with_forward_mode(
+    _integer_cross_entropy, keep_traces=True
+)

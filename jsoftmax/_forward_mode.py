@@ -38,11 +38,12 @@ symmetric). :func:`with_forward_mode` builds on that:
   ``fwd`` call, and of ``L``, ahead of the residuals. No primitive parameter
   holds a tracer, which would outlive its trace (a ``jit``'s lowering, a
   ``vmap`` that does not see its batch axis, a ``jvp`` that does not see its
-  tangent). Traced rules that close over no traced value are kept, per
-  static arguments and argument types (the 256 last used), and evaluated
-  through a ``jit`` of their own outside a staged trace (:func:`jit_kept`):
-  a second derivative outside ``jit``, which evaluates the first
-  derivative's rules eagerly at every call, compiles their loops once.
+  tangent). The ops' rules (``keep_traces``) that close over no traced
+  value are kept, per rule, static arguments (with their types) and
+  argument types (the 256 last used), and evaluated through a ``jit`` of
+  their own outside a staged trace (:func:`jit_kept`): a second derivative
+  outside ``jit``, which evaluates the first derivative's rules eagerly at
+  every call, compiles their loops once.
 
 Everything here that touches JAX internals (``jax.extend.core.Primitive``,
 the ``ad``, ``batching`` and ``mlir`` registries of ``jax._src.interpreters``,
@@ -252,6 +253,13 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
     first), pytree inputs and outputs, and integer or boolean inputs, which
     get no tangent. Only float leaves are differentiated.
 
+    Under a transformation, ``fwd``, ``bwd`` and the tangent map are traced
+    at every call, as JAX traces a ``custom_vjp``'s rules, so that rules
+    that read Python state see its current value. A second derivative
+    outside ``jit`` (``jax.jvp`` of ``jax.grad``) then compiles the loops in
+    them at every call: put it under ``jit``. (jsoftmax's own ops, whose
+    rules read nothing else, keep their traces and compile once.)
+
     ``fn``'s rules may close over traced values: a ``custom_vjp`` defined
     inside a ``jit``, ``vmap`` or ``lax.scan`` body that reads its arguments
     (as flax and equinox modules' rules read their parameters), or a function
@@ -288,8 +296,11 @@ def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callabl
       UnexpectedTracerError: as ``fn`` raises it: a ``nondiff_argnums``
         argument is traced, or a value the rules close over is differentiated
         together with ``fn``'s arguments.
-      NotImplementedError: in forward mode, ``bwd`` uses an operation that is
-        not linear in the cotangent (``jax.linear_transpose`` names it). A
+      NotImplementedError: in forward mode, ``bwd`` is not linear in the
+        cotangent as JAX traces it (a non-linear operation, which
+        ``jax.linear_transpose`` names, a product or a comparison of
+        cotangents, a ``while_loop`` with a traced trip count); JAX's own
+        error is chained to it. A
         ``bwd`` that is affine in it (a constant added) is not detected: the
         transpose drops the constant. Its reverse mode is then wrong too, and
         :func:`jsoftmax.testing.vjp_errors` against a reference catches it.
@@ -320,8 +331,10 @@ def _with_forward_mode(
     *,
     symmetric: bool = False,
     tangent: Callable | None = None,
+    keep_traces: bool = False,
 ) -> Callable:
-    """:func:`with_forward_mode`, with an op's own tangent map.
+    """:func:`with_forward_mode`, with an op's own tangent map, and its
+    traces kept (``keep_traces``, for the library's ops).
 
     ``tangent(statics, res, t_leaves) -> dy_leaves``, where given, replaces the
     evaluation rule derived from ``bwd`` (whose transpose needs ``bwd`` to be
@@ -337,6 +350,14 @@ def _with_forward_mode(
     Reverse mode still runs ``bwd`` on ``res`` only; higher derivatives
     differentiate ``tangent`` (``jacfwd`` over it works, reverse mode over it
     needs it to be transposable).
+
+    ``keep_traces``: the rules' traces are kept and given again to a later
+    call with equal static arguments (of the same types) and argument types,
+    and run as calls of their own outside a staged trace
+    (:func:`_closure_convert`), so that second derivatives outside ``jit``
+    compile once. For rules that read nothing but their arguments and static
+    arguments (the ops): a user's rule may read Python state that changes
+    between eager calls, which a kept trace would not see.
     """
     if symmetric and tangent is not None:
         raise TypeError("with_forward_mode: pass symmetric=True or a tangent, not both")
@@ -367,8 +388,9 @@ def _with_forward_mode(
         bind = _core.extend_axis_env_nd(unbound) if unbound else nullcontext()
         with bind:
             return _jvp_rule(
-                fn, symmetric, tangent, name, nondiff, statics, primals, tangents
-            )
+                fn, symmetric, tangent, keep_traces, name, nondiff, statics,
+                primals, tangents,
+            )  # fmt: skip
 
     wrapped.defjvp(rule)
     return wrapped
@@ -429,10 +451,11 @@ def _merge(nondiff, statics, primals):
     ]
 
 
-def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents):
-    y, res = _fwd_call(fn.fwd, statics, nondiff, primals)
+def _jvp_rule(fn, symmetric, tangent, keep, name, nondiff, statics, primals, tangents):
+    y, res = _fwd_call(fn.fwd, statics, nondiff, primals, keep)
     # What the rules below compute is determined by these and the avals.
-    rule_key = (fn, fn.fwd, fn.bwd, tangent, symmetric, tuple(statics), _avals(primals))
+    rule_key = (fn, fn.fwd, fn.bwd, tangent, symmetric, tuple(statics))
+    rule_key = (*rule_key, _avals(primals)) if keep else None
     y_leaves, out_tree = jax.tree.flatten(y)
     res_leaves, res_tree = jax.tree.flatten(res)
     p_leaves = jax.tree.leaves(primals)
@@ -475,7 +498,7 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     # context), not reused from the forward pass, as for the custom_vjp.
     with _core.JaxprEqnContext().manager:
         bwd, closed = _closure_convert(
-            user_bwd, res_leaves, list(out_avals), key=("bwd", rule_key)
+            user_bwd, res_leaves, list(out_avals), key=rule_key and ("bwd", rule_key)
         )
     own, closed_own = None, []
     if tangent is not None:
@@ -485,7 +508,7 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
             return list(tangent(statics, res, list(t)))
 
         own, closed_own = _closure_convert(
-            user_tangent, res_leaves, t_avals, key=("tangent", rule_key)
+            user_tangent, res_leaves, t_avals, key=rule_key and ("tangent", rule_key)
         )
     n, m = len(closed), len(closed) + len(closed_own)
     res_leaves = closed + closed_own + res_leaves
@@ -519,10 +542,24 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     else:
 
         def jvp(res_leaves, t):
-            transposed = jax.linear_transpose(
-                lambda *cts: dense_vjp(res_leaves, list(cts)), *out_avals
-            )
-            return list(transposed(t))
+            try:
+                transposed = jax.linear_transpose(
+                    lambda *cts: dense_vjp(res_leaves, list(cts)), *out_avals
+                )
+                return list(transposed(t))
+            except (AssertionError, ValueError, NotImplementedError) as error:
+                # JAX's transposition names a non-linear primitive, but
+                # fails on a product of two cotangents or a test of one
+                # with a bare AssertionError, and on a while_loop with a
+                # ValueError about reverse mode.
+                raise NotImplementedError(
+                    f"{name}: forward mode is bwd transposed, and JAX could not "
+                    f"transpose bwd ({type(error).__name__}: {error}). bwd must "
+                    "be linear in the cotangent as JAX traces it: no product or "
+                    "comparison of cotangents, no masks applied to a product "
+                    "with an infinite factor, no while_loop with a traced trip "
+                    "count"
+                ) from error
 
     maps = _Maps(name, jvp, vjp, len(res_leaves), out_avals)
     t_in = [t_leaves[i] for i in diff]
@@ -531,7 +568,7 @@ def _jvp_rule(fn, symmetric, tangent, name, nondiff, statics, primals, tangents)
     return y, jax.tree.unflatten(out_tree, full)
 
 
-def _fwd_call(fwd, statics, nondiff, primals):
+def _fwd_call(fwd, statics, nondiff, primals, keep):
     """``fwd`` on the merged arguments, as one ``custom_jvp`` call (its JVP:
     JAX's own, of ``fwd``), traced as JAX traces a ``custom_vjp``'s forward.
 
@@ -564,7 +601,7 @@ def _fwd_call(fwd, statics, nondiff, primals):
     # The traced values fwd closes over are passed to the call: an enclosing
     # jvp whose tangents come only through them (not through the primals)
     # would otherwise bind the call in its parent trace, out of their scope.
-    key = ("fwd", fwd, tuple(statics), nondiff, tuple(arrays))
+    key = ("fwd", fwd, tuple(statics), nondiff, tuple(arrays)) if keep else None
     converted, closed = _closure_convert(call, *primals, key=key, state=forwarded)
     whole = jax.custom_jvp(converted)
     whole.defjvp(lambda primals, tangents: jax.jvp(converted, primals, tangents))
@@ -601,37 +638,42 @@ def _closure_convert(f, *example_args, key=None, state=None):
         return lambda closed, *args: f(*args), []
     cache_key = _cache_key(key, example_args)
     kept = _kept.take(cache_key) if cache_key is not None else None
-    if kept is None:
-        jaxpr, shapes = jax.make_jaxpr(f, return_shape=True)(*example_args)
-        kept = _Traced(jaxpr, jax.tree.structure(shapes), list(state or []))
-    elif state is not None:
-        state[:] = kept.state
-    if cache_key is not None and not any(kept.is_traced):
+    if kept is not None:
+        if state is not None:
+            state[:] = kept.state
         _kept.put(cache_key, kept)
-    return kept.jitted, [
-        c for c, t in zip(kept.jaxpr.consts, kept.is_traced, strict=True) if t
-    ]
+        return kept.jitted, []
+    jaxpr, shapes = jax.make_jaxpr(f, return_shape=True)(*example_args)
+    traced = _Traced(jaxpr, jax.tree.structure(shapes), list(state or []))
+    closed = [c for c in jaxpr.consts if isinstance(c, _core.Tracer)]
+    if cache_key is None or closed:
+        return traced.converted, closed
+    traced.jitted = jit_kept(traced.converted)
+    _kept.put(cache_key, traced)
+    return traced.jitted, []
 
 
-@dataclasses.dataclass(eq=False)
 class _Traced:
-    """One traced rule: its jaxpr, output tree, and the state it filled."""
+    """One traced rule: its jaxpr, whose traced constants are given at each
+    call in place of the None left in ``consts`` (it holds no tracer, which
+    would outlive its trace), its output tree, and the state it filled."""
 
-    jaxpr: _core.ClosedJaxpr
-    out_tree: jax.tree_util.PyTreeDef
-    state: list
-
-    def __post_init__(self):
-        self.is_traced = [isinstance(c, _core.Tracer) for c in self.jaxpr.consts]
-        self.jitted = jit_kept(self.converted)
+    def __init__(self, jaxpr, out_tree, state):
+        self.jaxpr = jaxpr.jaxpr
+        self.is_traced = [isinstance(c, _core.Tracer) for c in jaxpr.consts]
+        self.consts = [
+            None if t else c for c, t in zip(jaxpr.consts, self.is_traced, strict=True)
+        ]
+        self.out_tree = out_tree
+        self.state = state
 
     def converted(self, hoisted, *args):
         hoisted = iter(hoisted)
         consts = [
             next(hoisted) if t else c
-            for c, t in zip(self.jaxpr.consts, self.is_traced, strict=True)
+            for c, t in zip(self.consts, self.is_traced, strict=True)
         ]
-        out = _core.eval_jaxpr(self.jaxpr.jaxpr, consts, *jax.tree.leaves(args))
+        out = _core.eval_jaxpr(self.jaxpr, consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(self.out_tree, out)
 
 
@@ -673,12 +715,21 @@ def _cache_key(key, example_args):
     tracer-leak checks on, under which JAX keeps no traces either)."""
     if key is None or _config.check_tracer_leaks.value:
         return None
-    full = (key, _avals(example_args), _config.trace_context())
+    # Static arguments equal across types (1, 1.0, True, np.float32(1)) may
+    # compute differently: typed, as jax.jit keys its static arguments.
+    full = (_typed(key), _avals(example_args), _config.trace_context())
     try:
         hash(full)
     except TypeError:
         return None
     return full
+
+
+def _typed(x):
+    """``x`` with the type of each leaf of its tuples beside it."""
+    if isinstance(x, tuple):
+        return tuple(_typed(a) for a in x)
+    return (type(x), x)
 
 
 def jit_kept(f, **options) -> Callable:

@@ -110,8 +110,8 @@ def linear_softmax_cross_entropy(
       reduction: ``"mean"`` over the counted tokens (0 if none), ``"sum"``, or
         ``"none"`` for per-token losses ``[B]``.
       chunk_size: vocabulary columns per chunk, a static int; ``V`` need not be a
-        multiple. Default :func:`default_chunk_size`: about 16 MiB of float32
-        logits per chunk.
+        multiple. Default (None): about 16 MiB of float32 logits per chunk,
+        a power of two.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
       axis_name: the named axis over which the vocab columns of ``w`` (and
         ``bias``) are split, ``x`` being the same on every shard (vocab
@@ -446,5 +446,5 @@ def _linear_cross_entropy_tangent(statics, res, t_leaves):
 
 
 _linear_cross_entropy_forward_mode = _with_forward_mode(
-    _linear_cross_entropy, tangent=_linear_cross_entropy_tangent
+    _linear_cross_entropy, tangent=_linear_cross_entropy_tangent, keep_traces=True
 )

@@ -24,7 +24,7 @@ from jsoftmax._checks import (
     widen_8bit,
 )
 from jsoftmax._collectives import axis_names, pmax, psum, varying_like
-from jsoftmax._forward_mode import with_forward_mode
+from jsoftmax._forward_mode import _with_forward_mode
 
 
 def _prepare(name, x, axis, where):
@@ -155,7 +155,7 @@ def _softmax_bwd(axes, axis_name, res, g):
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 # J = diag(y) - y y^T is symmetric: the backward pass is also the tangent map.
-_softmax_forward_mode = with_forward_mode(_softmax, symmetric=True)
+_softmax_forward_mode = _with_forward_mode(_softmax, symmetric=True, keep_traces=True)
 
 
 @in_operands_mesh
@@ -268,4 +268,4 @@ def _log_softmax_bwd(axes, axis_name, res, g):
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 # J = I - 1 exp(o)^T is not symmetric: the tangent map is bwd transposed.
-_log_softmax_forward_mode = with_forward_mode(_log_softmax)
+_log_softmax_forward_mode = _with_forward_mode(_log_softmax, keep_traces=True)

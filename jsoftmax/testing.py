@@ -116,6 +116,7 @@ def tolerances(dtype, n: int = 1) -> tuple[float, float]:
 
     Raises:
       TypeError: ``dtype`` has no entry in ``TOLERANCES``.
+      ValueError: ``n`` is below 1.
 
     Examples:
       >>> from jsoftmax import testing
@@ -125,6 +126,8 @@ def tolerances(dtype, n: int = 1) -> tuple[float, float]:
       ['3.11e-05', '3.11e-05']
     """
     dtype = _known_dtype(dtype)
+    if not n >= 1:  # also refuses NaN
+        raise ValueError(f"tolerances: n is a reduction length, at least 1, got {n!r}")
     value, grad = TOLERANCES[dtype.name]
     return float(_rtol(dtype, n, value)), float(_rtol(dtype, n, grad))
 
@@ -193,7 +196,12 @@ class VjpErrors:
 
 
 def reference_softmax(x, axis=-1, where=None):
-    """Plain-autodiff softmax, independent of jsoftmax's rules."""
+    """Plain-autodiff softmax, independent of jsoftmax's rules.
+
+    An unmasked row of all ``-inf`` is NaN here, as in ``jax.nn``, where
+    :func:`jsoftmax.softmax` gives 0 with a zero gradient: leave such rows
+    out of a comparison with it.
+    """
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
     shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
@@ -205,7 +213,9 @@ def reference_softmax(x, axis=-1, where=None):
 def reference_log_softmax(x, axis=-1, where=None):
     """Plain-autodiff log-softmax, independent of jsoftmax's rules.
 
-    Masked-out outputs are the constant ``-inf``, as ``jax.nn`` documents.
+    Masked-out outputs are the constant ``-inf``, as ``jax.nn`` documents. An
+    unmasked row of all ``-inf`` is NaN here (``jsoftmax.log_softmax``:
+    ``-inf``, with a zero gradient).
     """
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
@@ -222,7 +232,9 @@ def reference_softmax_cross_entropy(
 
     A masked class has probability 0: label mass there, ``(1 - a) q``, gives
     ``+inf`` and adds its ``q L`` to the gradient of the logits; it is a
-    constant for autodiff (zero label gradient there).
+    constant for autodiff (zero label gradient there). A row with no valid
+    class (all masked, or all ``-inf``) is NaN here, where the ops give a
+    loss of 0 with zero gradients: leave such rows out of a comparison.
     """
     z = logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
     valid = (
@@ -245,7 +257,9 @@ def reference_softmax_cross_entropy(
 def reference_softmax_cross_entropy_with_integer_labels(
     logits, labels, axis=-1, where=None, label_smoothing=0.0, z_loss=0.0, soft_cap=None
 ):
-    """Plain-autodiff cross-entropy with integer labels, via one-hot labels."""
+    """Plain-autodiff cross-entropy with integer labels, via one-hot labels
+    (a row with no valid class is NaN, as in
+    :func:`reference_softmax_cross_entropy`)."""
     onehot = jax.nn.one_hot(labels, logits.shape[axis], axis=axis, dtype=logits.dtype)
     return reference_softmax_cross_entropy(
         logits, onehot, axis, where, label_smoothing, z_loss, soft_cap

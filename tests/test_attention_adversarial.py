@@ -235,3 +235,46 @@ def test_cudnn_unbatched_lengths_error_is_meaningful():
             q[0], k[0], v[0], key_value_seq_lengths=lengths, implementation="cudnn"
         )
     assert "must be None" not in str(info.value), str(info.value)
+
+
+def test_numpy_64_bit_lengths_and_segment_ids_past_int32_with_x64_off():
+    # With 64-bit types off (the default), JAX converts a NumPy int64 array
+    # to int32 by wrapping: a length of 2**32 + 2 read as 2 and hid all keys
+    # but two, and segment ids 0 and 2**32 read as one segment. Lengths are
+    # now clamped to int32's range on the host first (past any sequence, as
+    # documented); ids past it are refused, where clamping could merge them.
+    q, k, v, _ = _arrays(2, 6, 6, 2, 2, 4)
+    lengths = np.array([2**32 + 2, 2**63 - 1], np.int64)
+    assert jnp.asarray(lengths)[0] == 2  # the control: JAX's conversion wraps
+    for option in ("query_seq_lengths", "key_value_seq_lengths"):
+        got = jsoftmax.dot_product_attention(q, k, v, **{option: lengths})
+        assert_close(got, jax.nn.dot_product_attention(q, k, v), 1e-6, option)
+    ids = np.array([[0, 0, 0, 2**32, 2**32, 2**32]] * 2, np.int64)
+    with pytest.raises(ValueError, match="query_segment_ids hold values past int32"):
+        jsoftmax.dot_product_attention(
+            q, k, v, query_segment_ids=ids, key_value_segment_ids=ids % 2**32
+        )
+    # Ids within int32's range, in int64, are taken as they are.
+    small = np.array([[0, 0, 0, 7, 7, 7]] * 2, np.int64)
+    got = jsoftmax.dot_product_attention(
+        q, k, v, query_segment_ids=small, key_value_segment_ids=small
+    )
+    want = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        query_seq_lengths=None,
+        mask=(small[:, None, :, None] == small[:, None, None, :]),
+    )
+    assert_close(got, want, 1e-6, "segments")
+
+
+@pytest.mark.parametrize(
+    "scale", [float("nan"), float("inf"), -np.inf, np.float32("nan")]
+)
+def test_a_non_finite_static_scale_is_refused(scale):
+    # It was taken, and every output was NaN; soft_cap refuses the same.
+    q, k, v, _ = _arrays(1, 4, 4, 2, 2, 4)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        jsoftmax.dot_product_attention(q, k, v, scale=scale)
+    jsoftmax.dot_product_attention(q, k, v, scale=np.float32(0.0))  # 0 is a scale

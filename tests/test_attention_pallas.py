@@ -179,6 +179,106 @@ def test_kernels_ignore_nan_past_the_lengths():
     assert np.isfinite(np.asarray(dirty[1])).all()  # the output
 
 
+HIDDEN = {
+    # Keys 32 on (whole blocks) hidden from every query by a mask, and
+    # queries 32 on seeing none (a right-padded batch written as a mask).
+    "mask": dict(
+        is_causal=True,
+        mask=(jnp.arange(T)[:, None] < 32) & (jnp.arange(S)[None, :] < 32),
+    ),
+    # Queries 32 on past their lengths; the causal mask hides keys 32 on
+    # from the others.
+    "causal_lengths": dict(
+        is_causal=True, query_seq_lengths=jnp.array([32, 32], jnp.int32)
+    ),
+}
+
+
+@pytest.mark.parametrize("hidden", sorted(HIDDEN))
+def test_kernels_ignore_nan_in_values_the_masks_hide(hidden):
+    # NaN values at keys no query sees (garbage in padding that a mask or
+    # the lengths hide): dP = dO v^T is NaN there, and P (dP - D)
+    # was 0 * NaN in the kernels' backward, making dq and dk NaN where the
+    # XLA path's are finite. The hidden entries of dP are now 0, as there.
+    # (A NaN value hidden from some rows of a block that others see reaches
+    # those rows' output as 0 * NaN in P V, on both paths, as in jax.nn.)
+    options = HIDDEN[hidden]
+    q, k, v, ct = _arrays(2, jnp.float32)
+
+    def grads(v, implementation):
+        def loss(q, k, v):
+            out = jsoftmax.dot_product_attention(
+                q, k, v, implementation=implementation, **CHUNKS, **options
+            )
+            return jnp.sum(ct * out), out
+
+        return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+    dirty = v.at[:, 32:].set(jnp.nan)
+    want = grads(v, "xla")
+    for implementation in ("xla", "pallas"):
+        got = grads(dirty, implementation)
+        assert np.isfinite(np.asarray(got[1])).all(), implementation
+        assert_close(got, want, 2e-5, implementation)
+
+
+BIG = 2**31 - 1
+# Options that show every key, at int32's limit and past it (placeholders
+# for "unbounded"): name -> (options, the same visibility said plainly).
+UNBOUNDED = {
+    "kv lengths": (dict(key_value_seq_lengths=jnp.array([BIG, BIG])), {}),
+    "q lengths": (dict(query_seq_lengths=jnp.array([BIG, BIG])), {}),
+    "uint32 lengths": (
+        dict(key_value_seq_lengths=jnp.array([2**32 - 1] * 2, jnp.uint32)),
+        {},
+    ),
+    "window both": (dict(local_window_size=(BIG, BIG)), {}),
+    "window right": (dict(local_window_size=(5, BIG)), dict(local_window_size=(5, S))),
+    "window left": (dict(local_window_size=(BIG, 0)), dict(is_causal=True)),
+    "window 2**31": (dict(local_window_size=2**31), {}),
+    "window 10**12": (dict(local_window_size=(10**12, -(10**12))), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNBOUNDED))
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_lengths_and_windows_at_and_past_int32s_limit(name, implementation):
+    # The kernels' block bounds added a block to a length, and a window to a
+    # position, in int32: near int32's max they wrapped, and the kernels
+    # visited no block (an output of zeros, or zero dk and dv). A window past
+    # it raised an OverflowError on both paths. (10**12, -10**12) hides every
+    # key: the output is 0 with a zero gradient.
+    options, plain = UNBOUNDED[name]
+    q, k, v, ct = _arrays(2, jnp.float32)
+
+    def run(**options):
+        def loss(q, k, v):
+            out = jsoftmax.dot_product_attention(q, k, v, **CHUNKS, **options)
+            return jnp.sum(ct * out), out
+
+        return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+    got = run(implementation=implementation, **options)
+    if plain is None:
+        assert all(not np.asarray(x).any() for x in jax.tree.leaves(got))
+    else:
+        assert_close(got, run(implementation="xla", **plain), 2e-5)
+
+
+def test_an_empty_batch_runs_on_every_path():
+    q = jnp.zeros((0, 8, 2, 16), jnp.float32)
+    for implementation in (None, "xla", "pallas"):
+
+        def f(q, implementation=implementation):
+            out = jsoftmax.dot_product_attention(
+                q, q, q, is_causal=True, implementation=implementation
+            )
+            return jnp.sum(out), out
+
+        grad, out = jax.grad(f, has_aux=True)(q)
+        assert grad.shape == out.shape == q.shape
+
+
 def test_kernels_under_vmap_and_forward_mode():
     q, k, v, _ = _arrays(2, jnp.float32)
     f = functools.partial(jsoftmax.dot_product_attention, is_causal=True, **CHUNKS)

@@ -205,6 +205,29 @@ def test_row_with_no_valid_class_has_zero_loss_and_grad():
     chex.assert_trees_all_equal(grads[1][1], jnp.zeros(4))
 
 
+@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1, z_loss=1e-2)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_row_of_all_minus_inf_has_zero_label_gradient(jit, opts):
+    # A row with no valid class through its logits (all -inf, no mask): the
+    # loss and the logits' gradient were 0, but the labels' gradient was NaN
+    # (L - z = -inf - -inf), where the README promises 0 whatever the label.
+    logits, probs, _ = _data((2, 4))
+    logits = logits.at[1].set(-jnp.inf)
+
+    def loss(z, q):
+        return jnp.sum(jsoftmax.softmax_cross_entropy(z, q, **opts))
+
+    f = jax.value_and_grad(loss, (0, 1))
+    value, (d_z, d_q) = (jax.jit(f) if jit else f)(logits, probs)
+    assert bool(jnp.isfinite(value))
+    chex.assert_trees_all_equal(d_z[1], jnp.zeros(4))
+    chex.assert_trees_all_equal(d_q[1], jnp.zeros(4))
+    # The other row is optax's.
+    want = jax.grad(lambda q: jnp.sum(optax.softmax_cross_entropy(logits[:1], q)))
+    if not opts:
+        chex.assert_trees_all_close(d_q[:1], want(probs[:1]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_integer_labels_row_with_no_valid_class_has_zero_grad(jit):
     # Under jit, XLA shares the forward's exponentials with the backward pass.
@@ -490,6 +513,28 @@ def test_out_of_range_labels_never_wrap_into_range(dtype):
         x, w = jnp.ones((len(bad), 2)), jnp.ones((2, 3))
         fused = jsoftmax.linear_softmax_cross_entropy(x, w, ids, reduction="none")
         assert jnp.all(jnp.isnan(fused)), fused
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_numpy_64_bit_labels_past_int32_never_wrap_with_x64_off(dtype):
+    # With 64-bit types off (the default), JAX converts a NumPy int64 array
+    # to int32 by wrapping: the label 2**32 + 1 read as class 1, silently (as
+    # in optax). Such values are clamped to int32's range on the host first:
+    # out of range either way, a NaN loss.
+    bad = [2**32 + 1, 2**63 - 1 if dtype == np.int64 else 2**64 - 1]
+    if dtype == np.int64:
+        bad.append(-(2**32) + 1)
+    ids = np.array(bad + [1], dtype)
+    z = jax.random.normal(jax.random.key(0), (len(ids), 3))
+    loss = jsoftmax.softmax_cross_entropy_with_integer_labels(z, ids)
+    assert jnp.all(jnp.isnan(loss[:-1])), loss
+    want = optax.softmax_cross_entropy_with_integer_labels(z[-1:], jnp.array([1]))
+    np.testing.assert_allclose(loss[-1:], want, rtol=1e-5)
+    x, w = jnp.ones((len(ids), 2)), jnp.ones((2, 3))
+    fused = jsoftmax.linear_softmax_cross_entropy(x, w, ids, reduction="none")
+    assert jnp.all(jnp.isnan(fused[:-1])) and jnp.isfinite(fused[-1]), fused
+    # The control: JAX's own conversion wraps (what the ops saw before).
+    assert jnp.asarray(ids)[0] == 1
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES)

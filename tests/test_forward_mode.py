@@ -171,6 +171,38 @@ def test_first_and_second_order_forward_mode_match_the_reference(name):
     )
 
 
+# name: (op of the logits and float labels, whose argument leaves are all
+# masked by MASK along the last axis)
+MASKED = {
+    "softmax": lambda z, q: jsoftmax.softmax(z, where=MASK),
+    "softmax_cross_entropy": lambda z, q: jsoftmax.softmax_cross_entropy(
+        z, q, where=MASK, **OPTS
+    ),
+    "integer_labels": lambda z, q: jsoftmax.softmax_cross_entropy_with_integer_labels(
+        z, IDS, where=MASK, **OPTS
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_a_non_finite_tangent_at_a_masked_entry_takes_no_part(name, bad):
+    # Masked entries take no part in the value, nor in the reverse-mode
+    # gradient: nor in forward mode. The label tangent of
+    # softmax_cross_entropy took (L - z) * t with a 0 factor at masked
+    # classes, so a NaN there made the loss's tangent NaN.
+    f = MASKED[name]
+    z, q = X, jnp.where(MASK, Q, 0.0)
+    t = _tangents((z, q))
+    dirty = tuple(jnp.where(MASK, x, bad) for x in t)
+    clean = tuple(jnp.where(MASK, x, 0.0) for x in t)
+    y, dy = jax.jvp(f, (z, q), dirty)
+    assert np.isfinite(np.asarray(dy)[np.isfinite(np.asarray(y))]).all()
+    _close((y, dy), jax.jvp(f, (z, q), clean))
+    # The control: the same tangent unmasked reaches the output.
+    assert not np.isfinite(jax.jvp(f, (z, q), (t[0] + bad, t[1]))[1]).all()
+
+
 def test_a_slightly_wrong_tangent_is_caught(monkeypatch):
     # A backward pass 0.1% off fails the first-order comparisons above, one 1%
     # off the second-order ones (whose entries are smaller than TOL2's atol).
@@ -706,57 +738,126 @@ def _plain_powers(x, p):
     return jnp.stack([x ** (k + 1) for k in range(p["n"])])
 
 
-def test_eager_second_derivatives_of_a_rule_with_loops_compile_once():
+def _kept(fn, **options):
+    """fn with forward mode and its traces kept, as the ops have it."""
+    return _forward_mode._with_forward_mode(fn, keep_traces=True, **options)
+
+
+def _hvps(op, x, *static):
+    def loss(x):
+        return jnp.sum(jnp.sin(op(x, *static)))
+
+    return (
+        jax.jvp(jax.grad(loss), (x,), (x,))[1],
+        jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x),
+    )
+
+
+def test_eager_second_derivatives_of_kept_rules_with_loops_compile_once():
     # Outside jit JAX evaluates a first derivative's rules eagerly under an
     # outer jvp or grad; each call traced them anew, and every loop in them
-    # compiled again. The traced rules are now kept per static arguments and
-    # types, and given again. An unhashable static argument (a dict) is
-    # traced at every call, as before.
-    x = X[0]
-
-    def hvps(op, n):
-        def loss(x):
-            return jnp.sum(jnp.sin(op(x, n)))
-
-        return (
-            jax.jvp(jax.grad(loss), (x,), (x,))[1],
-            jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x),
-        )
-
+    # compiled again. The ops' traced rules are kept per static arguments and
+    # argument types, and given again. An unhashable static argument (a dict)
+    # is traced at every call, as before.
     class Static(dict):
         def __hash__(self):
             return hash(tuple(self.items()))
 
-    f = jsoftmax.with_forward_mode(_powers)
+    f = _kept(_powers)
     for n in (2, 3):
-        want = hvps(_plain_powers, {"n": n})
-        _close(hvps(f, Static(n=n)), want, **TOL2)
+        want = _hvps(_plain_powers, X[0], {"n": n})
+        _close(_hvps(f, X[0], Static(n=n)), want, **TOL2)
         with compiles() as names:
-            _close(hvps(f, Static(n=n)), want, **TOL2)
+            _close(_hvps(f, X[0], Static(n=n)), want, **TOL2)
         assert names == []
-        _close(hvps(f, {"n": n}), want, **TOL2)
-    # Kept per rule: a backward pass defined anew is traced anew (here a
-    # wrong one, twice the derivative, which forward mode then shows).
-    x2 = X[1]
+        _close(_hvps(f, X[0], {"n": n}), want, **TOL2)
+    # jax.clear_caches() forgets the kept traces too.
+    assert _forward_mode._kept.cache_keys()
+    jax.clear_caches()
+    assert not _forward_mode._kept.cache_keys()
 
+
+def test_kept_rules_are_keyed_on_the_rules_and_the_types_of_static_arguments():
+    # A backward pass defined anew is traced anew (here a wrong one, twice the
+    # derivative, which forward mode then shows).
     @jax.custom_vjp
     def g(x):
         return jnp.sin(x)
 
     g.defvjp(_sin_fwd, lambda cos_x, d: (d * cos_x,))
-    h = jsoftmax.with_forward_mode(g)
-    _close(
-        jax.jvp(jax.grad(lambda x: jnp.sum(h(x))), (x2,), (x2,))[1], -jnp.sin(x2) * x2
-    )
+    h = _kept(g)
+    x = X[1]
+    _close(_hvps(h, x), _hvps(jnp.sin, x), **TOL2)
     g.defvjp(_sin_fwd, lambda cos_x, d: (2 * d * cos_x,))
-    _close(
-        jax.jvp(jax.grad(lambda x: jnp.sum(h(x))), (x2,), (x2,))[1],
-        -2 * jnp.sin(x2) * x2,
+    assert not np.allclose(_hvps(h, x)[0], _hvps(jnp.sin, x)[0])
+    # Static arguments equal across types compute differently: 1.5 and
+    # np.float32(1.5) scale a bfloat16 input to bfloat16 and to float32.
+    # Keyed on the value alone, the second call took the first's trace.
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def scale(x, s):
+        return x * s
+
+    scale.defvjp(lambda x, s: (x * s, None), lambda s, _, g: (g * s,))
+    scaled = _kept(scale)
+    xb = jnp.full((1, 2), 1.0078125, jnp.bfloat16)
+
+    def vmapped_jvp(s):
+        return jax.vmap(lambda x: jax.jvp(lambda x: scaled(x, s), (x,), (x,)))(xb)
+
+    with jax.numpy_dtype_promotion("standard"):  # bfloat16 * float32
+        assert vmapped_jvp(1.5)[0].dtype == jnp.bfloat16
+        y, dy = vmapped_jvp(np.float32(1.5))
+        want = xb * np.float32(1.5)
+    assert y.dtype == dy.dtype == jnp.float32
+    _close((y, dy), (want, want))
+
+
+def test_a_users_rule_sees_python_state_as_the_bare_custom_vjp_does():
+    # A user's rule keeps no traces: one that reads a Python global gives, at
+    # every eager call, jax.hessian and vmap(grad) of its current value, as
+    # grad does (kept, they kept the first value).
+    state = {"temperature": 1.0}
+
+    @jax.custom_vjp
+    def tempered(x):
+        return jnp.sin(x) / state["temperature"]
+
+    tempered.defvjp(
+        lambda x: (jnp.sin(x) / state["temperature"], x),
+        lambda x, g: (jnp.cos(x) / state["temperature"] * g,),
     )
-    # jax.clear_caches() forgets the kept traces too.
-    assert _forward_mode._kept.cache_keys()
-    jax.clear_caches()
-    assert not _forward_mode._kept.cache_keys()
+    f = jsoftmax.with_forward_mode(tempered)
+
+    def loss(x, op=f):
+        return jnp.sum(op(x) ** 2)
+
+    def plain(x):
+        return jnp.sum((jnp.sin(x) / state["temperature"]) ** 2)
+
+    x = X[0]
+    for temperature in (1.0, 2.0):
+        state["temperature"] = temperature
+        _close(jax.hessian(loss)(x), jax.hessian(plain)(x), **TOL2)
+        _close(jax.vmap(jax.grad(loss))(X[:2]), jax.vmap(jax.grad(plain))(X[:2]))
+
+
+def test_a_rule_closing_over_a_jit_tracer_leaks_nothing():
+    # The traced constants of a rule defined inside jit (a flax-style
+    # parameter) were held by the kept trace, past the jit's trace.
+    @jax.jit
+    def step(w, x):
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sin(x) * w
+
+        f.defvjp(lambda x: (jnp.sin(x) * w, x), lambda x, g: (jnp.cos(x) * w * g,))
+        f = jsoftmax.with_forward_mode(f)
+        return jax.grad(lambda x: f(x).sum())(x), jax.jvp(f, (x,), (x,))[1]
+
+    with jax.checking_leaks():
+        got = step(jnp.full(3, 2.0), X[0, :3])
+    _close(got, (2 * jnp.cos(X[0, :3]), 2 * jnp.cos(X[0, :3]) * X[0, :3]))
 
 
 def test_rules_with_other_cotangent_dtypes_wrong_shapes_and_constants():
@@ -789,6 +890,35 @@ def test_rules_with_other_cotangent_dtypes_wrong_shapes_and_constants():
     errors = testing.vjp_errors(affine, jnp.sin, x)
     assert not errors.passed and errors.forward_mismatch is None
     assert testing.vjp_errors(rule(lambda c, g: (g * c,)), jnp.sin, x).passed
+
+
+NOT_LINEAR = {
+    "a non-linear primitive": lambda c, g: (jnp.sin(g),),
+    "a product of cotangents": lambda c, g: (g * g * c,),
+    "a test of the cotangent": lambda c, g: (jnp.where(g == 0, 0.0, g * c),),
+    "a while_loop": lambda c, g: (
+        lax.while_loop(
+            lambda s: s[0] < jnp.sum(c), lambda s: (s[0] + 1, s[1] / 2), (0.0, g)
+        )[1],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_LINEAR))
+def test_a_bwd_not_linear_in_the_cotangent_raises_as_documented(kind):
+    # JAX's transposition raised a bare AssertionError for a product or a
+    # test of cotangents, and a ValueError for a while_loop, where the
+    # docstring promised a NotImplementedError.
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(_sin_fwd, NOT_LINEAR[kind])
+    wrapped = jsoftmax.with_forward_mode(f)
+    with pytest.raises(NotImplementedError, match="bwd must be linear") as info:
+        jax.jvp(wrapped, (X[0],), (X[1],))
+    assert info.value.__cause__ is not None  # JAX's own error, chained
+    jax.grad(lambda x: jnp.sum(wrapped(x)))(X[0])  # reverse mode runs bwd as is
 
 
 def test_integer_outputs_under_symbolic_shapes():

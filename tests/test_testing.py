@@ -582,6 +582,14 @@ def test_tolerances_of_an_unknown_dtype_name_it(dtype):
         testing.tolerances(dtype)
 
 
+@pytest.mark.parametrize("n", [0, -3, float("nan")])
+def test_tolerances_refuse_a_reduction_length_below_one(n):
+    # n=0 was taken as 1, where the docstring asks for at least 1.
+    with pytest.raises(ValueError, match="at least 1"):
+        testing.tolerances("float32", n=n)
+    assert testing.tolerances("float32", n=1) < testing.tolerances("float32", n=2)
+
+
 # Pytrees of arrays: every output leaf against every float input leaf.
 
 
