@@ -20,6 +20,7 @@ from jsoftmax._checks import (
     lowest,
     mask_input,
     masked_fill,
+    mesh_spec,
     normalize_axis,
     number_kind,
     row_max,
@@ -539,7 +540,7 @@ def _integer_cross_entropy_fwd(
     # The target logit is a gather of one entry per row, not a pass over z,
     # shifted by the max like everything else (row_stats: no large L).
     safe = jnp.clip(here, 0, z.shape[axis] - 1)
-    target = jnp.where(holds, jnp.take_along_axis(z, safe, axis) - m_k, 0)
+    target = jnp.where(holds, _at_target(z, safe, axis) - m_k, 0)
     target = jnp.squeeze(target, axes)
     # The sum of the exponentials, the target and the logits' sum travel in
     # one psum.
@@ -576,19 +577,38 @@ def _softmax_from_logits(z, axes):
     return e * (1 / jnp.maximum(jnp.sum(e, axes, keepdims=True), 1))
 
 
+def _target_index(target, ndim, axis):
+    """The index of each row's entry at ``target`` (which keeps a size-1
+    ``axis``) in an array of ``ndim`` axes; under an explicit mesh every
+    index shares the target's sharding."""
+    sharding = jax.typeof(target).sharding
+    return tuple(
+        target
+        if d == axis
+        else lax.broadcasted_iota(target.dtype, target.shape, d, out_sharding=sharding)
+        for d in range(ndim)
+    )
+
+
+def _at_target(x, target, axis):
+    """``x`` at each row's ``target`` class (in range), as
+    ``jnp.take_along_axis``. Where the class axis is split over an explicit
+    mesh axis, a gather whose output sharding is given: take_along_axis
+    cannot say it, and JAX refuses to guess."""
+    if mesh_spec(x)[axis] is None:
+        return jnp.take_along_axis(x, target, axis)
+    index = _target_index(target, x.ndim, axis)
+    return x.at[index].get(
+        mode="promise_in_bounds", out_sharding=jax.typeof(target).sharding
+    )
+
+
 def _add_at_target(x, here, holds, value, axis):
     """``x`` plus ``value`` at each row's target class, where this shard holds
     it (``here``, ``holds`` and ``value`` keep a size-1 ``axis``)."""
     # Rows whose target lives on another shard point past the end: dropped.
     target = jnp.where(holds, here, x.shape[axis])
-    # Under an explicit mesh every index shares the target's sharding.
-    sharding = jax.typeof(target).sharding
-    index = tuple(
-        target
-        if d == axis
-        else lax.broadcasted_iota(target.dtype, target.shape, d, out_sharding=sharding)
-        for d in range(x.ndim)
-    )
+    index = _target_index(target, x.ndim, axis)
     return x.at[index].add(value, mode="drop", out_sharding=jax.typeof(x).sharding)
 
 
