@@ -92,15 +92,19 @@ def test_a_repeated_eager_call_compiles_nothing(name, mode):
     # The block loops (attention, the fused loss) were traced and compiled
     # again at every call outside jit: 250 ms a call for a small attention.
     f, args = OPS[name]
-    f = f if mode == "call" else _grad(f)
+    _assert_called_again_without_compiling(f if mode == "call" else _grad(f), args)
+
+
+def _assert_called_again_without_compiling(f, args, tol=1e-6):
+    """A second eager call of ``f`` compiles nothing and repeats the first's
+    values, which are those of ``jit(f)`` (one program, the rule inlined)."""
     first = f(*args)
     with compiles() as names:
         again = f(*args)
         jax.block_until_ready(again)
     assert names == []
     np.testing.assert_array_equal(again, first)
-    # The same values as under jit (one program, the rule inlined).
-    np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=tol, atol=tol)
 
 
 SECOND_DERIVATIVES = {
@@ -118,14 +122,7 @@ def test_a_repeated_eager_second_derivative_compiles_nothing(name, form):
     # them, its transpose and its tangent program compiled again (0.5-3 s a
     # call for a small attention, 0.1 s for the fused loss).
     f, args = OPS[name]
-    f = SECOND_DERIVATIVES[form](f)
-    first = f(*args)
-    with compiles() as names:
-        again = f(*args)
-        jax.block_until_ready(again)
-    assert names == []
-    np.testing.assert_array_equal(again, first)
-    np.testing.assert_allclose(again, jax.jit(f)(*args), rtol=1e-5, atol=1e-5)
+    _assert_called_again_without_compiling(SECOND_DERIVATIVES[form](f), args, 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["call", "grad"])
