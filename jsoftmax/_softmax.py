@@ -266,6 +266,33 @@ def _log_softmax_bwd(axes, axis_name, res, g):
     return jnp.where(valid, dx, 0).astype(o.dtype), None
 
 
+# J t = t - sum(exp(o) t, axis)
+def _log_softmax_tangent(statics, res, t):
+    """The tangent map: jax.jvp of the forward pass recomputed at the output
+    ``o``, whose Jacobian is the input's (log_softmax(o) = o, and only
+    softmax(x) = exp(o) sets J). There a masked input's tangent meets a
+    select, where bwd transposed took it into the row's sum as exp(o) t =
+    0 * t, NaN for a NaN tangent (jax.jacfwd of log_softmax(log p,
+    where=p > 0) at p = 0). The sum is not clamped (its tie with 1 would
+    halve the derivative of a one-entry row): a row with no valid entry,
+    constant, gets a zero tangent by a select, as its gradient is 0, and so
+    do the masked outputs."""
+    axes, axis_name = statics
+    o, where = res
+
+    def forward(x):
+        shifted = _shifted(x, where, axes, axis_name)
+        s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
+        return shifted - jnp.log(s)
+
+    _, dy = jax.jvp(forward, (o,), (t[0].astype(o.dtype),))
+    largest = jnp.max(lax.stop_gradient(o), axes, keepdims=True, initial=-jnp.inf)
+    valid = pmax(largest, axis_name) != -jnp.inf
+    # Masked outputs are the constant -inf: tangent 0.
+    return [masked_fill(jnp.where(valid, dy, 0), where, 0).astype(o.dtype)]
+
+
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
-# J = I - 1 exp(o)^T is not symmetric: the tangent map is bwd transposed.
-_log_softmax_forward_mode = _with_forward_mode(_log_softmax, keep_traces=True)
+_log_softmax_forward_mode = _with_forward_mode(
+    _log_softmax, tangent=_log_softmax_tangent, keep_traces=True
+)

@@ -175,6 +175,7 @@ def test_first_and_second_order_forward_mode_match_the_reference(name):
 # masked by MASK along the last axis)
 MASKED = {
     "softmax": lambda z, q: jsoftmax.softmax(z, where=MASK),
+    "log_softmax": lambda z, q: jsoftmax.log_softmax(z, where=MASK),
     "softmax_cross_entropy": lambda z, q: jsoftmax.softmax_cross_entropy(
         z, q, where=MASK, **OPTS
     ),
@@ -188,9 +189,10 @@ MASKED = {
 @pytest.mark.parametrize("name", sorted(MASKED))
 def test_a_non_finite_tangent_at_a_masked_entry_takes_no_part(name, bad):
     # Masked entries take no part in the value, nor in the reverse-mode
-    # gradient: nor in forward mode. The label tangent of
-    # softmax_cross_entropy took (L - z) * t with a 0 factor at masked
-    # classes, so a NaN there made the loss's tangent NaN.
+    # gradient: nor in forward mode. log_softmax's tangent map (bwd
+    # transposed) and the label tangent of softmax_cross_entropy took
+    # exp(o) * t and (L - z) * t with a 0 factor at masked entries, so a NaN
+    # there made the whole row's tangent NaN.
     f = MASKED[name]
     z, q = X, jnp.where(MASK, Q, 0.0)
     t = _tangents((z, q))
@@ -201,6 +203,21 @@ def test_a_non_finite_tangent_at_a_masked_entry_takes_no_part(name, bad):
     _close((y, dy), jax.jvp(f, (z, q), clean))
     # The control: the same tangent unmasked reaches the output.
     assert not np.isfinite(jax.jvp(f, (z, q), (t[0] + bad, t[1]))[1]).all()
+
+
+def test_jacfwd_of_log_softmax_of_log_probabilities_with_zeros_masked():
+    # Probabilities with zeros, their logs masked where they are 0: jacfwd
+    # was NaN throughout (jax.nn's is finite). A one-entry row's Jacobian is
+    # 0 (a clamp at the sum's tie would give 0.5).
+    p = jnp.array([0.2, 0.0, 0.3, 0.5])
+
+    def f(p, op=jsoftmax.log_softmax):
+        return op(jnp.log(p), where=p > 0)
+
+    got = jax.jacfwd(f)(p)
+    _close(got, jax.jacfwd(functools.partial(f, op=jax.nn.log_softmax))(p))
+    assert np.isfinite(np.asarray(got)).all()
+    _close(jax.jacfwd(jsoftmax.log_softmax)(jnp.ones(1)), jnp.zeros((1, 1)))
 
 
 def test_a_slightly_wrong_tangent_is_caught(monkeypatch):
