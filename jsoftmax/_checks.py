@@ -467,6 +467,20 @@ def lowest(dtype):
     return np.array(jnp.finfo(dtype).min, dtype)
 
 
+def empty_rows_lifted(s):
+    """A row's sum of ``exp(x - max)``, with the 0 of a row that has no valid
+    entry lifted to 1/2, so that ``e / s`` is 0 and ``log(s)`` finite there.
+
+    A valid row's sum is at least 1 (its largest entry contributes exp(0)), so
+    the floor, below 1, never ties with it: autodiff of the forward pass (the
+    residuals' tangents in second derivatives) sees ``s`` itself. A floor of 1
+    ties with every row whose other entries underflow (one valid entry, or a
+    gap past exp's range) and halves the derivative there. A ``maximum``,
+    unlike a select, stays inside XLA:CPU's fused max/exp/sum/scale kernel,
+    and a NaN sum stays NaN."""
+    return jnp.maximum(s, np.array(0.5, s.dtype))
+
+
 def row_max(x, axes):
     """Max of ``x`` over ``axes``, a constant for autodiff, starting from the
     lowest finite value: a row of -inf (no valid entry) gets a finite max,

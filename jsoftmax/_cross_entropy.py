@@ -15,6 +15,7 @@ from jsoftmax._checks import (
     as_int_input,
     broadcast_dims,
     compute_dtype,
+    empty_rows_lifted,
     float_input,
     in_operands_mesh,
     lowest,
@@ -573,8 +574,7 @@ def _softmax_from_logits(z, axes):
     with no valid entry, with the same max and sum as :func:`row_stats`.
     Unsharded only: the sum is this shard's alone."""
     _, e = _shifted_exp(z, axes)
-    # A valid row's sum is at least 1, an empty row's is 0 (see _softmax).
-    return e * (1 / jnp.maximum(jnp.sum(e, axes, keepdims=True), 1))
+    return e * (1 / empty_rows_lifted(jnp.sum(e, axes, keepdims=True)))
 
 
 def _target_index(target, ndim, axis):

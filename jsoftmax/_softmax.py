@@ -13,6 +13,7 @@ from jsoftmax._checks import (
     broadcast_dims,
     broadcast_like,
     compute_dtype,
+    empty_rows_lifted,
     float_input,
     in_operands_mesh,
     mask_input,
@@ -134,11 +135,8 @@ def _softmax(x, where, axes, axis_name):
 def _softmax_fwd(x, where, axes, axis_name):
     e = jnp.exp(_shifted(x, where, axes, axis_name))
     s = psum(jnp.sum(e, axes, keepdims=True), axis_name)
-    # A valid row's sum is at least 1 (its largest entry contributes exp(0));
-    # a row with no valid entry has s == 0 and e == 0, so clamping the sum at 1
-    # gives it 0 rather than 0 / 0. A maximum, unlike a select, stays inside
-    # XLA:CPU's fused max/exp/sum/scale kernel. A NaN sum stays NaN.
-    inv = 1 / jnp.maximum(s, 1)
+    # A row with no valid entry has e == 0: 0 rather than 0 / 0.
+    inv = 1 / empty_rows_lifted(s)
     y = (e * inv).astype(x.dtype)
     return y, (y, where)
 
@@ -227,9 +225,8 @@ def _log_softmax(x, where, axes, axis_name):
 def _log_softmax_fwd(x, where, axes, axis_name):
     shifted = _shifted(x, where, axes, axis_name)
     s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
-    # Rows with no valid entry have s == 0 and stay at -inf instead of NaN
-    # (see _softmax for why a clamp at 1 and not a select).
-    lse = broadcast_like(jnp.log(jnp.maximum(s, 1)), shifted)
+    # Rows with no valid entry (s == 0) stay at -inf instead of NaN.
+    lse = broadcast_like(jnp.log(empty_rows_lifted(s)), shifted)
     # For autodiff of these lines (reverse over reverse), masked outputs take
     # the row's lse as a constant: a cotangent there (NaN from sin(-inf) under
     # a jnp.where) cannot reach the row's valid inputs. Same values.
@@ -273,10 +270,9 @@ def _log_softmax_tangent(statics, res, t):
     softmax(x) = exp(o) sets J). There a masked input's tangent meets a
     select, where bwd transposed took it into the row's sum as exp(o) t =
     0 * t, NaN for a NaN tangent (jax.jacfwd of log_softmax(log p,
-    where=p > 0) at p = 0). The sum is not clamped (its tie with 1 would
-    halve the derivative of a one-entry row): a row with no valid entry,
-    constant, gets a zero tangent by a select, as its gradient is 0, and so
-    do the masked outputs."""
+    where=p > 0) at p = 0). The sum is not clamped: a row with no valid
+    entry, constant, gets a zero tangent by a select, as its gradient is 0,
+    and so do the masked outputs."""
     axes, axis_name = statics
     o, where = res
 

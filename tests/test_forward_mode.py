@@ -220,6 +220,48 @@ def test_jacfwd_of_log_softmax_of_log_probabilities_with_zeros_masked():
     _close(jax.jacfwd(jsoftmax.log_softmax)(jnp.ones(1)), jnp.zeros((1, 1)))
 
 
+# Rows whose sum of exp(x - max) is exactly 1: the other entries past exp's
+# range (row 0), or a single valid entry (row 2, under ONE). Labels sit on the
+# largest entry, so that the losses (under a sin) stay small.
+PEAKED = X.at[0].set(jnp.array([1.0, -300.0, -200.0, -250.0, -400.0]))
+ONE = jnp.array([[True] * 5, [True] * 5, [False, False, True, False, False]])
+PEAKED_IDS = jnp.argmax(jnp.where(ONE, PEAKED, -jnp.inf), axis=-1)
+PEAKED_Q = jax.nn.one_hot(PEAKED_IDS, 5).at[1].set(Q[1])
+PEAKED_OPS = {
+    "softmax": (jsoftmax.softmax, testing.reference_softmax, None),
+    "log_softmax": (jsoftmax.log_softmax, testing.reference_log_softmax, None),
+    "softmax_cross_entropy": (
+        jsoftmax.softmax_cross_entropy,
+        testing.reference_softmax_cross_entropy,
+        PEAKED_Q,
+    ),
+    "integer_labels": (
+        jsoftmax.softmax_cross_entropy_with_integer_labels,
+        testing.reference_softmax_cross_entropy_with_integer_labels,
+        PEAKED_IDS,
+    ),
+}
+
+
+@pytest.mark.parametrize("where", [None, ONE], ids=["no_mask", "one_valid_entry"])
+@pytest.mark.parametrize("name", sorted(PEAKED_OPS))
+def test_second_derivatives_where_a_rows_sum_is_exactly_one(name, where):
+    # The forward pass floors the row sum (0 in a row with no valid entry);
+    # autodiff of it gives the residuals' tangents in second derivatives. A
+    # floor of 1 tied with these rows' sums and halved their derivative:
+    # Hessians and jacrev(jacrev) 0.5 off.
+    op, reference, labels = PEAKED_OPS[name]
+
+    def derivatives(f):
+        def g(z):
+            return f(z, where=where) if labels is None else f(z, labels, where=where)
+
+        out = _second_order(g, (PEAKED,), _tangents((PEAKED,)), True)
+        return dict(out, rev_rev=jax.jacrev(jax.grad(_scalar(g)))(PEAKED))
+
+    _close(derivatives(op), derivatives(reference), **TOL2)
+
+
 def test_a_slightly_wrong_tangent_is_caught(monkeypatch):
     # A backward pass 0.1% off fails the first-order comparisons above, one 1%
     # off the second-order ones (whose entries are smaller than TOL2's atol).
