@@ -415,9 +415,9 @@ def _prepare(
     full = (batch, n, t, s)
     bias = _scores_input(name, "bias", bias, full, float_mask=True)
     mask = _scores_input(name, "mask", mask, full, float_mask=False)
-    q_len = _lengths(_int_input(name, "query_seq_lengths", query_seq_lengths, (batch,)))
-    kv_len = _lengths(
-        _int_input(name, "key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    q_len = _length_input(name, "query_seq_lengths", query_seq_lengths, (batch,))
+    kv_len = _length_input(
+        name, "key_value_seq_lengths", key_value_seq_lengths, (batch,)
     )
     q_seg, kv_seg = _segment_ids(
         query_segment_ids, key_value_segment_ids, (t, s), batch, unbatched
@@ -640,7 +640,7 @@ def _cudnn(
     # [B] lengths; unbatched inputs take [1], as on the other paths.
     shape = (query.shape[0] if query.ndim == 4 else 1,)
     lengths = [
-        None if x is None else _lengths(_int_input(name, what, x, shape))
+        _length_input(name, what, x, shape)
         for what, x in (("query_seq_lengths", query_seq_lengths),
                         ("key_value_seq_lengths", key_value_seq_lengths))
     ]  # fmt: skip
@@ -711,9 +711,16 @@ def _segment_ids(query_segment_ids, key_value_segment_ids, lengths, batch, unbat
         )
     t, s = lengths
     seg_shapes = ((t,), (s,)) if unbatched else ((batch, t), (batch, s))
-    q_seg = _int_input(name, "query_segment_ids", query_segment_ids, seg_shapes[0])
+    # Ids past int32's range are refused: clamping could merge two segments.
+    q_seg = _int_input(
+        name, "query_segment_ids", query_segment_ids, seg_shapes[0], saturate=False
+    )
     kv_seg = _int_input(
-        name, "key_value_segment_ids", key_value_segment_ids, seg_shapes[1]
+        name,
+        "key_value_segment_ids",
+        key_value_segment_ids,
+        seg_shapes[1],
+        saturate=False,
     )
     if q_seg is not None and q_seg.dtype != kv_seg.dtype:
         with jax.numpy_dtype_promotion("standard"):  # whatever the user's mode
@@ -813,15 +820,21 @@ def _scores_input(name, what, x, full, float_mask):
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
-def _int_input(name, what, x, shape):
+def _int_input(name, what, x, shape, *, saturate):
     if x is None:
         return None
-    x = as_int_input(name, what, x, saturate="lengths" in what)
+    x = as_int_input(name, what, x, saturate=saturate)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: {what} must be integers, got dtype {x.dtype}")
     if x.shape != shape:
         raise ValueError(f"{name}: {what} of shape {x.shape} must be {shape}")
     return x
+
+
+def _length_input(name, what, x, shape):
+    """Checked sequence lengths (None stays None) as int32: NumPy 64-bit
+    values are clamped to int32's range on the host (see as_int_input)."""
+    return _lengths(_int_input(name, what, x, shape, saturate=True))
 
 
 def _lengths(x):

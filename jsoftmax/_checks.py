@@ -37,7 +37,9 @@ def normalize_axis(
         return tuple(range(ndim))
     scalar = not isinstance(axis, (tuple, list)) and np.ndim(axis) == 0
     axes = tuple(
-        static_int(name, "axis", a, "an int, a tuple of ints or None", shown=axis)
+        static_int(
+            name, "axis", a, "an int, a tuple or list of ints or None", shown=axis
+        )
         for a in ((axis,) if scalar else axis)
     )
     if ndim == 0:

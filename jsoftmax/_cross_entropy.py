@@ -255,7 +255,7 @@ def softmax_cross_entropy(
 
     Raises:
       TypeError: complex inputs, a non-boolean ``where``, an ``axis`` that
-        is not an int, a tuple of ints or None, an option that is not a real
+        is not an int, a tuple or list of ints or None, an option that is not a real
         number (a string, a bool, a traced value; named).
       ValueError: shapes that do not match (named in the message), an
         ``axis`` out of range or repeated, an option out of range or not

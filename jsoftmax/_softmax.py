@@ -83,8 +83,8 @@ def softmax(
       x: input array. Integers and booleans are promoted to the default float
         dtype; 16- and 8-bit floats are computed in float32 and returned in
         their own dtype, and so are their gradients.
-      axis: the axis or axes the output sums to one over: an int, a tuple of
-        ints, or ``None`` for all axes. Negative values count from the end.
+      axis: the axis or axes the output sums to one over: an int, a tuple or
+        list of ints, or ``None`` for all axes. Negative values count from the end.
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are 0 and their gradients are
         exactly 0, whatever the masked-out logits hold (huge, inf or NaN).
@@ -106,7 +106,7 @@ def softmax(
 
     Raises:
       TypeError: ``x`` is complex, ``where`` is not boolean (add an additive
-        mask to ``x`` instead), or ``axis`` is not an int, a tuple of ints or
+        mask to ``x`` instead), or ``axis`` is not an int, a tuple or list of ints or
         None (a bool, a float, a traced value).
       ValueError: ``axis`` is out of range or repeated, or ``where`` does not
         broadcast to ``x``.
@@ -174,8 +174,8 @@ def log_softmax(
       x: input array. Integers and booleans are promoted to the default float
         dtype; 16- and 8-bit floats are computed in float32 and returned in
         their own dtype, and so are their gradients.
-      axis: the axis or axes to normalise over: an int, a tuple of ints, or
-        ``None`` for all axes. Negative values count from the end.
+      axis: the axis or axes to normalise over: an int, a tuple or list of
+        ints, or ``None`` for all axes. Negative values count from the end.
       where: optional boolean mask broadcastable to ``x``; only entries where it
         is ``True`` take part. Masked-out outputs are ``-inf`` and their
         gradients are exactly 0, whatever the masked-out logits hold.
@@ -199,7 +199,7 @@ def log_softmax(
 
     Raises:
       TypeError: ``x`` is complex, ``where`` is not boolean (add an additive
-        mask to ``x`` instead), or ``axis`` is not an int, a tuple of ints or
+        mask to ``x`` instead), or ``axis`` is not an int, a tuple or list of ints or
         None (a bool, a float, a traced value).
       ValueError: ``axis`` is out of range or repeated, or ``where`` does not
         broadcast to ``x``.

@@ -577,6 +577,8 @@ def test_axis_as_a_concrete_array_and_bad_axis_values(name):
     x = _normal((3, 4))
     chex.assert_trees_all_close(op(x, axis=jnp.array(0)), nn_op(x, axis=0), atol=1e-6)
     chex.assert_trees_all_close(op(x, axis=np.int64(-1)), nn_op(x, axis=-1), atol=1e-6)
+    # A list of axes is read as the tuple (jax.nn.softmax takes one too).
+    chex.assert_trees_all_equal(op(x, axis=[1, 0]), op(x, axis=(0, 1)))
     for bad in (1.0, "0", True, [0.5]):
         with pytest.raises(TypeError, match="axis must be"):
             op(x, axis=bad)
