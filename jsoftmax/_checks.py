@@ -437,8 +437,8 @@ def mask_input(
             "additive mask (0 / -inf) belongs in the input itself: add it to the "
             "logits (as a bias) instead of passing it as where"
         )
-    try:
-        out_shape = np.broadcast_shapes(where.shape, shape)
+    try:  # jnp's, not NumPy's: it takes symbolic dimensions (jax.export)
+        out_shape = jnp.broadcast_shapes(where.shape, tuple(shape))
     except ValueError:
         out_shape = None
     if out_shape != tuple(shape):

@@ -600,3 +600,52 @@ def test_empty_axis_has_an_empty_value_and_gradient_as_in_jax_nn(
             jnp.ones(shape)
         )
         assert total == 0 and dx.shape == shape
+
+
+# op of (x [B, D], mask) -> per-row values; the mask's shapes besides [B, D]
+WHERE_OPS = {
+    "softmax": (lambda x, m: jsoftmax.softmax(x, where=m), [(1, 9)]),
+    "log_softmax": (lambda x, m: jsoftmax.log_softmax(x, where=m), [(1, 9)]),
+    "softmax_cross_entropy": (
+        lambda x, m: jsoftmax.softmax_cross_entropy(x, jax.nn.softmax(x), where=m),
+        [(1, 9)],
+    ),
+    "integer_labels": (
+        lambda x, m: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x, jnp.zeros(x.shape[:1], jnp.int32), where=m
+        ),
+        [(1, 9)],
+    ),
+    "linear_softmax_cross_entropy": (  # x [B, 9] @ w [9, 5]; where: [B] tokens
+        lambda x, m: jsoftmax.linear_softmax_cross_entropy(
+            x, jnp.ones((9, 5)), jnp.zeros(x.shape[:1], jnp.int32), where=m[:, 0]
+        ),
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHERE_OPS))
+def test_where_under_a_symbolic_batch(name):
+    # jax.export with a symbolic batch raised TypeError in the mask's shape
+    # check (NumPy's broadcast_shapes takes no symbolic dimension); jax.nn
+    # exports. Called at two batch sizes, the export equals jit's gradient.
+    op, other_masks = WHERE_OPS[name]
+    (b,) = jax.export.symbolic_shape("b")
+
+    def f(x, m):
+        out = op(x, m)
+        return jnp.sum(jnp.where(jnp.isfinite(out), out, 0))
+
+    grad = jax.jit(jax.grad(f))
+    for mask_shape in [(b, 9), *other_masks]:
+        shapes = (
+            jax.ShapeDtypeStruct((b, 9), jnp.float32),
+            jax.ShapeDtypeStruct(mask_shape, jnp.bool_),
+        )
+        restored = jax.export.deserialize(jax.export.export(grad)(*shapes).serialize())
+        for batch in (1, 3):
+            x = jax.random.normal(jax.random.key(batch), (batch, 9))
+            size = [batch if d is b else d for d in mask_shape]
+            m = jnp.arange(np.prod(size)).reshape(size) % 3 != 0
+            chex.assert_trees_all_equal(restored.call(x, m), grad(x, m))
