@@ -6,6 +6,7 @@
     python bench/attention.py --blocks    # the block-size sweep behind the defaults
     python bench/attention.py --sizes 1024,4096   # these T=S only, all timed
     python bench/attention.py --precision  # backward's D and loop form: error, time
+    python bench/attention.py --packed     # packed documents: segment ids vs a mask
     python bench/attention.py --gpu-targets  # issue 19: B=4, N=16, H=128, peers
     python bench/attention.py --gpu-blocks   # chunk sizes at T=4096 on this backend
 
@@ -316,6 +317,55 @@ def block_sweep(sizes, rounds):
             )
             lines.append(f"| {t} | {'yes' if causal else 'no'} | {cells} |")
             print(lines[-1], flush=True)
+    return lines
+
+
+def packed(t, documents, rounds):
+    """fwd+bwd of causal attention over packed documents: segment ids (the
+    block pairs of two documents are skipped) against the same visibility as
+    a boolean mask (every block computed) and jax.nn with that mask."""
+    lines = [
+        "## Packed sequences (causal fwd+bwd, segment ids against a mask)",
+        "",
+        f"Machine: {machine()}. B={B}, N={N}, H={H}, T=S={t}, float32, equal "
+        f"documents, default chunk sizes; medians of {rounds} interleaved rounds. "
+        "`ids`: jsoftmax with `query_segment_ids`/`key_value_segment_ids`; "
+        "`mask`: jsoftmax with the same visibility as `mask` (no block is "
+        "skipped); jax.nn takes the mask. A/A: a second compiled copy of jax.nn.",
+        "",
+        "| documents | ids ms | mask ms | jax.nn ms | ids / mask | ids / jax.nn "
+        "| A/A |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n_docs in documents:
+        ids = jnp.repeat(jnp.arange(n_docs, dtype=jnp.int32), t // n_docs)[None]
+        mask = (ids[:, :, None] == ids[:, None, :])[:, None]
+
+        def ours(q, k, v, c, **kw):
+            return jsoftmax.dot_product_attention(q, k, v, is_causal=c, **kw)
+
+        def nn(q, k, v, c, mask=mask):
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=c, implementation="xla"
+            )
+
+        fns = {
+            "ids": functools.partial(
+                ours, query_segment_ids=ids, key_value_segment_ids=ids
+            ),
+            "mask": functools.partial(ours, mask=mask),
+            JAX_NN: nn,
+            COPY: lambda q, k, v, c: nn(q, k, v, c),
+        }
+        fns = {n: _modes(f, True)["fwd+bwd"] for n, f in fns.items()}
+        outs, ms = time_side_by_side(fns, _data(t, jnp.float32), rounds)
+        _check(outs, JAX_NN)
+        lines.append(
+            f"| {n_docs} | {_ms(ms['ids'])} | {_ms(ms['mask'])} | "
+            f"{_ms(ms[JAX_NN])} | {ms['ids'] / ms['mask']:.2f} | "
+            f"{ms['ids'] / ms[JAX_NN]:.2f} | {ms[COPY] / ms[JAX_NN]:.2f} |"
+        )
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -817,6 +867,10 @@ def main(argv=None):
     parser.add_argument("--blocks", action="store_true")
     parser.add_argument("--precision", action="store_true")
     parser.add_argument(
+        "--packed", action="store_true",
+        help="packed documents: segment ids against a mask (attention_packed)",
+    )  # fmt: skip
+    parser.add_argument(
         "--gpu-targets", action="store_true",
         help="issue 19's shapes and peers (attention_gpu_targets.md)",
     )  # fmt: skip
@@ -873,6 +927,12 @@ def main(argv=None):
         t = 256 if args.quick else 4096
         lines = gpu_block_sweep(shapes, t, args.budget_s, args.workers)
         (out / f"attention_blocks_{suffix}.md").write_text("\n".join(lines) + "\n")
+        return 0
+    if args.packed:
+        t, docs = (256, [2, 4]) if args.quick else (2048, [2, 8, 32])
+        lines = packed(t, docs, 2 if args.quick else 5)
+        name = "quick" if args.quick else platform
+        (out / f"attention_packed_{name}.md").write_text("\n".join(lines) + "\n")
         return 0
     if args.precision:
         sizes = [256] if args.quick else [1024, 2048]

@@ -305,7 +305,9 @@ def dot_product_attention(
       hidden only by ``mask``, the causal mask, a window or segment ids
       meets zero probabilities in a matmul and reaches the rows of its block
       that see a key, as in jax.nn; rows that see none stay 0, and it
-      reaches no gradient through them.
+      reaches no gradient through them. Block pairs that are never computed
+      keep it out: those the causal mask or a window hides whole, and those
+      whose segment ids' ranges are apart in every example of the batch.
 
     Raises:
       ValueError: with ``axis_name``: an axis name not bound here (outside

@@ -235,10 +235,11 @@ def _scores(spec, r, q, k, i0, j0, bq, bk, head, q_seg, rows_sliced):
     return jnp.where(valid, x, -jnp.inf), tanh, valid
 
 
-def _segments_meet(a, b):
-    """Can some entry of ``a`` equal some entry of ``b`` (their ranges
-    overlap)? A block pair whose segment ranges are apart is skipped."""
-    return (jnp.min(a) <= jnp.max(b)) & (jnp.min(b) <= jnp.max(a))
+def _segments_meet(spec, q_seg, i0, kv_seg, j0):
+    """Can a query of the block at ``i0`` share a segment with a key of the
+    block at ``j0`` (the ranges of their ids, padding aside, overlap)? A
+    block pair whose ranges are apart is skipped."""
+    return xla.segments_meet(q_seg, i0, spec.t, kv_seg, j0, spec.s)
 
 
 def _visit(lo, hi, meets, body, carry, skipped=None):
@@ -283,7 +284,9 @@ def _forward_kernel(*refs, names, spec, bq, bk, nk):
 
     meets = None
     if spec.segments:
-        meets = lambda j: _segments_meet(q_seg, r["kv_seg"][pl.ds(j * bk, bk)])  # noqa: E731
+        meets = lambda j: _segments_meet(  # noqa: E731
+            spec, q_seg, i0, r["kv_seg"][pl.ds(j * bk, bk)], j * bk
+        )
     h = q.shape[-1]
     carry = (
         jnp.full((bq,), jnp.finfo(jnp.float32).min, jnp.float32),
@@ -373,7 +376,9 @@ def _dkv_kernel(*refs, names, spec, bq, bk, nq):
 
         meets = None
         if spec.segments:
-            meets = lambda i: _segments_meet(kv_seg, r["q_seg"][pl.ds(i * bq, bq)])  # noqa: E731
+            meets = lambda i: _segments_meet(  # noqa: E731
+                spec, r["q_seg"][pl.ds(i * bq, bq)], i * bq, kv_seg, j0
+            )
         return _visit(lo, hi, meets, step, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -447,7 +452,9 @@ def _dq_kernel(*refs, names, spec, bq, bk, nk):
 
     meets = None
     if spec.segments:
-        meets = lambda j: _segments_meet(q_seg, r["kv_seg"][pl.ds(j * bk, bk)])  # noqa: E731
+        meets = lambda j: _segments_meet(  # noqa: E731
+            spec, q_seg, i0, r["kv_seg"][pl.ds(j * bk, bk)], j * bk
+        )
     d_q = jnp.zeros(q.shape, jnp.float32)
     if d_scores_ref is not None:
         lax.fori_loop(0, lo, zero, d_q)

@@ -280,22 +280,75 @@ def _row_max_jvp(primals, tangents):
     return jnp.max(x, axis=-1), jnp.take_along_axis(dx, top, axis=-1)[..., 0]
 
 
-def _visit_blocks(config, lo, hi, trips, body, carry):
-    """``body(j, carry)`` for the blocks ``lo <= j < hi`` (traced bounds), in
-    a loop of ``trips`` steps (static) whose steps past ``hi`` are skipped by a
-    ``cond``. A static trip count makes the loop a scan, which reverse mode
-    differentiates (second derivatives: ``jacrev(jacrev)``, ``grad`` of a
-    gradient norm), where a ``fori_loop`` over traced bounds is a
-    ``while_loop`` it cannot; a skipped step costs one predicate."""
+def _visit_blocks(config, lo, hi, trips, body, carry, meets=None):
+    """``body(j, carry)`` for the blocks ``lo <= j < hi`` (traced bounds) where
+    ``meets(j)`` (None: all of them), in a loop of ``trips`` steps (static)
+    whose other steps are skipped by a ``cond``. A static trip count makes
+    the loop a scan, which reverse mode differentiates (second derivatives:
+    ``jacrev(jacrev)``, ``grad`` of a gradient norm), where a ``fori_loop``
+    over traced bounds is a ``while_loop`` it cannot; a skipped step costs
+    one predicate."""
+
+    def visit(j, carry, pred):
+        if meets is not None:
+            pred = meets(j) if pred is None else pred & meets(j)
+        if pred is None:
+            return body(j, carry)
+        return lax.cond(_any_example(pred), partial(body, j), lambda c: c, carry)
 
     if not config.static_trips:
-        return lax.fori_loop(lo, hi, body, carry)
+        return lax.fori_loop(lo, hi, lambda j, c: visit(j, c, None), carry)
 
     def step(n, carry):
         j = lo + lax.convert_element_type(n, lo.dtype)
-        return lax.cond(_any_example(j < hi), partial(body, j), lambda c: c, carry)
+        return visit(j, carry, j < hi)
 
     return lax.fori_loop(0, trips, step, carry)
+
+
+def _segments_meet(ctx, i0, j0):
+    """Can a query of the block at ``i0`` and a key of the block at ``j0``
+    share a segment in some example? A block pair whose ids' ranges are
+    apart in every example (packed sequences, away from the diagonal) is
+    skipped, as the kernels skip it: only its cost changes, and what its
+    values hold (NaN) no longer meets a probability of 0. None without
+    segment ids."""
+    if ctx.q_seg is None:
+        return None
+    bq, bk = ctx.config.query_chunk, ctx.config.key_chunk
+    qs = lax.dynamic_slice_in_dim(ctx.q_seg, i0, bq, axis=1)
+    ks = lax.dynamic_slice_in_dim(ctx.kv_seg, j0, bk, axis=1)
+    return jnp.any(segments_meet(qs, i0, ctx.t, ks, j0, ctx.s))
+
+
+def segments_meet(a, a0, a_len, b, b0, b_len):
+    """Can an id of block ``a`` equal one of block ``b`` (their ranges
+    overlap), per leading index? The blocks hold the ids of the positions
+    ``a0, a0 + 1, ...`` along their last axis; only those before ``a_len``
+    (``b_len``) count, so that the padding's ids (-1 and -2, which keep
+    padded queries and keys apart) do not widen a range."""
+    lo_a, hi_a = _id_range(a, a0, a_len)
+    lo_b, hi_b = _id_range(b, b0, b_len)
+    return (lo_a <= hi_b) & (lo_b <= hi_a)
+
+
+def _id_range(ids, start, length):
+    """The least and greatest of ``ids`` over the last axis among positions
+    before ``length`` (a block holds at least one)."""
+    real = start + lax.broadcasted_iota(jnp.int32, ids.shape, ids.ndim - 1) < length
+    info = jnp.iinfo(ids.dtype)
+    top, bottom = np.array(info.max, ids.dtype), np.array(info.min, ids.dtype)
+    return (
+        jnp.min(jnp.where(real, ids, top), axis=-1),
+        jnp.max(jnp.where(real, ids, bottom), axis=-1),
+    )
+
+
+def _meets_keys(ctx, i0):
+    """The per-key-block predicate of a query block (None: all meet)."""
+    if ctx.q_seg is None:
+        return None
+    return lambda j: _segments_meet(ctx, i0, j * ctx.config.key_chunk)
 
 
 @jax.custom_batching.custom_vmap
@@ -391,7 +444,8 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config):
             jnp.zeros_like(qb, acc),
         )
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
-        m, total, o = _visit_blocks(config, lo, hi, trips, step, carry)
+        meets = _meets_keys(ctx, i0)
+        m, total, o = _visit_blocks(config, lo, hi, trips, step, carry, meets)
         sink = None
         if sinks is not None:
             sink = reshape(sinks.astype(acc), (1, kh, g, 1), sinks, (None, 0, 0, None))
@@ -463,7 +517,8 @@ def _exact_delta(ctx, qg, kg, vg, dog, lse_safe, any_, all_):
             return d + jnp.sum(p * hidden_zero(dp, valid), axis=-1)
 
         lo, hi = _dynamic_bounds(ctx, i0, lo, hi, True)
-        d = _visit_blocks(config, lo, hi, trips, step, jnp.zeros_like(qb[..., 0], acc))
+        zeros = jnp.zeros_like(qb[..., 0], acc)
+        d = _visit_blocks(config, lo, hi, trips, step, zeros, _meets_keys(ctx, i0))
         return None, d
 
     xs = (jnp.arange(len(lo), dtype=jnp.int32), jnp.asarray(lo), jnp.asarray(hi))
@@ -558,7 +613,10 @@ def backward(config, res, d_out):
         zeros = jnp.zeros_like(kb, acc)  # typed as the loop body's results
         lo, hi = _dynamic_bounds(ctx, j0, lo, hi, False)
         carry = (zeros, zeros, d_q, d_bias)
-        d_k, d_v, d_q, d_bias = _visit_blocks(config, lo, hi, trips, step, carry)
+        meets = None
+        if ctx.q_seg is not None:
+            meets = lambda i: _segments_meet(ctx, i * bq, j0)  # noqa: E731
+        d_k, d_v, d_q, d_bias = _visit_blocks(config, lo, hi, trips, step, carry, meets)
         return (d_q, d_bias), (d_k, d_v)
 
     d_bias = None

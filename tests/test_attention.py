@@ -1269,9 +1269,9 @@ def _with_config(**changes):
     """dot_product_attention with the rule's private config changed."""
     from jsoftmax import _attention as attention
 
-    def fn(q, k, v, causal):
+    def fn(q, k, v, causal, q_seg=None, kv_seg=None):
         args = attention._prepare(
-            q, k, v, None, None, None, causal, None, None, None, None, None,
+            q, k, v, None, None, None, causal, None, None, None, q_seg, kv_seg,
             None, None, 4, 8,
         )  # fmt: skip
         config = dataclasses.replace(args.config, **changes)
@@ -1309,19 +1309,60 @@ def test_float32_gradient_error_within_the_documented_bound(c, causal):
         assert err > 100 * exact
 
 
-def test_while_loop_variant_gives_the_same_values_and_gradients():
+@pytest.mark.parametrize("segments", [False, True])
+def test_while_loop_variant_gives_the_same_values_and_gradients(segments):
     # The measured alternative (bench/attention.py --precision) to the static
-    # trip counts: while loops over traced block bounds.
+    # trip counts: while loops over traced block bounds (which skip the block
+    # pairs of two documents too).
     q, kk, v, ct = _data(12, 12, 2, 1, seed=33)
+    ids = jnp.broadcast_to(jnp.repeat(jnp.arange(3), 4), (B, 12)) if segments else None
 
     def grads(fn):
         return jax.jit(jax.value_and_grad(
-            lambda q, k, v: jnp.sum(fn(q, k, v, True) * ct), (0, 1, 2)
+            lambda q, k, v: jnp.sum(fn(q, k, v, True, ids, ids) * ct), (0, 1, 2)
         ))(q, kk, v)  # fmt: skip
 
     got, want = grads(_with_config(static_trips=False)), grads(_with_config())
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("form", ["scan", "while", "vmap"])
+def test_block_pairs_of_two_documents_are_skipped(form):
+    # Packed documents: a block pair whose segment ids' ranges are apart in
+    # every example is skipped, as the kernels skip it. The proof is NaN
+    # values in the second document: computing the pair of the first
+    # document's queries and those keys put 0 * NaN = NaN into P V. The
+    # control: the same visibility as a mask computes the pair.
+    q, kk, v, ct = _data(16, 16, 2, 1, seed=8)
+    ids = jnp.broadcast_to(jnp.repeat(jnp.arange(2), 8), (B, 16))
+    dirty = v.at[:, 8:].set(jnp.nan)
+    fn = _with_config(static_trips=form != "while")
+
+    def first_document(v, q_seg=ids, kv_seg=ids):
+        def loss(q, k, v):
+            out = fn(q, k, v, False, q_seg, kv_seg)[:, :8]
+            return jnp.sum(out * ct[:, :8]), out
+
+        return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, kk, v)
+
+    if form == "vmap":  # the predicate batched: any example's pair is computed
+        stacked = jnp.stack([ids, ids])
+        got = jax.vmap(lambda i: first_document(dirty, i, i))(stacked)
+        got = jax.tree.map(lambda x: x[1], got)
+    else:
+        got = first_document(dirty)
+    want = first_document(v.at[:, 8:].set(0))
+    assert np.isfinite(np.asarray(got[0][1])).all()
+    np.testing.assert_array_equal(got[0][1], want[0][1])  # the values
+    for g, w in zip(got[1][:2], want[1][:2], strict=True):
+        np.testing.assert_array_equal(g[:, :8], w[:, :8])  # dq, dk of document 1
+    # The control: with the documents as a mask, the pair is computed.
+    masked = jsoftmax.dot_product_attention(
+        q, kk, dirty, mask=ids[:, None, :, None] == ids[:, None, None, :],
+        query_chunk_size=4, key_chunk_size=8,
+    )  # fmt: skip
+    assert np.isnan(np.asarray(masked[:, :8])).any()
 
 
 def test_assert_close_catches_a_slightly_wrong_answer():

@@ -191,6 +191,15 @@ HIDDEN = {
     "causal_lengths": dict(
         is_causal=True, query_seq_lengths=jnp.array([32, 32], jnp.int32)
     ),
+    # Packed documents: keys 32 on are a document no query belongs to, and
+    # queries 32 on one with no key. Both paths skip the block pairs whose
+    # ids' ranges are apart, and no pair here holds two documents.
+    "segments": dict(
+        query_segment_ids=jnp.broadcast_to(jnp.where(jnp.arange(T) < 32, 0, 1), (B, T)),
+        key_value_segment_ids=jnp.broadcast_to(
+            jnp.where(jnp.arange(S) < 32, 0, 2), (B, S)
+        ),
+    ),
 }
 
 
@@ -200,6 +209,8 @@ def test_kernels_ignore_nan_in_values_the_masks_hide(hidden):
     # the lengths hide): dP = dO v^T is NaN there, and P (dP - D)
     # was 0 * NaN in the kernels' backward, making dq and dk NaN where the
     # XLA path's are finite. The hidden entries of dP are now 0, as there.
+    # (Segment ids: the XLA path computed the pairs of two documents, and
+    # 0 * NaN in P V made the output NaN.)
     # (A NaN value hidden from some rows of a block that others see reaches
     # those rows' output as 0 * NaN in P V, on both paths, as in jax.nn.)
     options = HIDDEN[hidden]
