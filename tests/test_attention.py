@@ -1154,6 +1154,13 @@ _STATIC_Q = jnp.asarray(
         (dict(soft_cap=3), dict(soft_cap=3.0)),
         (dict(scale=np.array(0.5)), dict(scale=0.5)),
         (dict(scale=jnp.float32(0.5)), dict(scale=0.5)),
+        # 16-bit inputs and a scale they cannot hold: a concrete array was
+        # applied to the bfloat16 query (one more rounding), a float to the
+        # float32 scores.
+        (dict(scale=np.array(0.3), dtype=jnp.bfloat16),
+         dict(scale=0.3, dtype=jnp.bfloat16)),
+        (dict(scale=jnp.array(0.3), dtype=jnp.bfloat16),
+         dict(scale=0.3, dtype=jnp.bfloat16)),
         (dict(local_window_size=np.array(2)), dict(local_window_size=2)),
         (dict(local_window_size=(np.int8(2), jnp.int32(1))),
          dict(local_window_size=(2, 1))),
@@ -1162,7 +1169,9 @@ _STATIC_Q = jnp.asarray(
     ],
 )  # fmt: skip
 def test_concrete_zero_d_options_are_accepted(kw, same_as):
-    q = _STATIC_Q
+    kw, same_as = dict(kw), dict(same_as)
+    q = (3 * _STATIC_Q).astype(kw.pop("dtype", jnp.float32))
+    same_as.pop("dtype", None)
     got = jsoftmax.dot_product_attention(q, q, q, is_causal=True, **kw)
     want = jsoftmax.dot_product_attention(q, q, q, is_causal=True, **same_as)
     np.testing.assert_array_equal(got, want)

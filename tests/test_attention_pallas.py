@@ -451,7 +451,7 @@ def test_pallas_refuses_a_head_dim_past_its_limit():
         jsoftmax.dot_product_attention(q, k, v, implementation="pallas")
 
 
-@pytest.mark.parametrize("bad", ["triton", "XLA", 3, True])
+@pytest.mark.parametrize("bad", ["triton", "XLA", 3, True, np.array(["xla"]), b"xla"])
 def test_unknown_implementation_is_refused(bad):
     q, k, v, _ = _arrays(2, jnp.float32)
     with pytest.raises(ValueError, match="implementation must be one of"):
@@ -468,11 +468,14 @@ def test_unknown_implementation_is_refused(bad):
         ("axis_name", "seq"),  # context parallelism would be dropped silently
     ],
 )
-def test_cudnn_refuses_what_it_lacks(option, value):
+@pytest.mark.parametrize("form", [str, np.str_, np.array])
+def test_cudnn_refuses_what_it_lacks(option, value, form):
+    # A NumPy string, which jax.nn compares as its string, names cuDNN too: a
+    # 0-d array of "cudnn" skipped the refusals and ran the default path.
     q, k, v, _ = _arrays(2, jnp.bfloat16)
     with pytest.raises(ValueError, match=f"implementation='cudnn' has no {option}"):
         jsoftmax.dot_product_attention(
-            q, k, v, implementation="cudnn", **{option: value}
+            q, k, v, implementation=form("cudnn"), **{option: value}
         )
 
 
