@@ -74,6 +74,7 @@ from jsoftmax import _attention_xla as xla
 from jsoftmax._checks import static_int
 from jsoftmax._collectives import varying_like
 from jsoftmax._forward_mode import _with_forward_mode
+from jsoftmax._platform import by_platform
 
 MODES = ("ring", "all_gather")
 LAYOUTS = ("contiguous", "zigzag")
@@ -326,7 +327,22 @@ def _switch(configs, kind, operands, at, index):
         return _branch(kind, distinct[0])(*operands)
     table = np.array([[distinct.index(c) for c in row] for row in configs], np.int32)
     branches = [_branch(kind, c) for c in distinct]
-    return lax.switch(jnp.asarray(table)[at, index], branches, *operands)
+
+    def switch(operands, at, index):
+        return lax.switch(jnp.asarray(table)[at, index], branches, *operands)
+
+    if all(c is None or c.implementation == "xla" for c in distinct):
+        return switch(operands, at, index)
+    # The pairs choose their code by the platform the program is lowered for.
+    # Chosen inside a switch inside a shard_map lowered for several platforms
+    # (jax.export, platforms=("cpu", "cuda")), the choice stays in the
+    # program each platform compiles, and the CPU's fails on the kernels'
+    # custom call (JAX 0.10.2): the choice is made here too, around the
+    # switch, so that each platform's switch is lowered for it alone.
+    return by_platform(
+        (operands, jnp.asarray(at), jnp.asarray(index)), cuda=switch,
+        default=switch, symbolic=switch, derivative=switch, manual=(),
+    )  # fmt: skip
 
 
 @functools.cache

@@ -81,9 +81,9 @@ def main():
     jax.config.update("jax_default_matmul_precision", "highest")
     part = sys.argv[1]
     report = {}
-    if part in ("compose", "memory", "order", "heads"):
+    if part in ("compose", "memory", "order", "heads", "export"):
         parts = {"compose": compose, "memory": memory, "order": order}
-        parts["heads"] = explicit_heads
+        parts["heads"], parts["export"] = explicit_heads, multi_platform_export
         parts[part](report)
         print(json.dumps(report))
         return
@@ -833,6 +833,56 @@ def pmap_checks(report, params, x, targets, hidden, check):
         )
     report["pmap, gradient inside"] = True
     print("pmap, gradient inside: equal to the gathered attention's", flush=True)
+
+
+def multi_platform_export(report):
+    """Causal context parallelism inside a shard_map, implementation None,
+    exported for the CPU and CUDA at once and called on the CPU: the value
+    and gradients' error against the unsharded op, and the kernels' custom
+    calls the export holds (its CUDA branch), per mode."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    triton = "__gpu$xla.gpu.triton"
+    n = 2
+    mesh = jax.make_mesh((n,), ("c",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(4)
+    q, k, v, ct = (
+        jnp.asarray(rng.standard_normal((1, 16 * n, 2, 8)), jnp.float32)
+        for _ in range(4)
+    )
+
+    def grads(attention):
+        def loss(q, k, v):
+            return jnp.sum(attention(q, k, v) * ct)
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+
+    want = grads(partial(jsoftmax.dot_product_attention, is_causal=True))(q, k, v)
+    for mode in ("ring", "all_gather"):
+        local = partial(
+            jsoftmax.dot_product_attention, is_causal=True, axis_name="c",
+            context_parallel=mode,
+        )  # fmt: skip
+        spec = P(None, "c")
+        sharded = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)
+        exported = jax.export.export(
+            grads(sharded),
+            platforms=["cpu", "cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+        )(q, k, v)
+        args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        got = jax.jit(exported.call)(*args)
+        error = max(
+            float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+        )
+        report[mode] = dict(error=error, kernels=exported.mlir_module().count(triton))
 
 
 if __name__ == "__main__":

@@ -636,6 +636,19 @@ def test_pairs_lower_to_the_kernels_for_cuda(mode):
     assert text.count(triton) >= 3
 
 
+def test_one_program_for_cpu_and_cuda_runs_each_platforms_pairs():
+    # Causal context parallelism inside a shard_map, exported for the CPU and
+    # CUDA at once: called on the CPU it failed (no handler for the kernels'
+    # custom call), the platform choice being made inside the pairs' switch.
+    # It is now made around the switch: the CPU runs the XLA pairs and equals
+    # the unsharded op; the export keeps the kernels for CUDA.
+    report = _report("export")
+    assert sorted(report) == ["all_gather", "ring"]
+    for mode, found in report.items():
+        assert found["error"] < 1e-5, (mode, found)
+        assert found["kernels"] >= 3, (mode, found)  # forward, dK/dV, dQ
+
+
 # (axis size, mode, T, S) under zigzag: local chunks of one token (T or S
 # = 2n), with queries and keys of different lengths.
 SMALL_PIECES = [
