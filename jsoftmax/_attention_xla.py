@@ -107,7 +107,10 @@ def sink_grad(sink, lse, delta):
     # sink lines up with lse's last axes (no rank promotion: some users set
     # jax_numpy_rank_promotion="raise").
     sink = sink.reshape((1,) * (lse.ndim - sink.ndim) + sink.shape)
-    weight = jnp.where(lse == -jnp.inf, 0, jnp.exp(sink - lse))
+    # 0 where no key is visible, by L = +inf there rather than a select after
+    # exp(sink - L) = inf: reverse mode of that select (second derivatives)
+    # multiplied its zero cotangent by inf.
+    weight = jnp.exp(sink - safe_lse(lse))
     return -weight * delta
 
 

@@ -1095,6 +1095,52 @@ def test_index_arithmetic_has_one_dtype_in_every_mode(mode, x64):
         assert_close(got, want, 1e-12 if x64 else GRAD_RTOL, mode)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("empty", ["mask", "lengths"])
+def test_reverse_over_reverse_in_the_sinks_where_a_query_sees_no_key(
+    empty, implementation
+):
+    # jacrev(jacrev) and grad of a gradient norm were NaN wherever they took
+    # the sinks and some query saw no key: the sinks' gradient selected away
+    # exp(sink - L) = inf after computing it, and reverse mode of the select
+    # multiplied its zero cotangent by inf. Against the dense definition
+    # (float64 on the XLA path; the kernels take float32).
+    t, n = 6, 2
+    dtype = jnp.float64 if implementation == "xla" else jnp.float32
+    tol = 1e-10 if implementation == "xla" else 1e-4
+    if empty == "mask":  # queries 4 and 5 see no key
+        kw = dict(mask=jnp.broadcast_to(jnp.arange(t)[:, None] < 4, (t, t)))
+    else:  # query 5 of the first example is past its length
+        kw = dict(query_seq_lengths=np.array([t - 1, t], np.int32))
+    with jax.enable_x64(implementation == "xla"):
+        q, kk, v, ct = _data(t, t, n, 1, seed=40, dtype=dtype)
+        sinks = jnp.linspace(-1.0, 1.0, n, dtype=dtype)
+
+        def loss(attention, **options):
+            def f(q, sinks):
+                out = attention(q, kk, v, None, sinks=sinks, **options, **kw)
+                return jnp.sum(jnp.sin(out) * ct)
+
+            return f
+
+        chunks = (2, 4) if implementation == "xla" else (16, 16)
+        ours = loss(
+            jsoftmax.dot_product_attention, query_chunk_size=chunks[0],
+            key_chunk_size=chunks[1], implementation=implementation,
+        )  # fmt: skip
+        theirs = loss(lambda *a, **kw: reference(*a, **kw)[0])
+        args = (q, sinks)
+        hess = jax.jit(jax.jacrev(jax.jacrev(ours, (0, 1)), (0, 1)))(*args)
+        want = jax.jit(jax.jacrev(jax.jacrev(theirs, (0, 1)), (0, 1)))(*args)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(hess))
+        assert_close(hess, want, tol, "jacrev(jacrev)")
+
+        def penalty(f):
+            return jax.jit(jax.grad(lambda q, s: jnp.sum(jax.grad(f, 1)(q, s) ** 2)))
+
+        assert_close(penalty(ours)(*args), penalty(theirs)(*args), tol, "penalty")
+
+
 @pytest.mark.parametrize(
     "mix", ["causal_cap_bias_sinks_lengths", "window_bias_segments"]
 )
