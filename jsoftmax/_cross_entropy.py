@@ -364,11 +364,15 @@ def _softmax_cross_entropy_bwd(
     dz = masked_fill(cap_grad(g * (scale * p - q), z_capped, soft_cap), where, 0)
     # The factor L - z is +inf at masked (and -inf) logits, and NaN in a row
     # with no valid class: it is 0 at masked classes and in such rows, where
-    # g is 0 (0 * inf = NaN). The mask is also on the product, for the
-    # forward-mode tangent map, this function transposed: there it comes
-    # first, as a select, and a NaN or inf label tangent at a masked class
-    # takes no part (a product with the 0 factor would be NaN).
-    factor = jnp.where(valid, masked_fill(log_s - shifted, where, 0), 0)
+    # g is 0 (0 * inf = NaN). At an unmasked -inf logit it is the forward's
+    # own derivative, L - lowest (z - m clamped there as in the forward), so
+    # that a zero cotangent (the -100 padding idiom) or a zero label tangent
+    # (forward mode: this function transposed) gives 0, not 0 * inf. The
+    # mask is also on the product, for the tangent map: there it comes first,
+    # as a select, and a NaN or inf label tangent at a masked class takes no
+    # part (a product with the 0 factor would be NaN).
+    clamped = jnp.maximum(shifted, lowest(z.dtype))
+    factor = jnp.where(valid, masked_fill(log_s - clamped, where, 0), 0)
     dlabels = masked_fill(g * (1 - label_smoothing) * factor, where, 0)
     return dz.astype(logits.dtype), dlabels.astype(labels.dtype), None
 

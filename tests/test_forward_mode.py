@@ -205,6 +205,36 @@ def test_a_non_finite_tangent_at_a_masked_entry_takes_no_part(name, bad):
     assert not np.isfinite(jax.jvp(f, (z, q), (t[0] + bad, t[1]))[1]).all()
 
 
+@pytest.mark.parametrize(
+    "options", [{}, dict(label_smoothing=0.1), dict(z_loss=1e-2)], ids=str
+)
+def test_an_unmasked_minus_inf_logit_without_label_mass(options):
+    # jvp and jacfwd in the logits were NaN at an unmasked -inf logit whose
+    # label is 0, and so was the labels' gradient of a row dropped by
+    # jnp.where(keep, loss, 0): the labels' factor L - z was +inf there and
+    # met a zero label tangent (forward mode is bwd transposed) or a zero
+    # cotangent. It is the forward's own derivative now (z clamped to the
+    # lowest finite value, as in the loss), finite.
+    z = jnp.array([[0.5, -jnp.inf, 0.2], [1.0, 0.0, -1.0]])
+    q = jnp.array([[0.3, 0.0, 0.7], [0.2, 0.5, 0.3]])
+
+    def f(z, q):
+        return jsoftmax.softmax_cross_entropy(z, q, **options)
+
+    t = jnp.array([[1.0, 0.0, 0.5], [0.3, -1.0, 0.2]])
+    dz, dq = jax.grad(lambda z, q: jnp.sum(f(z, q)), (0, 1))(z, q)
+    assert np.isfinite(np.asarray(dz)).all()
+    _, dy = jax.jvp(lambda z: f(z, q), (z,), (t,))
+    _close(dy, jnp.sum(jax.jacrev(lambda z: f(z, q))(z) * t[None], axis=(1, 2)))
+    _close(jax.jacfwd(lambda z: f(z, q))(z), jax.jacrev(lambda z: f(z, q))(z))
+    # The row dropped by where has zero gradients, labels' included.
+    keep = jnp.array([False, True])
+    dropped = jax.grad(lambda z, q: jnp.sum(jnp.where(keep, f(z, q), 0)), (0, 1))
+    for g in dropped(z, q):
+        np.testing.assert_array_equal(g[0], 0)
+        assert np.isfinite(np.asarray(g)).all()
+
+
 def test_jacfwd_of_log_softmax_of_log_probabilities_with_zeros_masked():
     # Probabilities with zeros, their logs masked where they are 0: jacfwd
     # was NaN throughout (jax.nn's is finite). A one-entry row's Jacobian is
