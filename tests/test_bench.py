@@ -62,10 +62,11 @@ def test_softmax_bench_without_out_leaves_committed_results_alone(
     }
 
 
-def _quick_run(script, out):
-    """Runs ``bench/<script> --quick --out <out>``; asserts that it passed."""
+def _quick_run(script, out, *flags):
+    """Runs ``bench/<script> --quick --out <out> *flags``; asserts that it
+    passed."""
     run = subprocess.run(
-        [sys.executable, f"bench/{script}", "--quick", "--out", str(out)],
+        [sys.executable, f"bench/{script}", "--quick", "--out", str(out), *flags],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -217,3 +218,10 @@ def test_multi_device_benches_keep_the_flags_already_set(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     host["request"](4)
     assert os.environ["XLA_FLAGS"] == f"{host['FLAG']}=4"
+
+
+def test_attention_packed_bench_quick_writes_its_table(tmp_path):
+    _quick_run("attention.py", tmp_path, "--packed")
+    table = (tmp_path / "attention_packed_quick.md").read_text()
+    # One row per document count, ids and mask beside jax.nn and the A/A copy.
+    assert table.count("\n| 2 |") == 1 and table.count("\n| 4 |") == 1, table
