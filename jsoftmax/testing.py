@@ -364,6 +364,37 @@ def _forward_jacobian(f, layout, diff, held):
     return jax.jacfwd(lambda d: f(layout.join(d, held)))(diff)
 
 
+_WEIGHTS = (-2.5, 1.5, -0.5, 3.0, -1.75, 0.75, 2.25, -3.0)
+
+
+def _signed_weights(o):
+    """A fixed cotangent of ``o``'s shape: signed entries of several sizes,
+    none 0 or 1, each exact in every float dtype (so that the same weights
+    are fed under jit, where XLA may round a formula differently)."""
+    table = jnp.asarray(_WEIGHTS, o.dtype)
+    index = (3 * jnp.arange(o.size, dtype=jnp.int32)) % len(_WEIGHTS)
+    return table[index].reshape(o.shape)
+
+
+def _weighted_gradient(f, layout, diff, held):
+    """fn's VJP at the cotangent :func:`_signed_weights` of each float output
+    leaf: the gradient of their weighted sum. ``jax.jacrev`` feeds the rule
+    unit cotangents only (one 1, zeros), which a rule not linear in its
+    cotangent (``|g|``, ``g**2``, ``max(g, 0)``, or one that ignores its
+    size) gets right."""
+
+    def weighted(d):
+        out = jax.tree.leaves(f(layout.join(d, held)))
+        terms = [
+            jnp.vdot(_signed_weights(o), o).astype(jnp.float32)
+            for o in out
+            if jnp.issubdtype(o.dtype, jnp.inexact)
+        ]
+        return sum(terms, jnp.float32(0))
+
+    return jax.grad(weighted)(diff)
+
+
 def _batched(g):
     def mapped(f, layout, diff, held):
         return jax.vmap(functools.partial(g, f, layout))(diff, held)
@@ -386,7 +417,7 @@ def _static_jit(g):
 # as they are, under vmap, and jitted with fn a static argument (a later call
 # with the same fn, such as the float64 comparison of another dtype, reuses
 # the compilation).
-_OF_FN = (_value, _jacobian, _forward_jacobian)
+_OF_FN = (_value, _jacobian, _forward_jacobian, _weighted_gradient)
 _EAGER = {"none": _OF_FN, "vmap": tuple(_batched(g) for g in _OF_FN)}
 _JITTED = {t: tuple(_static_jit(g) for g in gs) for t, gs in _EAGER.items()}
 _JITTED["jit"] = _JITTED["none"]
@@ -448,8 +479,11 @@ def _forward_jacobian_of(forward_jacobian, diff, held):
 
 def _evaluate(fn, reference, layout, diff, held, transform, jit_vmap):
     """Values and Jacobians (w.r.t. the float leaves) of ``fn`` and
-    ``reference``, and fn's jax.jacfwd Jacobian (None where it has none)."""
-    value, jacobian, forward_jacobian = _of_fn(fn, layout, transform, jit_vmap)
+    ``reference``, fn's jax.jacfwd Jacobian (None where it has none) and its
+    VJP at signed cotangents (:func:`_weighted_gradient`)."""
+    value, jacobian, forward_jacobian, weighted = _of_fn(
+        fn, layout, transform, jit_vmap
+    )
     want_value, want_jacobian = _of_reference(reference, layout, transform)
     diff_ref = tuple(_reference_input(a) for a in diff)
     return (
@@ -458,6 +492,7 @@ def _evaluate(fn, reference, layout, diff, held, transform, jit_vmap):
         jacobian(diff, held),
         want_jacobian(diff_ref, held),
         _forward_jacobian_of(forward_jacobian, diff, held),
+        weighted(diff, held),
     )
 
 
@@ -493,7 +528,9 @@ class _Check:
 
     def ratio(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.error == 0, 0.0, self.error / self.allowed)
+            ratio = np.where(self.error == 0, 0.0, self.error / self.allowed)
+        # inf / inf (an error against an allowance that overflowed) fails.
+        return np.where(np.isnan(ratio), np.inf, ratio)
 
     def relative(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -631,10 +668,14 @@ def vjp_errors(
     in float64 for float64 input shows both in its float64 comparison. In
     float64 a row whose norm is below about 1e-14 of the largest can still
     be wholly wrong (a wrong sign on classes of probability below 1e-14).
-    Jacobians are built from unit cotangents: a rule that ignores the
-    cotangent's size is caught by the rows of the other outputs, whose
-    cotangent is 0, but not under ``"vmap"`` of a function with one scalar
-    output per example.
+    ``jax.jacrev`` feeds the rule unit cotangents only (one 1, zeros), which
+    a rule not linear in its cotangent gets right (``|g|``, ``g**2``,
+    ``max(g, 0)``, or one that ignores its size): so fn's VJP at one fixed
+    cotangent of signed entries of several sizes is also compared with
+    :math:`J^\top w` from fn's own Jacobian, entry by entry, within
+    :math:`\mathrm{grad\_rtol}_n\,|J|^\top|w|` (entries below half the
+    leaf's largest held to that half); a failure there is named "by a VJP
+    at a signed cotangent".
 
     The reference, and ``fn`` under ``"jit"``, are jitted with the function
     as a static argument: passing the same object again (a sweep over rules,
@@ -713,7 +754,7 @@ def _compare(
 ) -> VjpErrors:
     """:func:`vjp_errors` at the float leaves ``diff``, in their dtypes; under
     ``"vmap"`` fn is jitted too if ``jit_vmap``."""
-    value, want, jac, want_jac, fwd_jac = _evaluate(
+    value, want, jac, want_jac, fwd_jac, weighted = _evaluate(
         fn, reference, layout, diff, held, transform, jit_vmap
     )
     outputs, out_tree = jax.tree_util.tree_flatten_with_path(value)
@@ -738,6 +779,11 @@ def _compare(
     ]
 
     value_checks, jac_checks, fwd_checks, problems = [], [], [], []
+    # sum_k J_k^T w_k (and |J_k|^T |w_k|) per float input leaf [batch, width]:
+    # what fn's VJP at the signed cotangents w is if it is linear.
+    linear = [np.zeros((batch, w)) for w in widths]
+    linear_scale = [np.zeros((batch, w)) for w in widths]
+    linear_n = [np.zeros((batch, w)) for w in widths]
     value_error = jac_error = 0.0
     fwd_max = None if fwd_blocks is None else 0.0
     for k, ((key, got), ref) in enumerate(zip(outputs, wants, strict=True)):
@@ -760,9 +806,22 @@ def _compare(
         n = np.zeros(rows)  # how many inputs each entry depends on
         norm2, error2 = np.zeros(rows), []  # squared row norms, by input leaf
         fwd_error2 = np.zeros(rows)
+        w = None
+        if jnp.issubdtype(got.dtype, jnp.inexact):
+            w = _f64(_signed_weights(got)).reshape(batch, -1)
+            if transform == "vmap":  # one example's weights, as vmap sees them
+                w = _f64(_signed_weights(got[0])).reshape(1, -1).repeat(batch, 0)
         for j, width in enumerate(widths):
             jg = _f64(blocks[k][j]).reshape(rows, width)
             jr = _f64(want_blocks[k][j]).reshape(rows, width)
+            if w is not None:
+                per_example = jg.reshape(batch, -1, width)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    linear[j] += np.einsum("brw,br->bw", per_example, w)
+                    linear_scale[j] += np.einsum(
+                        "brw,br->bw", np.abs(per_example), np.abs(w)
+                    )
+                linear_n[j] += np.count_nonzero(per_example, axis=1)
             d = _abs_diff(jg, jr)
             jac_error = max(jac_error, float(np.max(d, initial=0.0)))
             error2.append(_row_norms(d) ** 2)
@@ -819,6 +878,9 @@ def _compare(
             _Check(d, scale, (atol or 0.0) + tol * scale, name, "entries")
         )
 
+    jac_checks += _linearity_checks(
+        weighted, linear, linear_scale, linear_n, diff, diff_paths, grad_atol
+    )
     value_ratio, value_rel, value_msg = _summary(value_checks, problems)
     jac_ratio, jac_rel, jac_msg = _summary(jac_checks)
     return VjpErrors(
@@ -834,6 +896,41 @@ def _compare(
         fwd_max,
         _summary(fwd_checks)[2],
     )
+
+
+def _linearity_checks(weighted, linear, scale, n, diff, diff_paths, grad_atol):
+    """fn's VJP at the signed cotangents w against ``J^T w`` from its own
+    ``jax.jacrev`` Jacobian (compared with the reference's row by row),
+    entry by entry, within the rounding of that sum: a rule not linear in
+    its cotangent, right at unit cotangents, fails here. Entries where
+    ``J^T w`` is not finite (inf or NaN in J) are left to the Jacobian's
+    check."""
+    checks = []
+    kept = [np.isfinite(w) & np.isfinite(s) for w, s in zip(linear, scale, strict=True)]
+    sizes = [np.where(k, s, 0.0) for k, s in zip(kept, scale, strict=True)]
+    # Entries far below the largest of any leaf are held to half of it, as
+    # Jacobian rows are: their rounding in 16 bits is a larger share, and a
+    # derivative that is 0 by cancellation (softmax w.r.t. a per-row shift)
+    # is only rounding of the others.
+    largest = max(float(np.max(s, initial=0.0)) for s in sizes)
+    for j, a in enumerate(diff):
+        dtype = _coarsest([a.dtype])
+        got = _f64(jax.tree.leaves(weighted)[j]).reshape(linear[j].shape)
+        want = np.where(kept[j], linear[j], 0.0)
+        error = np.where(kept[j], _abs_diff(got, want), 0.0)
+        tiny = float(jnp.finfo(dtype).smallest_normal)
+        size = np.maximum(sizes[j], _ROW_FLOOR * largest) + tiny
+        tol = _rtol(dtype, n[j], TOLERANCES[dtype.name][1])
+        allowed = (grad_atol or 0.0) + tol * size
+
+        def name(i, path=diff_paths[j], shape=linear[j].shape):
+            index = list(map(int, np.unravel_index(i, shape)))
+            return f"d {path}{index} by a VJP at a signed cotangent (not linear?)"
+
+        checks.append(
+            _Check(error.ravel(), size.ravel(), allowed.ravel(), name, "entries")
+        )
+    return checks
 
 
 def _with_float64(errors: VjpErrors, errors64: VjpErrors) -> VjpErrors:

@@ -808,6 +808,73 @@ def test_fails_on_a_wrong_backward(transform):
     assert errors.jacobian_rel_error > 0.1
 
 
+def _softmax_vjp(x, g, dtype):
+    y = jax.nn.softmax(x)
+    return y * (g - jnp.sum(g * y, axis=-1, keepdims=True))
+
+
+# Backward passes right at unit cotangents (what jax.jacrev feeds), wrong
+# elsewhere: g -> f(g) before the right rule.
+NONLINEAR = {
+    "abs": jnp.abs,
+    "square": jnp.square,
+    "relu": lambda g: jnp.maximum(g, 0),
+    "sign": jnp.sign,
+}
+
+
+@pytest.mark.parametrize("transform", testing.TRANSFORMS)
+@pytest.mark.parametrize("kind", sorted(NONLINEAR))
+def test_a_rule_not_linear_in_its_cotangent_fails(kind, transform):
+    # Every Jacobian row passed: jacrev's cotangents are 0 and 1, where
+    # |g|, g**2, max(g, 0) and sign(g) equal g. grad(sum(w * softmax)) with
+    # signed w was wrong by half. The VJP at signed cotangents of other sizes
+    # is compared with J^T w now; the right rule is the control.
+    def bwd(x, g, dtype, f=NONLINEAR[kind]):
+        return _softmax_vjp(x, f(g), dtype)
+
+    x = _x()
+    for rule, fails in (
+        (_rule(ref_softmax, bwd), True),
+        (_rule(ref_softmax, _softmax_vjp), False),
+    ):
+        e = testing.vjp_errors(rule, ref_softmax, x, transform=transform)
+        assert e.value_mismatch is None, e
+        assert (e.jacobian_mismatch is not None) == fails, e
+        if fails:
+            assert "by a VJP at a signed cotangent" in e.jacobian_mismatch
+
+
+@pytest.mark.parametrize("transform", testing.TRANSFORMS)
+def test_a_scalar_loss_whose_rule_ignores_its_cotangent_fails(transform):
+    # One output per example, whose rule returns the gradient at cotangent 1
+    # whatever it gets: jacrev's one row passed; grad(0.5 * loss) was wrong.
+    @jax.custom_vjp
+    def loss(x):
+        return jnp.sum(x**2)
+
+    loss.defvjp(lambda x: (jnp.sum(x**2), x), lambda x, g: (2 * x,))
+    e = testing.vjp_errors(loss, lambda x: jnp.sum(x**2), _x(), transform=transform)
+    assert "by a VJP at a signed cotangent" in (e.jacobian_mismatch or ""), e
+
+
+def test_an_allowance_that_overflows_approves_nothing():
+    # A float64 Jacobian entry of 1e160 made its row norm overflow (squares
+    # past 1e308): the allowance was inf, and a NaN error gave inf / inf =
+    # NaN, which no "ratio > 1" test fails.
+    with jax.enable_x64(True):
+        x = jnp.array([1.0, 2.0, 3.0], jnp.float64)
+        scale = jnp.array([1e160, 1.0, 1.0], jnp.float64)
+
+        @jax.custom_vjp
+        def f(x):
+            return x * scale
+
+        f.defvjp(lambda x: (x * scale, None), lambda _, g: (g * scale * jnp.nan,))
+        e = testing.vjp_errors(f, lambda x: x * scale, x)
+    assert not e.passed and not e.jacobian_ratio <= 1, e
+
+
 def test_fails_on_a_wrong_value():
     with pytest.raises(AssertionError, match="value differs"):
         testing.assert_vjp_matches(
