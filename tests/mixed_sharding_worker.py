@@ -1,12 +1,17 @@
 """Every op with its inputs split differently over an ``Explicit`` mesh.
 
-Run as ``python tests/mixed_sharding_worker.py``: it sets XLA_FLAGS for 4 host
-CPU devices before importing jax (hence a separate process). On a 2 x 2 mesh,
-"data" x "model", each input of each op is put on every sharding of a small
-set: replicated, its batch split, its class (or head, or position) axis split,
-both. Plain JAX code runs with any such mix (broadcasting gives the result
-the sharded operand's sharding); each op, value and gradient under ``jit``,
-must equal the op on unsharded inputs, with
+Run as ``python tests/mixed_sharding_worker.py PART``, PART "xla" (softmax,
+the losses and attention's XLA path) or "pallas" (the kernels, their CUDA
+lowering and context parallelism), two halves of similar time that the tests
+run side by side: it sets XLA_FLAGS for 4 host CPU devices before importing
+jax (hence a separate process). On a 2 x 2 mesh, "data" x "model", each input
+of each op is put on the shardings of a small set: replicated, its batch
+split, its class (or head, or position) axis split, both. Every two inputs
+meet in every pair of their shardings (where more than two inputs have a
+choice, a covering of the pairs stands in for the whole product: a sharding
+mismatch is between two operands). Plain JAX code runs with any such mix
+(broadcasting gives the result the sharded operand's sharding); each op,
+value and gradient under ``jit``, must equal the op on unsharded inputs, with
 
 - softmax and log_softmax: a mask of the input's shape and a row mask;
 - both per-example losses: labels and mask split apart from the logits;
@@ -50,6 +55,9 @@ import jsoftmax  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
+PART = sys.argv[1]
+IMPLS = {"xla": ("xla",), "pallas": ("pallas",)}[PART]  # attention's
+VMAP_IMPLS = {"xla": (None,), "pallas": ("pallas",)}[PART]
 RTOL = 1e-5  # of the largest entry of each compared array
 MESH = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
 rng = np.random.default_rng(0)
@@ -74,15 +82,52 @@ def problem(got, want):
     return None if worst <= RTOL else f"error {worst:.3g} of the largest entry"
 
 
+def pairwise(options):
+    """Combinations of one item of each list in ``options`` in which every two
+    lists meet in every pair of their items: the whole product where at most
+    two lists have more than one item, fewer beyond (greedy, the same every
+    run: each combination covers the most pairs not yet covered)."""
+    sizes = [len(o) for o in options]
+    product = list(itertools.product(*map(range, sizes)))
+    if len(options) < 2:
+        return [tuple(o[i] for o, i in zip(options, c, strict=True)) for c in product]
+
+    def pairs(c):
+        return set(itertools.combinations(enumerate(c), 2))
+
+    uncovered = set().union(*map(pairs, product))
+    chosen = []
+    while uncovered:
+        best = max(product, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return [tuple(o[i] for o, i in zip(options, c, strict=True)) for c in chosen]
+
+
+# It covers every pair, with the whole product for two lists and 16 of 64
+# combinations for three lists of 4.
+_three = [[0, 1, 2, 3]] * 3
+_covering = pairwise(_three)
+assert len(_covering) == 16
+assert {(c[i], c[j]) for c in _covering for i, j in ((0, 1), (0, 2), (1, 2))} == {
+    (a, b) for a in range(4) for b in range(4)
+}
+assert sorted(pairwise([[0, 1], [2, 3, 4]])) == sorted(
+    itertools.product([0, 1], [2, 3, 4])
+)
+assert pairwise([[0, 1]]) == [(0,), (1,)]
+
+
 def put(x, spec, mesh=MESH):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
 def check(name, f, args, argnums, options, mesh=MESH, in_context=True):
     """``f``'s output and the gradient of its weighted sum (``argnums``) with
-    the inputs put on each combination of ``options`` (one list of specs per
-    input) equal them on the unsharded inputs; called inside ``jax.set_mesh``
-    (``in_context``) or outside it, the mesh known from the inputs alone."""
+    the inputs put on the ``pairwise`` combinations of ``options`` (one list
+    of specs per input) equal them on the unsharded inputs; called inside
+    ``jax.set_mesh`` (``in_context``) or outside it, the mesh known from the
+    inputs alone."""
     global checks
 
     def loss(*a):
@@ -92,7 +137,7 @@ def check(name, f, args, argnums, options, mesh=MESH, in_context=True):
 
     run = jax.jit(jax.grad(loss, argnums, has_aux=True))
     want = run(*args)
-    for specs in itertools.product(*options):
+    for specs in pairwise(options):
         checks += 1
         where = f"{name} {tuple(tuple(s) for s in specs)}"
         try:
@@ -122,42 +167,48 @@ B, V, D = 4, 8, 6
 ROWS = [P(), P("data"), P(None, "model"), P("data", "model")]
 x = jnp.asarray(rng.normal(size=(B, V)), jnp.float32)
 mask = jnp.asarray(rng.random((B, V)) < 0.7)
-for op in (jsoftmax.softmax, jsoftmax.log_softmax):
+if PART == "xla":
+    for op in (jsoftmax.softmax, jsoftmax.log_softmax):
+        check(
+            op.__name__,
+            lambda x, m, op=op: jnp.where(m, op(x, where=m), 0),
+            (x, mask), 0, [ROWS, ROWS],
+        )  # fmt: skip
+        check(
+            f"{op.__name__} row mask",
+            lambda x, m, op=op: jnp.where(m[:, None], op(x, where=m[:, None]), 0),
+            (x, mask[:, 0]), 0, [ROWS, [P(), P("data")]],
+        )  # fmt: skip
+    # No label mass on masked classes (that loss is inf, by design).
+    labels = jax.nn.softmax(
+        jnp.asarray(rng.normal(size=(B, V)), jnp.float32), where=mask
+    )
     check(
-        op.__name__,
-        lambda x, m, op=op: jnp.where(m, op(x, where=m), 0),
-        (x, mask), 0, [ROWS, ROWS],
+        "softmax_cross_entropy",
+        lambda x, y, m: jsoftmax.softmax_cross_entropy(x, y, where=m),
+        (x, labels, mask), (0, 1), [ROWS, ROWS, ROWS],
     )  # fmt: skip
+    ids = jnp.asarray(rng.integers(0, V, B), jnp.int32)
     check(
-        f"{op.__name__} row mask",
-        lambda x, m, op=op: jnp.where(m[:, None], op(x, where=m[:, None]), 0),
-        (x, mask[:, 0]), 0, [ROWS, [P(), P("data")]],
+        "softmax_cross_entropy_with_integer_labels",
+        lambda x, i, m: jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x, i, where=m
+        ),
+        # The class axis split without axis_name (it fails in optax too: a
+        # gather whose output sharding JAX cannot infer) raised
+        # ShardingTypeError.
+        (x, ids, mask), 0, [ROWS, ROWS[:2], [P(), P("data", "model")]],
     )  # fmt: skip
-# No label mass on masked classes (that loss is inf, by design).
-labels = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, V)), jnp.float32), where=mask)
-check(
-    "softmax_cross_entropy",
-    lambda x, y, m: jsoftmax.softmax_cross_entropy(x, y, where=m),
-    (x, labels, mask), (0, 1), [ROWS, ROWS, ROWS],
-)  # fmt: skip
-ids = jnp.asarray(rng.integers(0, V, B), jnp.int32)
-check(
-    "softmax_cross_entropy_with_integer_labels",
-    lambda x, i, m: jsoftmax.softmax_cross_entropy_with_integer_labels(x, i, where=m),
-    # The class axis split without axis_name (it fails in optax too: a
-    # gather whose output sharding JAX cannot infer) raised ShardingTypeError.
-    (x, ids, mask), 0, [ROWS, ROWS[:2], [P(), P("data", "model")]],
-)  # fmt: skip
-tokens = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
-check(
-    "linear_softmax_cross_entropy",
-    lambda x, w, i, m: jsoftmax.linear_softmax_cross_entropy(
-        x, w, i, where=m, reduction="none", chunk_size=4
-    ),
-    (tokens, w, ids, mask[:, 0]), (0, 1),
-    [[P(), P("data")], [P()], [P(), P("data")], [P(), P("data")]],
-)  # fmt: skip
+    tokens = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    check(
+        "linear_softmax_cross_entropy",
+        lambda x, w, i, m: jsoftmax.linear_softmax_cross_entropy(
+            x, w, i, where=m, reduction="none", chunk_size=4
+        ),
+        (tokens, w, ids, mask[:, 0]), (0, 1),
+        [[P(), P("data")], [P()], [P(), P("data")], [P(), P("data")]],
+    )  # fmt: skip
 
 # Attention: every input split its own way.
 B, T, N, K, H = 4, 32, 4, 2, 4
@@ -211,7 +262,7 @@ CASES = {
                    [[P(), P(None, "model")], [P(), P(None, "model"), P(None, "data")],
                     [P(), P(None, "model")]], 3, True),
 }  # fmt: skip
-for impl in ("xla", "pallas"):
+for impl in IMPLS:
     for name, (fixed, named, rest, options, argc, kernels) in CASES.items():
         if impl == "pallas" and not kernels:
             continue
@@ -259,7 +310,7 @@ def per_pair(impl):  # examples in [2, 2]
 
 
 pairs = tuple(a.reshape(2, 2, *a.shape[1:]) for a in (q, k_g, v_g, lengths))
-for impl in (None, "pallas"):
+for impl in VMAP_IMPLS:
     check(
         f"vmap over a split axis, {impl}",
         per_example(impl), (q, k_g, v_g, lengths), (0, 1, 2),
@@ -275,35 +326,38 @@ for impl in (None, "pallas"):
 # forward, dK/dV, dQ) under None and "pallas", each on its shard's part
 # (the leading axes of its first operand: the batch, or the vmaps' axes).
 TRITON = "__gpu$xla.gpu.triton"
-for name, f, args, specs, local in [
-    ("batch and heads split, None", attention(None), (q, k_g, v_g),
-     [P("data", None, "model"), P("data", None, "model"), P("data")], "2x32x2"),
-    ("queries split, 'pallas'", attention("pallas"), (q, k_g, v_g),
-     [P(None, "data"), P(), P()], "4x32x4"),
-    ("vmap over a split axis, None", per_example(None), (q, k_g, v_g, lengths),
-     [P("data")] * 4, "2x1x32x4"),
-    ("vmaps over two split axes, 'pallas'", per_pair("pallas"), pairs,
-     [P("data", "model")] * 4, "1x32x4"),  # one example, its axes merged
-]:  # fmt: skip
-    checks += 1
-    try:
-        with jax.set_mesh(MESH):
-            exported = jax.export.export(
-                jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a)), (0, 1, 2))),
-                platforms=["cuda"],
-                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-            )(*(put(a, s) for a, s in zip(args, specs, strict=True)))
-    except Exception as e:  # noqa: BLE001 (reported, not hidden)
-        first = str(e).strip().splitlines()[0][:160]
-        failures.append(f"CUDA lowering, {name}: {type(e).__name__}: {first}")
-        continue
-    firsts = [
-        re.search(r"\(tensor<([\dx]+)x\d+xf32>", line).group(1)
-        for line in exported.mlir_module().splitlines()
-        if TRITON in line
-    ]
-    if firsts != [local] * 3:
-        failures.append(f"CUDA lowering, {name}: Triton calls' queries {firsts}")
+if PART == "pallas":
+    for name, f, args, specs, local in [
+        ("batch and heads split, None", attention(None), (q, k_g, v_g),
+         [P("data", None, "model"), P("data", None, "model"), P("data")], "2x32x2"),
+        ("queries split, 'pallas'", attention("pallas"), (q, k_g, v_g),
+         [P(None, "data"), P(), P()], "4x32x4"),
+        ("vmap over a split axis, None", per_example(None), (q, k_g, v_g, lengths),
+         [P("data")] * 4, "2x1x32x4"),
+        ("vmaps over two split axes, 'pallas'", per_pair("pallas"), pairs,
+         [P("data", "model")] * 4, "1x32x4"),  # one example, its axes merged
+    ]:  # fmt: skip
+        checks += 1
+        try:
+            with jax.set_mesh(MESH):
+                exported = jax.export.export(
+                    jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a)), (0, 1, 2))),
+                    platforms=["cuda"],
+                    disabled_checks=[
+                        jax.export.DisabledSafetyCheck.custom_call(TRITON)
+                    ],
+                )(*(put(a, s) for a, s in zip(args, specs, strict=True)))
+        except Exception as e:  # noqa: BLE001 (reported, not hidden)
+            first = str(e).strip().splitlines()[0][:160]
+            failures.append(f"CUDA lowering, {name}: {type(e).__name__}: {first}")
+            continue
+        firsts = [
+            re.search(r"\(tensor<([\dx]+)x\d+xf32>", line).group(1)
+            for line in exported.mlir_module().splitlines()
+            if TRITON in line
+        ]
+        if firsts != [local] * 3:
+            failures.append(f"CUDA lowering, {name}: Triton calls' queries {firsts}")
 
 
 # Outside jax.set_mesh, arrays put on an Explicit mesh (plain JAX code runs
@@ -311,17 +365,20 @@ for name, f, args, specs, local in [
 # attention kernels (and, with the key/value heads repeated or a vmap over a
 # split axis, the XLA path) failed, and so did log_softmax with a row mask
 # and the integer-label loss with labels split apart from the logits.
-check(
-    "outside set_mesh: log_softmax, row mask",
-    lambda x, m: jnp.where(m[:, None], jsoftmax.log_softmax(x, where=m[:, None]), 0),
-    (x, mask[:, 0]), 0, [[P(None, "model")], [P("data")]], in_context=False,
-)  # fmt: skip
-check(
-    "outside set_mesh: integer labels",
-    jsoftmax.softmax_cross_entropy_with_integer_labels,
-    (x, ids), 0, [[P()], [P("data")]], in_context=False,
-)  # fmt: skip
-for impl in ("xla", "pallas"):
+if PART == "xla":
+    check(
+        "outside set_mesh: log_softmax, row mask",
+        lambda x, m: jnp.where(
+            m[:, None], jsoftmax.log_softmax(x, where=m[:, None]), 0
+        ),
+        (x, mask[:, 0]), 0, [[P(None, "model")], [P("data")]], in_context=False,
+    )  # fmt: skip
+    check(
+        "outside set_mesh: integer labels",
+        jsoftmax.softmax_cross_entropy_with_integer_labels,
+        (x, ids), 0, [[P()], [P("data")]], in_context=False,
+    )  # fmt: skip
+for impl in IMPLS:
     check(
         f"outside set_mesh: attention {impl}, grouped-query",
         attention(impl, CAUSAL), (q, k_g, v_g), (0, 1, 2),
@@ -332,21 +389,26 @@ for impl in ("xla", "pallas"):
         per_example(impl), (q, k_g, v_g, lengths), (0, 1, 2),
         [[P("data")], [P("data")], [P("data")], [P("data")]], in_context=False,
     )  # fmt: skip
-checks += 1
-try:
-    found = (
-        jax.export.export(
-            jax.jit(jax.grad(lambda *a: jnp.sum(attention(None)(*a)), (0, 1, 2))),
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-        )(put(q, P("data", None, "model")), put(k_g, P("data")), put(v_g, P("data")))
-        .mlir_module()
-        .count(TRITON)
-    )
-except Exception as e:  # noqa: BLE001 (reported, not hidden)
-    found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
-if found != 3:
-    failures.append(f"CUDA lowering outside set_mesh: {found}, want 3 Triton calls")
+if PART == "pallas":
+    checks += 1
+    try:
+        found = (
+            jax.export.export(
+                jax.jit(jax.grad(lambda *a: jnp.sum(attention(None)(*a)), (0, 1, 2))),
+                platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+            )(
+                put(q, P("data", None, "model")),
+                put(k_g, P("data")),
+                put(v_g, P("data")),
+            )
+            .mlir_module()
+            .count(TRITON)
+        )
+    except Exception as e:  # noqa: BLE001 (reported, not hidden)
+        found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+    if found != 3:
+        failures.append(f"CUDA lowering outside set_mesh: {found}, want 3 Triton calls")
 
 
 # The query heads over 4 shards, more than the key/value heads divide into
@@ -362,7 +424,7 @@ HEADS_MESH = jax.make_mesh((4,), ("model",), axis_types=(AxisType.Explicit,))
 q12 = jnp.asarray(rng.normal(size=(2, T, 12, H)), jnp.float32)
 k3, v3 = (jnp.asarray(rng.normal(size=(2, T, 3, H)), jnp.float32) for _ in range(2))
 heads_split = P(None, None, "model")
-for impl in ("xla", "pallas"):
+for impl in IMPLS:
     # k and v also with their batch split over the heads' axis: gathered.
     for name, args, kv in [
         ("4 query, 2 key/value heads", (q, k_g, v_g), [P(), P("model")]),
@@ -373,37 +435,38 @@ for impl in ("xla", "pallas"):
             attention(impl, CAUSAL), args, (0, 1, 2), [[heads_split], kv, kv],
             mesh=HEADS_MESH,
         )  # fmt: skip
-for args in ((q, k_g, v_g), (q12, k3, v3)):
-    checks += 2
-    local = args[0].shape[2] // 4
-    with jax.set_mesh(HEADS_MESH):
-        split = [put(args[0], heads_split, HEADS_MESH)] + [
-            put(a, P(), HEADS_MESH) for a in args[1:]
-        ]
-        grad = jax.jit(
-            jax.grad(lambda *a: jnp.sum(attention(None, CAUSAL)(*a)), (0, 1, 2))
-        )
-        module = jax.export.export(
-            grad,
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-        )(*split).mlir_module()
-        operands = [
-            re.findall(r"tensor<(\d+)x(\d+)x(\d+)x", line)[:3]
-            for line in module.splitlines()
-            if TRITON in line
-        ]
-        heads = {tuple(int(shape[2]) for shape in qkv) for qkv in operands}
-        xla_grad = jax.jit(
-            jax.grad(lambda *a: jnp.sum(attention("xla", CAUSAL)(*a)), (0, 1, 2))
-        )
-        hlo = xla_grad.lower(*split).compile().as_text()
-    products = re.findall(r"= f32\[([\d,]*)\][^ ]* dot\(", hlo)
-    largest = max(math.prod(map(int, dims.split(","))) for dims in products)
-    if len(operands) != 3 or heads != {(local, local, local)}:
-        failures.append(f"kernels' query and key/value heads per shard {heads}")
-    if largest != args[0].shape[0] * local * 16 * 16:  # batch, heads, 16 x 16
-        failures.append(f"XLA path's largest product per device: {largest} entries")
+if PART == "pallas":
+    for args in ((q, k_g, v_g), (q12, k3, v3)):
+        checks += 2
+        local = args[0].shape[2] // 4
+        with jax.set_mesh(HEADS_MESH):
+            split = [put(args[0], heads_split, HEADS_MESH)] + [
+                put(a, P(), HEADS_MESH) for a in args[1:]
+            ]
+            grad = jax.jit(
+                jax.grad(lambda *a: jnp.sum(attention(None, CAUSAL)(*a)), (0, 1, 2))
+            )
+            module = jax.export.export(
+                grad,
+                platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
+            )(*split).mlir_module()
+            operands = [
+                re.findall(r"tensor<(\d+)x(\d+)x(\d+)x", line)[:3]
+                for line in module.splitlines()
+                if TRITON in line
+            ]
+            heads = {tuple(int(shape[2]) for shape in qkv) for qkv in operands}
+            xla_grad = jax.jit(
+                jax.grad(lambda *a: jnp.sum(attention("xla", CAUSAL)(*a)), (0, 1, 2))
+            )
+            hlo = xla_grad.lower(*split).compile().as_text()
+        products = re.findall(r"= f32\[([\d,]*)\][^ ]* dot\(", hlo)
+        largest = max(math.prod(map(int, dims.split(","))) for dims in products)
+        if len(operands) != 3 or heads != {(local, local, local)}:
+            failures.append(f"kernels' query and key/value heads per shard {heads}")
+        if largest != args[0].shape[0] * local * 16 * 16:  # batch, heads, 16 x 16
+            failures.append(f"XLA path's largest product per device: {largest} entries")
 
 
 # Context parallelism in a shard_map over "seq" alone, the batch split over
@@ -430,31 +493,38 @@ def output_and_grad(f):
     return jax.jit(lambda q: (f(q), jax.grad(lambda q: jnp.sum(f(q) * weights_cp))(q)))
 
 
-want_cp = output_and_grad(
-    lambda q: jsoftmax.dot_product_attention(q, q, q, is_causal=True)
-)(q_long)
-checks += 3
-with jax.set_mesh(seq_mesh):
-    split_q = put(q_long, P("data", "seq"), seq_mesh)
-    got_cp = output_and_grad(context_parallel)(split_q)
-    # Under None and "pallas" (whose kernels' outputs must vary over "seq",
-    # as the XLA twin's do, though the inner shard_map types them invariant).
-    for impl in (None, "pallas"):
-        try:
-            exported = jax.export.export(
-                jax.jit(
-                    jax.grad(lambda q, impl=impl: jnp.sum(context_parallel(q, impl)))
-                ),
-                platforms=["cuda"],
-                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-            )(split_q)
-            found = exported.mlir_module().count(TRITON)
-        except Exception as e:  # noqa: BLE001 (reported, not hidden)
-            found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
-        if found != 6:
-            failures.append(f"CUDA lowering, context parallel, {impl}: {found}, want 6")
-if found_cp := problem(got_cp, want_cp):
-    failures.append(f"context parallel against one device: {found_cp}")
+if PART == "pallas":
+    want_cp = output_and_grad(
+        lambda q: jsoftmax.dot_product_attention(q, q, q, is_causal=True)
+    )(q_long)
+    checks += 3
+    with jax.set_mesh(seq_mesh):
+        split_q = put(q_long, P("data", "seq"), seq_mesh)
+        got_cp = output_and_grad(context_parallel)(split_q)
+        # Under None and "pallas" (whose kernels' outputs must vary over "seq",
+        # as the XLA twin's do, though the inner shard_map types them invariant).
+        for impl in (None, "pallas"):
+            try:
+                exported = jax.export.export(
+                    jax.jit(
+                        jax.grad(
+                            lambda q, impl=impl: jnp.sum(context_parallel(q, impl))
+                        )
+                    ),
+                    platforms=["cuda"],
+                    disabled_checks=[
+                        jax.export.DisabledSafetyCheck.custom_call(TRITON)
+                    ],
+                )(split_q)
+                found = exported.mlir_module().count(TRITON)
+            except Exception as e:  # noqa: BLE001 (reported, not hidden)
+                found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+            if found != 6:
+                failures.append(
+                    f"CUDA lowering, context parallel, {impl}: {found}, want 6"
+                )
+    if found_cp := problem(got_cp, want_cp):
+        failures.append(f"context parallel against one device: {found_cp}")
 
 print(json.dumps({"checks": checks, "failures": failures}))
 sys.exit(1 if failures else 0)
