@@ -109,14 +109,14 @@ def tolerances(dtype, n: int = 1) -> tuple[float, float]:
 
     Args:
       dtype: float64, float32, float16 or bfloat16.
-      n: the reduction length, at least 1.
+      n: the reduction length, at least 1 and finite.
 
     Returns:
       The relative tolerances of a value entry and of a Jacobian row.
 
     Raises:
       TypeError: ``dtype`` has no entry in ``TOLERANCES``.
-      ValueError: ``n`` is below 1.
+      ValueError: ``n`` is below 1 or not finite.
 
     Examples:
       >>> from jsoftmax import testing
@@ -126,8 +126,10 @@ def tolerances(dtype, n: int = 1) -> tuple[float, float]:
       ['3.11e-05', '3.11e-05']
     """
     dtype = _known_dtype(dtype)
-    if not n >= 1:  # also refuses NaN
-        raise ValueError(f"tolerances: n is a reduction length, at least 1, got {n!r}")
+    if not 1 <= n < np.inf:  # also refuses NaN; inf would approve anything
+        raise ValueError(
+            f"tolerances: n is a reduction length, at least 1 and finite, got {n!r}"
+        )
     value, grad = TOLERANCES[dtype.name]
     return float(_rtol(dtype, n, value)), float(_rtol(dtype, n, grad))
 
@@ -647,10 +649,15 @@ def vjp_errors(
     float64 point, and the comparison is skipped, with the reason in
     ``float64_skipped``, if either raises there (a dtype check, strict dtype
     promotion against a float32 constant, a backend without float64) or
-    holds any float narrower than float64 (a rule that casts what it gets to
-    float32 or returns float32: its float32 rounding would fail a right rule
-    at float64 tolerances). ``float64=True`` compares in float64 whatever the
-    trace holds (an error raised there is raised); ``float64=False`` never.
+    computes any float narrower than float64 (a rule that casts what it gets
+    to float32 or returns float32: its float32 rounding would fail a right
+    rule at float64 tolerances). A float32 constant that is only widened (an
+    array closed over, promoted where it meets float64) is exact in float64
+    and does not skip it; the messages of that comparison then name the
+    constants, since a reference computing with other ones (``0.7`` where
+    ``fn`` has ``float32(0.7)``) differs from ``fn`` by their rounding there.
+    ``float64=True`` compares in float64 whatever the trace holds (an error
+    raised there is raised); ``float64=False`` never.
     Under ``"vmap"`` the float64 comparison runs ``jit(vmap(fn))``, several
     times quicker than eager vmap and with the same batching rules.
 
@@ -729,12 +736,15 @@ def vjp_errors(
         return errors
     with jax.enable_x64(True):
         diff64 = tuple(a.astype(jnp.float64) for a in diff)
+        widened = None
         if float64 is None:
-            refusal = _float64_refusal(fn, reference, layout, diff64, held, transform)
+            refusal, widened = _float64_refusal(
+                fn, reference, layout, diff64, held, transform
+            )
             if refusal is not None:
                 return dataclasses.replace(errors, float64_skipped=refusal)
         errors64 = compare(diff64, held, jit_vmap=True)
-    return _with_float64(errors, errors64)
+    return _with_float64(errors, errors64, widened)
 
 
 def _compare(
@@ -933,13 +943,19 @@ def _linearity_checks(weighted, linear, scale, n, diff, diff_paths, grad_atol):
     return checks
 
 
-def _with_float64(errors: VjpErrors, errors64: VjpErrors) -> VjpErrors:
-    """``errors`` failing also where the float64 comparison fails."""
+def _with_float64(errors: VjpErrors, errors64: VjpErrors, widened) -> VjpErrors:
+    """``errors`` failing also where the float64 comparison fails; its
+    messages name the narrow constants it widened, if any."""
+    where = "in float64"
+    if widened is not None:
+        # A reference that computes with other constants (0.7 where fn has
+        # float32(0.7)) differs by their rounding.
+        where += f" (with {widened} widened exactly)"
 
     def join(message, message64):
         if message64 is None:
             return message
-        message64 = f"in float64: {message64}"
+        message64 = f"{where}: {message64}"
         return message64 if message is None else f"{message}; {message64}"
 
     return dataclasses.replace(
@@ -953,13 +969,15 @@ def _with_float64(errors: VjpErrors, errors64: VjpErrors) -> VjpErrors:
     )
 
 
-def _float64_refusal(fn, reference, layout, diff, held, transform) -> str | None:
-    """Why ``fn`` or ``reference`` cannot be compared in float64, or None.
+def _float64_refusal(fn, reference, layout, diff, held, transform):
+    """Why ``fn`` or ``reference`` cannot be compared in float64 (or None),
+    and the narrow constants each holds that the comparison widens (or
+    None).
 
     Traces (without running) the Jacobian each is compared by, at float64
-    ``diff``: a function that raises there, or whose trace holds a float
-    narrower than float64 (a cast to float32, a float32 constant, a
-    float32 output), does not compute in float64.
+    ``diff``: a function that raises there, or whose trace computes a float
+    narrower than float64 (a cast to float32, a float32 output, a float32
+    constant used as it is), does not compute in float64.
     """
     # The functions the float64 comparison runs (the traces of jitted ones are
     # reused there).
@@ -967,44 +985,86 @@ def _float64_refusal(fn, reference, layout, diff, held, transform) -> str | None
         "fn": _of_fn(fn, layout, transform, jit_vmap=True)[1],
         "the reference": _of_reference(reference, layout, transform)[1],
     }
+    widened = []
     for name, jacobian in jacobians.items():
         try:
             closed = jax.make_jaxpr(jacobian)(diff, held)
         except Exception as e:  # noqa: BLE001 (any error: fn refuses float64)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return f"{name} raised {type(e).__name__} in float64: {first}"
+            return f"{name} raised {type(e).__name__} in float64: {first}", None
         narrow = _narrow_float(closed.jaxpr)
         if narrow is not None:
-            return f"{name} does not compute in float64: {narrow}"
-    return None
+            return f"{name} does not compute in float64: {narrow}", None
+        if (held_narrow := _widened(closed.jaxpr)) is not None:
+            widened.append(f"{name}'s {held_narrow}")
+    return None, "; ".join(widened) or None
+
+
+# Primitives that move values without rounding them.
+_EXACT = frozenset(
+    "broadcast_in_dim reshape squeeze expand_dims transpose rev slice "
+    "dynamic_slice concatenate gather copy copy_p".split()
+)
 
 
 def _narrow_float(jaxpr) -> str | None:
-    """The first value of ``jaxpr`` (sub-jaxprs included) held in an inexact
-    dtype narrower than float64 or complex128, named by what makes it."""
+    """The first value of ``jaxpr`` (sub-jaxprs included) computed in, or
+    used in, an inexact dtype narrower than float64 or complex128, named by
+    what makes or uses it. A narrow constant or input that is only widened
+    (a float32 array closed over, promoted where it meets float64) is not:
+    what is computed from it is computed in float64."""
 
-    def narrow(aval) -> bool:
-        dtype = getattr(aval, "dtype", None)
+    def narrow(v) -> bool:
+        dtype = getattr(getattr(v, "aval", None), "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
             return False
         wide = 16 if jnp.issubdtype(dtype, jnp.complexfloating) else 8
         return np.dtype(dtype).itemsize < wide
 
-    for v in [*jaxpr.constvars, *jaxpr.invars]:
-        if narrow(v.aval):
-            return f"an input or constant of dtype {v.aval.dtype}"
     for eqn in jaxpr.eqns:
+        subs = list(_subjaxprs(eqn.params))
+        name = eqn.primitive.name
+        # Moved or widened, a narrow value is exact; a sub-jaxpr's narrow
+        # inputs are judged by their uses in it.
+        exact = name in _EXACT or (
+            name == "convert_element_type" and not any(map(narrow, eqn.outvars))
+        )
+        used = [v for v in eqn.invars if narrow(v)]
+        if used and not subs and not exact:
+            return f"{name} takes {used[0].aval.str_short()}"
         for v in eqn.outvars:
-            if narrow(v.aval):
-                return f"{eqn.primitive.name} gives {v.aval.str_short()}"
-        for sub in _subjaxprs(eqn.params):
+            if narrow(v) and not (exact and used):
+                return f"{name} gives {v.aval.str_short()}"
+        for sub in subs:
             found = _narrow_float(sub)
             if found is not None:
                 return found
     for v in jaxpr.outvars:
-        if narrow(v.aval):
+        if narrow(v):
             return f"an output of dtype {v.aval.dtype}"
     return None
+
+
+def _widened(jaxpr) -> str | None:
+    """The narrow constants or inputs of ``jaxpr`` (sub-jaxprs included)
+    that the float64 comparison widens, in a few words, or None."""
+    found = []
+
+    def note(values):
+        for v in values:
+            dtype = getattr(getattr(v, "aval", None), "dtype", None)
+            if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+                if np.dtype(dtype).itemsize < 8:
+                    found.append(v.aval.str_short())
+
+    def walk(jaxpr):
+        note([*jaxpr.constvars, *jaxpr.invars])
+        for eqn in jaxpr.eqns:
+            for sub in _subjaxprs(eqn.params):
+                walk(sub)
+
+    walk(jaxpr)
+    return None if not found else ", ".join(dict.fromkeys(found))
 
 
 def _subjaxprs(params):

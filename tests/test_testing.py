@@ -415,6 +415,75 @@ def test_float64_comparison_is_skipped_where_the_reference_computes_in_float32()
     assert e.float64_skipped.startswith("the reference does not compute in float64")
 
 
+# A float32 array closed over, promoted where it meets the float64 input, is
+# exact there: the float64 comparison runs. Before, any float32 constant in
+# the trace skipped it, and a rule wrong below float32's resolution passed.
+_SHIFT = jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("transform", testing.TRANSFORMS)
+def test_a_float32_constant_only_widened_keeps_the_float64_comparison(transform):
+    x = _logits("probabilities below 1e-7", 64, "float32")
+    forward, backward = TINY_WRONG_RULES["softmax sign flipped below probability 1e-7"]
+    wrong = _rule(forward, backward)
+
+    def shifted(f):
+        return lambda x: f(x + jnp.broadcast_to(_SHIFT, x.shape))
+
+    with jax.numpy_dtype_promotion("standard"):
+        right = testing.vjp_errors(
+            shifted(jsoftmax.softmax), shifted(ref_softmax), x, transform=transform
+        )
+        e = testing.vjp_errors(
+            shifted(wrong), shifted(ref_softmax), x, transform=transform
+        )
+    assert right.passed and right.float64 is not None, right
+    assert right.float64_skipped is None
+    assert e.jacobian_mismatch.startswith(
+        "in float64 (with fn's float32[64]; the reference's float32[64] widened "
+        "exactly): d output["
+    ), e.jacobian_mismatch
+    # The same rule jitted: the constant is an input of the jit's trace.
+    with jax.numpy_dtype_promotion("standard"):
+        e = testing.vjp_errors(
+            jax.jit(shifted(wrong)), shifted(ref_softmax), x, transform=transform
+        )
+    assert e.jacobian_mismatch.startswith("in float64"), e
+
+
+def test_a_float32_constant_computed_with_skips_the_float64_comparison():
+    # sin rounds in float32 here: not a float64 computation.
+    x = _logits("unit normal", 64, "float32")
+
+    def fn(x):
+        return jsoftmax.softmax(x + jnp.sin(_SHIFT)[None])
+
+    with jax.numpy_dtype_promotion("standard"):
+        e = testing.vjp_errors(fn, fn, x)
+    assert e.passed and e.float64 is None
+    assert e.float64_skipped == "fn does not compute in float64: sin takes float32[64]"
+
+
+def test_a_reference_with_other_constants_fails_in_float64_and_says_why():
+    # fn scales by a float32 array of 0.7, the reference by 0.7: equal in
+    # float32, apart by float32's rounding of 0.7 in float64.
+    x = _x((2, 6))
+    temperature = jnp.full((2, 6), 0.7, jnp.float32)
+
+    def fn(x):
+        return jsoftmax.softmax(x * temperature)
+
+    def reference(x):
+        return ref_softmax(x * 0.7)
+
+    with jax.numpy_dtype_promotion("standard"):
+        e = testing.vjp_errors(fn, reference, x)
+        assert testing.vjp_errors(fn, reference, x, float64=False).passed
+    assert e.value_mismatch.startswith(
+        "in float64 (with fn's float32[2,6] widened exactly): output["
+    ), e.value_mismatch
+
+
 @jax.custom_vjp
 def _int_ce_tiny_flipped(logits, labels):
     return _int_ce_of(logits, labels)
@@ -582,10 +651,11 @@ def test_tolerances_of_an_unknown_dtype_name_it(dtype):
         testing.tolerances(dtype)
 
 
-@pytest.mark.parametrize("n", [0, -3, float("nan")])
-def test_tolerances_refuse_a_reduction_length_below_one(n):
-    # n=0 was taken as 1, where the docstring asks for at least 1.
-    with pytest.raises(ValueError, match="at least 1"):
+@pytest.mark.parametrize("n", [0, -3, float("nan"), float("inf")])
+def test_tolerances_refuse_a_reduction_length_below_one_or_infinite(n):
+    # n=0 was taken as 1, where the docstring asks for at least 1; n=inf gave
+    # a tolerance of inf, which approves any error.
+    with pytest.raises(ValueError, match="at least 1 and finite"):
         testing.tolerances("float32", n=n)
     assert testing.tolerances("float32", n=1) < testing.tolerances("float32", n=2)
 
