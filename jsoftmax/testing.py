@@ -651,13 +651,16 @@ def vjp_errors(
     promotion against a float32 constant, a backend without float64) or
     computes any float narrower than float64 (a rule that casts what it gets
     to float32 or returns float32: its float32 rounding would fail a right
-    rule at float64 tolerances). A float32 constant that is only widened (an
-    array closed over, promoted where it meets float64) is exact in float64
-    and does not skip it; the messages of that comparison then name the
-    constants, since a reference computing with other ones (``0.7`` where
-    ``fn`` has ``float32(0.7)``) differs from ``fn`` by their rounding there.
-    ``float64=True`` compares in float64 whatever the trace holds (an error
-    raised there is raised); ``float64=False`` never.
+    rule at float64 tolerances). A float32 constant that is only moved or
+    widened (an array closed over, broadcast, indexed or sorted, and promoted
+    where it meets float64; a float32 argument of a ``custom_vjp`` whose
+    cotangent ``jax.jacrev`` drops) is exact in float64 and does not skip
+    it; the messages of that comparison then name the constants, since a
+    reference computing with other ones (``0.7`` where ``fn`` has a float32
+    array of 0.7) differs from ``fn`` by their rounding there. A comparison
+    that traces but then raises is skipped too, with the error in
+    ``float64_skipped``. ``float64=True`` compares in float64 whatever the
+    trace holds (an error raised there is raised); ``float64=False`` never.
     Under ``"vmap"`` the float64 comparison runs ``jit(vmap(fn))``, several
     times quicker than eager vmap and with the same batching rules.
 
@@ -743,7 +746,20 @@ def vjp_errors(
             )
             if refusal is not None:
                 return dataclasses.replace(errors, float64_skipped=refusal)
-        errors64 = compare(diff64, held, jit_vmap=True)
+            try:
+                errors64 = compare(diff64, held, jit_vmap=True)
+            except Exception as e:  # noqa: BLE001 (reported in float64_skipped)
+                # Traced, it still failed: a NumPy float64 array closed over
+                # by a function jitted with x64 off is kept as a float32
+                # constant that the float64 program does not take (JAX 0.10).
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                return dataclasses.replace(
+                    errors,
+                    float64_skipped=f"the float64 comparison raised "
+                    f"{type(e).__name__}: {first}",
+                )
+        else:
+            errors64 = compare(diff64, held, jit_vmap=True)
     return _with_float64(errors, errors64, widened)
 
 
@@ -974,16 +990,23 @@ def _float64_refusal(fn, reference, layout, diff, held, transform):
     and the narrow constants each holds that the comparison widens (or
     None).
 
-    Traces (without running) the Jacobian each is compared by, at float64
-    ``diff``: a function that raises there, or whose trace computes a float
-    narrower than float64 (a cast to float32, a float32 output, a float32
-    constant used as it is), does not compute in float64.
+    Traces (without running) the value and the Jacobian each is compared by,
+    at float64 ``diff``: a function that raises there, or whose trace
+    computes a float narrower than float64 (a cast to float32, a float32
+    output, a float32 constant used as it is) that the two need, does not
+    compute in float64.
     """
     # The functions the float64 comparison runs (the traces of jitted ones are
     # reused there).
+    of_fn = _of_fn(fn, layout, transform, jit_vmap=True)
+    of_reference = _of_reference(reference, layout, transform)
+
+    def both(value, jacobian):
+        return lambda diff, held: (value(diff, held), jacobian(diff, held))
+
     jacobians = {
-        "fn": _of_fn(fn, layout, transform, jit_vmap=True)[1],
-        "the reference": _of_reference(reference, layout, transform)[1],
+        "fn": both(of_fn[0], of_fn[1]),
+        "the reference": both(of_reference[0], of_reference[1]),
     }
     widened = []
     for name, jacobian in jacobians.items():
@@ -1000,48 +1023,86 @@ def _float64_refusal(fn, reference, layout, diff, held, transform):
     return None, "; ".join(widened) or None
 
 
-# Primitives that move values without rounding them.
+# Primitives that move, select, compare or negate values without rounding
+# them: a narrow value they take gives narrow values that are exact copies.
 _EXACT = frozenset(
     "broadcast_in_dim reshape squeeze expand_dims transpose rev slice "
-    "dynamic_slice concatenate gather copy copy_p".split()
+    "dynamic_slice dynamic_update_slice concatenate pad gather scatter tile "
+    "select_n stop_gradient copy copy_p device_put neg abs sign max min "
+    "reduce_max reduce_min argmax argmin sort eq ne lt le gt ge is_finite".split()
 )
 
 
-def _narrow_float(jaxpr) -> str | None:
+# Primitives that only run their sub-jaxprs (calls and control flow): their
+# operands and results are judged by the uses inside. Others with sub-jaxprs
+# (reduce, scatter-add, select_and_scatter_add) compute outside them too.
+_CALLS = frozenset(
+    "jit pjit closed_call core_call remat checkpoint custom_jvp_call "
+    "custom_vjp_call custom_vjp_call_jaxpr cond while scan".split()
+)
+
+
+def _narrow(v) -> bool:
+    """Whether ``v`` is held in an inexact dtype narrower than float64 or
+    complex128."""
+    dtype = getattr(getattr(v, "aval", None), "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        return False
+    wide = 16 if jnp.issubdtype(dtype, jnp.complexfloating) else 8
+    return np.dtype(dtype).itemsize < wide
+
+
+def _live_eqns(jaxpr):
+    """The equations of ``jaxpr`` that its outputs need (or that have
+    effects), in order: a cotangent computed for a narrow argument of a
+    ``custom_vjp`` and dropped by ``jax.jacrev`` is not computed."""
+    live = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            kept.append(eqn)
+            live.update(
+                v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)
+            )
+    return kept[::-1]
+
+
+def _narrow_float(jaxpr, outputs: bool = False) -> str | None:
     """The first value of ``jaxpr`` (sub-jaxprs included) computed in, or
     used in, an inexact dtype narrower than float64 or complex128, named by
-    what makes or uses it. A narrow constant or input that is only widened
-    (a float32 array closed over, promoted where it meets float64) is not:
-    what is computed from it is computed in float64."""
+    what makes or uses it; None if there is none. A narrow constant that is
+    only moved or widened (a float32 array closed over, broadcast and
+    promoted where it meets float64) is not: what is computed from it is
+    computed in float64. Narrow outputs are allowed where ``outputs`` (a
+    sub-jaxpr: its caller judges them).
 
-    def narrow(v) -> bool:
-        dtype = getattr(getattr(v, "aval", None), "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-            return False
-        wide = 16 if jnp.issubdtype(dtype, jnp.complexfloating) else 8
-        return np.dtype(dtype).itemsize < wide
-
-    for eqn in jaxpr.eqns:
+    Every narrow value a passing jaxpr holds is an exact copy of narrow
+    constants: it is one, or made by an exact primitive from them, or comes
+    out of a sub-jaxpr that passes. So a call's narrow outputs are too."""
+    for eqn in _live_eqns(jaxpr):
         subs = list(_subjaxprs(eqn.params))
         name = eqn.primitive.name
-        # Moved or widened, a narrow value is exact; a sub-jaxpr's narrow
-        # inputs are judged by their uses in it.
-        exact = name in _EXACT or (
-            name == "convert_element_type" and not any(map(narrow, eqn.outvars))
-        )
-        used = [v for v in eqn.invars if narrow(v)]
-        if used and not subs and not exact:
+        widens = name == "convert_element_type" and not any(map(_narrow, eqn.outvars))
+        used = [v for v in eqn.invars if _narrow(v)]
+        if name in _CALLS:
+            for sub in subs:
+                found = _narrow_float(sub, outputs=True)
+                if found is not None:
+                    return found
+            continue
+        if used and not (widens or name in _EXACT):
             return f"{name} takes {used[0].aval.str_short()}"
         for v in eqn.outvars:
-            if narrow(v) and not (exact and used):
+            if _narrow(v) and not used:
                 return f"{name} gives {v.aval.str_short()}"
-        for sub in subs:
+        for sub in subs:  # a reduction's computation, in the operands' dtype
             found = _narrow_float(sub)
             if found is not None:
                 return found
-    for v in jaxpr.outvars:
-        if narrow(v):
-            return f"an output of dtype {v.aval.dtype}"
+    if not outputs:
+        for v in jaxpr.outvars:
+            if _narrow(v):
+                return f"an output of dtype {v.aval.dtype}"
     return None
 
 
@@ -1051,15 +1112,13 @@ def _widened(jaxpr) -> str | None:
     found = []
 
     def note(values):
-        for v in values:
-            dtype = getattr(getattr(v, "aval", None), "dtype", None)
-            if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
-                if np.dtype(dtype).itemsize < 8:
-                    found.append(v.aval.str_short())
+        found.extend(v.aval.str_short() for v in values if _narrow(v))
 
     def walk(jaxpr):
         note([*jaxpr.constvars, *jaxpr.invars])
-        for eqn in jaxpr.eqns:
+        for eqn in _live_eqns(jaxpr):
+            # A NumPy float32 scalar is a literal.
+            note(v for v in eqn.invars if isinstance(v, jax.extend.core.Literal))
             for sub in _subjaxprs(eqn.params):
                 walk(sub)
 

@@ -451,6 +451,94 @@ def test_a_float32_constant_only_widened_keeps_the_float64_comparison(transform)
     assert e.jacobian_mismatch.startswith("in float64"), e
 
 
+# Moves that copy the constant, as jnp writes them (some inside a jit).
+_MOVES = {
+    "take": lambda c: jnp.take(c, jnp.arange(63, -1, -1)),
+    "roll": lambda c: jnp.roll(c, 5),
+    "tile": lambda c: jnp.tile(c[:32], 2),
+    "stop_gradient": jax.lax.stop_gradient,
+    "negated": lambda c: -c,
+    "sorted": jnp.sort,
+}
+
+
+@pytest.mark.parametrize("move", _MOVES)
+def test_a_float32_constant_moved_keeps_the_float64_comparison(move):
+    # Before, the moves other than broadcast, reshape, slice, gather and
+    # concatenate named outside a jit skipped it.
+    x = _logits("probabilities below 1e-7", 64, "float32")
+    forward, backward = TINY_WRONG_RULES["softmax sign flipped below probability 1e-7"]
+    wrong = _rule(forward, backward)
+
+    def shifted(f):  # the move in the trace
+        return lambda x: f(x + _MOVES[move](_SHIFT)[None])
+
+    with jax.numpy_dtype_promotion("standard"):
+        e = testing.vjp_errors(shifted(wrong), shifted(ref_softmax), x)
+    assert e.jacobian_mismatch.startswith("in float64"), e
+
+
+def _biased_softmax(flip):
+    """softmax(x + b) with a hand-written rule that also returns b's
+    cotangent, in b's dtype: float32 for a float32 b however wide x is.
+    ``flip``: the gradient's sign flipped below probability 1e-7."""
+
+    @jax.custom_vjp
+    def f(x, b):
+        return ref_softmax(x + b.astype(x.dtype))
+
+    def f_fwd(x, b):
+        y = f(x, b)
+        return y, y
+
+    def f_bwd(y, g):
+        dz = y * (g - jnp.sum(g * y, -1, keepdims=True))
+        if flip:
+            dz = jnp.where(y < 1e-7, -dz, dz)
+        return dz, jnp.sum(dz, 0, keepdims=True).astype(jnp.float32)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+def test_a_float32_argument_of_a_custom_vjp_keeps_the_float64_comparison():
+    # jax.jacrev w.r.t. x drops b's float32 cotangent; it counted as a
+    # float32 computation and skipped the comparison (so did jsoftmax's own
+    # losses with closed-over float32 labels, and attention with a bias).
+    x = _logits("probabilities below 1e-7", 64, "float32")
+    bias = _SHIFT[None]
+
+    def reference(x):
+        return ref_softmax(x + bias.astype(x.dtype))
+
+    right = testing.vjp_errors(lambda x: _biased_softmax(False)(x, bias), reference, x)
+    assert right.passed and right.float64 is not None, right
+    e = testing.vjp_errors(lambda x: _biased_softmax(True)(x, bias), reference, x)
+    assert e.jacobian_mismatch.startswith("in float64"), e
+
+
+_NUMPY_TWO = np.full(16, 2.0)  # float64, kept as float32 with x64 off
+
+
+@pytest.mark.parametrize("transform", ["none", "jit"])
+def test_a_numpy_float64_constant_skips_the_float64_comparison_without_raising(
+    transform,
+):
+    # JAX 0.10 keeps the constant of a function jitted with x64 off as
+    # float32, which the float64 program then refused: vjp_errors raised
+    # (found by a red-team helper with this case).
+    x = _x((4, 16))
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        e = testing.vjp_errors(
+            lambda x: jsoftmax.softmax(2.0 * x),
+            lambda x: ref_softmax(_NUMPY_TWO * x),
+            x,
+            transform=transform,
+        )
+    assert e.passed and e.float64 is None
+    assert e.float64_skipped.startswith("the float64 comparison raised"), e
+
+
 def test_a_float32_constant_computed_with_skips_the_float64_comparison():
     # sin rounds in float32 here: not a float64 computation.
     x = _logits("unit normal", 64, "float32")
