@@ -314,7 +314,7 @@ def _split_input(x, batched: bool):
     Raises:
       TypeError: a leaf is neither float64/32/16, bfloat16, integer nor bool,
         or no leaf is float.
-      ValueError: under vmap, leaves differ in leading size.
+      ValueError: under vmap, leaves differ in leading size or it is 0.
     """
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(x)
     paths = [jax.tree_util.keystr(p) or "x" for p, _ in with_paths]
@@ -336,10 +336,11 @@ def _split_input(x, batched: bool):
             f"differentiate: {_describe(paths, leaves)}"
         )
     sizes = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
-    if batched and (len(sizes) != 1 or None in sizes):
+    if batched and (len(sizes) != 1 or None in sizes or 0 in sizes):
         raise ValueError(
             "under 'vmap' every leaf of x is mapped over its leading axis, so "
-            f"all need one and the same leading size: {_describe(paths, leaves)}"
+            "all need one and the same leading size, at least 1: "
+            f"{_describe(paths, leaves)}"
         )
     layout = _Layout(treedef, tuple(diff))
     held = tuple(leaf for i, leaf in enumerate(leaves) if i not in diff)
@@ -724,7 +725,7 @@ def vjp_errors(
 
     Raises:
       ValueError: ``transform`` is unknown, or under ``"vmap"`` the leaves of
-        ``x`` differ in leading size.
+        ``x`` differ in leading size or it is 0.
       TypeError: ``x`` has a leaf of another dtype (float8, complex, ...) or
         no float leaf.
     """
@@ -834,14 +835,14 @@ def _compare(
         fwd_error2 = np.zeros(rows)
         w = None
         if jnp.issubdtype(got.dtype, jnp.inexact):
-            w = _f64(_signed_weights(got)).reshape(batch, -1)
+            w = _f64(_signed_weights(got)).reshape(batch, rows // batch)
             if transform == "vmap":  # one example's weights, as vmap sees them
                 w = _f64(_signed_weights(got[0])).reshape(1, -1).repeat(batch, 0)
         for j, width in enumerate(widths):
             jg = _f64(blocks[k][j]).reshape(rows, width)
             jr = _f64(want_blocks[k][j]).reshape(rows, width)
             if w is not None:
-                per_example = jg.reshape(batch, -1, width)
+                per_example = jg.reshape(batch, rows // batch, width)
                 with np.errstate(invalid="ignore", over="ignore"):
                     linear[j] += np.einsum("brw,br->bw", per_example, w)
                     linear_scale[j] += np.einsum(
@@ -861,7 +862,9 @@ def _compare(
             jr = _finite(jr)
             norm2 += _row_norms(jr) ** 2
             n += np.count_nonzero(jr, axis=-1)
-            input_change += (np.abs(jr).reshape(batch, -1, width) @ x_abs[j]).ravel()
+            input_change += (
+                np.abs(jr).reshape(batch, rows // batch, width) @ x_abs[j]
+            ).ravel()
         norm = np.sqrt(norm2)
         scale = np.maximum(
             np.maximum(norm, _ROW_FLOOR * np.max(norm, initial=0.0)),
@@ -1117,8 +1120,6 @@ def _widened(jaxpr) -> str | None:
     def walk(jaxpr):
         note([*jaxpr.constvars, *jaxpr.invars])
         for eqn in _live_eqns(jaxpr):
-            # A NumPy float32 scalar is a literal.
-            note(v for v in eqn.invars if isinstance(v, jax.extend.core.Literal))
             for sub in _subjaxprs(eqn.params):
                 walk(sub)
 

@@ -889,6 +889,17 @@ def test_vmap_needs_one_leading_size():
         testing.vjp_errors(lambda t: t["a"], lambda t: t["a"], x, transform="vmap")
 
 
+@pytest.mark.parametrize("transform", ["none", "jit"])
+def test_an_input_without_rows_is_compared(transform):
+    # Shape (0, 5): vjp_errors raised from a reshape (found by a red-team
+    # helper); under vmap a leading size of 0 is refused, as above.
+    x = jnp.zeros((0, 5), jnp.float32)
+    e = testing.vjp_errors(jsoftmax.softmax, ref_softmax, x, transform=transform)
+    assert e.passed and e.float64 is not None, e
+    with pytest.raises(ValueError, match="at least 1"):
+        testing.vjp_errors(jsoftmax.softmax, ref_softmax, x, transform="vmap")
+
+
 # Transforms.
 
 
