@@ -1001,20 +1001,16 @@ def _float64_refusal(fn, reference, layout, diff, held, transform):
     """
     # The functions the float64 comparison runs (the traces of jitted ones are
     # reused there).
-    of_fn = _of_fn(fn, layout, transform, jit_vmap=True)
-    of_reference = _of_reference(reference, layout, transform)
-
-    def both(value, jacobian):
-        return lambda diff, held: (value(diff, held), jacobian(diff, held))
-
-    jacobians = {
-        "fn": both(of_fn[0], of_fn[1]),
-        "the reference": both(of_reference[0], of_reference[1]),
+    compared = {
+        "fn": _of_fn(fn, layout, transform, jit_vmap=True)[:2],
+        "the reference": _of_reference(reference, layout, transform),
     }
     widened = []
-    for name, jacobian in jacobians.items():
+    for name, (value, jacobian) in compared.items():
         try:
-            closed = jax.make_jaxpr(jacobian)(diff, held)
+            closed = jax.make_jaxpr(
+                lambda d, h, v=value, j=jacobian: (v(d, h), j(d, h))
+            )(diff, held)
         except Exception as e:  # noqa: BLE001 (any error: fn refuses float64)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return f"{name} raised {type(e).__name__} in float64: {first}", None
