@@ -357,14 +357,34 @@ def _value(f, layout, diff, held):
     return f(layout.join(diff, held))
 
 
+def _differentiable(f, layout, diff, held):
+    """``f`` of the float leaves, its integer and bool output leaves (an
+    argmax, a count, a mask) as zeros of their shape in the first float
+    leaf's dtype: ``jax.jacrev`` and ``jax.jacfwd`` take float outputs only,
+    and such a leaf's derivative is zero where it is defined. They are
+    compared by value, exactly."""
+
+    def g(d):
+        return jax.tree.map(
+            lambda o: (
+                o
+                if jnp.issubdtype(jnp.result_type(o), jnp.inexact)
+                else jnp.zeros(jnp.shape(o), diff[0].dtype)
+            ),
+            f(layout.join(d, held)),
+        )
+
+    return g
+
+
 def _jacobian(f, layout, diff, held):
     """The output's tree, each leaf a tuple of blocks, one per float leaf."""
-    return jax.jacrev(lambda d: f(layout.join(d, held)))(diff)
+    return jax.jacrev(_differentiable(f, layout, diff, held))(diff)
 
 
 def _forward_jacobian(f, layout, diff, held):
     """``_jacobian`` by forward mode (``jax.jacfwd``)."""
-    return jax.jacfwd(lambda d: f(layout.join(d, held)))(diff)
+    return jax.jacfwd(_differentiable(f, layout, diff, held))(diff)
 
 
 _WEIGHTS = (-2.5, 1.5, -0.5, 3.0, -1.75, 0.75, 2.25, -3.0)
@@ -669,7 +689,9 @@ def vjp_errors(
     of its reference Jacobian row), and ``rtol_n`` and ``grad_rtol_n`` are
     :func:`tolerances` of the coarsest dtype among the output leaf and the
     float input leaves. Entries that are equal but not finite (the same inf,
-    both NaN) count as equal; an inf or NaN on one side only fails.
+    both NaN) count as equal; an inf or NaN on one side only fails. Integer
+    and bool output leaves (an argmax, a count, a mask) are not
+    differentiated: they must equal the reference's exactly.
 
     The limits of what a comparison in a dtype can see: in bfloat16 a right
     rule is off by up to about :math:`\epsilon`, so a gradient scaled by
@@ -903,9 +925,10 @@ def _compare(
         value_error = max(value_error, float(np.max(d, initial=0.0)))
         scale = np.abs(_finite(_f64(ref).ravel())) + input_change + tiny
         tol = _rtol(dtype, n, value_factor) if rtol is None else rtol
-        value_checks.append(
-            _Check(d, scale, (atol or 0.0) + tol * scale, name, "entries")
-        )
+        allowed = (atol or 0.0) + tol * scale
+        if not any(jnp.issubdtype(o.dtype, jnp.inexact) for o in (got, ref)):
+            allowed = np.zeros_like(scale)  # integers and bools: exactly
+        value_checks.append(_Check(d, scale, allowed, name, "entries"))
 
     jac_checks += _linearity_checks(
         weighted, linear, linear_scale, linear_n, diff, diff_paths, grad_atol

@@ -864,6 +864,60 @@ def test_pytree_output_names_the_wrong_leaf():
     assert "['p']" not in e.jacobian_mismatch
 
 
+def _with_integer_outputs(log_softmax, off=0):
+    """A loss with an argmax, a large count and a bool mask beside it; ``off``
+    is added to the count of the row whose last logit is largest."""
+
+    def fn(x):
+        last = x[..., -1] == jnp.max(x, axis=-1)
+        return {
+            "loss": -jnp.sum(log_softmax(x), axis=-1),
+            "argmax": jnp.argmax(x, axis=-1),
+            "count": jnp.int32(2**24) + jnp.where(last, off, 0).astype(jnp.int32),
+            "positive": x > 0,
+        }
+
+    return fn
+
+
+@pytest.mark.parametrize("transform", testing.TRANSFORMS)
+def test_integer_and_bool_outputs_are_compared_exactly_and_not_differentiated(
+    transform,
+):
+    # jax.jacrev refuses integer outputs: these leaves are compared by value,
+    # exactly (2**24 + 1 is within any relative tolerance of 2**24).
+    x = jnp.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5], [-2.0, 0.0, 1.0]])
+    reference = _with_integer_outputs(ref_log_softmax)
+    e = testing.vjp_errors(
+        _with_integer_outputs(jsoftmax.log_softmax), reference, x, transform=transform
+    )
+    assert e.passed, e
+    assert e.float64_skipped is None
+    e = testing.vjp_errors(
+        _with_integer_outputs(jsoftmax.log_softmax, off=1),
+        reference,
+        x,
+        transform=transform,
+    )
+    assert not e.passed and e.jacobian_mismatch is None
+    assert e.value_mismatch.startswith("['count'][0]: error 1 > allowed 0"), e
+    assert "2 of 3 entries fail" in e.value_mismatch  # rows 0 and 2
+
+    def flipped(x):
+        return {**reference(x), "positive": x >= 0}  # differs at x = 0
+
+    e = testing.vjp_errors(flipped, reference, x, transform=transform)
+    assert not e.passed and e.jacobian_mismatch is None
+    assert e.value_mismatch.startswith("['positive'][2, 1]: error 1"), e
+    # The float leaf's Jacobian is still compared beside them.
+    wrong = _rule(ref_log_softmax, lambda x, g, _: g)  # without -y sum(g)
+    e = testing.vjp_errors(
+        _with_integer_outputs(wrong), reference, x, transform=transform
+    )
+    assert e.value_mismatch is None
+    assert e.jacobian_mismatch.startswith("d ['loss']"), e
+
+
 def test_output_structure_mismatch_fails():
     e = testing.vjp_errors(
         lambda x: (jsoftmax.softmax(x),), lambda x: [ref_softmax(x)], _x()
