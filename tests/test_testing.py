@@ -1081,6 +1081,83 @@ def test_a_scalar_loss_whose_rule_ignores_its_cotangent_fails(transform):
     assert "by a VJP at a signed cotangent" in (e.jacobian_mismatch or ""), e
 
 
+@pytest.mark.parametrize("transform", testing.TRANSFORMS)
+def test_a_rule_not_linear_at_one_entry_is_named_by_its_index(transform):
+    # The message named x[0, 7], the entry's place in a flattened row, for
+    # x[1, 3] of a (3, 4) input.
+    @jax.custom_vjp
+    def f(x):
+        return jnp.tanh(x)
+
+    def bwd(x, g):
+        d = (1 - jnp.tanh(x) ** 2) * g
+        return (jnp.where(_entry(x, 1, 3), d * g, d),)  # g**2 at x[1, 3] only
+
+    f.defvjp(lambda x: (f(x), x), bwd)
+    x = _x((3, 4)) if transform != "vmap" else _x((2, 3, 4))
+    e = testing.vjp_errors(f, jnp.tanh, x, transform=transform)
+    want = "x[1, 3]" if transform != "vmap" else "x[0, 1, 3]"
+    assert e.value_mismatch is None, e
+    assert e.jacobian_mismatch.startswith(f"d {want} by a VJP at a signed"), e
+    assert "1 of 12 entries" in e.jacobian_mismatch or "2 of 24" in e.jacobian_mismatch
+
+
+def _entry(x, i, j):
+    """A bool mask of ``x``'s last two axes, true at ``[i, j]`` only."""
+    rows = jnp.arange(x.shape[-2])[:, None] == i
+    return rows & (jnp.arange(x.shape[-1]) == j)[None, :]
+
+
+@pytest.mark.parametrize("transform", ["none", "jit"])
+def test_a_float16_vjp_that_overflows_where_its_sum_does_is_not_called_nonlinear(
+    transform,
+):
+    # A plain matmul (no rule of its own): J^T w at the signed cotangent
+    # (weights up to 3) passes float16's 65504 at two entries of dW whose
+    # Jacobian entries are finite, and was reported as "not linear?".
+    x = {
+        "x": (1e4 * _x((2, 8))).astype(jnp.float16),
+        "w": (_x((8, 7), seed=1) / 3).astype(jnp.float16),
+    }
+
+    def f(p):
+        return p["x"] @ p["w"]
+
+    e = testing.vjp_errors(f, f, x, transform=transform)
+    assert e.passed, e
+
+    # A VJP that gives inf where J^T w is well inside float16 still fails
+    # (at cotangents other than jacrev's 0 and 1 only, so that the rows pass).
+    @jax.custom_vjp
+    def g(p):
+        return f(p)
+
+    def bwd(p, c):
+        dx, dw = c @ p["w"].T, p["x"].T @ c
+        broken = _entry(dx, 1, 2) & jnp.any(jnp.abs(c) > 1)
+        return ({"x": jnp.where(broken, jnp.inf, dx), "w": dw},)
+
+    g.defvjp(lambda p: (f(p), p), bwd)
+    small = {"x": x["x"] / 1e4, "w": x["w"]}
+    e = testing.vjp_errors(g, f, small, transform=transform)
+    assert not e.passed, e
+    assert e.jacobian_mismatch.startswith("d ['x'][1, 2] by a VJP at a signed"), e
+
+
+@pytest.mark.parametrize("transform", testing.TRANSFORMS)
+def test_a_python_number_output_leaf_is_compared(transform):
+    # A Python float beside an array output raised AttributeError ('float'
+    # object has no attribute 'dtype').
+    def f(x, c=0.5):
+        return jnp.tanh(x), c
+
+    e = testing.vjp_errors(f, f, _x((3, 4)), transform=transform)
+    assert e.passed, e
+    e = testing.vjp_errors(partial(f, c=0.6), f, _x((3, 4)), transform=transform)
+    assert not e.passed and e.jacobian_mismatch is None
+    assert e.value_mismatch.startswith("[1]"), e
+
+
 def test_an_allowance_that_overflows_approves_nothing():
     # A float64 Jacobian entry of 1e160 made its row norm overflow (squares
     # past 1e308): the allowance was inf, and a NaN error gave inf / inf =
