@@ -20,16 +20,61 @@ from jax.experimental.pallas import triton as plt
 
 from jsoftmax import _attention_xla as xla
 
-# Block sizes (queries x keys) of each kernel, when the call names no chunk
-# sizes. They follow FlashAttention-2's Triton kernels (a wide query block in
-# the forward and dQ, a wide key block in dK/dV); they have not been timed
-# on a GPU here yet: bench/gpu.sh measures them.
-FORWARD_BLOCKS = (128, 64)
-DKV_BLOCKS = (64, 128)
-DQ_BLOCKS = (128, 64)
-NUM_STAGES = 2
 _MIN_BLOCK = 16  # Triton's smallest dot operand
 _MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel's launch: its (query, key) block, and Triton's warps and
+    software-pipeline stages."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Each kernel's launch by input width (float32 or 16-bit) and padded head dim
+# (16 and 32 take 64's), where the call names no chunk sizes (chunk sizes
+# replace the blocks and keep the warps and stages). Of a few candidates,
+# largest blocks first, each is the first that Triton 3.9 compiles for an
+# H100/H200 (sm_90a) with no register spilled and within the 227 KiB of
+# shared memory one block may use, both in a causal call and in one with every
+# option. A spilling kernel runs out of local memory, and one over the shared
+# memory limit does not launch. Measured on a CPU by bench/triton_sm90.py
+# (bench/results/triton_sm90_cpu.md, which lists what the other candidates
+# spill) and asserted by tests/test_triton_sm90.py; which launch that fits is
+# fastest needs a GPU (bench/gpu.sh times chunk sizes).
+LAUNCHES = {
+    ("forward", False, 64): Launch(128, 64, 8, 2),
+    ("forward", False, 128): Launch(128, 64, 8, 2),
+    ("forward", False, 256): Launch(64, 32, 8, 2),
+    ("dkv", False, 64): Launch(128, 64, 8, 2),
+    ("dkv", False, 128): Launch(32, 64, 8, 2),
+    ("dkv", False, 256): Launch(32, 32, 8, 2),
+    ("dq", False, 64): Launch(128, 64, 8, 2),
+    ("dq", False, 128): Launch(128, 64, 8, 2),
+    ("dq", False, 256): Launch(32, 64, 8, 2),
+    # float32: exact products (no TF32) are FMA loops, not tensor-core dots,
+    # and hold more registers; a second stage spills the backward's.
+    ("forward", True, 64): Launch(32, 32, 8, 2),
+    ("forward", True, 128): Launch(32, 32, 8, 2),
+    ("forward", True, 256): Launch(32, 32, 8, 2),
+    ("dkv", True, 64): Launch(64, 32, 8, 1),
+    ("dkv", True, 128): Launch(16, 32, 8, 1),
+    ("dkv", True, 256): Launch(16, 32, 8, 1),
+    ("dq", True, 64): Launch(64, 32, 8, 2),
+    ("dq", True, 128): Launch(16, 32, 8, 1),
+    ("dq", True, 256): Launch(16, 16, 8, 1),
+}
+_LARGEST_BLOCK = max(max(x.block_q, x.block_k) for x in LAUNCHES.values())
+
+
+def launch(kernel, dtype, head_dim):
+    """The :data:`LAUNCHES` entry of ``kernel`` for inputs of ``dtype`` and a
+    padded ``head_dim``."""
+    return LAUNCHES[kernel, jnp.dtype(dtype) == jnp.float32, max(64, head_dim)]
 
 
 def unsupported(dtype, head_dim, query_chunk_size, key_chunk_size, shapes=()):
@@ -82,22 +127,18 @@ class _Spec:
         )
 
 
-def _blocks(config, t_pad, s_pad, default, head_dim):
+def _blocks(config, t_pad, s_pad, tuned):
     """A kernel's (query, key) block: the call's chunk sizes where it names
-    them, else the kernel's default (halved for head dims over 128, whose
-    float32 accumulators would not fit the registers), at most the padded
-    lengths."""
-    if head_dim > 128:
-        default = tuple(max(_MIN_BLOCK, d // 2) for d in default)
-    bq = config.kernel_query_chunk or default[0]
-    bk = config.kernel_key_chunk or default[1]
+    them, else the kernel's launch ``tuned``, at most the padded lengths."""
+    bq = config.kernel_query_chunk or tuned.block_q
+    bk = config.kernel_key_chunk or tuned.block_k
     return min(bq, t_pad), min(bk, s_pad)
 
 
 def _padded(n, config_chunk):
     """A sequence length padded to whole blocks of every kernel: a power of
     two below the largest default block, a multiple of it above."""
-    top = config_chunk or max(FORWARD_BLOCKS + DKV_BLOCKS + DQ_BLOCKS)
+    top = config_chunk or _LARGEST_BLOCK
     if n >= top:
         return -(-n // top) * top
     return max(_MIN_BLOCK, pl.next_power_of_2(n))
@@ -143,12 +184,8 @@ def _dtype(x, config):
     return jnp.float32 if config.partials else x.dtype
 
 
-def _warps(h):
-    return 4 if h <= 64 else 8
-
-
-def _compiler_params(h):
-    return plt.CompilerParams(num_warps=_warps(h), num_stages=NUM_STAGES)
+def _compiler_params(tuned):
+    return plt.CompilerParams(num_warps=tuned.num_warps, num_stages=tuned.num_stages)
 
 
 # -- One block's scores, shared by the three kernels --------------------------
@@ -306,7 +343,8 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config,
     call = _Call(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, config)
     spec, (batch, tp, n, hp), kh = call.spec, call.q.shape, call.k.shape[2]
     g = spec.groups
-    bq, bk = _blocks(config, call.tp, call.sp, FORWARD_BLOCKS, hp)
+    tuned = launch("forward", call.q.dtype, hp)
+    bq, bk = _blocks(config, call.tp, call.sp, tuned)
     nq, nk = call.tp // bq, -(-spec.s // bk)
     operands, names, specs = call.inputs(True, bq, bk)
     if sinks is not None:
@@ -332,7 +370,7 @@ def forward(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, config,
             _out(call.q.shape, _dtype(q, config), call.q),
             _out((batch, n, tp), jnp.float32, call.q),
         ],
-        compiler_params=_compiler_params(hp),
+        compiler_params=_compiler_params(tuned),
         interpret=interpret,
         name="jsoftmax_attention_forward",
     )(*operands)
@@ -391,7 +429,8 @@ def _dkv(call, rows, config, interpret):
     """dK, dV: a program per (batch, key/value head, key block); the G query
     heads of the group and the query blocks in the band are its loops."""
     spec, (batch, tp, _, hp), kh = call.spec, call.q.shape, call.k.shape[2]
-    bq, bk = _blocks(config, call.tp, call.sp, DKV_BLOCKS, hp)
+    tuned = launch("dkv", call.q.dtype, hp)
+    bq, bk = _blocks(config, call.tp, call.sp, tuned)
     group = pl.BlockSpec((None, tp, spec.groups, hp), lambda b, h, j: (b, 0, h, 0))
     group_rows = pl.BlockSpec((None, spec.groups, tp), lambda b, h, j: (b, h, 0))
     operands, names, specs = call.inputs(False, bq, bk)
@@ -410,7 +449,7 @@ def _dkv(call, rows, config, interpret):
         in_specs=specs,
         out_specs=[block, block],
         out_shape=[_out(call.k.shape, _dtype(call.k, config), call.q)] * 2,
-        compiler_params=_compiler_params(hp),
+        compiler_params=_compiler_params(tuned),
         interpret=interpret,
         name="jsoftmax_attention_dkv",
     )(*operands)
@@ -467,7 +506,8 @@ def _dq(call, rows, with_bias, config, interpret):
     """dQ, and the bias's dS where there is a bias: a program per (batch,
     query head, query block); the key blocks in the band are its loop."""
     spec, (batch, tp, n, hp) = call.spec, call.q.shape
-    bq, bk = _blocks(config, call.tp, call.sp, DQ_BLOCKS, hp)
+    tuned = launch("dq", call.q.dtype, hp)
+    bq, bk = _blocks(config, call.tp, call.sp, tuned)
     operands, names, specs = call.inputs(True, bq, bk)
     for name, x in rows:
         operands.append(x)
@@ -498,7 +538,7 @@ def _dq(call, rows, with_bias, config, interpret):
         in_specs=specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(hp),
+        compiler_params=_compiler_params(tuned),
         interpret=interpret,
         name="jsoftmax_attention_dq",
     )(*operands)
