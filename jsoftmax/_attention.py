@@ -232,8 +232,10 @@ def dot_product_attention(
         Differentiable.
       query_chunk_size: queries per block (static). Default 128, or ``T``
         if smaller. ``T`` need not be a multiple. Given, it is the query
-        block of every Pallas kernel too (whose own defaults are in
-        ``jsoftmax/_attention_pallas.py``).
+        block of every Pallas kernel too (whose own defaults, per kernel,
+        head dim and float32 or 16-bit inputs, are ``LAUNCHES`` in
+        ``jsoftmax/_attention_pallas.py``: blocks that fit an H100's
+        registers and shared memory).
       key_chunk_size: keys per block (static). Default 128, or ``S`` if
         smaller. ``S`` need not be a multiple. The defaults were chosen by
         timing forward plus backward for blocks of 64x128 to 512x512 at

@@ -30,7 +30,9 @@ _SPEC.loader.exec_module(sm90)
 
 @pytest.mark.parametrize("options", ["causal", "every"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+# float16 builds the same kernels as bfloat16 (bench/results/triton_sm90_cpu.md
+# has both); CI compiles one of the two.
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_default_launches_fit_sm90(dtype, head_dim, options):
     kernels = sm90.attention_kernels(sm90.DTYPES[dtype], head_dim, options)
     assert sorted(kernels) == sorted(sm90.KERNELS)
