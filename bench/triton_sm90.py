@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
+import multiprocessing
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +63,12 @@ class Resources:
     shared: int  # bytes of shared memory per block
     registers: int  # per thread
     spilled: int  # bytes of spill stores plus spill loads
+    stack: int  # bytes of stack frame (local memory) per thread
     dots: str  # the matmul instructions: wgmma (Hopper's), mma.sync, or fma
 
     @property
     def fits(self):
-        return self.spilled == 0 and self.shared <= SHARED_LIMIT
+        return self.spilled == 0 and self.stack == 0 and self.shared <= SHARED_LIMIT
 
 
 def triton_kernels(fn, *args):
@@ -140,6 +142,7 @@ def compile_sm90(kernel):
         )  # fmt: skip
     text = report.stdout + report.stderr
     registers = int(re.search(r"Used (\d+) registers", text).group(1))
+    stack = int(re.search(r"(\d+) bytes stack frame", text).group(1))
     stores, loads = re.search(
         r"(\d+) bytes spill stores, (\d+) bytes spill loads", text
     ).groups()
@@ -147,7 +150,11 @@ def compile_sm90(kernel):
     kinds = (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
     dots = [name for name, op in kinds if op in ptx_text] or ["fma"]
     return Resources(
-        compiled.metadata.shared, registers, int(stores) + int(loads), "+".join(dots)
+        compiled.metadata.shared,
+        registers,
+        int(stores) + int(loads),
+        stack,
+        "+".join(dots),
     )
 
 
@@ -156,17 +163,42 @@ def compile_sm90(kernel):
 B, T, N = 1, 1024, 4
 
 
+# The calls whose kernels must fit: options alone and together, since what
+# spills does not grow with the options (a kernel can fit with every option
+# and spill with a few).
+CALLS = ("plain", "causal", "soft_cap", "bias", "window", "masked", "every")
+
+
 def options(name, dtype):
-    """(key/value heads, attention options) by name: ``causal`` alone, or
-    ``every`` option the kernels take at once (grouped-query heads, a full
-    bias, a mask, lengths, segment ids, a window, soft cap and sinks)."""
+    """(key/value heads, attention options) of a call by name: ``plain`` (no
+    option); ``causal``, ``soft_cap``, a full ``bias`` or a two-sided
+    ``window`` alone; ``masked`` (grouped-query heads, a full mask and bias, a
+    two-sided window and soft cap); or ``every`` option the kernels take at
+    once (grouped-query heads, a full bias, a mask, lengths, segment ids, a
+    window, soft cap and sinks)."""
+    full = (B, N, T, T)
+    if name == "plain":
+        return N, {}
     if name == "causal":
         return N, dict(is_causal=True)
+    if name == "soft_cap":
+        return N, dict(soft_cap=30.0)
+    if name == "bias":
+        return N, dict(bias=jnp.zeros(full, dtype))
+    if name == "window":
+        return N, dict(local_window_size=(100, 50))
+    if name == "masked":
+        return N // 2, dict(
+            mask=jnp.ones(full, bool),
+            bias=jnp.zeros(full, dtype),
+            local_window_size=(100, 50),
+            soft_cap=30.0,
+        )
     segments = jnp.zeros((B, T), jnp.int32)
     return N // 2, dict(
         is_causal=True,
         local_window_size=(256, 0),
-        bias=jnp.zeros((B, N, T, T), dtype),
+        bias=jnp.zeros(full, dtype),
         mask=jnp.ones((B, 1, 1, T), bool),
         query_seq_lengths=jnp.full((B,), T, jnp.int32),
         key_value_seq_lengths=jnp.full((B,), T, jnp.int32),
@@ -221,9 +253,10 @@ def _row(dtype, head_dim, name, kernel, launch, resources):
         verdict = "fits" if resources.fits else (
             "SPILLS" if resources.spilled else "OVER SHARED LIMIT")  # fmt: skip
         numbers = (f"{resources.shared / 1024:.0f} | {resources.registers} | "
-                   f"{resources.spilled} | {resources.dots} | {verdict}")  # fmt: skip
+                   f"{resources.spilled} | {resources.stack} | {resources.dots} | "
+                   f"{verdict}")  # fmt: skip
     else:
-        numbers = f"- | - | - | - | FAILS: {resources}"
+        numbers = f"- | - | - | - | - | FAILS: {resources}"
     blocks = (
         f"{launch.block_q}x{launch.block_k}, {launch.num_warps}, {launch.num_stages}"
     )
@@ -239,45 +272,41 @@ def _compile(kernel):
 
 HEADER = [
     "| dtype | H | options | kernel | block q x k, warps, stages | shared KiB "
-    "| registers | spilled bytes | dots | |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| registers | spilled bytes | stack bytes | dots | |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
-def defaults_table(dtypes, head_dims, names):
-    rows = []
-    for dtype, head_dim, name in itertools.product(dtypes, head_dims, names):
-        kernels = attention_kernels(DTYPES[dtype], head_dim, name)
-        for kernel_name in KERNELS:
-            launch = _attention_pallas.launch(kernel_name, DTYPES[dtype], head_dim)
-            resources = _compile(kernels[kernel_name])
-            rows.append(_row(dtype, head_dim, name, kernel_name, launch, resources))
-            print(rows[-1], flush=True)
-    return rows
-
-
 # Candidates for each kernel's launch, largest blocks first:
-# "QxK/WARPS/STAGES". The defaults are the first of each list that fits in the
-# causal call and in the call with every option.
+# "QxK/WARPS/STAGES". The defaults are the first of each list that fits in
+# every call of CALLS.
 CANDIDATES = {
     (False, "forward", 64): "128x128/8/2 128x64/8/2 64x128/8/2 64x64/8/2",
     (False, "forward", 128): "128x64/8/2 64x128/8/2 128x32/8/2 64x64/8/2",
     (False, "forward", 256): "64x64/8/2 64x32/8/2 32x64/8/2 32x32/8/2",
     (False, "dkv", 64): "128x64/8/2 64x64/8/2 128x32/8/2 64x32/8/2",
-    (False, "dkv", 128): "128x64/8/2 64x64/8/2 128x32/8/2 32x64/8/2 64x32/8/2",
-    (False, "dkv", 256): "32x32/8/2 16x32/8/2 32x16/8/2",
+    (False, "dkv", 128): "128x64/8/2 64x64/8/2 128x32/8/2 32x64/8/2 64x32/8/2 "
+    "32x32/8/2",
+    (False, "dkv", 256): "32x32/8/2 16x32/8/2 32x16/8/2 16x16/8/2 32x32/8/1 16x16/8/1",
     (False, "dq", 64): "128x128/8/2 128x64/8/2 64x64/8/2 128x32/8/2",
-    (False, "dq", 128): "128x128/8/2 128x64/8/2 64x64/8/2 128x32/8/2",
-    (False, "dq", 256): "64x32/8/2 32x64/8/2 32x32/8/2",
-    (True, "forward", 64): "64x64/8/2 64x32/8/2 32x64/8/2 32x32/8/2",
-    (True, "forward", 128): "64x32/8/2 32x64/8/2 32x32/8/2 32x32/8/1",
-    (True, "forward", 256): "64x64/8/2 64x32/8/2 32x64/8/2 32x32/8/2 32x32/8/1",
-    (True, "dkv", 64): "64x32/8/2 64x32/8/1 32x64/8/1 32x32/8/1 16x32/8/1",
-    (True, "dkv", 128): "64x32/8/1 32x64/8/1 32x32/8/1 16x32/8/1 16x16/8/1",
-    (True, "dkv", 256): "32x32/8/1 16x32/8/1 16x16/8/1",
-    (True, "dq", 64): "64x32/8/2 32x64/8/2 32x32/8/2 64x32/8/1 32x32/8/1",
-    (True, "dq", 128): "64x32/8/2 32x32/8/2 64x32/8/1 32x32/8/1 16x32/8/1",
-    (True, "dq", 256): "32x32/8/2 32x32/8/1 16x32/8/1 16x16/8/1",
+    (False, "dq", 128): "128x128/8/2 128x64/8/2 64x64/8/2 128x32/8/2 64x32/8/2 "
+    "32x32/8/2",
+    (False, "dq", 256): "64x32/8/2 32x64/8/2 32x32/8/2 16x32/8/2 16x16/8/2",
+    (True, "forward", 64): "64x64/8/2 64x32/8/2 32x64/8/2 32x32/8/2 32x32/8/1 "
+    "16x32/8/1 16x16/8/1 16x16/4/1",
+    (True, "forward", 128): "64x32/8/2 32x64/8/2 32x32/8/2 32x32/8/1 16x32/8/1 "
+    "16x16/8/1",
+    (True, "forward", 256): "64x64/8/2 64x32/8/2 32x64/8/2 32x32/8/2 32x32/8/1 "
+    "16x32/8/1 16x16/8/1",
+    (True, "dkv", 64): "64x32/8/2 64x32/8/1 32x64/8/1 32x32/8/1 16x32/8/1 "
+    "16x16/8/1 16x16/4/1",
+    (True, "dkv", 128): "64x32/8/1 32x64/8/1 32x32/8/1 16x32/8/1 16x16/8/1 16x16/4/1",
+    (True, "dkv", 256): "32x32/8/1 16x32/8/1 16x16/8/1 16x16/4/1",
+    (True, "dq", 64): "64x32/8/2 32x64/8/2 32x32/8/2 64x32/8/1 32x32/8/1 "
+    "16x32/8/1 16x16/8/1 16x16/4/1",
+    (True, "dq", 128): "64x32/8/2 32x32/8/2 64x32/8/1 32x32/8/1 16x32/8/1 "
+    "16x16/8/1 16x16/4/1",
+    (True, "dq", 256): "32x32/8/2 32x32/8/1 16x32/8/1 16x16/8/1 16x16/4/1",
 }
 
 
@@ -287,35 +316,63 @@ def _parse(candidate):
     return _attention_pallas.Launch(int(bq), int(bk), int(warps), int(stages))
 
 
-def sweep_table(dtypes):
-    """Each kernel's candidates in turn, up to the first that fits in both
-    calls; the line after a kernel's rows names the one chosen."""
-    rows = []
-    for dtype, ((wide, kernel_name, head_dim), candidates) in itertools.product(
-        dtypes, CANDIDATES.items()
-    ):
-        if wide != (dtype == "float32"):
-            continue
-        chosen = None
-        for candidate in candidates.split():
-            launch = _parse(candidate)
-            fits = True
-            for name in ("causal", "every"):
-                with launches({(kernel_name, wide, head_dim): launch}):
-                    kernel = attention_kernels(DTYPES[dtype], head_dim, name)[
-                        kernel_name
-                    ]
-                resources = _compile(kernel)
-                fits &= isinstance(resources, Resources) and resources.fits
-                rows.append(_row(dtype, head_dim, name, kernel_name, launch, resources))
-                print(rows[-1], flush=True)
-            if fits:
-                chosen = candidate
-                break
-        rows.append(
-            f"| {dtype} | {head_dim} | | {kernel_name} | chosen: {chosen} | | | | | |"
-        )
+def _defaults_rows(job):
+    """One call's three kernels at the table's launches (with ``changes``)."""
+    dtype, head_dim, name, changes = job
+    with launches(changes):
+        kernels = attention_kernels(DTYPES[dtype], head_dim, name)
+        rows = []
+        for kernel_name in KERNELS:
+            launch = _attention_pallas.launch(kernel_name, DTYPES[dtype], head_dim)
+            resources = _compile(kernels[kernel_name])
+            rows.append(_row(dtype, head_dim, name, kernel_name, launch, resources))
     return rows
+
+
+def _candidate_rows(job):
+    """One kernel's candidates in turn, each over the calls up to the first
+    that does not fit, up to the first candidate that fits in all; a last
+    row names the one chosen."""
+    dtype, (wide, kernel_name, head_dim), candidates = job
+    rows, chosen = [], None
+    for candidate in candidates.split():
+        launch = _parse(candidate)
+        for name in CALLS:
+            with launches({(kernel_name, wide, head_dim): launch}):
+                kernel = attention_kernels(DTYPES[dtype], head_dim, name)[kernel_name]
+            resources = _compile(kernel)
+            rows.append(_row(dtype, head_dim, name, kernel_name, launch, resources))
+            if not (isinstance(resources, Resources) and resources.fits):
+                break
+        else:
+            chosen = candidate
+            break
+    rows.append(
+        f"| {dtype} | {head_dim} | | {kernel_name} | chosen: {chosen} | | | | | | |"
+    )
+    return rows
+
+
+def _run(worker, jobs, processes):
+    """``worker`` over ``jobs`` in fresh processes (each imports JAX anew: a
+    launch table changed in this one does not reach them), rows in order."""
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        return [row for rows in pool.map(worker, jobs) for row in rows]
+
+
+def defaults_table(dtypes, processes, calls=CALLS, changes=None):
+    jobs = [(dtype, head_dim, name, changes or {})
+            for dtype in dtypes for head_dim in HEAD_DIMS
+            for name in calls]  # fmt: skip
+    return _run(_defaults_rows, jobs, processes)
+
+
+def sweep_table(dtypes, processes):
+    jobs = [(dtype, key, candidates)
+            for dtype in dtypes for key, candidates in CANDIDATES.items()
+            if key[0] == (dtype == "float32")]  # fmt: skip
+    return _run(_candidate_rows, jobs, processes)
 
 
 # The one launch table of jsoftmax 6a927ec, for every dtype: blocks 128x64
@@ -342,41 +399,49 @@ def main(argv=None):
     parser.add_argument(
         "--sweep", action="store_true", help="also the candidates of the defaults"
     )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     import triton
+    from triton.backends.nvidia.compiler import get_ptxas_version
 
+    ptxas = get_ptxas_version(90).split("release ")[-1].split(",")[0]
     lines = [
         "# The attention kernels compiled for sm_90a (H100/H200) on a CPU",
         "",
-        f"triton {triton.__version__} (its ptxas: sm_90a), jax {jax.__version__}; "
-        f"`python bench/triton_sm90.py`. The gradient of a call with "
-        f'`implementation="pallas"`, B={B}, T=S={T}, N={N}: `causal` alone, or '
-        f"`every` option at once (grouped-query heads, a full bias, a mask, "
-        f"lengths, segment ids, a window, soft cap, sinks). A kernel fits where "
-        f"nothing spills and its shared memory is at most {SHARED_LIMIT // 1024} "
-        "KiB. The triton package stands in for the Triton inside the GPU's "
-        "jaxlib: close numbers, not equal ones. No time is measured here.",
+        f"triton {triton.__version__} (its ptxas, CUDA {ptxas}, for sm_90a), jax "
+        f"{jax.__version__}; `python bench/triton_sm90.py --sweep`. The "
+        f'gradient of a call with `implementation="pallas"`, B={B}, T=S={T}, '
+        f"N={N}, in seven calls: `plain` (no option); `causal`, `soft_cap`, a "
+        "full `bias` or a two-sided `window` alone; `masked` (grouped-query "
+        "heads, a full mask and bias, a two-sided window, soft cap); and `every` "
+        "option at once (grouped-query heads, a full bias, a mask, lengths, "
+        "segment ids, a window, soft cap, sinks). A kernel fits where "
+        "nothing spills, its stack frame is empty and its shared memory is at "
+        f"most {SHARED_LIMIT // 1024} KiB. The triton package and its ptxas "
+        "stand in for the Triton inside the GPU's jaxlib and the ptxas it "
+        "uses: close numbers, not equal ones (a kernel near 255 registers can "
+        "spill under another ptxas). No time is measured here.",
         "",
         "## The default launches (`jsoftmax._attention_pallas.LAUNCHES`)",
         "",
         *HEADER,
-        *defaults_table(DTYPES, HEAD_DIMS, ("causal", "every")),
+        *defaults_table(DTYPES, args.jobs),
     ]
     if args.sweep:
         lines += [
             "",
-            "## The candidates, largest first, up to the first that fits",
+            "## The candidates, largest first, each over the calls up to the first "
+            "that does not fit, up to the first that fits in all",
             "",
             *HEADER,
-            *sweep_table(("bfloat16", "float32")),
+            *sweep_table(("bfloat16", "float32"), args.jobs),
             "",
-            "## The launches these replaced (`BEFORE`)",
+            "## The launches these replaced (`BEFORE`), causal",
             "",
             *HEADER,
+            *defaults_table(("bfloat16", "float32"), args.jobs, ("causal",), BEFORE),
         ]
-        with launches(BEFORE):
-            lines += defaults_table(("bfloat16", "float32"), HEAD_DIMS, ("causal",))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "triton_sm90_cpu.md").write_text("\n".join(lines) + "\n")
     print("wrote", args.out / "triton_sm90_cpu.md")

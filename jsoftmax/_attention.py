@@ -235,7 +235,11 @@ def dot_product_attention(
         block of every Pallas kernel too (whose own defaults, per kernel,
         head dim and float32 or 16-bit inputs, are ``LAUNCHES`` in
         ``jsoftmax/_attention_pallas.py``: blocks that fit an H100's
-        registers and shared memory).
+        registers and shared memory). Chunk sizes replace the kernels'
+        blocks but not their warps and stages, and blocks larger than those
+        defaults can spill registers on a GPU (``triton_kernels`` and
+        ``compile_sm90`` in ``bench/triton_sm90.py`` build a call's kernels
+        for an H100 on a CPU and report their registers and spills).
       key_chunk_size: keys per block (static). Default 128, or ``S`` if
         smaller. ``S`` need not be a multiple. The defaults were chosen by
         timing forward plus backward for blocks of 64x128 to 512x512 at

@@ -39,34 +39,38 @@ class Launch:
 # (16 and 32 take 64's), where the call names no chunk sizes (chunk sizes
 # replace the blocks and keep the warps and stages). Of a few candidates,
 # largest blocks first, each is the first that Triton 3.9 compiles for an
-# H100/H200 (sm_90a) with no register spilled and within the 227 KiB of
-# shared memory one block may use, both in a causal call and in one with every
-# option. A spilling kernel runs out of local memory, and one over the shared
-# memory limit does not launch. Measured on a CPU by bench/triton_sm90.py
-# (bench/results/triton_sm90_cpu.md, which lists what the other candidates
-# spill) and asserted by tests/test_triton_sm90.py; which launch that fits is
-# fastest needs a GPU (bench/gpu.sh times chunk sizes).
+# H100/H200 (sm_90a) with no register spilled, no stack frame and within the
+# 227 KiB of shared memory one block may use, in each of seven calls: no
+# option; causal, soft cap, a full bias or a two-sided window alone;
+# grouped-query heads with a full mask and bias, a window and soft cap; and
+# every option at once. What spills does not grow with the options, so other
+# mixes can still spill a few bytes. A spilling kernel runs out of local
+# memory, and one over the shared memory limit does not launch. Measured on a
+# CPU by bench/triton_sm90.py (bench/results/triton_sm90_cpu.md, which lists
+# what the other candidates spill) and asserted by tests/test_triton_sm90.py;
+# which launch that fits is fastest needs a GPU (bench/gpu.sh times chunk
+# sizes).
 LAUNCHES = {
     ("forward", False, 64): Launch(128, 64, 8, 2),
     ("forward", False, 128): Launch(128, 64, 8, 2),
     ("forward", False, 256): Launch(64, 32, 8, 2),
     ("dkv", False, 64): Launch(128, 64, 8, 2),
     ("dkv", False, 128): Launch(32, 64, 8, 2),
-    ("dkv", False, 256): Launch(32, 32, 8, 2),
+    ("dkv", False, 256): Launch(16, 32, 8, 2),
     ("dq", False, 64): Launch(128, 64, 8, 2),
-    ("dq", False, 128): Launch(128, 64, 8, 2),
+    ("dq", False, 128): Launch(64, 64, 8, 2),
     ("dq", False, 256): Launch(32, 64, 8, 2),
     # float32: exact products (no TF32) are FMA loops, not tensor-core dots,
-    # and hold more registers; a second stage spills the backward's.
-    ("forward", True, 64): Launch(32, 32, 8, 2),
+    # and hold more registers; with a second stage most backward kernels spill.
+    ("forward", True, 64): Launch(16, 32, 8, 1),
     ("forward", True, 128): Launch(32, 32, 8, 2),
     ("forward", True, 256): Launch(32, 32, 8, 2),
-    ("dkv", True, 64): Launch(64, 32, 8, 1),
-    ("dkv", True, 128): Launch(16, 32, 8, 1),
+    ("dkv", True, 64): Launch(16, 16, 8, 1),
+    ("dkv", True, 128): Launch(16, 16, 4, 1),
     ("dkv", True, 256): Launch(16, 32, 8, 1),
     ("dq", True, 64): Launch(64, 32, 8, 2),
     ("dq", True, 128): Launch(16, 32, 8, 1),
-    ("dq", True, 256): Launch(16, 16, 8, 1),
+    ("dq", True, 256): Launch(16, 16, 4, 1),
 }
 _LARGEST_BLOCK = max(max(x.block_q, x.block_k) for x in LAUNCHES.values())
 
