@@ -251,7 +251,8 @@ HEAD_DIMS = (64, 128, 256)
 def _row(dtype, head_dim, name, kernel, launch, resources):
     if isinstance(resources, Resources):
         verdict = "fits" if resources.fits else (
-            "SPILLS" if resources.spilled else "OVER SHARED LIMIT")  # fmt: skip
+            "SPILLS" if resources.spilled or resources.stack
+            else "OVER SHARED LIMIT")  # fmt: skip
         numbers = (f"{resources.shared / 1024:.0f} | {resources.registers} | "
                    f"{resources.spilled} | {resources.stack} | {resources.dots} | "
                    f"{verdict}")  # fmt: skip
