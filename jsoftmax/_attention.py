@@ -7,7 +7,7 @@ import math
 import operator
 from collections.abc import Hashable
 from functools import partial
-from typing import Literal
+from typing import Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,88 @@ class _Config:
     # the accumulation dtype (float32 for 16-bit inputs), so that the pairs'
     # partials are merged and summed before the one rounding to the inputs'.
     partials: bool = False
+
+
+# Type checkers: the output alone, or (output, lse) with return_residual=True.
+@overload
+def dot_product_attention(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.typing.ArrayLike | None = None,
+    key_value_seq_lengths: jax.typing.ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: Literal["xla", "pallas", "cudnn"] | None = None,
+    query_segment_ids: jax.typing.ArrayLike | None = None,
+    key_value_segment_ids: jax.typing.ArrayLike | None = None,
+    soft_cap: float | None = None,
+    sinks: jax.typing.ArrayLike | None = None,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    return_residual: Literal[False] = False,
+    axis_name: Hashable | None = None,
+    context_parallel: Literal["ring", "all_gather"] = "ring",
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous",
+) -> jax.Array: ...
+
+
+@overload
+def dot_product_attention(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.typing.ArrayLike | None = None,
+    key_value_seq_lengths: jax.typing.ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: Literal["xla", "pallas", "cudnn"] | None = None,
+    query_segment_ids: jax.typing.ArrayLike | None = None,
+    key_value_segment_ids: jax.typing.ArrayLike | None = None,
+    soft_cap: float | None = None,
+    sinks: jax.typing.ArrayLike | None = None,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    return_residual: Literal[True],
+    axis_name: Hashable | None = None,
+    context_parallel: Literal["ring", "all_gather"] = "ring",
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous",
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def dot_product_attention(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.typing.ArrayLike | None = None,
+    key_value_seq_lengths: jax.typing.ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: Literal["xla", "pallas", "cudnn"] | None = None,
+    query_segment_ids: jax.typing.ArrayLike | None = None,
+    key_value_segment_ids: jax.typing.ArrayLike | None = None,
+    soft_cap: float | None = None,
+    sinks: jax.typing.ArrayLike | None = None,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
+    return_residual: bool = False,
+    axis_name: Hashable | None = None,
+    context_parallel: Literal["ring", "all_gather"] = "ring",
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous",
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 
 
 @in_operands_mesh

@@ -10,7 +10,8 @@ import functools
 import math
 import operator
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,9 @@ from jax import lax
 from jsoftmax._forward_mode import jit_kept
 
 Axis = int | Sequence[int] | None
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def normalize_axis(
@@ -217,16 +221,16 @@ def share_shardings(arrays: Sequence, dims: Sequence, whole: tuple = ()) -> list
     return out
 
 
-def in_operands_mesh(fn):
+def in_operands_mesh(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """``fn`` run with the mesh of its array arguments' types as the context
     mesh where none is set: arrays put on an ``Explicit`` mesh and passed to
     ``jit`` outside ``jax.set_mesh``, as plain JAX code may. The ops read
     the mesh from the context (splits, ``reshard`` to a spec,
     ``shard_map``); an arguments' mesh with no ``Explicit`` axis changes
-    nothing."""
+    nothing. Typed to keep ``fn``'s signature for type checkers."""
 
     @functools.wraps(fn)
-    def run(*args, **kwargs):
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if not jax.sharding.get_abstract_mesh().empty:
             return fn(*args, **kwargs)
         for leaf in jax.tree.leaves((args, kwargs)):

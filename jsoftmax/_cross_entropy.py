@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from functools import partial
 
 import jax
@@ -193,11 +194,11 @@ def softmax_cross_entropy(
     labels: jax.typing.ArrayLike,
     axis: Axis = -1,
     *,
-    where=None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     soft_cap: float | None = None,
-    axis_name=None,
+    axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Cross-entropy between softmax(logits) and probability labels.
 
@@ -402,11 +403,11 @@ def softmax_cross_entropy_with_integer_labels(
     labels: jax.typing.ArrayLike,
     axis: int = -1,
     *,
-    where=None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     soft_cap: float | None = None,
-    axis_name=None,
+    axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Cross-entropy between softmax(logits) and integer class ids.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import partial
 
 import jax
@@ -86,7 +87,7 @@ def linear_softmax_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     soft_cap: float | None = None,
-    axis_name=None,
+    axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``softmax(x @ w + bias)`` without materialising the logits.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import partial
 
 import jax
@@ -67,7 +68,11 @@ def _shifted(x, where, axes, axis_name):
 
 @in_operands_mesh
 def softmax(
-    x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None, axis_name=None
+    x: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Softmax along ``axis``, with a backward pass that reuses the output.
 
@@ -158,7 +163,11 @@ _softmax_forward_mode = _with_forward_mode(_softmax, symmetric=True, keep_traces
 
 @in_operands_mesh
 def log_softmax(
-    x: jax.typing.ArrayLike, axis: Axis = -1, *, where=None, axis_name=None
+    x: jax.typing.ArrayLike,
+    axis: Axis = -1,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Log-softmax along ``axis``, with a backward pass that reuses the output.
 

@@ -197,7 +197,11 @@ class VjpErrors:
         return self.value_mismatch is None and self.jacobian_mismatch is None
 
 
-def reference_softmax(x, axis=-1, where=None):
+def reference_softmax(
+    x: jax.typing.ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
     """Plain-autodiff softmax, independent of jsoftmax's rules.
 
     An unmasked row of all ``-inf`` is NaN here, as in ``jax.nn``, where
@@ -212,7 +216,11 @@ def reference_softmax(x, axis=-1, where=None):
     return y if where is None else jnp.where(where, y, 0.0)
 
 
-def reference_log_softmax(x, axis=-1, where=None):
+def reference_log_softmax(
+    x: jax.typing.ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
     """Plain-autodiff log-softmax, independent of jsoftmax's rules.
 
     Masked-out outputs are the constant ``-inf``, as ``jax.nn`` documents. An
@@ -228,8 +236,14 @@ def reference_log_softmax(x, axis=-1, where=None):
 
 
 def reference_softmax_cross_entropy(
-    logits, labels, axis=-1, where=None, label_smoothing=0.0, z_loss=0.0, soft_cap=None
-):
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    soft_cap: float | None = None,
+) -> jax.Array:
     """Plain-autodiff cross-entropy with probability labels (the definition).
 
     A masked class has probability 0: label mass there, ``(1 - a) q``, gives
@@ -238,6 +252,7 @@ def reference_softmax_cross_entropy(
     class (all masked, or all ``-inf``) is NaN here, where the ops give a
     loss of 0 with zero gradients: leave such rows out of a comparison.
     """
+    logits = jnp.asarray(logits)
     z = logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
     valid = (
         jnp.ones(z.shape, bool) if where is None else jnp.broadcast_to(where, z.shape)
@@ -257,11 +272,18 @@ def reference_softmax_cross_entropy(
 
 
 def reference_softmax_cross_entropy_with_integer_labels(
-    logits, labels, axis=-1, where=None, label_smoothing=0.0, z_loss=0.0, soft_cap=None
-):
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int = -1,
+    where: jax.typing.ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    soft_cap: float | None = None,
+) -> jax.Array:
     """Plain-autodiff cross-entropy with integer labels, via one-hot labels
     (a row with no valid class is NaN, as in
     :func:`reference_softmax_cross_entropy`)."""
+    logits = jnp.asarray(logits)
     onehot = jax.nn.one_hot(labels, logits.shape[axis], axis=axis, dtype=logits.dtype)
     return reference_softmax_cross_entropy(
         logits, onehot, axis, where, label_smoothing, z_loss, soft_cap
