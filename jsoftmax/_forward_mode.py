@@ -58,6 +58,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,8 @@ from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import Primitive
 
 __all__ = ["with_forward_mode"]
+
+_R = TypeVar("_R")  # what the custom_vjp function returns
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -228,7 +231,9 @@ def _ct_leaves(ct, primal) -> list:
     return leaves
 
 
-def with_forward_mode(fn: jax.custom_vjp, *, symmetric: bool = False) -> Callable:
+def with_forward_mode(
+    fn: jax.custom_vjp[_R], *, symmetric: bool = False
+) -> Callable[..., _R]:
     r"""Gives a ``jax.custom_vjp`` function forward mode, from its own backward.
 
     The result evaluates exactly as ``fn``. In reverse mode (``grad``, ``vjp``,

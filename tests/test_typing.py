@@ -4,7 +4,6 @@ calls the ops as documented checks clean under ``--strict``, and a wrong call
 is reported."""
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -53,13 +52,31 @@ report: list[jsoftmax.testing.VjpErrors] = jsoftmax.testing.assert_vjp_matches(
     jsoftmax.softmax, jsoftmax.testing.reference_softmax, x
 )
 tol: tuple[float, float] = jsoftmax.testing.tolerances(jnp.float32)
+
+
+@jax.custom_vjp
+def sine(x: jax.Array) -> jax.Array:
+    return jnp.sin(x)
+
+
+def sine_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.sin(x), jnp.cos(x)
+
+
+def sine_bwd(cos: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (cos * g,)
+
+
+sine.defvjp(sine_fwd, sine_bwd)
+tangent: jax.Array = jax.jvp(jsoftmax.with_forward_mode(sine), (x,), (x,))[1]
+forward: jax.Array = jsoftmax.with_forward_mode(sine)(x)
 print(o.shape, o2.shape, lse.shape, pair[1].shape, either, ls, ce, cei, fused)
-print(fl, jac, zz, ref, rl, rc, ri, report, tol)
+print(fl, jac, zz, ref, rl, rc, ri, report, tol, tangent, forward)
 """
 
 # Each line is a mistake that mypy must report: a residual pair used as one
 # array, an implementation jax.nn does not name, an axis of the wrong type,
-# and the output alone unpacked as a pair's second element typed as a tuple.
+# and the output alone taken for the (output, lse) pair.
 _WRONG_CODE = """\
 import jax.numpy as jnp
 
