@@ -383,7 +383,9 @@ def dot_product_attention(
 
     Returns:
       The attention output, ``query``'s shape and dtype; with
-      ``return_residual``, ``(output, lse)``. float16 and bfloat16 inputs run
+      ``return_residual``, ``(output, lse)``, ``lse`` in the output's dtype
+      (float32 for 8-bit inputs, whose formats lack ``-inf`` or its range:
+      float8_e4m3fn ends at 448). float16 and bfloat16 inputs run
       their matmuls in that dtype with float32 accumulation, and the scores,
       probabilities, ``L`` and ``D`` are float32. A query row that sees no
       key (all masked, zero key length, a padded query, an empty segment)
@@ -463,9 +465,9 @@ def dot_product_attention(
         implementation,
     )  # fmt: skip
     if parallel is None:
-        batch, t, *_ = args.arrays[0].shape
+        batch, t, n, _ = args.arrays[0].shape
         config = _band_within(args.config, t, args.arrays[1].shape[1])
-        if batch == 0:  # nothing to compute: the XLA path's empty output
+        if batch == 0 or n == 0:  # nothing to compute: the XLA path's empty output
             config = dataclasses.replace(config, implementation="xla")
         out, lse = traced_once(_attention_forward_mode)(*args.arrays, config)
     else:
@@ -882,12 +884,14 @@ def _require_static(what, value):
 
 def _lse_output(lse, args):
     """The rule's ``[B, K, G, T]`` lse as ``[B, T, N]`` (``[T, N]`` unbatched),
-    without gradient."""
+    without gradient, in the output's dtype; float32 for 8-bit inputs, where
+    ``-inf`` (or, in float8_e4m3fn, anything past 448) would be NaN."""
     query = args.arrays[0]
     batch, t, n, _ = query.shape
     lse = xla.reshape(lax.stop_gradient(lse), (batch, n, t), query, (0, 2, 1))
     lse = lse.transpose(0, 2, 1)
-    return lse.reshape(args.out_shape[:-1]).astype(args.out_dtype)
+    dtype = args.out_dtype if jnp.finfo(args.out_dtype).bits > 8 else jnp.float32
+    return lse.reshape(args.out_shape[:-1]).astype(dtype)
 
 
 def _scores_input(name, what, x, full, float_mask):

@@ -74,7 +74,10 @@ def finish_rows(m, total, o, sink):
     else:
         m_all, total_all = m, total
     empty = total == 0
-    lse = jnp.where(empty, -jnp.inf, m_all + jnp.log(total_all))
+    # log(1), not log(0), where the row is empty: the where's zero cotangent
+    # times log's 1/0 would be NaN in a second derivative (a row hidden by a
+    # -inf bias alone, whose entries all count as visible).
+    lse = jnp.where(empty, -jnp.inf, m_all + jnp.log(jnp.where(empty, 1, total_all)))
     # Selected, not scaled: 0 * NaN (a value hidden from the row) is NaN.
     o = jnp.where(empty[..., None], 0, o / jnp.where(empty, 1, total_all)[..., None])
     return o, lse

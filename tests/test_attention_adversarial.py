@@ -278,3 +278,87 @@ def test_a_non_finite_static_scale_is_refused(scale):
     with pytest.raises(ValueError, match="scale must be finite"):
         jsoftmax.dot_product_attention(q, k, v, scale=scale)
     jsoftmax.dot_product_attention(q, k, v, scale=np.float32(0.0))  # 0 is a scale
+
+
+# ---------------------------------------------------------------------------
+# Defect: a query row hidden by a -inf bias alone (the additive-mask idiom
+# `where(m, b, -inf)`, no boolean mask) is empty, and finish_rows took
+# log(0) for its L before selecting -inf: the select's zero cotangent times
+# log's 1/0 made reverse over reverse NaN in that row's q and bias entries
+# (first derivatives were right). Both implementations, and context
+# parallelism, whose pairs run the block path's finish_rows.
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_second_derivatives_through_a_row_hidden_by_a_minus_inf_bias(implementation):
+    q, k, v, _ = _arrays(1, 5, 6, 2, 1, 3, seed=10)
+    bias = jnp.asarray(np.random.default_rng(11).standard_normal((1, 2, 5, 6)))
+    bias = bias.astype(jnp.float32)
+    shown = jnp.ones((1, 1, 5, 6), bool).at[:, :, 2, :].set(False)  # row 2: none
+
+    def second(bias, mask):
+        def loss(q, bias):
+            out = jsoftmax.dot_product_attention(
+                q, k, v, bias, mask, implementation=implementation, **CHUNKS
+            )
+            return jnp.sum(jnp.sin(out))
+
+        def curvature(q, bias):
+            return jnp.sum(jax.grad(loss, 1)(q, bias) ** 2)
+
+        return jax.jit(jax.grad(curvature, (0, 1)))(q, bias)
+
+    # The same scores hidden by the boolean mask: a where keeps the row out.
+    got = second(jnp.where(shown, bias, -jnp.inf), None)
+    want = second(bias, shown)
+    assert_close(got, want, RTOL, "-inf bias against mask")
+    assert float(jnp.max(jnp.abs(want[0]))) > 0  # the check has something to see
+
+
+# ---------------------------------------------------------------------------
+# Defect: zero query heads (N = 0, K = 1) reached the kernels, which raised a
+# TypeError on a slice; "xla" and jax.nn give the empty output. An empty
+# batch already went to the XLA path.
+
+
+def test_pallas_with_no_query_heads():
+    q = jnp.zeros((2, 9, 0, 8))
+    k = jnp.ones((2, 11, 1, 8))
+    for implementation in ("pallas", None):
+        out, grads = _value_and_grads(implementation, q, k, k, q)
+        assert out.shape == (2, 9, 0, 8)
+        assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+        assert not np.asarray(grads[1]).any()
+    exported = _export_for_cuda(
+        lambda q: jsoftmax.dot_product_attention(q, k, k).sum(), q
+    )
+    assert TRITON not in exported.mlir_module()  # nothing to launch
+
+
+# ---------------------------------------------------------------------------
+# Defect: return_residual's lse was cast to the inputs' dtype; float8_e4m3fn
+# has no -inf and ends at 448, so a row that sees no key got NaN (documented:
+# -inf) and any L past 448 turned NaN. 8-bit inputs now get a float32 lse.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_an_8_bit_call_returns_its_lse_in_float32(dtype, implementation):
+    q, k, v, _ = _arrays(1, 4, 6, 1, 1, 8)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    shown = jnp.ones((1, 1, 4, 6), bool).at[:, :, 2, :].set(False)  # row 2: none
+    bias = jnp.full((6,), 500.0)  # every L past 448
+    for options in (dict(mask=shown), dict(bias=bias)):
+        _, lse = jsoftmax.dot_product_attention(
+            q, k, v, return_residual=True, implementation=implementation, **options
+        )
+        # The same 8-bit values in float32: the op computes 8-bit in float32.
+        _, want = jsoftmax.dot_product_attention(
+            *(x.astype(jnp.float32) for x in (q, k, v)), return_residual=True,
+            implementation="xla", **options,
+        )  # fmt: skip
+        assert lse.dtype == jnp.float32
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want))
+        visible = np.isfinite(want)
+        assert_close(lse[visible], want[visible], 1e-6, str(options))
+    assert float(jnp.min(lse)) > 448
