@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jsoftmax._checks import compute_dtype, shards
+from jsoftmax._checks import compute_dtype, log_sum, shards
 
 # Default block sizes, chosen by measurement: `python bench/attention.py
 # --blocks` (bench/results/attention_blocks_cpu.md) times forward+backward at
@@ -74,10 +74,9 @@ def finish_rows(m, total, o, sink):
     else:
         m_all, total_all = m, total
     empty = total == 0
-    # log(1), not log(0), where the row is empty: the where's zero cotangent
-    # times log's 1/0 would be NaN in a second derivative (a row hidden by a
-    # -inf bias alone, whose entries all count as visible).
-    lse = jnp.where(empty, -jnp.inf, m_all + jnp.log(jnp.where(empty, 1, total_all)))
+    # log_sum: no log(0) under the select (a NaN in reverse over reverse for a
+    # row hidden by a -inf bias alone, whose entries all count as visible).
+    lse = jnp.where(empty, -jnp.inf, m_all + log_sum(total_all))
     # Selected, not scaled: 0 * NaN (a value hidden from the row) is NaN.
     o = jnp.where(empty[..., None], 0, o / jnp.where(empty, 1, total_all)[..., None])
     return o, lse

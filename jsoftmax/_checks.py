@@ -487,6 +487,17 @@ def empty_rows_lifted(s):
     return jnp.maximum(s, np.array(0.5, s.dtype))
 
 
+def log_sum(s):
+    """``log(s)`` for a row's sum of exponentials ``s``: ``-inf`` where ``s``
+    is 0 (a row with no valid entry), with a zero derivative there. The log
+    is taken of 1 in such rows and the ``-inf`` selected after: a select
+    over ``log(0)`` has a zero cotangent that meets log's ``1/0`` in reverse
+    over reverse, NaN that then spreads to every row (under ``vmap`` too). A
+    NaN sum stays NaN."""
+    empty = s == 0
+    return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1, s)))
+
+
 def row_max(x, axes):
     """Max of ``x`` over ``axes``, a constant for autodiff, starting from the
     lowest finite value: a row of -inf (no valid entry) gets a finite max,

@@ -19,6 +19,7 @@ from jsoftmax._checks import (
     empty_rows_lifted,
     float_input,
     in_operands_mesh,
+    log_sum,
     lowest,
     mask_input,
     masked_fill,
@@ -146,7 +147,7 @@ def row_stats(z, axes, axis_name=None):
     """
     m, e = _shifted_exp(z, axes, axis_name)
     s = psum(jnp.sum(e, axes), axis_name)
-    return m, jnp.log(s)
+    return m, log_sum(s)
 
 
 def split_empty(log_s):
@@ -554,7 +555,7 @@ def _integer_cross_entropy_fwd(
     if label_smoothing:
         parts.append(jnp.sum(masked_fill(z - m_k, where, 0), axes))
     parts = psum(tuple(parts), axis_name)
-    log_s = jnp.log(parts[0])
+    log_s = log_sum(parts[0])
     valid, safe_log_s = split_empty(log_s)
     # log_s - (z_y - m) >= 0 term by term: a cross-entropy is never negative.
     # With label_smoothing 1 the target has no weight, also where its logit

@@ -14,6 +14,7 @@ from jsoftmax._checks import (
     compute_dtype,
     float_input,
     in_operands_mesh,
+    log_sum,
     mask_input,
     share_shardings,
     static_int,
@@ -331,7 +332,7 @@ def _losses(
     if label_smoothing:
         total = total + w.shape[1] * (m - m_all)
     s, target, total = psum((s * jnp.exp(m - m_all), target, total), axis_name)
-    log_s = jnp.log(s)
+    log_s = log_sum(s)
     # (1 - a)(log_s - (z_y - m)) + a (log_s - mean(z - m)): each term >= 0, so
     # the loss is >= 0, and none carries the large m.
     loss = log_s - (1 - label_smoothing) * target

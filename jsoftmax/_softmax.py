@@ -279,16 +279,17 @@ def _log_softmax_tangent(statics, res, t):
     softmax(x) = exp(o) sets J). There a masked input's tangent meets a
     select, where bwd transposed took it into the row's sum as exp(o) t =
     0 * t, NaN for a NaN tangent (jax.jacfwd of log_softmax(log p,
-    where=p > 0) at p = 0). The sum is not clamped: a row with no valid
-    entry, constant, gets a zero tangent by a select, as its gradient is 0,
-    and so do the masked outputs."""
+    where=p > 0) at p = 0). A row with no valid entry, constant, gets a zero
+    tangent by a select, as its gradient is 0, and so do the masked outputs;
+    its sum is lifted as in the forward pass, so that the select's transpose
+    (reverse over forward) meets no ``1/0`` of ``log(0)``."""
     axes, axis_name = statics
     o, where = res
 
     def forward(x):
         shifted = _shifted(x, where, axes, axis_name)
         s = psum(jnp.sum(jnp.exp(shifted), axes, keepdims=True), axis_name)
-        return shifted - jnp.log(s)
+        return shifted - jnp.log(empty_rows_lifted(s))
 
     _, dy = jax.jvp(forward, (o,), (t[0].astype(o.dtype),))
     largest = jnp.max(lax.stop_gradient(o), axes, keepdims=True, initial=-jnp.inf)

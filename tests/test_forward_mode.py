@@ -292,6 +292,54 @@ def test_second_derivatives_where_a_rows_sum_is_exactly_one(name, where):
     _close(derivatives(op), derivatives(reference), **TOL2)
 
 
+# A row with no valid entry by its values, all -inf, no mask. log(0) under a
+# select made reverse over reverse NaN in both losses (the probability one
+# always, the integer one with z_loss) and reverse over forward NaN in
+# log_softmax, in every row; first derivatives and jax.hessian were right,
+# and so were rows masked by `where` (the where cuts the path). The ops work
+# row by row, so the Hessian is block diagonal: 0 for the empty row, the
+# Hessian of the valid rows alone elsewhere. (No soft cap: it maps -inf to a
+# finite logit.)
+EMPTY_ROW_OPS = {  # the output for logits z of the rows `rows` of X
+    "softmax": lambda z, rows: jsoftmax.softmax(z),
+    "log_softmax": lambda z, rows: jnp.exp(jsoftmax.log_softmax(z)),
+    "softmax_cross_entropy": lambda z, rows: jsoftmax.softmax_cross_entropy(
+        z, Q[rows], label_smoothing=0.1, z_loss=0.1
+    ),
+    "integer_labels_z_loss": lambda z, rows: (
+        jsoftmax.softmax_cross_entropy_with_integer_labels(z, IDS[rows], z_loss=0.1)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_ROW_OPS))
+def test_second_derivatives_of_an_all_minus_inf_row_vanish_in_every_order(name):
+    op = EMPTY_ROW_OPS[name]
+    z, valid_rows = X.at[1].set(-jnp.inf), np.array([0, 2])
+    weights = jax.random.normal(K[4], X.shape)
+
+    def objective(z, rows=slice(None)):
+        out = op(z, rows)  # [rows, 5], or a loss per row
+        return jnp.sum(out * (weights[rows] if out.ndim == 2 else weights[rows, 0]))
+
+    orders = {
+        "rev_rev": jax.jacrev(jax.jacrev(objective)),
+        "rev_fwd": jax.jacrev(jax.jacfwd(objective)),
+        "fwd_rev": jax.jacfwd(jax.jacrev(objective)),
+        "fwd_fwd": jax.jacfwd(jax.jacfwd(objective)),
+    }
+    valid = jax.hessian(lambda zv: objective(zv, valid_rows))(z[valid_rows])
+    want = jnp.zeros(X.shape + X.shape)
+    for i, row in enumerate(valid_rows):
+        want = want.at[row, :, row, :].set(valid[i, :, i, :])
+    assert float(jnp.max(jnp.abs(want))) > 0.01  # a check with something to see
+    for order, hessian in orders.items():
+        _close({order: jax.jit(hessian)(z)}, {order: want}, **TOL2)
+    # The gradient-norm penalty: reverse over reverse of a user's objective.
+    penalty = jax.grad(lambda z: jnp.sum(jax.grad(objective)(z) ** 2))(z)
+    assert not jnp.any(penalty[1]) and jnp.all(jnp.isfinite(penalty))
+
+
 def test_a_slightly_wrong_tangent_is_caught(monkeypatch):
     # A backward pass 0.1% off fails the first-order comparisons above, one 1%
     # off the second-order ones (whose entries are smaller than TOL2's atol).
