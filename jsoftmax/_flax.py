@@ -62,7 +62,8 @@ def flax_attention_fn(
         \frac{q_i \cdot k_j}{\sqrt{H}} + b_{ij}\right) v_j
         \quad\text{over the keys } j \text{ the mask leaves visible},
 
-    equal to float32 rounding in values and gradients.
+    equal to float32 rounding in values and in gradients where the scores are
+    moderate (near one-hot rows: see :func:`jsoftmax.dot_product_attention`).
 
     Args:
       query: ``[batch..., T, N, H]``, any number of batch axes (also none).
@@ -86,7 +87,8 @@ def flax_attention_fn(
         the output has it. float16 and bfloat16 run their matmuls in that
         dtype with float32 accumulation, and the scores and probabilities
         are float32.
-      precision: ``None`` or ``lax.Precision.DEFAULT`` only. The matmuls
+      precision: the default only: ``None``, ``lax.Precision.DEFAULT`` or
+        ``lax.DotAlgorithmPreset.DEFAULT`` (or their names). The matmuls
         take their precision from ``jax_default_matmul_precision`` in the
         forward and the backward pass; to raise it, leave ``precision`` unset
         and run the step under ``jax.default_matmul_precision("highest")``.
@@ -262,11 +264,16 @@ def _scores_input(name, what, x, scores):
 
 
 def _default_precision(p) -> bool:
-    """Whether ``p`` asks for the default matmul precision (None or
-    ``lax.Precision.DEFAULT`` in any spelling); anything else, a dot
-    algorithm preset or a name JAX does not know included, does not."""
+    """Whether ``p`` asks for the default matmul precision: None,
+    ``lax.Precision.DEFAULT`` or ``lax.DotAlgorithmPreset.DEFAULT`` in any
+    spelling JAX reads (``"default"``, ``"DEFAULT"``); anything else, another
+    dot algorithm preset or a name JAX does not know included, does not."""
     if p is None:
         return True
+    if isinstance(p, str) and p in lax.DotAlgorithmPreset.__members__:
+        p = lax.DotAlgorithmPreset[p]  # as jnp.einsum reads a preset's name
+    if isinstance(p, lax.DotAlgorithmPreset):
+        return p == lax.DotAlgorithmPreset.DEFAULT
     try:
         return lax.Precision(p) == lax.Precision.DEFAULT
     except (TypeError, ValueError):

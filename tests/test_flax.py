@@ -458,7 +458,13 @@ def test_unsupported_arguments_are_refused_by_name(kw, match):
         jsoftmax.flax_attention_fn(q, k, v, **kw)
 
 
-def test_accepted_no_op_arguments_change_nothing():
+@pytest.mark.parametrize(
+    "precision",
+    [(lax.Precision.DEFAULT, "default"), lax.DotAlgorithmPreset.DEFAULT, "DEFAULT"],
+)
+def test_accepted_no_op_arguments_change_nothing(precision):
+    # The default preset, by value or name (jnp.einsum reads both as the
+    # default), was refused.
     q, k, v = qkv((2,))
     plain = jax.make_jaxpr(jsoftmax.flax_attention_fn)(q, k, v)
     no_ops = jax.make_jaxpr(
@@ -468,7 +474,7 @@ def test_accepted_no_op_arguments_change_nothing():
             dropout_rng=None,
             dropout_rate=0.3,
             deterministic=True,
-            precision=(lax.Precision.DEFAULT, "default"),
+            precision=precision,
             force_fp32_for_softmax=True,
         )
     )(q, k, v)
