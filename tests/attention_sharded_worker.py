@@ -9,14 +9,13 @@ collects doctests from every module) does nothing.
 """
 
 import functools
-import os
 import sys
+
+from xla_flags import use_host_devices
 
 
 def main():
-    flags = os.environ.get("XLA_FLAGS", "")  # pytest's (tests/conftest.py)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    use_host_devices(8)
 
     import jax
     import jax.numpy as jnp

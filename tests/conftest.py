@@ -9,24 +9,23 @@ bits), and the fused loss's chunked matmuls then differ from an unfused
 reference by about 5e-3 (measured on an H200, jax 0.11.2).
 
 Without a CUDA plugin, XLA's CPU backend compiles with LLVM's cheap passes
-only (appended to any XLA_FLAGS, and inherited by the tests' subprocesses
-that add their host device count to it). The suite compiles thousands of
-small programs and this saves about a quarter of its time; the HLO each
-compiles to, whose collectives and buffers tests count, is the same (checked
-on the context-parallel worker's reports), and values are compared with
-tolerances. CI's own `python -m jsoftmax` run, outside pytest, and the
-benchmarks' published numbers use XLA's defaults.
+only (appended to any XLA_FLAGS, and inherited by the tests' subprocesses;
+the multi-device ones set theirs with tests/xla_flags.py). The suite
+compiles thousands of small programs and this saves about a quarter of its
+time; the HLO each compiles to, whose collectives and buffers tests count, is
+the same (checked on the context-parallel worker's reports), and values are
+compared with tolerances. CI's own `python -m jsoftmax` run, outside pytest,
+and the benchmarks' published numbers use XLA's defaults.
 """
 
 import importlib.util
 import os
 
-FAST_COMPILE = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
+from xla_flags import CHEAP_CODEGEN
+
 if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
     os.environ["XLA_FLAGS"] = (
-        f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+        f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_CODEGEN}".strip()
     )
 
 import jax  # noqa: E402

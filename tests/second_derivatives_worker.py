@@ -19,17 +19,12 @@ differ, too).
 """
 
 import json
-import os
 import sys
 
 N = int(sys.argv[1])
-# Less optimisation compiles the many small programs faster. Host CPU
-# devices, also on a machine with a GPU.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (
-    f"--xla_force_host_platform_device_count={N}"
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
+from xla_flags import use_host_devices  # noqa: E402 (tests/, the script's)
+
+use_host_devices(N)
 
 import chex  # noqa: E402
 import jax  # noqa: E402

@@ -7,16 +7,13 @@ prints one JSON line with the collective counts it found in the compiled HLO.
 """
 
 import json
-import os
 import re
 import sys
 
 N = int(sys.argv[1])
-os.environ["XLA_FLAGS"] = (  # after pytest's flags (tests/conftest.py)
-    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N}"
-)
-# The N devices are host CPUs, also on a machine with a GPU.
-os.environ["JAX_PLATFORMS"] = "cpu"
+from xla_flags import use_host_devices  # noqa: E402 (tests/, the script's)
+
+use_host_devices(N)
 
 import chex  # noqa: E402
 import jax  # noqa: E402

@@ -25,18 +25,13 @@ what went wrong), and exits with status 1 if any check failed.
 
 import contextlib
 import json
-import os
 import sys
 import time
 from functools import partial
 
-# Less optimisation compiles the many small programs about 1.5x faster.
-# Host CPU devices, also on a machine with a GPU.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-    " --xla_llvm_disable_expensive_passes=true"
-)
+from xla_flags import use_host_devices  # noqa: E402 (tests/, the script's)
+
+use_host_devices(4)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

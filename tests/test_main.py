@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -141,10 +142,10 @@ def test_bench_script_without_main_says_so(tmp_path, monkeypatch, capsys):
 # The table on 4 host devices, its sharded rows only; with "wrong", its
 # attention rows only, the ring's merge keeping the newest step's partial rows.
 MESH_SCRIPT = """
-import os, sys
-flags = os.environ.get("XLA_FLAGS", "")  # pytest's (tests/conftest.py)
-os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import sys
+sys.path.insert(0, sys.argv.pop(1))  # tests/
+from xla_flags import use_host_devices
+use_host_devices(4)
 from jsoftmax import __main__ as cli, _context_parallel as cp
 cli._cases = lambda: []
 if sys.argv[1:] == ["wrong"]:
@@ -168,7 +169,7 @@ DTYPES = ("float32", "bfloat16")
 
 def _mesh_table(*args):
     out = subprocess.run(
-        [sys.executable, "-c", MESH_SCRIPT, *args],
+        [sys.executable, "-c", MESH_SCRIPT, str(Path(__file__).parent), *args],
         capture_output=True,
         text=True,
         timeout=600,
