@@ -15,6 +15,7 @@ from jsoftmax._checks import (
     float_input,
     in_operands_mesh,
     log_sum,
+    lowest,
     mask_input,
     share_shardings,
     static_int,
@@ -135,7 +136,10 @@ def linear_softmax_cross_entropy(
       ``[0, V)`` has a NaN loss, and NaN gradients where its cotangent is not
       0 (masking per-token losses with ``jnp.where`` afterwards gives zero
       gradients). Losses are never negative: the target logit comes from the
-      same chunk matmul as the logsumexp.
+      same chunk matmul as the logsumexp. Columns whose logits are ``-inf``
+      (a ``-inf`` bias, as on vocabulary padding) have probability 0 wherever
+      they fall among the chunks and shards; a token whose logits are all
+      ``-inf`` has a NaN loss, where the unfused op gives 0.
 
     Raises:
       TypeError: complex inputs, non-integer labels, a non-boolean ``where``,
@@ -273,7 +277,7 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
         if want_sum:
             # The `start` columns before this chunk move to the new max: a
             # shift of start * (m - m_new) <= 0 (none before the first chunk,
-            # where m is still -inf).
+            # where m is still its start value).
             seen = jnp.asarray(start, acc(x))
             shift = jnp.where(seen > 0, seen * (m - m_new), 0)
             total = total + shift + jnp.sum(z - m_new[:, None], axis=1)
@@ -281,8 +285,11 @@ def _online_logsumexp(x, w, bias, labels, chunk_size, soft_cap, want_sum):
 
     # Per-token carries made from x's first column: sharded as x's batch axis
     # is under an explicit mesh, so the loop body does not change their type.
+    # The running max starts at the lowest finite value, as row_max does: a
+    # first chunk (or a shard) whose logits are all -inf (a -inf bias on its
+    # columns) keeps a finite max, so its shifts are -inf, not -inf - -inf.
     zeros = jnp.zeros_like(x[:, 0], acc(x))
-    carry = (jnp.full_like(zeros, -jnp.inf), zeros, zeros, zeros)
+    carry = (jnp.full_like(zeros, lowest(zeros.dtype)), zeros, zeros, zeros)
     carry = varying_like(carry, x, w, bias, labels)
     starts, rest = _chunks(w.shape[1], chunk_size)
     carry, _ = lax.scan(partial(step, size=chunk_size), carry, starts)
@@ -335,7 +342,9 @@ def _losses(
     log_s = log_sum(s)
     # (1 - a)(log_s - (z_y - m)) + a (log_s - mean(z - m)): each term >= 0, so
     # the loss is >= 0, and none carries the large m.
-    loss = log_s - (1 - label_smoothing) * target
+    # With label_smoothing 1 the target has no weight, also where its logit
+    # is -inf (0 * -inf would be NaN), as in the per-example losses.
+    loss = log_s if label_smoothing == 1 else log_s - (1 - label_smoothing) * target
     if label_smoothing:
         loss = loss - label_smoothing * total / _vocab(w, axis_name)
     if z_loss:

@@ -513,3 +513,87 @@ def test_no_features_gives_the_loss_of_the_bias_alone(jit):
     got = (jax.jit(f) if jit else f)(x, w, bias)
     chex.assert_trees_all_close(got, jax.value_and_grad(theirs, (0, 1, 2))(x, w, bias))
     assert got[1][0].shape == (B, 0) and got[1][1].shape == (0, V)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(z_loss=1e-2), dict(soft_cap=2.0)])
+@pytest.mark.parametrize("chunk_size", [1, 2, 4, None])
+def test_columns_of_minus_inf_bias_filling_the_first_chunk_or_a_shard(chunk_size, opts):
+    # Padding a vocabulary with -inf bias columns. A first chunk of them (or a
+    # vocab shard holding only them) left the running max at -inf, and every
+    # loss and gradient was NaN from -inf - -inf; chunk sizes that mixed them
+    # with finite columns were right.
+    x, w, bias, labels = _data(v=8)
+    bias = bias.at[:4].set(-jnp.inf)
+    labels = 4 + labels % 4
+
+    def fused(x, w, bias):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, bias=bias, chunk_size=chunk_size, reduction="sum", **opts
+        )
+
+    def want(x, w, bias):  # the unfused op takes -inf logits (the reference NaN)
+        loss = jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x @ w + bias[None], labels, **opts
+        )
+        return jnp.sum(loss)
+
+    args = (x, w, bias)
+    got, want_value = fused(*args), want(*args)
+    assert jnp.isfinite(got), got
+    np.testing.assert_allclose(got, want_value, rtol=1e-6)
+    grads, want_grads = (
+        jax.grad(fused, (0, 1, 2))(*args),
+        jax.grad(want, (0, 1, 2))(*args),
+    )
+    for g, wg in zip(grads, want_grads, strict=True):
+        assert jnp.all(jnp.isfinite(g))
+        np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-6 * jnp.max(jnp.abs(wg)))
+    # Forward mode (derived from the rule) against the reference's gradient:
+    # plain autodiff's own tangent is NaN there (0 * inf).
+    tangent = jax.jvp(fused, args, (x, w, jnp.zeros_like(bias)))[1]
+    want_tangent = jnp.vdot(want_grads[0], x) + jnp.vdot(want_grads[1], w)
+    # A sum of terms that cancel: held to the size of the terms.
+    terms = jnp.vdot(jnp.abs(want_grads[0]), jnp.abs(x))
+    terms += jnp.vdot(jnp.abs(want_grads[1]), jnp.abs(w))
+    assert jnp.abs(tangent - want_tangent) <= 1e-5 * terms, (tangent, want_tangent)
+
+    # Vocab parallel over 2 shards (vmap's named axis stands in for devices):
+    # the first shard holds only the -inf columns.
+    def sharded(x, w, bias):
+        halves = (jnp.stack(jnp.split(w, 2, axis=1)), jnp.stack(jnp.split(bias, 2)))
+        loss = jax.vmap(
+            lambda w, b: jsoftmax.linear_softmax_cross_entropy(
+                x,
+                w,
+                labels,
+                bias=b,
+                chunk_size=chunk_size,
+                reduction="sum",
+                axis_name="v",
+                **opts,
+            ),
+            axis_name="v",
+        )(*halves)
+        return loss[0]
+
+    np.testing.assert_allclose(sharded(*args), want_value, rtol=1e-6)
+    for g, wg in zip(jax.grad(sharded, (0, 1, 2))(*args), want_grads, strict=True):
+        np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-6 * jnp.max(jnp.abs(wg)))
+
+
+def test_full_label_smoothing_ignores_a_minus_inf_target_logit():
+    # The target's weight 1 - label_smoothing is 0: the loss is the unfused
+    # op's (+inf from the -inf column's smoothing mass, finite without it),
+    # not NaN from 0 * -inf.
+    x, w, bias, labels = _data(v=8)
+    labels = labels.at[0].set(2)
+    for ban in (2, 5):  # the target column; another column
+        b = bias.at[ban].set(-jnp.inf)
+        for a in (1.0, 0.5):
+            got = jsoftmax.linear_softmax_cross_entropy(
+                x, w, labels, bias=b, chunk_size=3, label_smoothing=a, reduction="none"
+            )
+            want = jsoftmax.softmax_cross_entropy_with_integer_labels(
+                x @ w + b[None], labels, label_smoothing=a
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-6)
