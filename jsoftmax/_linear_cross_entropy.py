@@ -12,11 +12,14 @@ from jax import lax
 
 from jsoftmax._checks import (
     compute_dtype,
+    explicit_axes,
     float_input,
     in_operands_mesh,
     log_sum,
     lowest,
     mask_input,
+    mesh_spec,
+    shards,
     share_shardings,
     static_int,
     traced_once,
@@ -114,7 +117,9 @@ def linear_softmax_cross_entropy(
         ``"none"`` for per-token losses ``[B]``.
       chunk_size: vocabulary columns per chunk, a static int; ``V`` need not be a
         multiple. Default (None): about 16 MiB of float32 logits per chunk,
-        a power of two.
+        a power of two. Where an ``Explicit`` mesh splits the vocabulary of
+        ``w`` ``n`` ways (without ``axis_name``), rounded up to a multiple of
+        ``n``: each chunk is split as the columns are.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
       axis_name: the named axis over which the vocab columns of ``w`` (and
         ``bias``) are split, ``x`` being the same on every shard (vocab
@@ -205,12 +210,18 @@ def linear_softmax_cross_entropy(
     x, w = widen_8bit(x.astype(dtype)), widen_8bit(w.astype(dtype))
     if x.shape[1] == 0:  # no features: one of zeros gives the same logits
         x, w = jnp.pad(x, ((0, 0), (0, 1))), jnp.pad(w, ((0, 1), (0, 0)))
-    # The tokens split alike on an Explicit mesh (see share_shardings). Each of
-    # x, w, bias varies over the mesh axes any input does: replicated x with
-    # vocab-sharded w, replicated w with batch-sharded x (see varying_like).
-    x, labels, where = share_shardings(
-        (x, labels, where), (("tokens", None), ("tokens",), ("tokens",))
-    )
+    # On an Explicit mesh (see share_shardings) the tokens split alike, and so
+    # do the vocabulary columns of w and bias. The features are gathered where
+    # split: the chunks' logits contract them, and a token's carries are
+    # sliced from x. The chunks of w split as its columns are, so a chunk
+    # holds a multiple of the shards' number of columns.
+    x, w, bias, labels, where = share_shardings(
+        (x, w, bias, labels, where),
+        (("tokens", "features"), ("features", "vocab"), ("vocab",), ("tokens",),
+         ("tokens",)),
+        whole=("features",),
+    )  # fmt: skip
+    chunk_size = _chunk_over_shards(chunk_size, w)
     axis_name = shard_axis(axis_name)
     w, bias = varying_over_shards((w, bias), axis_name)
     x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
@@ -229,6 +240,17 @@ def linear_softmax_cross_entropy(
         count = num_tokens if where is None else jnp.sum(where, dtype=total.dtype)
         total = total / jnp.maximum(count, 1)
     return total.astype(out_dtype)
+
+
+def _chunk_over_shards(chunk_size: int, w) -> int:
+    """``chunk_size`` rounded up to a multiple of the number of shards over
+    which an Explicit mesh splits ``w``'s columns (at most all of them): a
+    chunk sliced from them is split the same way."""
+    if not explicit_axes():
+        return chunk_size
+    entry = mesh_spec(w)[1]
+    n = 1 if entry is None else shards(entry)
+    return min(-(-chunk_size // n) * n, w.shape[1])
 
 
 def acc(x):
@@ -404,7 +426,14 @@ def _linear_cross_entropy_bwd(
             dz = dz - uniform
         dz = cap_grad(dz, z, soft_cap).astype(x.dtype)
         w_c = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-        dx = dx + jnp.dot(dz, w_c.T, preferred_element_type=acc(x))
+        # Contracts the chunk's columns: under an explicit mesh that shards
+        # w's vocabulary, the parts are summed into x's sharding.
+        dx = dx + jnp.dot(
+            dz,
+            w_c.T,
+            preferred_element_type=acc(x),
+            out_sharding=jax.typeof(x).sharding,
+        )
         # Contracts the token axis: under an explicit mesh that shards tokens,
         # the parts are summed into w's sharding, as JAX's own dot transpose does.
         dw_c = jnp.dot(

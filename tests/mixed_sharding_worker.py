@@ -29,6 +29,7 @@ with status 1 if any check failed.
 """
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -196,14 +197,35 @@ if PART == "xla":
     )  # fmt: skip
     tokens = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
-    check(
-        "linear_softmax_cross_entropy",
-        lambda x, w, i, m: jsoftmax.linear_softmax_cross_entropy(
-            x, w, i, where=m, reduction="none", chunk_size=4
-        ),
-        (tokens, w, ids, mask[:, 0]), (0, 1),
-        [[P(), P("data")], [P()], [P(), P("data")], [P(), P("data")]],
-    )  # fmt: skip
+    vocab_bias = jnp.asarray(rng.normal(size=(V,)), jnp.float32)
+
+    # w split over its vocabulary (2 or 4 shards) or its features, and x over
+    # its features, raised ShardingTypeError: a chunk of 3 columns sliced from
+    # split ones, dx's dot contracting split columns, a token's carry sliced
+    # from split features. Chunks of 3 and 8 (one, all the columns). Tokens
+    # and columns split over one mesh axis raise, as x @ w does in JAX: the
+    # 4-shard vocabulary has its tokens whole.
+    def fused(x, w, b, i, m, chunk):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, i, bias=b, where=m, reduction="none", chunk_size=chunk,
+            label_smoothing=0.1, z_loss=1e-3, soft_cap=5.0,
+        )  # fmt: skip
+
+    for chunk in (3, 8):
+        check(
+            f"linear_softmax_cross_entropy chunk_size={chunk}",
+            functools.partial(fused, chunk=chunk),
+            (tokens, w, vocab_bias, ids, mask[:, 0]), (0, 1, 2),
+            [ROWS, [P(), P(None, "model"), P("model"), P("data", "model")],
+             [P(), P("model")], [P(), P("data")], [P(), P("data")]],
+        )  # fmt: skip
+        check(
+            f"linear_softmax_cross_entropy chunk_size={chunk} over 4 shards",
+            functools.partial(fused, chunk=chunk),
+            (tokens, w, vocab_bias, ids, mask[:, 0]), (0, 1, 2),
+            [[P(), P(None, "model")], [P(None, ("data", "model"))],
+             [P(), P(("data", "model"))], [P()], [P()]],
+        )  # fmt: skip
 
 # Attention: every input split its own way.
 B, T, N, K, H = 4, 32, 4, 2, 4
