@@ -227,6 +227,34 @@ if PART == "xla":
              [P(), P(("data", "model"))], [P()], [P()]],
         )  # fmt: skip
 
+    # Forward mode in the same layouts: the JVP and the Hessian-vector product
+    # (jvp of the gradient) of x and w.
+    def fused_forward(x, w, b, i, m):
+        def total(x, w):
+            return jnp.sum(jnp.cos(jnp.arange(B)) * fused(x, w, b, i, m, chunk=3))
+
+        grad = jax.grad(total, (0, 1))
+        return jax.jvp(total, (x, w), (x, w))[1], jax.jvp(grad, (x, w), (x, w))[1]
+
+    forward = jax.jit(fused_forward)
+    fused_args = (tokens, w, vocab_bias, ids, mask[:, 0])
+    want = forward(*fused_args)
+    for x_spec, w_spec in [
+        (P("data"), P(None, "model")), (P(None, "model"), P("model")),
+        (P(), P(None, ("data", "model"))),
+    ]:  # fmt: skip
+        checks += 1
+        where = f"linear_softmax_cross_entropy forward mode {x_spec} {w_spec}"
+        try:
+            with jax.set_mesh(MESH):
+                got = forward(put(tokens, x_spec), put(w, w_spec), *fused_args[2:])
+        except Exception as e:  # noqa: BLE001 (reported, not hidden)
+            first = str(e).strip().splitlines()[0][:160]
+            failures.append(f"{where}: {type(e).__name__}: {first}")
+            continue
+        if found := problem(got, want):
+            failures.append(f"{where}: {found}")
+
 # Attention: every input split its own way.
 B, T, N, K, H = 4, 32, 4, 2, 4
 q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
