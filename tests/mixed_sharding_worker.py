@@ -124,7 +124,6 @@ def check(name, f, args, argnums, options, mesh=MESH, in_context=True):
     of specs per input) equal them on the unsharded inputs; called inside
     ``jax.set_mesh`` (``in_context``) or outside it, the mesh known from the
     inputs alone."""
-    global checks
 
     def loss(*a):
         out = f(*a)
@@ -134,17 +133,31 @@ def check(name, f, args, argnums, options, mesh=MESH, in_context=True):
     run = jax.jit(jax.grad(loss, argnums, has_aux=True))
     want = run(*args)
     for specs in pairwise(options):
-        checks += 1
-        where = f"{name} {tuple(tuple(s) for s in specs)}"
-        try:
-            with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
-                got = run(*(put(a, s, mesh) for a, s in zip(args, specs, strict=True)))
-        except Exception as e:  # noqa: BLE001 (reported, not hidden)
-            first = str(e).strip().splitlines()[0][:160]
-            failures.append(f"{where}: {type(e).__name__}: {first}")
-            continue
-        if found := problem(got, want):
-            failures.append(f"{where}: {found}")
+        context = jax.set_mesh(mesh) if in_context else contextlib.nullcontext()
+        compare(
+            f"{name} {tuple(tuple(s) for s in specs)}",
+            lambda specs=specs: run(
+                *(put(a, s, mesh) for a, s in zip(args, specs, strict=True))
+            ),
+            want,
+            context,
+        )
+
+
+def compare(where, got_of, want, context):
+    """One check: ``got_of()`` inside ``context`` equals ``want``; an
+    exception is a failure, reported by its first line."""
+    global checks
+    checks += 1
+    try:
+        with context:
+            got = got_of()
+    except Exception as e:  # noqa: BLE001 (reported, not hidden)
+        first = str(e).strip().splitlines()[0][:160]
+        failures.append(f"{where}: {type(e).__name__}: {first}")
+        return
+    if found := problem(got, want):
+        failures.append(f"{where}: {found}")
 
 
 # The check can fail: a gradient off by 1e-4 of its largest entry is caught,
@@ -243,17 +256,13 @@ if PART == "xla":
         (P("data"), P(None, "model")), (P(None, "model"), P("model")),
         (P(), P(None, ("data", "model"))),
     ]:  # fmt: skip
-        checks += 1
-        where = f"linear_softmax_cross_entropy forward mode {x_spec} {w_spec}"
-        try:
-            with jax.set_mesh(MESH):
-                got = forward(put(tokens, x_spec), put(w, w_spec), *fused_args[2:])
-        except Exception as e:  # noqa: BLE001 (reported, not hidden)
-            first = str(e).strip().splitlines()[0][:160]
-            failures.append(f"{where}: {type(e).__name__}: {first}")
-            continue
-        if found := problem(got, want):
-            failures.append(f"{where}: {found}")
+        compare(
+            f"linear_softmax_cross_entropy forward mode {x_spec} {w_spec}",
+            lambda x_spec=x_spec, w_spec=w_spec: forward(
+                put(tokens, x_spec), put(w, w_spec), *fused_args[2:]
+            ),
+            want, jax.set_mesh(MESH),
+        )  # fmt: skip
 
 # Attention: every input split its own way.
 B, T, N, K, H = 4, 32, 4, 2, 4
