@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
-from jsoftmax._checks import explicit_axes, mesh_spec
+from jsoftmax._checks import explicit_axes, mesh_spec, reshard_to
 from jsoftmax._collectives import vma
 from jsoftmax._platform import by_platform, vmapped_mesh_axes
 
@@ -136,7 +136,7 @@ def _per_shard(kernel, layout, twin, instead):
         leaves, tree = jax.tree.flatten(args)
         in_specs, out_specs = layout(*args)
         in_specs = [spec for spec in in_specs if spec is not None]
-        leaves = [_reshard(x, spec) for x, spec in zip(leaves, in_specs, strict=True)]
+        leaves = [reshard_to(x, spec) for x, spec in zip(leaves, in_specs, strict=True)]
         split = set().union(*map(_axes, in_specs))
         present = []  # which outputs are not None
 
@@ -170,14 +170,9 @@ def _like(x, aval):
     manual axes of an enclosing ``shard_map`` as ``aval`` does (the inner
     ``shard_map``, ``check_vma=False``, hands back values that vary over
     them, typed as if they did not: context parallelism's pairs)."""
-    x = _reshard(x, mesh_spec(aval))
+    x = reshard_to(x, mesh_spec(aval))
     missing = vma(aval) - vma(x)
     return lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
-
-
-def _reshard(x, spec):
-    spec = tuple(spec)
-    return x if mesh_spec(x) == spec else jax.sharding.reshard(x, P(*spec))
 
 
 def _axes(spec):

@@ -307,6 +307,16 @@ def mesh_spec(x) -> tuple:
     )
 
 
+def reshard_to(x, spec):
+    """``x`` resharded to ``spec`` (a sequence of :func:`mesh_spec` entries),
+    unchanged where it is already split so."""
+    spec = tuple(spec)
+    spec += (None,) * (jnp.ndim(x) - len(spec))
+    if mesh_spec(x) == spec:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
 def shards(entry, mesh=None) -> int:
     """How many shards a spec entry (a mesh axis name, or a tuple of them as
     :func:`mesh_spec` gives) splits an axis into, on ``mesh`` (default: the

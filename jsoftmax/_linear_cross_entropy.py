@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jsoftmax._checks import (
     compute_dtype,
@@ -19,6 +20,7 @@ from jsoftmax._checks import (
     lowest,
     mask_input,
     mesh_spec,
+    reshard_to,
     shards,
     share_shardings,
     static_int,
@@ -117,9 +119,9 @@ def linear_softmax_cross_entropy(
         ``"none"`` for per-token losses ``[B]``.
       chunk_size: vocabulary columns per chunk, a static int; ``V`` need not be a
         multiple. Default (None): about 16 MiB of float32 logits per chunk,
-        a power of two. Where an ``Explicit`` mesh splits the vocabulary of
-        ``w`` ``n`` ways (without ``axis_name``), rounded up to a multiple of
-        ``n``: each chunk is split as the columns are.
+        a power of two. Where the vocabulary is split (``axis_name``, or an
+        ``Explicit`` mesh), each shard walks its own columns in chunks of
+        this size.
       label_smoothing, z_loss, soft_cap: as in :func:`softmax_cross_entropy`.
       axis_name: the named axis over which the vocab columns of ``w`` (and
         ``bias``) are split, ``x`` being the same on every shard (vocab
@@ -131,7 +133,10 @@ def linear_softmax_cross_entropy(
         Elsewhere it takes one ``psum`` of the ``[B]`` loss cotangent instead,
         and each shard's ``dx`` is its part, which JAX sums for a gradient
         taken outside (as plain JAX code gives it). Each shard walks its own
-        columns in chunks.
+        columns in chunks. Without ``axis_name``, where an ``Explicit`` mesh
+        splits ``w``'s columns, the op runs so by itself, in a ``shard_map``
+        over their mesh axes and the tokens' (except inside a ``shard_map``
+        over other axes, where XLA gathers ``w``).
 
     Returns:
       A scalar for ``"mean"``/``"sum"``, else ``[B]``, in the dtype of ``x``
@@ -204,7 +209,6 @@ def linear_softmax_cross_entropy(
     chunk_size = static_int(name, "chunk_size", chunk_size, "a positive int")
     if chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size}")
-    chunk_size = int(min(chunk_size, vocab))
     options = check_loss_options(name, label_smoothing, z_loss, soft_cap)
     dtype = jnp.result_type(x.dtype, w.dtype)
     x, w = widen_8bit(x.astype(dtype)), widen_8bit(w.astype(dtype))
@@ -213,26 +217,16 @@ def linear_softmax_cross_entropy(
     # On an Explicit mesh (see share_shardings) the tokens split alike, and so
     # do the vocabulary columns of w and bias. The features are gathered where
     # split: the chunks' logits contract them, and a token's carries are
-    # sliced from x. The chunks of w split as its columns are, so a chunk
-    # holds a multiple of the shards' number of columns.
+    # sliced from x.
     x, w, bias, labels, where = share_shardings(
         (x, w, bias, labels, where),
         (("tokens", "features"), ("features", "vocab"), ("vocab",), ("tokens",),
          ("tokens",)),
         whole=("features",),
     )  # fmt: skip
-    chunk_size = _chunk_over_shards(chunk_size, w)
-    axis_name = shard_axis(axis_name)
-    w, bias = varying_over_shards((w, bias), axis_name)
-    x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
-
-    losses = traced_once(_linear_cross_entropy_forward_mode)(
-        x, w, bias, labels, where, chunk_size, *options, axis_name
+    losses = _vocab_parallel(_per_token, w, axis_name)(
+        x, w, bias, labels, where, chunk_size, options
     )
-    # Masked tokens' labels (-100 padding) are not checked: their cotangents,
-    # which the backward zeroes, never hold a NaN (jax_debug_nans stays quiet).
-    checked = labels if where is None else jnp.where(where, labels, 0)
-    losses = loud_labels(losses, checked, _vocab(w, axis_name))
     if reduction == "none":
         return losses.astype(out_dtype)
     total = jnp.sum(losses)
@@ -245,12 +239,82 @@ def linear_softmax_cross_entropy(
 def _chunk_over_shards(chunk_size: int, w) -> int:
     """``chunk_size`` rounded up to a multiple of the number of shards over
     which an Explicit mesh splits ``w``'s columns (at most all of them): a
-    chunk sliced from them is split the same way."""
+    chunk sliced from them is split the same way. Only inside a
+    ``shard_map``, where :func:`_vocab_parallel` leaves them split."""
     if not explicit_axes():
         return chunk_size
     entry = mesh_spec(w)[1]
     n = 1 if entry is None else shards(entry)
     return min(-(-chunk_size // n) * n, w.shape[1])
+
+
+def _per_token(x, w, bias, labels, where, chunk_size, options, axis_name):
+    """The per-token losses, NaN for a counted token's out-of-range label.
+    ``w`` holds this shard's columns, which the chunks walk."""
+    chunk_size = _chunk_over_shards(min(chunk_size, w.shape[1]), w)
+    axis_name = shard_axis(axis_name)
+    w, bias = varying_over_shards((w, bias), axis_name)
+    x, w, bias = varying_like((x, w, bias), x, w, bias, labels, where)
+    losses = traced_once(_linear_cross_entropy_forward_mode)(
+        x, w, bias, labels, where, chunk_size, *options, axis_name
+    )
+    # Masked tokens' labels (-100 padding) are not checked: their cotangents,
+    # which the backward zeroes, never hold a NaN (jax_debug_nans stays quiet).
+    checked = labels if where is None else jnp.where(where, labels, 0)
+    return loud_labels(losses, checked, _vocab(w, axis_name))
+
+
+def _vocab_parallel(per_token, w, axis_name):
+    """``per_token`` with ``axis_name`` given, or, where an ``Explicit`` mesh
+    splits ``w``'s columns, run vocab-parallel in a ``shard_map`` over those
+    mesh axes (the others stay ``Explicit`` inside): each device walks its
+    own columns, as with ``axis_name``, with one ``pmax`` and one ``psum`` of
+    per-token statistics forward and one ``psum`` of ``dx`` backward.
+    Left to XLA, the chunks' dots gathered the whole of ``w`` on every device
+    (once forward and once per chunk backward), and a ``vmap`` of the
+    backward pass wrote the chunks' columns of a batched ``dw`` with a
+    scatter that JAX could not type on split columns.
+
+    The tokens' mesh axes are manual too, so that each device keeps its own
+    tokens (XLA gathered a token-split ``x`` into a ``shard_map`` manual over
+    the columns' axes only); tokens split over the columns' axes are
+    gathered over them (each device needs every token's logits for its
+    columns), and the per-token losses split back. Inside a ``shard_map``
+    (a mesh with ``Manual`` axes) XLA's gathering stays: JAX 0.10 cannot
+    lower the gradient of a ``shard_map`` nested in one over other axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    split = axis_name is None and explicit_axes() and not mesh.manual_axes
+    entry = mesh_spec(w)[1] if split else None
+    if entry is None:
+        return partial(per_token, axis_name=axis_name)
+    name = entry[0] if len(entry) == 1 else entry
+
+    def run(x, w, bias, labels, where, chunk_size, options):
+        def shard(x, w, bias, labels, where):
+            return per_token(x, w, bias, labels, where, chunk_size, options, name)
+
+        tokens = mesh_spec(x)[0]
+        kept = tuple(a for a in tokens or () if a not in entry) or None
+        x, labels, where = (
+            None if a is None else reshard_to(a, (kept, *mesh_spec(a)[1:]))
+            for a in (x, labels, where)
+        )
+        by_token = P(kept)
+        losses = jax.shard_map(
+            shard,
+            in_specs=(
+                P(kept, None),
+                P(None, entry),
+                None if bias is None else P(entry),
+                by_token,
+                None if where is None else by_token,
+            ),
+            out_specs=by_token,
+            axis_names={*entry, *(kept or ())},
+        )(x, w, bias, labels, where)
+        return reshard_to(losses, (tokens,))
+
+    return run
 
 
 def acc(x):

@@ -215,9 +215,9 @@ if PART == "xla":
     # w split over its vocabulary (2 or 4 shards) or its features, and x over
     # its features, raised ShardingTypeError: a chunk of 3 columns sliced from
     # split ones, dx's dot contracting split columns, a token's carry sliced
-    # from split features. Chunks of 3 and 8 (one, all the columns). Tokens
-    # and columns split over one mesh axis raise, as x @ w does in JAX: the
-    # 4-shard vocabulary has its tokens whole.
+    # from split features. Chunks of 3 and 8 (more than a shard's 4 columns).
+    # Tokens and columns split over one mesh axis (which raise in x @ w) are
+    # gathered over it.
     def fused(x, w, b, i, m, chunk):
         return jsoftmax.linear_softmax_cross_entropy(
             x, w, i, bias=b, where=m, reduction="none", chunk_size=chunk,
@@ -236,9 +236,93 @@ if PART == "xla":
             f"linear_softmax_cross_entropy chunk_size={chunk} over 4 shards",
             functools.partial(fused, chunk=chunk),
             (tokens, w, vocab_bias, ids, mask[:, 0]), (0, 1, 2),
-            [[P(), P(None, "model")], [P(None, ("data", "model"))],
-             [P(), P(("data", "model"))], [P()], [P()]],
+            [[P(), P(None, "model"), P("data"), P("model")],
+             [P(None, ("data", "model"))], [P(), P(("data", "model"))],
+             [P(), P("data")], [P()]],
         )  # fmt: skip
+        check(
+            f"linear_softmax_cross_entropy chunk_size={chunk}, tokens and "
+            "columns over one axis",
+            functools.partial(fused, chunk=chunk),
+            (tokens, w, vocab_bias, ids, mask[:, 0]), (0, 1, 2),
+            [[P("model"), P(("data", "model"))], [P(None, "model")],
+             [P(), P("model")], [P(), P("model")], [P(), P("model")]],
+        )  # fmt: skip
+
+    # Per-example gradients with w's columns split: a vmap whose mapped axis
+    # is split over "data" raised ShardingTypeError (the batched backward
+    # wrote each chunk's columns of a per-example dw by a scatter that JAX
+    # could not type on split columns); a user's shard_map over "data" around
+    # the op (the op cannot nest its own there, and XLA gathers w's columns).
+    def fused_one(x, w, b, i, m):
+        return jnp.sum(jnp.cos(jnp.arange(B // 2)) * fused(x, w, b, i, m, chunk=3))
+
+    pairs = (tokens.reshape(2, B // 2, D), w, vocab_bias, ids.reshape(2, -1),
+             mask[:, 0].reshape(2, -1))  # fmt: skip
+    grads = jax.grad(fused_one, (0, 1, 2))
+    for spmd in ("data", None):
+        per_example = jax.jit(
+            jax.vmap(grads, in_axes=(0, None, None, 0, 0), spmd_axis_name=spmd)
+        )
+        compare(
+            f"linear_softmax_cross_entropy per-example gradients, spmd {spmd}",
+            lambda per_example=per_example: per_example(
+                put(pairs[0], P("data")), put(w, P(None, "model")),
+                put(vocab_bias, P("model")), *(put(a, P("data")) for a in pairs[3:]),
+            ),
+            jax.jit(jax.vmap(grads, in_axes=(0, None, None, 0, 0)))(*pairs),
+            jax.set_mesh(MESH),
+        )  # fmt: skip
+    in_shard_map = jax.shard_map(
+        lambda *a: jax.lax.psum(fused_one(*a), "data"),
+        in_specs=(P("data"), P(), P(), P("data"), P("data")),
+        out_specs=P(), axis_names={"data"},
+    )  # fmt: skip
+
+    def halves(x, w, b, i, m):
+        cut = (slice(None, B // 2), slice(B // 2, None))
+        return sum(fused_one(x[h], w, b, i[h], m[h]) for h in cut)
+
+    compare(
+        "linear_softmax_cross_entropy in a shard_map over the tokens",
+        lambda: jax.jit(jax.value_and_grad(in_shard_map, (0, 1, 2)))(
+            put(tokens, P("data")), put(w, P(None, "model")),
+            put(vocab_bias, P("model")), put(ids, P("data")),
+            put(mask[:, 0], P("data")),
+        ),
+        jax.jit(jax.value_and_grad(halves, (0, 1, 2)))(
+            tokens, w, vocab_bias, ids, mask[:, 0]
+        ),
+        jax.set_mesh(MESH),
+    )  # fmt: skip
+
+    # Vocab parallel: the loss and its gradients with the tokens over "data"
+    # and the columns over "model" compile to all-reduces of per-token
+    # statistics, dx [B/2, D] and dw [D, V/2] (once, not per chunk), and
+    # nothing else: left to XLA, the chunks' dots all-gathered w [D, V] (once
+    # forward, once per chunk backward) and reduced each chunk's dw.
+    checks += 1
+    with jax.set_mesh(MESH):
+        hlo = (
+            jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fused(*a, 3)), (0, 1, 2)))
+            .lower(put(tokens, P("data")), put(w, P(None, "model")),
+                   put(vocab_bias, P("model")), put(ids, P("data")),
+                   put(mask[:, 0], P("data")))
+            .compile()
+            .as_text()
+        )  # fmt: skip
+    moved = re.findall(
+        r"= \(?([^=]*?)\)? (all-gather|all-to-all|collective-permute|reduce-scatter|"
+        r"all-reduce)(?:-start)?\(",
+        hlo,
+    )
+    shapes = {
+        shape for types, kind in moved for shape in re.findall(r"\[([\d,]*)\]", types)
+    }
+    kinds = {kind for _, kind in moved}
+    allowed = {f"{B // 2}", "", f"{B // 2},{D}", f"{D},{V // 2}", f"{V // 2}"}
+    if kinds != {"all-reduce"} or not shapes <= allowed:
+        failures.append(f"fused loss vocab parallel moves {kinds} of {shapes}")
 
     # Forward mode in the same layouts: the JVP and the Hessian-vector product
     # (jvp of the gradient) of x and w.
