@@ -224,7 +224,7 @@ def linear_softmax_cross_entropy(
          ("tokens",)),
         whole=("features",),
     )  # fmt: skip
-    losses = _vocab_parallel(_per_token, w, axis_name)(
+    losses = _vocab_parallel(_per_token, x, w, axis_name)(
         x, w, bias, labels, where, chunk_size, options
     )
     if reduction == "none":
@@ -264,7 +264,7 @@ def _per_token(x, w, bias, labels, where, chunk_size, options, axis_name):
     return loud_labels(losses, checked, _vocab(w, axis_name))
 
 
-def _vocab_parallel(per_token, w, axis_name):
+def _vocab_parallel(per_token, x, w, axis_name):
     """``per_token`` with ``axis_name`` given, or, where an ``Explicit`` mesh
     splits ``w``'s columns, run vocab-parallel in a ``shard_map`` over those
     mesh axes (the others stay ``Explicit`` inside): each device walks its
@@ -279,11 +279,21 @@ def _vocab_parallel(per_token, w, axis_name):
     tokens (XLA gathered a token-split ``x`` into a ``shard_map`` manual over
     the columns' axes only); tokens split over the columns' axes are
     gathered over them (each device needs every token's logits for its
-    columns), and the per-token losses split back. Inside a ``shard_map``
-    (a mesh with ``Manual`` axes) XLA's gathering stays: JAX 0.10 cannot
-    lower the gradient of a ``shard_map`` nested in one over other axes."""
+    columns), and the per-token losses split back. A bias split otherwise
+    than the columns (which ``x @ w + bias`` refuses) is split as they are.
+
+    XLA's gathering stays inside a ``shard_map`` (a mesh with ``Manual``
+    axes): JAX 0.10 cannot lower the gradient of a ``shard_map`` nested in
+    one over other axes. It stays too for a symbolic number of tokens
+    (``jax.export``): the call of such an export, which fails in plain JAX
+    ("Error refining shapes"), crashed the process with the ``shard_map``."""
     mesh = jax.sharding.get_abstract_mesh()
-    split = axis_name is None and explicit_axes() and not mesh.manual_axes
+    split = (
+        axis_name is None
+        and explicit_axes()
+        and not mesh.manual_axes
+        and isinstance(x.shape[0], int)
+    )
     entry = mesh_spec(w)[1] if split else None
     if entry is None:
         return partial(per_token, axis_name=axis_name)
@@ -299,6 +309,7 @@ def _vocab_parallel(per_token, w, axis_name):
             None if a is None else reshard_to(a, (kept, *mesh_spec(a)[1:]))
             for a in (x, labels, where)
         )
+        bias = None if bias is None else reshard_to(bias, (entry,))
         by_token = P(kept)
         losses = jax.shard_map(
             shard,

@@ -216,8 +216,8 @@ if PART == "xla":
     # its features, raised ShardingTypeError: a chunk of 3 columns sliced from
     # split ones, dx's dot contracting split columns, a token's carry sliced
     # from split features. Chunks of 3 and 8 (more than a shard's 4 columns).
-    # Tokens and columns split over one mesh axis (which raise in x @ w) are
-    # gathered over it.
+    # Tokens and columns split over one mesh axis, and a bias split over
+    # another than w's columns (which raise in x @ w + bias), are resharded.
     def fused(x, w, b, i, m, chunk):
         return jsoftmax.linear_softmax_cross_entropy(
             x, w, i, bias=b, where=m, reduction="none", chunk_size=chunk,
@@ -230,7 +230,7 @@ if PART == "xla":
             functools.partial(fused, chunk=chunk),
             (tokens, w, vocab_bias, ids, mask[:, 0]), (0, 1, 2),
             [ROWS, [P(), P(None, "model"), P("model"), P("data", "model")],
-             [P(), P("model")], [P(), P("data")], [P(), P("data")]],
+             [P(), P("model"), P("data")], [P(), P("data")], [P(), P("data")]],
         )  # fmt: skip
         check(
             f"linear_softmax_cross_entropy chunk_size={chunk} over 4 shards",
