@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
+from leaks import checking_leaks
 
 import jsoftmax
 from jsoftmax import testing
@@ -426,7 +427,7 @@ def test_checkpoint_scan_and_no_leaks():
 
     ours = partial(jsoftmax.softmax_cross_entropy_with_integer_labels, labels=ids[:1])
     ref = partial(ref_int_ce, labels=ids[:1])
-    with jax.checking_leaks():
+    with checking_leaks():
         got = jax.jit(jax.grad(jax.checkpoint(partial(scan_loss, ours))))(logits)
     chex.assert_trees_all_close(
         got, jax.grad(partial(scan_loss, ref))(logits), atol=1e-5

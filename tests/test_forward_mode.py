@@ -21,6 +21,7 @@ import pytest
 from compiles import compiles
 from jax import lax
 from jax._src.ad_checkpoint import saved_residuals
+from leaks import checking_leaks
 
 import jsoftmax
 from jsoftmax import (
@@ -992,7 +993,7 @@ def test_a_rule_closing_over_a_jit_tracer_leaks_nothing():
         f = jsoftmax.with_forward_mode(f)
         return jax.grad(lambda x: f(x).sum())(x), jax.jvp(f, (x,), (x,))[1]
 
-    with jax.checking_leaks():
+    with checking_leaks():
         got = step(jnp.full(3, 2.0), X[0, :3])
     _close(got, (2 * jnp.cos(X[0, :3]), 2 * jnp.cos(X[0, :3]) * X[0, :3]))
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from leaks import checking_leaks
 
 import jsoftmax
 from jsoftmax._linear_cross_entropy import default_chunk_size
@@ -135,7 +136,7 @@ def test_vmap_checkpoint_scan():
     def scan_loss(fn, xs):
         return jax.lax.scan(lambda c, x: (c + loss(fn, x), None), 0.0, xs)[0]
 
-    with jax.checking_leaks():
+    with checking_leaks():
         got = jax.jit(jax.grad(jax.checkpoint(partial(scan_loss, ours))))(xs)
     chex.assert_trees_all_close(got, want, atol=1e-5)
 
