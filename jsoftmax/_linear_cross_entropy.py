@@ -224,9 +224,7 @@ def linear_softmax_cross_entropy(
          ("tokens",)),
         whole=("features",),
     )  # fmt: skip
-    losses = _vocab_parallel(_per_token, x, w, axis_name)(
-        x, w, bias, labels, where, chunk_size, options
-    )
+    losses = _vocab_parallel(x, w, bias, labels, where, chunk_size, options, axis_name)
     if reduction == "none":
         return losses.astype(out_dtype)
     total = jnp.sum(losses)
@@ -264,9 +262,9 @@ def _per_token(x, w, bias, labels, where, chunk_size, options, axis_name):
     return loud_labels(losses, checked, _vocab(w, axis_name))
 
 
-def _vocab_parallel(per_token, x, w, axis_name):
-    """``per_token`` with ``axis_name`` given, or, where an ``Explicit`` mesh
-    splits ``w``'s columns, run vocab-parallel in a ``shard_map`` over those
+def _vocab_parallel(x, w, bias, labels, where, chunk_size, options, axis_name):
+    """:func:`_per_token` with ``axis_name`` given, or, where an ``Explicit``
+    mesh splits ``w``'s columns, run vocab-parallel in a ``shard_map`` over those
     mesh axes (the others stay ``Explicit`` inside): each device walks its
     own columns, as with ``axis_name``, with one ``pmax`` and one ``psum`` of
     per-token statistics forward and one ``psum`` of ``dx`` backward.
@@ -296,36 +294,33 @@ def _vocab_parallel(per_token, x, w, axis_name):
     )
     entry = mesh_spec(w)[1] if split else None
     if entry is None:
-        return partial(per_token, axis_name=axis_name)
+        return _per_token(x, w, bias, labels, where, chunk_size, options, axis_name)
     name = entry[0] if len(entry) == 1 else entry
 
-    def run(x, w, bias, labels, where, chunk_size, options):
-        def shard(x, w, bias, labels, where):
-            return per_token(x, w, bias, labels, where, chunk_size, options, name)
+    def shard(x, w, bias, labels, where):
+        return _per_token(x, w, bias, labels, where, chunk_size, options, name)
 
-        tokens = mesh_spec(x)[0]
-        kept = tuple(a for a in tokens or () if a not in entry) or None
-        x, labels, where = (
-            None if a is None else reshard_to(a, (kept, *mesh_spec(a)[1:]))
-            for a in (x, labels, where)
-        )
-        bias = None if bias is None else reshard_to(bias, (entry,))
-        by_token = P(kept)
-        losses = jax.shard_map(
-            shard,
-            in_specs=(
-                P(kept, None),
-                P(None, entry),
-                None if bias is None else P(entry),
-                by_token,
-                None if where is None else by_token,
-            ),
-            out_specs=by_token,
-            axis_names={*entry, *(kept or ())},
-        )(x, w, bias, labels, where)
-        return reshard_to(losses, (tokens,))
-
-    return run
+    tokens = mesh_spec(x)[0]
+    kept = tuple(a for a in tokens or () if a not in entry) or None
+    x, labels, where = (
+        None if a is None else reshard_to(a, (kept, *mesh_spec(a)[1:]))
+        for a in (x, labels, where)
+    )
+    bias = None if bias is None else reshard_to(bias, (entry,))
+    by_token = P(kept)
+    losses = jax.shard_map(
+        shard,
+        in_specs=(
+            P(kept, None),
+            P(None, entry),
+            None if bias is None else P(entry),
+            by_token,
+            None if where is None else by_token,
+        ),
+        out_specs=by_token,
+        axis_names={*entry, *(kept or ())},
+    )(x, w, bias, labels, where)
+    return reshard_to(losses, (tokens,))
 
 
 def acc(x):
