@@ -44,6 +44,7 @@ from jsoftmax._cross_entropy import (
     check_integer_labels,
     check_loss_options,
     loud_labels,
+    split_empty,
 )
 from jsoftmax._forward_mode import _with_forward_mode
 
@@ -149,7 +150,8 @@ def linear_softmax_cross_entropy(
       same chunk matmul as the logsumexp. Columns whose logits are ``-inf``
       (a ``-inf`` bias, as on vocabulary padding) have probability 0 wherever
       they fall among the chunks and shards; a token whose logits are all
-      ``-inf`` has a NaN loss, where the unfused op gives 0.
+      ``-inf`` has loss 0 and gradient 0, whatever its label, as in the
+      unfused op.
 
     Raises:
       TypeError: complex inputs, non-integer labels, a non-boolean ``where``,
@@ -432,18 +434,24 @@ def _losses(
         total = total + w.shape[1] * (m - m_all)
     s, target, total = psum((s * jnp.exp(m - m_all), target, total), axis_name)
     log_s = log_sum(s)
+    valid, safe_log_s = split_empty(log_s)
     # (1 - a)(log_s - (z_y - m)) + a (log_s - mean(z - m)): each term >= 0, so
     # the loss is >= 0, and none carries the large m.
     # With label_smoothing 1 the target has no weight, also where its logit
     # is -inf (0 * -inf would be NaN), as in the per-example losses.
-    loss = log_s if label_smoothing == 1 else log_s - (1 - label_smoothing) * target
+    loss = safe_log_s
+    if label_smoothing < 1:
+        loss = loss - (1 - label_smoothing) * target
     if label_smoothing:
         loss = loss - label_smoothing * total / _vocab(w, axis_name)
     if z_loss:
-        loss = loss + z_loss * jnp.square(m_all + log_s)
+        loss = loss + z_loss * jnp.square(m_all + safe_log_s)
+    # A token with no finite logit (a -inf bias on every column) has no loss,
+    # whatever its label, as in the per-example losses.
+    loss = jnp.where(valid, loss, 0)
     if where is not None:
         loss = jnp.where(where, loss, 0)
-    return loss, in_range, (m_all, log_s)
+    return loss, in_range | ~valid, (m_all, log_s)
 
 
 def _linear_cross_entropy_fwd(
@@ -469,6 +477,9 @@ def _linear_cross_entropy_bwd(
     # An out-of-range label's cotangent arrives NaN where it is not 0 (see
     # loud_labels).
     g = loss_cotangent(g.astype(acc(x)), axis_name)
+    # Tokens with no finite logit get 0, whatever their label.
+    valid, log_s = split_empty(log_s)
+    g = jnp.where(valid, g, 0)
     if where is not None:
         g = jnp.where(where, g, 0)
     p_coef = (g * (1 + 2 * z_loss * (m + log_s)) if z_loss else g)[:, None]

@@ -582,6 +582,54 @@ def test_columns_of_minus_inf_bias_filling_the_first_chunk_or_a_shard(chunk_size
         np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-6 * jnp.max(jnp.abs(wg)))
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [{}, dict(z_loss=1e-2), dict(label_smoothing=0.5), dict(label_smoothing=1.0)],
+)
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_tokens_with_every_logit_minus_inf_have_loss_and_gradient_zero(
+    chunk_size, opts
+):
+    # A -inf bias on every column leaves no finite logit: the loss and every
+    # gradient are 0, whatever the label (out of range or -100 padding
+    # included), as in the unfused op; they were NaN from -inf - -inf.
+    x, w, bias, labels = _data(v=8)
+    bias = jnp.full_like(bias, -jnp.inf)
+    labels = labels.at[0].set(255).at[1].set(-100)
+    where = jnp.arange(B) != 2
+
+    def fused(x, w, bias, axis_name=None):
+        return jsoftmax.linear_softmax_cross_entropy(
+            x, w, labels, bias=bias, where=where, chunk_size=chunk_size,
+            reduction="none", axis_name=axis_name, **opts,
+        )  # fmt: skip
+
+    def unfused(x, w, bias):
+        loss = jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x @ w + bias[None], labels, **opts
+        )
+        return jnp.where(where, loss, 0)
+
+    def sharded(x, w, bias):  # 2 vocab shards, vmap's named axis for devices
+        halves = (jnp.stack(jnp.split(w, 2, axis=1)), jnp.stack(jnp.split(bias, 2)))
+        loss = jax.vmap(partial(fused, x, axis_name="v"), axis_name="v")(*halves)
+        return loss[0]
+
+    args = (x, w, bias)
+    cotangent = jnp.linspace(1.0, 2.0, B)
+    for f in (fused, jax.jit(fused), sharded, unfused):
+        loss, vjp = jax.vjp(f, *args)
+        assert jnp.array_equal(loss, jnp.zeros(B)), (f, loss)
+        for g in vjp(cotangent):
+            assert jnp.array_equal(g, jnp.zeros_like(g)), (f, g)
+    tangent = jax.jvp(fused, args, (x, w, jnp.zeros_like(bias)))[1]
+    assert jnp.array_equal(tangent, jnp.zeros(B)), tangent
+    # The same call with a finite bias column is the unfused op's, labels and
+    # all: the zeros above come from the empty rows, not from a dead loss.
+    args = (x, w, bias.at[5].set(0.0))
+    np.testing.assert_allclose(fused(*args), unfused(*args), rtol=1e-6)
+
+
 def test_full_label_smoothing_ignores_a_minus_inf_target_logit():
     # The target's weight 1 - label_smoothing is 0: the loss is the unfused
     # op's (+inf from the -inf column's smoothing mass, finite without it),
