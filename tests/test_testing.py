@@ -10,6 +10,7 @@ below 1e-7) are swept the same way.
 
 import pathlib
 import re
+import warnings
 from functools import partial
 
 import jax
@@ -717,6 +718,72 @@ def test_overrides_set_the_allowance():
     assert testing.vjp_errors(shifted, ref_softmax, x).value_mismatch
     assert testing.vjp_errors(shifted, ref_softmax, x, atol=2e-4).passed
     assert testing.vjp_errors(shifted, ref_softmax, x, rtol=1e-2).passed
+
+
+@pytest.mark.parametrize("name", ["atol", "rtol", "grad_atol", "grad_rtol"])
+@pytest.mark.parametrize("value", [-1e-6, float("nan"), float("inf"), True, "1e-3"])
+def test_an_allowance_that_is_not_a_finite_number_at_least_0_is_refused(name, value):
+    # A negative one made every ratio negative, which approved any rule.
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        testing.vjp_errors(jsoftmax.softmax, ref_softmax, _x(), **{name: value})
+    ok = testing.vjp_errors(jsoftmax.softmax, ref_softmax, _x(), **{name: 1e-2})
+    assert ok.passed
+
+
+def test_grad_rtol_sets_the_signed_cotangent_check_too():
+    # A linear rule computing its backward pass in bfloat16 for float32
+    # inputs: grad_rtol=2e-2 approved its Jacobian, but the check at signed
+    # cotangents kept the float32 default and called it "not linear?".
+    def bf16_backward(x, g, _):
+        y, g = ref_softmax(x).astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+        return (y * (g - jnp.sum(g * y, -1, keepdims=True))).astype(x.dtype)
+
+    rule = _rule(ref_softmax, bf16_backward)
+    x = _x((3, 16))
+    assert "not linear?" in testing.vjp_errors(rule, ref_softmax, x).jacobian_mismatch
+    assert testing.vjp_errors(rule, ref_softmax, x, grad_rtol=2e-2).passed
+    # The check still fails past the override: |g| is off by 2 at signed g.
+    not_linear = _rule(ref_softmax, lambda x, g, _: _softmax_grad(x, jnp.abs(g)))
+    e = testing.vjp_errors(not_linear, ref_softmax, x, grad_rtol=2e-2)
+    assert "not linear?" in e.jacobian_mismatch
+
+
+def _softmax_rule_with_cotangent_dtype(cast):
+    @jax.custom_vjp
+    def op(x):
+        return ref_softmax(x.astype(jnp.float32)).astype(x.dtype)
+
+    def op_bwd(x, g):
+        dx = _softmax_grad(x.astype(jnp.float32), g.astype(jnp.float32))
+        return (cast(dx, x.dtype),)
+
+    op.defvjp(lambda x: (op(x), x), op_bwd)
+    return op
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_cotangent_of_another_dtype_than_its_input_fails(dtype):
+    # jax.grad returns what the rule returns: a float32 cotangent for a
+    # 16-bit input went through, and so the gradient's dtype changed.
+    x = _x(dtype=dtype)
+    wide = _softmax_rule_with_cotangent_dtype(lambda dx, _: dx)
+    e = testing.vjp_errors(wide, ref_softmax, x)
+    if dtype == "float32":
+        assert e.passed
+    else:
+        assert f"d x has dtype float32, its input {dtype}" in e.jacobian_mismatch
+    same = _softmax_rule_with_cotangent_dtype(lambda dx, dtype: dx.astype(dtype))
+    assert testing.vjp_errors(same, ref_softmax, x).passed
+
+
+def test_assert_vjp_matches_warns_where_the_float64_comparison_is_skipped():
+    # Checked in float32 only, the float64-only errors pass unseen: say so.
+    with pytest.warns(UserWarning, match=r"skipped under none, jit, vmap \(fn does"):
+        testing.assert_vjp_matches(_in_float32, ref_softmax, _x())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testing.assert_vjp_matches(_in_float32, ref_softmax, _x(), float64=False)
+        testing.assert_vjp_matches(jsoftmax.softmax, ref_softmax, _x())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
