@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TypeVar
@@ -384,12 +385,18 @@ def _with_forward_mode(
         )
     nondiff = tuple(fn.nondiff_argnums)
     name = getattr(fn, "__name__", "custom_vjp")
-    wrapped = jax.custom_jvp(fn, nondiff_argnums=nondiff)
 
-    def rule(*args):
+    # The axis names bound where fn is called come first, as a static
+    # argument that the rule binds again where JAX runs it without them.
+    def primal(axes, *args):
+        return fn(*args)
+
+    wrapped = jax.custom_jvp(primal, nondiff_argnums=(0, *(i + 1 for i in nondiff)))
+
+    def rule(axes, *args):
         *statics, primals, tangents = args
         _check_static(name, nondiff, statics)
-        unbound = _unbound_vmap_axes()
+        unbound = _unbound_axes(axes)
         bind = _core.extend_axis_env_nd(unbound) if unbound else nullcontext()
         with bind:
             return _jvp_rule(
@@ -398,7 +405,53 @@ def _with_forward_mode(
             )  # fmt: skip
 
     wrapped.defjvp(rule)
-    return wrapped
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if kwargs:  # by position, as jax.custom_vjp passes them to its rules
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
+        return wrapped(_bound_axes(), *args)
+
+    return call
+
+
+def _bound_axes() -> tuple:
+    """``(name, size)`` of the axis names bound here (``vmap``'s,
+    ``shard_map``'s), or ``()`` where JAX does not say."""
+    get_env = getattr(_core, "get_axis_env", None)
+    sizes = getattr(get_env(), "axis_sizes", {}) if get_env else {}
+    axes = tuple(sizes.items())
+    try:
+        hash(axes)
+    except TypeError:
+        return ()
+    return axes
+
+
+def _unbound_axes(axes) -> list:
+    """``(name, size)`` of the axis names bound where the op was called
+    (``axes``) or by an enclosing ``vmap`` (:func:`_unbound_vmap_axes`) that
+    are not bound where its rule runs.
+
+    JAX runs a ``custom_jvp`` rule where the names of its call may not be
+    bound: a ``vmap``'s rule is traced lazily, unbatched and outside the
+    ``vmap``, then batched, when a ``jit``, ``jax.checkpoint`` or
+    ``lax.scan`` traced around the ``vmap`` is differentiated; the
+    collectives in ``fwd`` then raised JAX's "unbound axis name"
+    ``NameError``. The names and sizes are those the call saw, so that
+    ``lax.axis_size`` reads the same."""
+    get_env = getattr(_core, "get_axis_env", None)
+    if get_env is None or not hasattr(_core, "extend_axis_env_nd"):
+        return []
+    bound = dict(getattr(get_env(), "axis_sizes", {}))
+    unbound = {}
+    for axis, size in (*axes, *_unbound_vmap_axes()):
+        if axis not in bound:
+            unbound.setdefault(axis, size)
+    return list(unbound.items())
 
 
 def _unbound_vmap_axes() -> list:

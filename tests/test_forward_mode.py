@@ -697,7 +697,10 @@ def _around(where, f):
 def test_named_vmap_axis_inside_jit_checkpoint_and_scan_is_differentiated(where):
     # JAX batches a custom_jvp rule lazily when a jit, checkpoint or scan
     # traced around a named vmap is differentiated, without binding the axis
-    # name: the rules' collectives raised "unbound axis name" NameError.
+    # name: the rules' collectives raised "unbound axis name" NameError. A
+    # rule traced earlier under the vmap itself (kept by jsoftmax or by JAX)
+    # hid it: cleared here, as in a fresh process.
+    jax.clear_caches()
     t = _tangents((X,))[0]
     for op, ref in [
         (jsoftmax.softmax, jax.nn.softmax),
@@ -713,6 +716,40 @@ def test_named_vmap_axis_inside_jit_checkpoint_and_scan_is_differentiated(where)
 
         _close(jax.jvp(got, (X,), (t,)), jax.jvp(ref, (X,), (t,)))
         _close(jax.grad(_scalar(got))(X), jax.grad(_scalar(ref))(X))
+
+
+@jax.custom_vjp
+def _centred_over_c(x):
+    """``x`` less its mean over the named axis "c", by its size."""
+    return x - lax.psum(x, "c") / lax.axis_size("c")
+
+
+_centred_over_c.defvjp(
+    lambda x: (_centred_over_c(x), None),
+    lambda _, g: (g - lax.psum(g, "c") / lax.axis_size("c"),),
+)
+
+
+@pytest.mark.parametrize("where", ["jit", "checkpoint", "scan"])
+def test_a_rule_traced_outside_its_vmap_reads_the_calls_axis_size(where):
+    # A user's rule reading lax.axis_size, traced lazily outside the vmap
+    # (as above): the name is bound again with the size the call saw, 5
+    # and then 3 instances of the same shape.
+    jax.clear_caches()
+    op = jsoftmax.with_forward_mode(_centred_over_c)
+    for size in (5, 3):
+        x = X[:, :size]
+        t = _tangents((x,))[0]
+        split = _around(where, jax.vmap(op, in_axes=1, out_axes=1, axis_name="c"))
+
+        def got(x, split=split):
+            return split(x)
+
+        def want(x):
+            return x - jnp.mean(x, axis=1, keepdims=True)
+
+        _close(jax.jvp(got, (x,), (t,)), jax.jvp(want, (x,), (t,)))
+        _close(jax.grad(_scalar(got))(x), jax.grad(_scalar(want))(x))
 
 
 def test_export_serialize_deserialize_differentiate():
