@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 
 import jsoftmax
@@ -58,6 +59,109 @@ def test_main_exits_non_zero_when_a_check_fails(monkeypatch, capsys):
     assert cli.main([]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out
+
+
+def test_main_says_why_each_row_fails(monkeypatch, capsys):
+    # The error columns of a failing row can equal a passing run's (a
+    # failure seen only in float64): the reason is printed under the table.
+    def wrong_cases():
+        return [("shifted", lambda x: jsoftmax.softmax(x) + 1e-6, _ref, 12)]
+
+    def _ref(x):
+        return testing.reference_softmax(x)
+
+    monkeypatch.setattr(cli, "_cases", wrong_cases)
+    assert cli.main([]) == 1
+    out = capsys.readouterr().out
+    for dtype in ("float32", "bfloat16"):
+        assert f"FAIL shifted | cpu | jit | {dtype}: " in out
+    assert "in float64: output[" in out
+
+
+def test_a_check_that_raises_is_an_error_row_and_the_others_still_run(
+    monkeypatch, capsys
+):
+    def raises_under_vmap(x):
+        if x.ndim == 1:
+            raise RuntimeError("no rows")
+        return jsoftmax.softmax(x)
+
+    cases = [
+        ("raises", raises_under_vmap, testing.reference_softmax, 12),
+        ("softmax", jsoftmax.softmax, testing.reference_softmax, 12),
+    ]
+    monkeypatch.setattr(cli, "_cases", lambda: cases)
+    assert cli.main([]) == 1
+    out = capsys.readouterr().out
+    result = {
+        tuple(c.strip() for c in line.split(" | ")[:3:2]): line.split(" | ")[-1].strip()
+        for line in out.splitlines()
+        if line.count(" | ") == 8
+    }
+    assert result[("raises", "vmap")] == "ERROR" and result[("raises", "jit")] == "pass"
+    assert result[("softmax", "vmap")] == result[("softmax", "jit")] == "pass"
+    assert "ERROR raises | cpu | vmap | float32: RuntimeError: no rows" in out
+
+
+def test_points_are_drawn_in_float32_whatever_x64_says(monkeypatch):
+    # Drawn in float64 under jax_enable_x64, the point moved, and the
+    # attention row failed there.
+    seen = []
+
+    def record(op, reference, x, transform):
+        seen.append(np.asarray(x.astype(jnp.float32)))
+        return testing.vjp_errors(op, reference, x, transform=transform, float64=False)
+
+    monkeypatch.setattr(testing, "vjp_errors", record)
+    device = jax.devices("cpu")[0]
+    args = ("softmax", jsoftmax.softmax, testing.reference_softmax, device, (4, 12))
+    cli._rows(*args, ("jit",), ("float32",))
+    with jax.enable_x64(True):
+        cli._rows(*args, ("jit",), ("float32",))
+    np.testing.assert_array_equal(seen[0], seen[1])
+
+
+def test_the_attention_row_is_compared_in_float64_too():
+    # jax.nn's attention computes in float32 whatever its inputs, which
+    # skipped the float64 comparison: a backward 2e-6 off passed. The
+    # reference is plain JAX now.
+    name, op, reference, width = cli._cases()[-1]
+    assert name == "dot_product_attention"
+
+    @jax.custom_vjp
+    def off(x):
+        return op(x)
+
+    def off_bwd(x, g):
+        return (jax.vjp(op, x)[1](g)[0] * (1 + 2e-6),)
+
+    off.defvjp(lambda x: (op(x), x), off_bwd)
+    x = cli._spread(name) * jax.random.normal(jax.random.key(0), (4, width))
+    right = testing.vjp_errors(op, reference, x, transform="jit")
+    assert right.passed and right.float64 is not None, right
+    wrong = testing.vjp_errors(off, reference, x, transform="jit")
+    assert not wrong.passed and "in float64" in wrong.jacobian_mismatch
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    # print into a pipe whose reader has gone raised BrokenPipeError, and the
+    # exit code was 1 whatever the checks said.
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from jsoftmax import __main__ as cli\n"
+        "row = dict(op='softmax', backend='cpu', transform='jit', dtype='float32',\n"
+        "           value_error=0.0, jacobian_error=0.0, passed=True)\n"
+        "cli.verify = lambda: [row] * 5000\n"
+        "sys.exit(cli.main([]))\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    run.stdout.close()  # the reader stops before anything is written
+    stderr = run.stderr.read().decode()
+    assert run.wait() == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
 def test_format_table_aligns_columns():
