@@ -698,18 +698,18 @@ def test_named_vmap_axis_inside_jit_checkpoint_and_scan_is_differentiated(where)
     # JAX batches a custom_jvp rule lazily when a jit, checkpoint or scan
     # traced around a named vmap is differentiated, without binding the axis
     # name: the rules' collectives raised "unbound axis name" NameError. A
-    # rule traced earlier under the vmap itself (kept by jsoftmax or by JAX)
-    # hid it: cleared here, as in a fresh process.
-    jax.clear_caches()
+    # trace of the rule made under the vmap itself, kept in JAX's caches,
+    # hid it: an axis name of its own keeps this test from any other's.
     t = _tangents((X,))[0]
+    name = f"lazy_{where}"
     for op, ref in [
         (jsoftmax.softmax, jax.nn.softmax),
         (jsoftmax.log_softmax, jax.nn.log_softmax),
     ]:
-        op = functools.partial(op, axis_name="c")
+        op = functools.partial(op, axis_name=name)
         split = _around(
-            where, jax.vmap(op, in_axes=1, out_axes=1, axis_name="c")
-        )  # one class per instance of "c"
+            where, jax.vmap(op, in_axes=1, out_axes=1, axis_name=name)
+        )  # one class per instance of the axis
 
         def got(x, split=split):
             return split(x[:, :, None])[..., 0]
@@ -718,16 +718,19 @@ def test_named_vmap_axis_inside_jit_checkpoint_and_scan_is_differentiated(where)
         _close(jax.grad(_scalar(got))(X), jax.grad(_scalar(ref))(X))
 
 
-@jax.custom_vjp
-def _centred_over_c(x):
-    """``x`` less its mean over the named axis "c", by its size."""
-    return x - lax.psum(x, "c") / lax.axis_size("c")
+def _centred_over_c():
+    """``x`` less its mean over the named axis "c", by its size: a new
+    function at each call, which no cache has seen."""
 
+    @jax.custom_vjp
+    def centred(x):
+        return x - lax.psum(x, "c") / lax.axis_size("c")
 
-_centred_over_c.defvjp(
-    lambda x: (_centred_over_c(x), None),
-    lambda _, g: (g - lax.psum(g, "c") / lax.axis_size("c"),),
-)
+    centred.defvjp(
+        lambda x: (centred(x), None),
+        lambda _, g: (g - lax.psum(g, "c") / lax.axis_size("c"),),
+    )
+    return jsoftmax.with_forward_mode(centred)
 
 
 @pytest.mark.parametrize("where", ["jit", "checkpoint", "scan"])
@@ -735,8 +738,7 @@ def test_a_rule_traced_outside_its_vmap_reads_the_calls_axis_size(where):
     # A user's rule reading lax.axis_size, traced lazily outside the vmap
     # (as above): the name is bound again with the size the call saw, 5
     # and then 3 instances of the same shape.
-    jax.clear_caches()
-    op = jsoftmax.with_forward_mode(_centred_over_c)
+    op = _centred_over_c()
     for size in (5, 3):
         x = X[:, :size]
         t = _tangents((x,))[0]
