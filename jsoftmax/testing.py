@@ -80,6 +80,8 @@ _ROW_FLOOR = 0.5
 
 
 def _known_dtype(dtype) -> np.dtype:
+    if dtype is None:  # np.dtype(None) is float64
+        raise TypeError("no tolerances for dtype None: name a dtype")
     dtype = np.dtype(dtype)
     if dtype.name not in TOLERANCES:
         raise TypeError(
@@ -213,7 +215,8 @@ def reference_softmax(
     """
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
-    shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
+    # initial: rows without entries (an axis of size 0) give an empty result.
+    shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True, initial=-jnp.inf))
     e = jnp.exp(x - shift)
     y = e / jnp.sum(e, axis, keepdims=True)
     return y if where is None else jnp.where(where, y, 0.0)
@@ -232,7 +235,7 @@ def reference_log_softmax(
     """
     if where is not None:
         x = jnp.where(where, x, -jnp.inf)
-    shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
+    shift = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True, initial=-jnp.inf))
     shifted = x - shift
     o = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True))
     return o if where is None else jnp.where(where, o, -jnp.inf)
@@ -304,6 +307,8 @@ def _reference_input(x: jax.Array) -> jax.Array:
 def _transforms(transforms: str | Sequence[str]) -> tuple[str, ...]:
     """``transforms`` as a tuple; a single name stands for itself."""
     names = (transforms,) if isinstance(transforms, str) else tuple(transforms)
+    if not names:  # it would check nothing, and pass
+        raise ValueError(f"no transform given: name any of {', '.join(TRANSFORMS)}")
     unknown = [t for t in names if t not in TRANSFORMS]
     if unknown:
         raise ValueError(
@@ -1367,7 +1372,10 @@ def assert_finite_differences(
 
     Raises:
       AssertionError: a derivative differs from its finite-difference estimate.
+      ValueError: ``order`` is below 1 (nothing would be checked).
     """
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be an int >= 1, got {order!r}")
     jax.test_util.check_grads(
         fn, args, order, modes=["rev"], atol=atol, rtol=rtol, eps=eps
     )

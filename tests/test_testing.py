@@ -1046,6 +1046,28 @@ def test_unknown_transform_is_refused_before_any_work(transforms):
     assert not calls
 
 
+def test_no_transform_no_dtype_and_order_0_are_refused():
+    # Each checked nothing and passed: transforms=() returned [], None read
+    # as float64, order=0 compared no derivative.
+    with pytest.raises(ValueError, match="no transform given"):
+        testing.assert_vjp_matches(jsoftmax.softmax, ref_softmax, _x(), transforms=())
+    with pytest.raises(TypeError, match="dtype None"):
+        testing.tolerances(None)
+    for order in (0, -1, 1.0, True):
+        with pytest.raises(ValueError, match="order must be an int >= 1"):
+            testing.assert_finite_differences(jsoftmax.softmax, _x(), order=order)
+
+
+@pytest.mark.parametrize(
+    "op,reference",
+    [(jsoftmax.softmax, ref_softmax), (jsoftmax.log_softmax, ref_log_softmax)],
+)
+def test_references_take_rows_without_entries(op, reference):
+    x = jnp.zeros((3, 0))
+    assert reference(x).shape == (3, 0) == op(x).shape
+    assert testing.vjp_errors(op, reference, x).passed
+
+
 # inf and NaN: equal ones agree, misplaced ones fail.
 
 
