@@ -409,11 +409,16 @@ def _with_forward_mode(
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if kwargs:  # by position, as jax.custom_vjp passes them to its rules
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            args = bound.args
-        return wrapped(_bound_axes(), *args)
+        # Every argument by position, defaults included, as jax.custom_vjp
+        # passes them to its rules (nondiff_argnums count them).
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.kwargs:
+            raise TypeError(
+                f"{name}: keyword-only arguments {sorted(bound.kwargs)} cannot be "
+                "passed by position, as jax.custom_vjp needs"
+            )
+        return wrapped(_bound_axes(), *bound.args)
 
     return call
 

@@ -1305,6 +1305,28 @@ def test_a_traced_nondiff_argument_raises_as_for_the_bare_custom_vjp():
         jax.jit(lambda k: jax.jvp(z(k), (p,), (p,)))(3.0)
 
 
+def test_defaults_and_keyword_arguments_as_for_the_bare_custom_vjp():
+    # A defaulted nondiff argument left out raised IndexError: the custom_jvp
+    # counted nondiff_argnums among the arguments given.
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def scale(x, s=3.0):
+        return x * s
+
+    scale.defvjp(lambda x, s: (x * s, None), lambda s, _, g: (g * s,))
+    f = jsoftmax.with_forward_mode(scale)
+    for call, s in [(lambda x: f(x), 3.0), (lambda x: f(x, s=2.0), 2.0)]:
+        assert jax.jvp(call, (2.0,), (1.0,)) == (2.0 * s, s)
+        assert jax.grad(call)(2.0) == s == jax.grad(functools.partial(scale, s=s))(2.0)
+
+    @jax.custom_vjp
+    def keyword_only(x, *, s=1.0):
+        return x * s
+
+    keyword_only.defvjp(lambda x, s=1.0: (x * s, s), lambda s, g: (g * s,))
+    with pytest.raises(TypeError, match="keyword-only arguments"):
+        jsoftmax.with_forward_mode(keyword_only)(2.0, s=2.0)
+
+
 def test_type_errors():
     with pytest.raises(TypeError, match="takes a jax.custom_vjp object"):
         jsoftmax.with_forward_mode(jnp.sin)
