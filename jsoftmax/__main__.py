@@ -411,7 +411,7 @@ def format_notes(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"ERROR {where}: {r['error']}")
         elif not r["passed"]:
-            lines.append(f"FAIL {where}: {r['message']}")
+            lines.append(f"FAIL {where}: {r.get('message') or 'no message'}")
         if r.get("float64_skipped"):
             lines.append(f"no float64 comparison {where}: {r['float64_skipped']}")
     return "\n".join(lines)

@@ -391,6 +391,8 @@ def _with_forward_mode(
     def primal(axes, *args):
         return fn(*args)
 
+    primal.__name__ = primal.__qualname__ = name  # as jaxprs and errors name it
+
     wrapped = jax.custom_jvp(primal, nondiff_argnums=(0, *(i + 1 for i in nondiff)))
 
     def rule(axes, *args):
