@@ -425,12 +425,23 @@ def _with_forward_mode(
     return call
 
 
+# JAX's internals that name the bound axes and bind them again, read
+# defensively: where a JAX version lays them out otherwise, the rule runs as
+# before (no name bound again) rather than fails.
+_CAN_REBIND = hasattr(_core, "get_axis_env") and hasattr(_core, "extend_axis_env_nd")
+
+
+def _axis_sizes() -> dict:
+    """The sizes of the axis names bound here (``vmap``'s, ``shard_map``'s) by
+    name; empty where this JAX version does not say."""
+    if not _CAN_REBIND:
+        return {}
+    return dict(getattr(_core.get_axis_env(), "axis_sizes", {}))
+
+
 def _bound_axes() -> tuple:
-    """``(name, size)`` of the axis names bound here (``vmap``'s,
-    ``shard_map``'s), or ``()`` where JAX does not say."""
-    get_env = getattr(_core, "get_axis_env", None)
-    sizes = getattr(get_env(), "axis_sizes", {}) if get_env else {}
-    axes = tuple(sizes.items())
+    """``(name, size)`` of the axis names bound here, hashable, or ``()``."""
+    axes = tuple(_axis_sizes().items())
     try:
         hash(axes)
     except TypeError:
@@ -450,10 +461,9 @@ def _unbound_axes(axes) -> list:
     collectives in ``fwd`` then raised JAX's "unbound axis name"
     ``NameError``. The names and sizes are those the call saw, so that
     ``lax.axis_size`` reads the same."""
-    get_env = getattr(_core, "get_axis_env", None)
-    if get_env is None or not hasattr(_core, "extend_axis_env_nd"):
+    if not _CAN_REBIND:
         return []
-    bound = dict(getattr(get_env(), "axis_sizes", {}))
+    bound = _axis_sizes()
     unbound = {}
     for axis, size in (*axes, *_unbound_vmap_axes()):
         if axis not in bound:
@@ -463,7 +473,7 @@ def _unbound_axes(axes) -> list:
 
 def _unbound_vmap_axes() -> list:
     """``(name, size)`` of the named ``vmap`` axes whose batching encloses
-    this rule but whose names are not bound here.
+    this rule (:func:`_unbound_axes` keeps those not bound here).
 
     ``vmap`` binds its axis name while it traces its function, and a
     collective in the rule then finds it. But JAX batches a ``custom_jvp``
@@ -473,19 +483,13 @@ def _unbound_vmap_axes() -> list:
     (:func:`_closure_convert`) then fail on the collective with JAX's
     "unbound axis name" ``NameError``. Binding those names again gives the
     rule the environment the ``vmap`` gave the function."""
-    # Read defensively: where a JAX version lays these internals out
-    # otherwise, the rule runs as before (no name bound again), not fails.
-    get_env = getattr(_core, "get_axis_env", None)
-    if get_env is None or not hasattr(_core, "extend_axis_env_nd"):
-        return []
-    bound = getattr(get_env(), "axis_sizes", {})
     unnamed = (None, getattr(_core, "no_axis_name", None))
     axes = []
     trace = _core.trace_ctx.trace
     while trace is not None and not isinstance(trace, _core.EvalTrace):
         data = getattr(trace, "axis_data", None)
         if isinstance(trace, batching.BatchTrace) and data is not None:
-            if data.name not in (*unnamed, *bound):
+            if data.name not in unnamed:
                 axes.append((data.name, data.size))
         trace = getattr(trace, "parent_trace", None)
     return axes
