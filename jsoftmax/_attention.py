@@ -282,7 +282,12 @@ def dot_product_attention(
           Inside a ``vmap`` whose mapped axis is split over such an axis
           (Pallas takes no operand typed on a mesh axis outside a
           ``shard_map``), the kernels run on each shard's part of the
-          mapped axis in a ``shard_map`` over it.
+          mapped axis in a ``shard_map`` over it. Under a ``jit`` that XLA
+          splits by itself (arrays on an ``Auto`` mesh), which cannot split
+          a Pallas call, a :func:`jax.experimental.custom_partitioning`
+          runs them on each device's shard, split likewise (a split they
+          cannot take is gathered for them); not in a :func:`jax.export`,
+          which cannot serialise one.
         - ``"xla"``: the block path (loops of XLA ops), on every platform.
         - ``"pallas"``: the Pallas kernels (Triton on a CUDA GPU): a
           FlashAttention-2 forward, and a backward of one program per key

@@ -10,18 +10,31 @@ k, v, bias and sinks (the contracts of ``_attention_xla``).
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.custom_partitioning import (
+    ArrayMapping,
+    CompoundFactor,
+    SdyShardingRule,
+    custom_partitioning,
+)
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
-from jsoftmax._checks import explicit_axes, mesh_spec, reshard_to
+from jsoftmax._checks import explicit_axes, mesh_spec, reshard_to, shards
 from jsoftmax._collectives import vma
-from jsoftmax._platform import by_platform, vmapped_mesh_axes
+from jsoftmax._platform import (
+    by_platform,
+    mesh_entries,
+    partitioned_by_xla,
+    vmapped_mesh_axes,
+)
 
 
 def _on_platform(xla_fn, kernel_fn, layout, interpreter_fails):
@@ -63,9 +76,13 @@ def _on_platform(xla_fn, kernel_fn, layout, interpreter_fails):
                 _refuse_symbolic,
                 ("cuda", "default"),
             )
+        # Lowered with the program's devices named (see by_platform) only
+        # where the kernels may run: JAX then refuses two meshes in one
+        # program, as it does with jax.nn's cuDNN attention.
+        partitions = pallas or jax.default_backend() == "gpu"
         return by_platform(
             args, cuda=kernel, default=default, symbolic=symbolic,
-            derivative=xla_call, manual=manual,
+            derivative=xla_call, manual=manual, partitions=partitions,
         )  # fmt: skip
 
     return call
@@ -132,6 +149,8 @@ def _per_shard(kernel, layout, twin, instead):
             return instead(*args)
         axes = explicit_axes()
         if not axes:
+            if partitioned_by_xla():
+                return _partitioned(kernel, layout)(*args)
             return kernel(*args)
         leaves, tree = jax.tree.flatten(args)
         in_specs, out_specs = layout(*args)
@@ -141,15 +160,9 @@ def _per_shard(kernel, layout, twin, instead):
         present = []  # which outputs are not None
 
         def shard(*leaves):
-            outs = kernel(*jax.tree.unflatten(tree, leaves))
+            outs = _summed(kernel(*jax.tree.unflatten(tree, leaves)), out_specs, split)
             present[:] = [x is not None for x in outs]
-            # The specs, given before the outputs are known, name the same ones.
-            assert present == [spec is not None for spec in out_specs], out_specs
-            return [
-                lax.psum(x, tuple(sorted(split - _axes(spec))))
-                for x, spec in zip(outs, out_specs, strict=True)
-                if x is not None
-            ]
+            return [x for x in outs if x is not None]
 
         outs = jax.shard_map(
             shard,
@@ -163,6 +176,132 @@ def _per_shard(kernel, layout, twin, instead):
         return tuple(next(outs) if here else None for here in present)
 
     return run
+
+
+def _summed(outs, specs, split):
+    """The outputs of one shard's kernels, each one split over fewer mesh
+    axes than ``split`` (its spec in ``specs``) summed over the others."""
+    # The specs, given before the outputs are known, name the same ones.
+    assert [x is not None for x in outs] == [s is not None for s in specs], specs
+    return [
+        None if x is None else lax.psum(x, tuple(sorted(split - _axes(spec))))
+        for x, spec in zip(outs, specs, strict=True)
+    ]
+
+
+def _partitioned(kernel, layout):
+    """``kernel`` as a :func:`jax.experimental.custom_partitioning` that XLA
+    runs shard by shard, where it splits the program by itself (see
+    :func:`partitioned_by_xla`): split as :func:`_per_shard` splits it on an
+    ``Explicit`` mesh, by the query's batch and head splits where the
+    kernels can run them (:func:`_xla_split`), each other axis whole. XLA
+    moves the operands to those splits (it gathers nothing the query's
+    split already gives), and each device runs the kernels on its shard
+    only, where a Pallas call alone would run on every device over the
+    whole gathered arrays."""
+
+    def specs(mesh, args):
+        split = _xla_split(mesh, *jax.tree.leaves(args)[:2])
+        return layout(*args, split=split)
+
+    def shardings(mesh, specs, like):
+        leaves, tree = jax.tree.flatten(like)
+        named = [NamedSharding(mesh, P(*spec)) for spec in specs if spec is not None]
+        assert len(named) == len(leaves), (specs, like)
+        return jax.tree.unflatten(tree, named)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, specs(mesh, arg_shapes)[1], result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        in_specs, out_specs = specs(mesh, arg_shapes)
+        split = set().union(*(_axes(spec) for spec in in_specs if spec is not None))
+
+        def shard(*args):
+            return tuple(_summed(kernel(*args), out_specs, split))
+
+        return (
+            mesh,
+            shard,
+            shardings(mesh, out_specs, result_shape),
+            shardings(mesh, in_specs, arg_shapes),
+        )
+
+    def run(*args):
+        call = custom_partitioning(lambda *args: tuple(kernel(*args)))
+        call.def_partition(
+            infer_sharding_from_operands=infer,
+            partition=partition,
+            sharding_rule=partial(_sharding_rule, args),
+            decode_shardings=False,  # read by mesh_entries, which may refuse
+        )
+        return call(*args)
+
+    return run
+
+
+def _xla_split(mesh, q, k):
+    """The query's batch and head splits (:func:`mesh_spec` entries, None for
+    whole) that the kernels run shard by shard, given ``q``'s sharding on
+    ``mesh`` where XLA splits the program: each only where it splits its
+    axis evenly (XLA pads an uneven split, and the padding would reach the
+    sums over it), the heads only where they split the key/value heads
+    alike too (or there is one); neither where the split names no whole
+    mesh axes."""
+    b, _, n, _ = mesh_entries(q.sharding, mesh, 4) or (None,) * 4
+
+    def even(entry, *sizes):
+        return entry is not None and all(s % shards(entry, mesh) == 0 for s in sizes)
+
+    kv = k.shape[2]
+    return (
+        b if even(b, q.shape[0]) else None,
+        n if even(n, q.shape[2], *(() if kv == 1 else (kv,))) else None,
+    )
+
+
+def _sharding_rule(args, mesh, value_types, result_types):
+    """The Shardy rule of :func:`_partitioned`'s call, from its arguments
+    ``args`` (how XLA's sharding propagation sees the call; the split it
+    runs with is its ``partition``'s): q, k, v, o, ``lse`` and the output
+    cotangent share their batch, position, head and head-dim factors (the
+    query heads as the key/value heads times their group), each cotangent
+    its input's; every other axis is a factor of its own."""
+    del mesh
+    backward = isinstance(args[0], tuple)  # (res, d_out), else the inputs
+    res = args[0] if backward else args
+    n, kv = res[0].shape[2], res[1].shape[2]
+    fresh = (f"x{i}" for i in itertools.count())
+    if kv == n:
+        heads, kv_heads, lse_heads = "n", "n", ("n", next(fresh))
+    elif kv == 1:
+        heads, kv_heads, lse_heads = "n", next(fresh), (next(fresh), "n")
+    else:  # XLA may split these over parts of a mesh axis: see _xla_split
+        heads, kv_heads, lse_heads = CompoundFactor("k", "g"), "k", ("k", "g")
+    known = {
+        0: ("b", "t", heads, "h"),
+        1: ("b", "s", kv_heads, "h"),
+        2: ("b", "s", kv_heads, "hv"),
+        10: ("b", "t", heads, "hv"),
+        11: ("b", *lse_heads, "t"),
+    }
+    given = {
+        i: known.get(i) or tuple(next(fresh) for _ in x.shape)
+        for i, x in enumerate(res)
+        if x is not None
+    }
+    operands = list(given.values())
+    if backward:
+        operands.append(known[10])  # d_out
+        results = [given[i] for i in range(5) if i in given]
+    else:
+        results = [known[10], known[11]]
+    assert len(operands) == len(value_types), (operands, value_types)
+    assert len(results) == len(result_types), (results, result_types)
+    return SdyShardingRule(
+        tuple(ArrayMapping(*m) for m in operands),
+        tuple(ArrayMapping(*m) for m in results),
+    )
 
 
 def _like(x, aval):
@@ -180,13 +319,15 @@ def _axes(spec):
     return {axis for entry in spec if entry for axis in entry}
 
 
-def _forward_layout(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
+def _forward_layout(
+    q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg, *, split=None
+):
     """The specs the kernels run shard by shard with (see :func:`_per_shard`):
-    the batch split as the query's, the query heads too with their
-    key/value heads (split alike, or one replicated); with the outputs'
-    (``o`` as q, ``lse [B, K, G, T]``)."""
+    the batch split as the query's (or as ``split = (batch, heads)`` says),
+    the query heads too with their key/value heads (split alike, or one
+    replicated); with the outputs' (``o`` as q, ``lse [B, K, G, T]``)."""
     del v
-    b, _, n, _ = mesh_spec(q)
+    b, n = (mesh_spec(q)[::2]) if split is None else split
     # More shards than key/value heads: the public function repeats them to
     # a number the shards divide, except a single one.
     kv_n = None if k.shape[2] == 1 else n
@@ -214,12 +355,12 @@ def _forward_layout(q, k, v, bias, sinks, mask, q_len, kv_len, q_seg, kv_seg):
     return arrays, ((b, None, n, None), lse)
 
 
-def _backward_layout(res, d_out):
+def _backward_layout(res, d_out, *, split=None):
     """:func:`_forward_layout`'s for the backward pass: the residuals (the
     inputs, ``o`` and ``lse``) and the cotangent in; the inputs' cotangents
     out, each split as its input."""
     del d_out
-    arrays, (o, lse) = _forward_layout(*res[:10])
+    arrays, (o, lse) = _forward_layout(*res[:10], split=split)
     return (*arrays, o, lse, o), arrays[:5]
 
 

@@ -10,19 +10,25 @@ so each branch is lowered for its own platform only. Its derivative is that
 of a differentiable twin the caller gives (a kernel has none), as a JVP rule
 of the primitive, so that it holds wherever JAX moves the primitive (a
 ``custom_jvp`` around it is inlined when a ``lax.scan`` body is partially
-evaluated for a second derivative). This module and ``_forward_mode`` are
-where jsoftmax touches JAX internals (``jax._src``'s dispatch, effects, ad,
-batching and mlir registries).
+evaluated for a second derivative). A branch may also see, while it is
+lowered, whether XLA splits the program by itself (:func:`partitioned_by_xla`:
+it then runs a kernel shard by shard through a ``custom_partitioning``).
+This module and ``_forward_mode`` are where jsoftmax touches JAX internals
+(``jax._src``'s dispatch, effects, ad, batching and mlir registries, the
+lowering's module context, and its sharding parser).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 
 import jax
-from jax._src import core, dispatch, effects
+from jax._src import core, dispatch, effects, sharding_impls
+from jax._src import mesh as jax_mesh
 from jax._src.interpreters import ad, batching, mlir
+from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import Primitive
 from jax.sharding import PartitionSpec as P
 
@@ -32,45 +38,72 @@ class _Branches:
     ``default``, ``symbolic`` (the CUDA one's stand-in under a ``vmap`` of
     symbolic size) and ``derivative`` (differentiable), and their outputs'
     avals; ``manual`` names those that take no operand typed on a mesh axis
-    (see :func:`_batch`). Hashed by identity: a primitive parameter, never
-    holding a tracer."""
+    (see :func:`_batch`); ``devices``: whether a branch may need the
+    program's devices when lowered (see :func:`by_platform`). Hashed by
+    identity: a primitive parameter, never holding a tracer."""
 
-    def __init__(self, fns, out_avals, manual):
+    def __init__(self, fns, out_avals, manual, devices):
         self.fns, self.out_avals, self.manual = fns, out_avals, manual
+        self.devices = devices
 
     def __repr__(self):
         return "<cuda | default>"
 
 
-by_platform_p = Primitive("jsoftmax_by_platform")
-by_platform_p.multiple_results = True
-by_platform_p.def_impl(functools.partial(dispatch.apply_primitive, by_platform_p))
-by_platform_p.def_abstract_eval(lambda *avals, branches: list(branches.out_avals))
+def _primitive(name):
+    p = Primitive(name)
+    p.multiple_results = True
+    p.def_impl(functools.partial(dispatch.apply_primitive, p))
+    p.def_abstract_eval(lambda *avals, branches: list(branches.out_avals))
+    return p
+
+
+by_platform_p = _primitive("jsoftmax_by_platform")
+# The same, for branches that may split a call over the program's devices
+# (a custom_partitioning): JAX lowers a program holding it with its devices
+# at hand, which it refuses for a program on an abstract mesh alone.
+by_platform_on_devices_p = _primitive("jsoftmax_by_platform_on_devices")
+dispatch.prim_requires_devices_during_lowering.add(by_platform_on_devices_p)
+
+
+def _bind_branches(args, branches):
+    p = by_platform_on_devices_p if branches.devices else by_platform_p
+    return p.bind(*args, branches=branches)
+
+
+# The module a by_platform branch is being lowered into, while it is traced.
+_lowering_into = contextvars.ContextVar("jsoftmax_lowering_into", default=None)
 
 
 def _lowering(ctx, *args, branches):
-    return mlir.lower_per_platform(
-        ctx,
-        "jsoftmax_by_platform",
-        {"cuda": mlir.lower_fun(branches.fns["cuda"], multiple_results=True)},
-        mlir.lower_fun(branches.fns["default"], multiple_results=True),
-        effects.no_effects,
-        *args,
-    )
+    token = _lowering_into.set(ctx.module_context)
+    try:
+        return mlir.lower_per_platform(
+            ctx,
+            "jsoftmax_by_platform",
+            {"cuda": mlir.lower_fun(branches.fns["cuda"], multiple_results=True)},
+            mlir.lower_fun(branches.fns["default"], multiple_results=True),
+            effects.no_effects,
+            *args,
+        )
+    finally:
+        _lowering_into.reset(token)
 
 
-mlir.register_lowering(by_platform_p, _lowering)
+for _p in (by_platform_p, by_platform_on_devices_p):
+    mlir.register_lowering(_p, _lowering)
 
 
 def _jvp(primals, tangents, *, branches):
     """The derivative twin's JVP, beside the chosen branch's output."""
-    out = by_platform_p.bind(*primals, branches=branches)
+    out = _bind_branches(primals, branches)
     tangents = [ad.instantiate_zeros(t) for t in tangents]
     _, d_out = jax.jvp(branches.fns["derivative"], list(primals), tangents)
     return out, d_out
 
 
-ad.primitive_jvps[by_platform_p] = _jvp
+for _p in (by_platform_p, by_platform_on_devices_p):
+    ad.primitive_jvps[_p] = _jvp
 
 
 def _batch(axis_data, args, dims, *, branches):
@@ -82,7 +115,7 @@ def _batch(axis_data, args, dims, *, branches):
     shard's part inside a ``shard_map`` over those axes, so that they see no
     operand typed on them (which a Pallas call refuses)."""
     if all(d is None for d in dims):
-        out = by_platform_p.bind(*args, branches=branches)
+        out = _bind_branches(args, branches)
         return out, [None] * len(out)
     vmap = functools.partial(
         jax.vmap,
@@ -101,11 +134,12 @@ def _batch(axis_data, args, dims, *, branches):
             )
     if not core.is_constant_dim(axis_data.size):
         fns["cuda"] = fns["symbolic"]
-    out = _bind(fns, args, branches.manual)
+    out = _bind(fns, args, branches.manual, branches.devices)
     return out, [0] * len(out)
 
 
-batching.fancy_primitive_batchers[by_platform_p] = _batch
+for _p in (by_platform_p, by_platform_on_devices_p):
+    batching.fancy_primitive_batchers[_p] = _batch
 
 
 def _shard_by_shard(fn, dims, axes, axis_data, outputs):
@@ -142,11 +176,60 @@ def _shard_by_shard(fn, dims, axes, axis_data, outputs):
     return run
 
 
-def _bind(fns, leaves, manual):
+def _bind(fns, leaves, manual, devices):
     # The differentiable twin's: every branch gives the same, and it can be
     # traced anywhere (a manual branch not inside a vmap over mesh axes).
     out_avals = tuple(jax.make_jaxpr(fns["derivative"])(*leaves).out_avals)
-    return by_platform_p.bind(*leaves, branches=_Branches(fns, out_avals, manual))
+    return _bind_branches(leaves, _Branches(fns, out_avals, manual, devices))
+
+
+def _devices_at_hand() -> bool:
+    """Whether a program traced now may be split over several devices that
+    its lowering can name: more than one device, and no abstract mesh
+    without them (``jax.sharding.use_abstract_mesh``) as the context."""
+    abstract = jax.sharding.get_abstract_mesh()
+    concrete = jax_mesh.get_concrete_mesh()
+    return jax.device_count() > 1 and (abstract.empty or not concrete.empty)
+
+
+def partitioned_by_xla() -> bool:
+    """Whether the branch traced now is lowered into a program that XLA
+    splits over several devices by itself (``jit`` of arrays split on an
+    ``Auto`` mesh, outside any ``shard_map``), at its own level (not inside a
+    ``vmap`` of it), for devices at hand (not for :func:`jax.export`, which
+    cannot serialise a :func:`jax.experimental.custom_partitioning`). A call
+    XLA cannot split (a Pallas kernel) runs there on every device over the
+    whole arrays, gathered, unless a ``custom_partitioning`` says how to
+    split it."""
+    module = _lowering_into.get()
+    if module is None:
+        return False
+    axes = module.axis_context
+    return (
+        isinstance(axes, sharding_impls.ShardingContext)
+        and axes.num_devices > 1
+        and axes.device_assignment is not None
+        and axes.abstract_mesh is not None
+        and not module.lowering_parameters.for_export
+        and isinstance(core.trace_ctx.trace, pe.DynamicJaxprTrace)
+    )
+
+
+def mesh_entries(sharding, mesh, ndim) -> tuple | None:
+    """The mesh axes each of ``ndim`` axes is split over by ``sharding`` (as
+    XLA hands it to a ``custom_partitioning``), entries None or tuples of
+    axis names; None where they cannot be named on ``mesh`` (a split over
+    part of an axis)."""
+    try:
+        hlo = sharding._to_xla_hlo_sharding(ndim)
+        (spec,) = sharding_impls.parse_flatten_op_sharding(hlo, mesh)
+    except (ValueError, NotImplementedError, AssertionError, StopIteration):
+        return None  # JAX's ways of saying the mesh's axes name no such split
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
+    return tuple(
+        None if e is None else (e,) if isinstance(e, str) else tuple(e) or None
+        for e in spec
+    )
 
 
 def vmapped_mesh_axes() -> frozenset:
@@ -158,7 +241,9 @@ def vmapped_mesh_axes() -> frozenset:
     return frozenset(names) - set(jax.sharding.get_abstract_mesh().manual_axes)
 
 
-def by_platform(args, *, cuda, default, symbolic, derivative, manual=("cuda",)):
+def by_platform(
+    args, *, cuda, default, symbolic, derivative, manual=("cuda",), partitions=False
+):
     """``cuda(*args)`` where the program is lowered for CUDA, ``default(*args)``
     elsewhere (all four functions the same output structure, shapes and
     dtypes), differentiated as ``derivative(*args)`` is.
@@ -168,7 +253,10 @@ def by_platform(args, *, cuda, default, symbolic, derivative, manual=("cuda",)):
     shapes the caller sees, it handles itself). The branches named in
     ``manual`` take no operand typed on a mesh axis: under a ``vmap`` whose
     mapped axis is split over ``Explicit`` mesh axes, they run shard by
-    shard in a ``shard_map`` over those axes."""
+    shard in a ``shard_map`` over those axes. ``partitions``: whether a
+    branch may split itself over the program's devices where
+    :func:`partitioned_by_xla` (it is then lowered with them named, where
+    they are at hand)."""
     leaves, in_tree = jax.tree.flatten(args)
     out_tree = []
 
@@ -182,5 +270,6 @@ def by_platform(args, *, cuda, default, symbolic, derivative, manual=("cuda",)):
         return run
 
     fns = dict(cuda=cuda, default=default, symbolic=symbolic, derivative=derivative)
-    out = _bind({name: flat(fn) for name, fn in fns.items()}, leaves, manual)
+    devices = partitions and _devices_at_hand()
+    out = _bind({name: flat(fn) for name, fn in fns.items()}, leaves, manual, devices)
     return jax.tree.unflatten(out_tree[0], out)

@@ -179,6 +179,112 @@ def main():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
     print("shard_map(check_vma=True) batch: equal to unsharded")
 
+    kernels_split_by_xla(jax, jnp, np, NamedSharding, P, jsoftmax, collectives)
+    # XLA's older propagation (GSPMD) asks the custom_partitioning its own
+    # way (infer_sharding_from_operands, not a Shardy rule).
+    jax.config.update("jax_use_shardy_partitioner", False)
+    kernels_split_by_xla(jax, jnp, np, NamedSharding, P, jsoftmax, collectives)
+    jax.config.update("jax_use_shardy_partitioner", True)
+
+
+def kernels_split_by_xla(jax, jnp, np, NamedSharding, P, jsoftmax, collectives):
+    """The kernels (Pallas, interpreted here) under a jit that XLA splits by
+    itself (arrays on an Auto mesh): XLA cannot split a Pallas call, which
+    ran on every device over the whole gathered arrays; a
+    custom_partitioning runs it on each device's shard. Values and
+    gradients equal the unsharded XLA path's; no collective where the
+    query's split holds the work, and only the all-reduce of a cotangent
+    summed over shards (d sinks, a broadcast d bias, the one key/value
+    head's dK and dV) where it does not."""
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=auto)
+    t, ab, whole = 32, P(("a", "b")), None
+    cases = [
+        # name, B, N, K, q's spec, k/v's spec, bias shape and spec, sinks,
+        # collectives allowed (None: any); lengths and segment ids in all
+        ("batch", 8, 4, 4, ab, ab, None, None, False, set()),
+        ("batch-heads", 4, 4, 4, P("a", None, "b"), P("a", None, "b"),
+         None, None, False, set()),
+        ("gqa-heads", 2, 8, 4, P(None, None, "b"), P(None, None, "b"),
+         None, None, False, set()),
+        ("gqa-kv-batch-only", 4, 8, 2, P("b", None, "a"), P("b"),
+         None, None, False, set()),
+        ("mqa-heads", 8, 8, 1, P("a", None, "b"), P("a"),
+         None, None, False, {"all-reduce"}),
+        ("bias-per-example", 8, 4, 4, ab, ab, (8, 1, t, t), ab, False, set()),
+        ("bias-broadcast-sinks", 8, 4, 4, ab, ab, (1, 4, t, t), P(), True,
+         {"all-reduce"}),
+        # More shards of the query heads than key/value heads: heads whole.
+        ("gqa-heads-gathered", 4, 8, 2, P("a", None, "b"), P("a"),
+         None, None, False, whole),
+        ("positions-gathered", 8, 4, 4, P(None, "b"), P(None, "b"),
+         None, None, False, whole),
+    ]  # fmt: skip
+    for (
+        name,
+        b,
+        n,
+        kv,
+        spec,
+        kv_spec,
+        bias_shape,
+        bias_spec,
+        with_sinks,
+        allowed,
+    ) in cases:
+        keys = jax.random.split(jax.random.key(2), 5)
+        q = jax.random.normal(keys[0], (b, t, n, 16))
+        k = jax.random.normal(keys[1], (b, t, kv, 16))
+        v = jax.random.normal(keys[2], (b, t, kv, 16))
+        bias = None if bias_shape is None else jax.random.normal(keys[3], bias_shape)
+        sinks = jax.random.normal(keys[4], (n,)) if with_sinks else None
+        lengths = jnp.arange(b) % t + 3
+        segments = jnp.broadcast_to(jnp.arange(t) // 10, (b, t))
+        ct = jnp.cos(q)
+
+        def vjp(q, k, v, bias, sinks, lengths, segments, ct, implementation):
+            def attention(q, k, v, bias, sinks):
+                return jsoftmax.dot_product_attention(
+                    q, k, v, bias, is_causal=True, sinks=sinks,
+                    key_value_seq_lengths=lengths, query_segment_ids=segments,
+                    key_value_segment_ids=segments, query_chunk_size=16,
+                    key_chunk_size=16, implementation=implementation,
+                )  # fmt: skip
+
+            out, pullback = jax.vjp(attention, q, k, v, bias, sinks)
+            return out, pullback(ct)
+
+        f = jax.jit(vjp, static_argnames="implementation")
+        want = f(q, k, v, bias, sinks, lengths, segments, ct, implementation="xla")
+
+        def put(x, s):
+            return None if x is None else jax.device_put(x, NamedSharding(mesh, s))
+
+        args = (
+            put(q, spec), put(k, kv_spec), put(v, kv_spec), put(bias, bias_spec),
+            put(sinks, P()), put(lengths, P(spec[0])), put(segments, P(spec[0])),
+            put(ct, spec),
+        )  # fmt: skip
+        text = f.lower(*args, implementation="pallas").compile().as_text()
+        found = {
+            c
+            for line in text.splitlines()
+            for c in collectives
+            if f" {c}(" in line or f" {c}-start(" in line
+        }
+        assert allowed is None or found <= allowed, (name, found)
+        out, grads = got = f(*args, implementation="pallas")
+        if allowed is not None:
+            for x in (out, grads[0]):
+                assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), 4), name
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+        shardy = jax.config.jax_use_shardy_partitioner
+        print(
+            f"kernels split by XLA ({'Shardy' if shardy else 'GSPMD'}), {name}: "
+            f"collectives {sorted(found)}, equal"
+        )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -861,6 +861,8 @@ def test_sharded_inputs_compile_without_collectives():
     assert "no collectives" in out.stdout
     assert "vmap over an explicit axis: equal to unsharded" in out.stdout
     assert out.stdout.count("k and v made outside: equal to unsharded") == 2
+    for propagation in ("Shardy", "GSPMD"):
+        assert out.stdout.count(f"kernels split by XLA ({propagation}), ") == 9
 
 
 # ---------------------------------------------------------------------------
