@@ -205,12 +205,13 @@ def partitioned_by_xla() -> bool:
     if module is None:
         return False
     axes = module.axis_context
+    # JAX internals, read so that a JAX without one keeps the plain call.
     return (
-        isinstance(axes, sharding_impls.ShardingContext)
-        and axes.num_devices > 1
-        and axes.device_assignment is not None
-        and axes.abstract_mesh is not None
-        and not module.lowering_parameters.for_export
+        isinstance(axes, getattr(sharding_impls, "ShardingContext", ()))
+        and getattr(axes, "num_devices", 1) > 1
+        and getattr(axes, "device_assignment", None) is not None
+        and getattr(axes, "abstract_mesh", None) is not None
+        and not getattr(module.lowering_parameters, "for_export", True)
         and isinstance(core.trace_ctx.trace, pe.DynamicJaxprTrace)
     )
 

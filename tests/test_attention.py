@@ -863,6 +863,7 @@ def test_sharded_inputs_compile_without_collectives():
     assert out.stdout.count("k and v made outside: equal to unsharded") == 2
     for propagation in ("Shardy", "GSPMD"):
         assert out.stdout.count(f"kernels split by XLA ({propagation}), ") == 9
+    assert "kernels split by XLA: per-device output" in out.stdout
 
 
 # ---------------------------------------------------------------------------
