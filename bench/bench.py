@@ -558,7 +558,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out:
         out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # before any benchmark runs
+            parser.error(f"--out {args.out}: cannot make that folder ({e.strerror})")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = pathlib.Path(tempfile.mkdtemp(prefix=f"jsoftmax-bench-{stamp}-"))

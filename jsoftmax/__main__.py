@@ -463,8 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
         help="run this checkout's bench/bench.py; its options follow",
     )
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
+        before = argv[: argv.index("bench")]  # none of them are bench's
+        if before:
+            parser.error(f"unrecognized arguments: {' '.join(before)}")
         return _run_bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType
 
 import jsoftmax
@@ -215,6 +216,28 @@ def test_bench_ignores_a_bench_in_the_current_directory(tmp_path):
     assert "OTHER PROJECT" not in out.stdout + out.stderr
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--quick" in out.stdout and "--out" in out.stdout
+
+
+def test_options_before_bench_are_refused_as_the_checks_own(capsys):
+    # They were handed to bench.py, whose error named them as its own.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--bogus", "bench", "--quick"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m jsoftmax [-h]"), err
+    assert "unrecognized arguments: --bogus" in err
+
+
+def test_bench_out_that_cannot_be_made_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    # It was a FileNotFoundError traceback from mkdir.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--out", str(blocker / "results")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'results'}: cannot make that folder" in err
 
 
 def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
