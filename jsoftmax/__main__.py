@@ -337,7 +337,9 @@ def _rows(name, op, reference, place, shape, transforms, dtypes) -> list[dict]:
         x = _spread(name) * jax.random.normal(jax.random.key(0), shape, jnp.float32)
         x = jax.device_put(x.astype(dtype), place)
         for transform in transforms:
-            row = dict(op=name, backend=platform, transform=transform, dtype=dtype)
+            row = dict(
+                op=name, backend=platform, transform=_label(transform), dtype=dtype
+            )
             try:
                 with jax.default_device(device):
                     e = testing.vjp_errors(op, reference, x, transform=transform)
@@ -361,6 +363,14 @@ def _rows(name, op, reference, place, shape, transforms, dtypes) -> list[dict]:
                 )
             )
     return rows
+
+
+def _label(transform: str) -> str:
+    """A row's transform as it ran: ``jit`` under ``JAX_DISABLE_JIT`` runs
+    op by op."""
+    if transform == "jit" and jax.config.jax_disable_jit:
+        return "jit (disabled)"
+    return transform
 
 
 def format_table(rows: list[dict]) -> str:

@@ -218,6 +218,17 @@ def test_bench_ignores_a_bench_in_the_current_directory(tmp_path):
     assert "--quick" in out.stdout and "--out" in out.stdout
 
 
+def test_rows_say_where_jit_was_disabled():
+    # Under JAX_DISABLE_JIT the "jit" rows ran op by op, labelled "jit".
+    cpu = jax.devices("cpu")[0]
+    args = ("softmax", jsoftmax.softmax, testing.reference_softmax, cpu, (4, 8))
+    with jax.disable_jit():
+        (row,) = cli._rows(*args, ("jit",), ("float32",))
+    assert row["transform"] == "jit (disabled)" and row["passed"], row
+    (row,) = cli._rows(*args, ("jit",), ("float32",))
+    assert row["transform"] == "jit" and row["passed"], row
+
+
 def test_options_before_bench_are_refused_as_the_checks_own(capsys):
     # They were handed to bench.py, whose error named them as its own.
     with pytest.raises(SystemExit) as exit_:
