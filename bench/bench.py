@@ -556,6 +556,11 @@ def main(argv=None):
         f"the system's temporary directory; {RESULTS} holds the committed results)",
     )
     args = parser.parse_args(argv)
+    if args.gpu and jax.default_backend() != "gpu":
+        parser.error(
+            f"--gpu: the GPU shape set needs a GPU, and JAX's default backend "
+            f"here is {jax.default_backend()!r}"
+        )
     if args.out:
         out = pathlib.Path(args.out)
         try:

@@ -251,6 +251,15 @@ def test_bench_out_that_cannot_be_made_is_a_usage_error(tmp_path, monkeypatch, c
     assert f"--out {blocker / 'results'}: cannot make that folder" in err
 
 
+def test_bench_gpu_shapes_off_a_gpu_are_a_usage_error(monkeypatch, capsys):
+    # They ran on the CPU (rows of 256k classes), for minutes.
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--gpu", "--quick"])
+    assert exit_.value.code == 2
+    assert "--gpu: the GPU shape set needs a GPU" in capsys.readouterr().err
+
+
 def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
     # jsoftmax installed from a wheel: no pyproject.toml or bench/ next to it,
     # though site-packages may hold another distribution's bench/bench.py.
