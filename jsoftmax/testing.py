@@ -539,9 +539,14 @@ def _evaluate(fn, reference, layout, diff, held, transform, jit_vmap):
     )
     want_value, want_jacobian = _of_reference(reference, layout, transform)
     diff_ref = tuple(_reference_input(a) for a in diff)
+    got, want = value(diff, held), want_value(diff_ref, held)
+    if jax.tree.structure(got) != jax.tree.structure(want):
+        # No Jacobians: _compare reports the structures (fn returning None
+        # failed inside jax.jacrev with a message naming neither).
+        return got, want, None, None, None, None
     return (
-        value(diff, held),
-        want_value(diff_ref, held),
+        got,
+        want,
         jacobian(diff, held),
         want_jacobian(diff_ref, held),
         _forward_jacobian_of(forward_jacobian, diff, held),

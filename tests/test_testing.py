@@ -786,6 +786,24 @@ def test_assert_vjp_matches_warns_where_the_float64_comparison_is_skipped():
         testing.assert_vjp_matches(jsoftmax.softmax, ref_softmax, _x())
 
 
+@pytest.mark.parametrize("transform", ["none", "jit", "vmap"])
+@pytest.mark.parametrize(
+    "returns", [lambda y: None, lambda y: (y, y), lambda y: {"y": y}]
+)
+def test_an_output_of_another_structure_fails_naming_both(transform, returns):
+    # One returning None failed inside jax.jacrev: "at least one array or
+    # dtype is required".
+    x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+    errors = testing.vjp_errors(
+        lambda x: returns(jsoftmax.softmax(x)), ref_softmax, x, transform=transform
+    )
+    assert errors.value_mismatch.startswith("output structure"), errors
+    with pytest.raises(AssertionError, match="differs from the reference's"):
+        testing.assert_vjp_matches(
+            lambda x: returns(jsoftmax.softmax(x)), ref_softmax, x, transforms=transform
+        )
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tolerances_follow_epsilon_and_width(dtype):
     with jax.enable_x64(dtype == "float64"):
