@@ -11,10 +11,12 @@ k, v, bias and sinks (the contracts of ``_attention_xla``).
 from __future__ import annotations
 
 import itertools
+import zlib
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import (
     ArrayMapping,
@@ -66,6 +68,8 @@ def _on_platform(xla_fn, kernel_fn, layout, interpreter_fails):
                 layout,
                 xla_call,
                 _refuse_vmapped_mesh_axes if pallas else xla_call,
+                f"{kernel_fn.__module__}.{kernel_fn.__qualname__}"
+                f"(config={config!r}, interpret={interpret})",
             )
             for interpret in (False, True)
         )
@@ -123,7 +127,7 @@ def _backward_fails(*args):
     return True
 
 
-def _per_shard(kernel, layout, twin, instead):
+def _per_shard(kernel, layout, twin, instead, name):
     """``kernel``, run shard by shard in a ``shard_map`` over the mesh's
     ``Explicit`` axes where it has some (a Pallas call takes no split
     operand). Pallas (its Triton lowering and its interpreter) refuses any
@@ -131,7 +135,9 @@ def _per_shard(kernel, layout, twin, instead):
     whose mapped axis is split over one, :func:`by_platform`'s batching rule
     runs this inside a ``shard_map`` over that axis; ``instead`` where it
     could not (a ``vmap`` of symbolic size, or a JAX whose ``vmap`` does not
-    say which mesh axes it maps over).
+    say which mesh axes it maps over). Where XLA splits the program by
+    itself, ``kernel`` runs split alike through :func:`_partitioned`, which
+    ``name`` (the kernel and its every option) identifies.
 
     ``layout(*args)`` gives the spec each array is split by for that (None
     for an absent one) and each output's: the batch and the query heads split
@@ -150,7 +156,7 @@ def _per_shard(kernel, layout, twin, instead):
         axes = explicit_axes()
         if not axes:
             if partitioned_by_xla():
-                return _partitioned(kernel, layout)(*args)
+                return _partitioned(kernel, layout, name)(*args)
             return kernel(*args)
         leaves, tree = jax.tree.flatten(args)
         in_specs, out_specs = layout(*args)
@@ -189,7 +195,7 @@ def _summed(outs, specs, split):
     ]
 
 
-def _partitioned(kernel, layout):
+def _partitioned(kernel, layout, name):
     """``kernel`` as a :func:`jax.experimental.custom_partitioning` that XLA
     runs shard by shard, where it splits the program by itself (see
     :func:`partitioned_by_xla`): split as :func:`_per_shard` splits it on an
@@ -198,7 +204,15 @@ def _partitioned(kernel, layout):
     moves the operands to those splits (it gathers nothing the query's
     split already gives), and each device runs the kernels on its shard
     only, where a Pallas call alone would run on every device over the
-    whole gathered arrays."""
+    whole gathered arrays.
+
+    The call's options live in Python (the callbacks XLA calls back into),
+    not in the program, which names the callbacks only by their ``id``: a
+    persistent compilation cache told to drop that id from its key
+    (``jax_remove_custom_partitioning_ptr_from_cache_key``) would serve one
+    call's program for another's. So the call also takes a digest of
+    ``name`` (the kernel and its options) as an operand it ignores, a
+    constant in the program and in its key."""
 
     def specs(mesh, args):
         split = _xla_split(mesh, *jax.tree.leaves(args)[:2])
@@ -211,31 +225,34 @@ def _partitioned(kernel, layout):
         return jax.tree.unflatten(tree, named)
 
     def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, specs(mesh, arg_shapes)[1], result_shape)
+        return shardings(mesh, specs(mesh, arg_shapes[1:])[1], result_shape)
 
     def partition(mesh, arg_shapes, result_shape):
-        in_specs, out_specs = specs(mesh, arg_shapes)
+        in_specs, out_specs = specs(mesh, arg_shapes[1:])
         split = set().union(*(_axes(spec) for spec in in_specs if spec is not None))
 
-        def shard(*args):
+        def shard(digest, *args):
+            del digest
             return tuple(_summed(kernel(*args), out_specs, split))
 
         return (
             mesh,
             shard,
             shardings(mesh, out_specs, result_shape),
-            shardings(mesh, in_specs, arg_shapes),
+            shardings(mesh, [(None,), *in_specs], arg_shapes),
         )
 
     def run(*args):
-        call = custom_partitioning(lambda *args: tuple(kernel(*args)))
+        call = custom_partitioning(lambda digest, *args: tuple(kernel(*args)))
         call.def_partition(
             infer_sharding_from_operands=infer,
             partition=partition,
             sharding_rule=partial(_sharding_rule, args),
             decode_shardings=False,  # read by mesh_entries, which may refuse
         )
-        return call(*args)
+        text = name.encode()
+        digest = np.array([zlib.crc32(text), zlib.adler32(text)], np.uint32)
+        return call(digest, *args)
 
     return run
 
@@ -290,7 +307,7 @@ def _sharding_rule(args, mesh, value_types, result_types):
         for i, x in enumerate(res)
         if x is not None
     }
-    operands = list(given.values())
+    operands = [(next(fresh),), *given.values()]  # the digest first
     if backward:
         operands.append(known[10])  # d_out
         results = [given[i] for i in range(5) if i in given]

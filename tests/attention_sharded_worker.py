@@ -16,6 +16,8 @@ from xla_flags import use_host_devices
 
 def main():
     use_host_devices(8)
+    if sys.argv[1:] == ["cache"]:
+        return options_in_the_cache_key()
 
     import jax
     import jax.numpy as jnp
@@ -307,6 +309,57 @@ def kernels_split_by_xla(jax, jnp, np, NamedSharding, P, jsoftmax, collectives):
             f"kernels split by XLA ({'Shardy' if shardy else 'GSPMD'}), {name}: "
             f"collectives {sorted(found)}, equal"
         )
+
+
+def options_in_the_cache_key():
+    """Split by XLA, the kernels' options live in the custom_partitioning's
+    Python callbacks, named in the program by ``id`` only. A persistent
+    compilation cache told to drop that id from its key served a causal
+    call the program compiled for a non-causal one (values off by 3); the
+    program now holds a digest of the options. Run first in a fresh process:
+    JAX sets its cache up once."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    with tempfile.TemporaryDirectory() as cache:
+        return _options_in_the_cache_key(
+            cache, jax, jnp, np, NamedSharding, P, jsoftmax
+        )
+
+
+def _options_in_the_cache_key(cache, jax, jnp, np, NamedSharding, P, jsoftmax):
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (8, 32, 4, 16)) for key in keys)
+    split = [jax.device_put(x, NamedSharding(mesh, P("d"))) for x in (q, k, v)]
+    for causal in (False, True):
+
+        def attention(q, k, v, implementation, causal=causal):
+            return jsoftmax.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=implementation,
+                query_chunk_size=16, key_chunk_size=16,
+            )  # fmt: skip
+
+        f = jax.jit(attention, static_argnames="implementation")
+        want = f(q, k, v, implementation="xla")
+        got = f(*split, implementation="pallas")
+        np.testing.assert_allclose(
+            got, want, rtol=1e-5, atol=1e-5 * jnp.abs(want).max()
+        )
+    print("kernels split by XLA: a persistent cache keyed without callback ids")
+    return 0
 
 
 if __name__ == "__main__":

@@ -864,6 +864,14 @@ def test_sharded_inputs_compile_without_collectives():
     for propagation in ("Shardy", "GSPMD"):
         assert out.stdout.count(f"kernels split by XLA ({propagation}), ") == 9
     assert "kernels split by XLA: per-device output" in out.stdout
+    out = subprocess.run(
+        [sys.executable, str(WORKER), "cache"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "a persistent cache keyed without callback ids" in out.stdout
 
 
 # ---------------------------------------------------------------------------
