@@ -1369,7 +1369,9 @@ def assert_finite_differences(
 
     Args:
       fn: the function to differentiate.
-      *args: the point to check at, one array per argument of ``fn``.
+      *args: the point to check at, one array (or pytree of arrays) per
+        argument of ``fn``. Float leaves are perturbed; integer and bool
+        leaves (labels, masks) are passed as they are.
       order: the highest order of derivative checked; 2 by default.
       atol: absolute tolerance; ``check_grads``' default for the dtype.
       rtol: relative tolerance; ``check_grads``' default for the dtype.
@@ -1378,9 +1380,21 @@ def assert_finite_differences(
     Raises:
       AssertionError: a derivative differs from its finite-difference estimate.
       ValueError: ``order`` is below 1 (nothing would be checked).
+      TypeError: ``args`` has no float leaf.
     """
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
+    leaves, tree = jax.tree.flatten(args)
+    floats = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in leaves]
+    if not any(floats):
+        raise TypeError("assert_finite_differences: no float leaf in args to perturb")
+
+    def of_floats(*diff):  # integer and bool leaves (labels, masks) held
+        it = iter(diff)
+        full = [next(it) if f else a for a, f in zip(leaves, floats, strict=True)]
+        return fn(*jax.tree.unflatten(tree, full))
+
+    diff = tuple(a for a, f in zip(leaves, floats, strict=True) if f)
     jax.test_util.check_grads(
-        fn, args, order, modes=["rev"], atol=atol, rtol=rtol, eps=eps
+        of_floats, diff, order, modes=["rev"], atol=atol, rtol=rtol, eps=eps
     )

@@ -786,6 +786,31 @@ def test_assert_vjp_matches_warns_where_the_float64_comparison_is_skipped():
         testing.assert_vjp_matches(jsoftmax.softmax, ref_softmax, _x())
 
 
+def test_finite_differences_hold_integer_and_bool_leaves():
+    # Integer labels failed inside check_grads: "ufunc 'conjugate' not
+    # supported for the input types".
+    logits = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    labels, where = jnp.array([0, 3, 1]), jnp.array([True, True, False, True])
+
+    def loss(x, labels, where):
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x["logits"], labels, where=where
+        )
+
+    testing.assert_finite_differences(loss, {"logits": logits}, labels, where)
+
+    def wrong(x, labels, where):  # a gradient 1.1 times the right one
+        y = loss(x, labels, where)
+        return jax.lax.stop_gradient(y) + 1.1 * (y - jax.lax.stop_gradient(y))
+
+    with pytest.raises(AssertionError):
+        testing.assert_finite_differences(
+            wrong, {"logits": logits}, labels, where, order=1
+        )
+    with pytest.raises(TypeError, match="no float leaf"):
+        testing.assert_finite_differences(lambda y: y, labels)
+
+
 @pytest.mark.parametrize("transform", ["none", "jit", "vmap"])
 @pytest.mark.parametrize(
     "returns", [lambda y: None, lambda y: (y, y), lambda y: {"y": y}]
