@@ -247,7 +247,8 @@ def _partitioned(kernel, layout, name):
         call.def_partition(
             infer_sharding_from_operands=infer,
             partition=partition,
-            sharding_rule=partial(_sharding_rule, args),
+            # Shapes only: the arguments are tracers of the lowering.
+            sharding_rule=partial(_sharding_rule, _shapes(args)),
             decode_shardings=False,  # read by mesh_entries, which may refuse
         )
         text = name.encode()
@@ -255,6 +256,11 @@ def _partitioned(kernel, layout, name):
         return call(digest, *args)
 
     return run
+
+
+def _shapes(args):
+    """``args`` with each array a ``ShapeDtypeStruct`` of its shape."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
 
 
 def _xla_split(mesh, q, k):

@@ -183,13 +183,22 @@ def _bind(fns, leaves, manual, devices):
     return _bind_branches(leaves, _Branches(fns, out_avals, manual, devices))
 
 
-def _devices_at_hand() -> bool:
-    """Whether a program traced now may be split over several devices that
-    its lowering can name: more than one device, and no abstract mesh
-    without them (``jax.sharding.use_abstract_mesh``) as the context."""
-    abstract = jax.sharding.get_abstract_mesh()
-    concrete = jax_mesh.get_concrete_mesh()
-    return jax.device_count() > 1 and (abstract.empty or not concrete.empty)
+def _devices_at_hand(leaves) -> bool:
+    """Whether a program traced now, of arrays ``leaves``, may be split over
+    several devices that its lowering can name: this process sees more than
+    one device, and neither the context (``jax.sharding.use_abstract_mesh``)
+    nor an array's type (a ``ShapeDtypeStruct`` on an ``AbstractMesh``, as
+    :func:`jax.export` takes) is on an abstract mesh with no devices."""
+    if jax.device_count() == 1:
+        return False
+    if not jax.sharding.get_abstract_mesh().empty:
+        return not jax_mesh.get_concrete_mesh().empty
+    for leaf in leaves:
+        mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+        if mesh is not None and not mesh.empty:
+            if getattr(mesh, "abstract_device", None) is None:
+                return False
+    return True
 
 
 def partitioned_by_xla() -> bool:
@@ -221,6 +230,8 @@ def mesh_entries(sharding, mesh, ndim) -> tuple | None:
     XLA hands it to a ``custom_partitioning``), entries None or tuples of
     axis names; None where they cannot be named on ``mesh`` (a split over
     part of an axis)."""
+    if sharding is None:  # GSPMD may ask before it has given the operand one
+        return None
     try:
         hlo = sharding._to_xla_hlo_sharding(ndim)
         (spec,) = sharding_impls.parse_flatten_op_sharding(hlo, mesh)
@@ -271,6 +282,6 @@ def by_platform(
         return run
 
     fns = dict(cuda=cuda, default=default, symbolic=symbolic, derivative=derivative)
-    devices = partitions and _devices_at_hand()
+    devices = partitions and _devices_at_hand(leaves)
     out = _bind({name: flat(fn) for name, fn in fns.items()}, leaves, manual, devices)
     return jax.tree.unflatten(out_tree[0], out)

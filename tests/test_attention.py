@@ -864,6 +864,8 @@ def test_sharded_inputs_compile_without_collectives():
     for propagation in ("Shardy", "GSPMD"):
         assert out.stdout.count(f"kernels split by XLA ({propagation}), ") == 9
     assert "kernels split by XLA: per-device output" in out.stdout
+    assert "kernels split by XLA (GSPMD): q unsplit beside split k and v" in out.stdout
+    assert "kernels split by XLA: exported for an abstract mesh" in out.stdout
     out = subprocess.run(
         [sys.executable, str(WORKER), "cache"],
         capture_output=True,

@@ -813,7 +813,9 @@ def test_finite_differences_hold_integer_and_bool_leaves():
 
 @pytest.mark.parametrize("transform", ["none", "jit", "vmap"])
 @pytest.mark.parametrize(
-    "returns", [lambda y: None, lambda y: (y, y), lambda y: {"y": y}]
+    "returns",
+    [lambda y: None, lambda y: (y, y), lambda y: {"y": y}],
+    ids=["none", "tuple", "dict"],
 )
 def test_an_output_of_another_structure_fails_naming_both(transform, returns):
     # One returning None failed inside jax.jacrev: "at least one array or
