@@ -29,11 +29,17 @@ from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _attention_pallas as pallas
 from jsoftmax import _attention_xla as xla
-from jsoftmax._checks import explicit_axes, mesh_spec, reshard_to, shards
+from jsoftmax._checks import (
+    explicit_axes,
+    mesh_spec,
+    reshard_to,
+    shards,
+    spec_entries,
+)
 from jsoftmax._collectives import vma
 from jsoftmax._platform import (
     by_platform,
-    mesh_entries,
+    mesh_partition_spec,
     partitioned_by_xla,
     vmapped_mesh_axes,
 )
@@ -249,7 +255,7 @@ def _partitioned(kernel, layout, name):
             partition=partition,
             # Shapes only: the arguments are tracers of the lowering.
             sharding_rule=partial(_sharding_rule, _shapes(args)),
-            decode_shardings=False,  # read by mesh_entries, which may refuse
+            decode_shardings=False,  # read by mesh_partition_spec, which may refuse
         )
         text = name.encode()
         digest = np.array([zlib.crc32(text), zlib.adler32(text)], np.uint32)
@@ -271,7 +277,8 @@ def _xla_split(mesh, q, k):
     sums over it), the heads only where they split the key/value heads
     alike too (or there is one); neither where the split names no whole
     mesh axes."""
-    b, _, n, _ = mesh_entries(q.sharding, mesh, 4) or (None,) * 4
+    spec = mesh_partition_spec(q.sharding, mesh, 4)
+    b, _, n, _ = (None,) * 4 if spec is None else spec_entries(spec, 4)
 
     def even(entry, *sizes):
         return entry is not None and all(s % shards(entry, mesh) == 0 for s in sizes)

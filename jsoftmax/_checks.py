@@ -299,8 +299,13 @@ def mesh_spec(x) -> tuple:
     """The mesh axes of each axis of ``x``'s type (an array's, or the abstract
     value itself), each entry None or a tuple of axis names."""
     aval = x if isinstance(x, jax.core.ShapedArray) else jax.typeof(x)
-    spec = tuple(aval.sharding.spec)
-    spec += (None,) * (aval.ndim - len(spec))
+    return spec_entries(aval.sharding.spec, aval.ndim)
+
+
+def spec_entries(spec, ndim) -> tuple:
+    """A ``PartitionSpec``'s entries for ``ndim`` axes as :func:`mesh_spec`
+    gives them: None, or a tuple of mesh axis names."""
+    spec = tuple(spec) + (None,) * (ndim - len(spec))
     return tuple(
         None if e is None else (e,) if isinstance(e, str) else tuple(e) or None
         for e in spec

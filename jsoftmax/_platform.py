@@ -225,11 +225,10 @@ def partitioned_by_xla() -> bool:
     )
 
 
-def mesh_entries(sharding, mesh, ndim) -> tuple | None:
-    """The mesh axes each of ``ndim`` axes is split over by ``sharding`` (as
-    XLA hands it to a ``custom_partitioning``), entries None or tuples of
-    axis names; None where they cannot be named on ``mesh`` (a split over
-    part of an axis)."""
+def mesh_partition_spec(sharding, mesh, ndim):
+    """The ``PartitionSpec`` on ``mesh`` of ``sharding`` (over ``ndim`` axes,
+    as XLA hands it to a ``custom_partitioning``); None where none names it
+    (a split over part of a mesh axis)."""
     if sharding is None:  # GSPMD may ask before it has given the operand one
         return None
     try:
@@ -237,11 +236,7 @@ def mesh_entries(sharding, mesh, ndim) -> tuple | None:
         (spec,) = sharding_impls.parse_flatten_op_sharding(hlo, mesh)
     except (ValueError, NotImplementedError, AssertionError, StopIteration):
         return None  # JAX's ways of saying the mesh's axes name no such split
-    spec = tuple(spec) + (None,) * (ndim - len(spec))
-    return tuple(
-        None if e is None else (e,) if isinstance(e, str) else tuple(e) or None
-        for e in spec
-    )
+    return spec
 
 
 def vmapped_mesh_axes() -> frozenset:

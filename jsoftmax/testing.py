@@ -1384,17 +1384,21 @@ def assert_finite_differences(
     """
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an int >= 1, got {order!r}")
-    leaves, tree = jax.tree.flatten(args)
-    floats = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in leaves]
-    if not any(floats):
+    leaves, treedef = jax.tree.flatten(args)
+    floats = tuple(
+        i
+        for i, a in enumerate(leaves)
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    )
+    if not floats:
         raise TypeError("assert_finite_differences: no float leaf in args to perturb")
+    layout = _Layout(treedef, floats)
+    held = [a for i, a in enumerate(leaves) if i not in floats]
 
     def of_floats(*diff):  # integer and bool leaves (labels, masks) held
-        it = iter(diff)
-        full = [next(it) if f else a for a, f in zip(leaves, floats, strict=True)]
-        return fn(*jax.tree.unflatten(tree, full))
+        return fn(*layout.join(diff, held))
 
-    diff = tuple(a for a, f in zip(leaves, floats, strict=True) if f)
+    diff = tuple(leaves[i] for i in floats)
     jax.test_util.check_grads(
         of_floats, diff, order, modes=["rev"], atol=atol, rtol=rtol, eps=eps
     )
