@@ -42,6 +42,9 @@ from jsoftmax import _attention_pallas
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TRITON_CALL = "__gpu$xla.gpu.triton"
+H100 = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100", num_cores=None, platform="cuda"
+)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 KERNELS = ("forward", "dkv", "dq")
 
@@ -73,12 +76,16 @@ class Resources:
 
 def triton_kernels(fn, *args):
     """The Triton kernels of ``jax.jit(fn)(*args)`` lowered for CUDA, in the
-    exported module's order."""
-    exported = jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*args)
+    exported module's order, for an H100 (sm_90): from jax 0.11 on, JAX
+    lowers a Pallas kernel for CUDA on a machine without a GPU only where the
+    context's abstract mesh names one (jax 0.10 assumed sm_90 there)."""
+    mesh = jax.sharding.get_abstract_mesh().update(abstract_device=H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*args)
     context = mlir.make_ir_context()
     triton_dialect.register_dialect(context)
     found = []

@@ -264,9 +264,12 @@ def dot_product_attention(
           lowered for a CUDA GPU and they support the call, else the XLA
           block path. Chosen by the platform the program is *lowered* for
           (as :func:`jax.lax.platform_dependent` does), not by the default backend:
-          :func:`jax.export` for CUDA from a CPU gets the kernels. The
-          kernels lack only float64, head dims ``H > 256``, chunk sizes
-          that are not powers of two of at least 16, and symbolic shapes
+          :func:`jax.export` for CUDA from a CPU gets the kernels (jax
+          0.11 and later need an abstract GPU device named by the
+          context's abstract mesh there, as for every Pallas kernel: the
+          recipes show it). The kernels lack only float64, head dims
+          ``H > 256``, chunk sizes that are not powers of two of at least
+          16, and symbolic shapes
           (:func:`jax.export` shape polymorphism, a ``vmap`` of the op over
           a symbolic axis included); those calls take the XLA path. A
           program lowered for several platforms at once (one

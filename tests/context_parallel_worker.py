@@ -840,6 +840,7 @@ def multi_platform_export(report):
     exported for the CPU and CUDA at once and called on the CPU: the value
     and gradients' error against the unsharded op, and the kernels' custom
     calls the export holds (its CUDA branch), per mode."""
+    import cuda_lowering
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -848,7 +849,6 @@ def multi_platform_export(report):
 
     import jsoftmax
 
-    triton = "__gpu$xla.gpu.triton"
     n = 2
     mesh = jax.make_mesh((n,), ("c",), axis_types=(jax.sharding.AxisType.Auto,))
     rng = np.random.default_rng(4)
@@ -870,19 +870,21 @@ def multi_platform_export(report):
             context_parallel=mode,
         )  # fmt: skip
         spec = P(None, "c")
-        sharded = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)
-        exported = jax.export.export(
-            grads(sharded),
-            platforms=["cpu", "cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
-        )(q, k, v)
+        # Over the mesh's abstract twin naming an H100 (tests/cuda_lowering.py).
+        sharded = jax.shard_map(
+            local, mesh=cuda_lowering.on_an_h100(mesh), in_specs=spec, out_specs=spec
+        )
+        exported = cuda_lowering.export(
+            grads(sharded), q, k, v, platforms=("cpu", "cuda"), mesh=mesh
+        )
         args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
         got = jax.jit(exported.call)(*args)
         error = max(
             float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
         )
-        report[mode] = dict(error=error, kernels=exported.mlir_module().count(triton))
+        kernels = exported.mlir_module().count(cuda_lowering.TRITON)
+        report[mode] = dict(error=error, kernels=kernels)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from xla_flags import use_host_devices  # noqa: E402 (tests/, the script's)
 
 use_host_devices(4)
 
+import cuda_lowering  # noqa: E402 (tests/)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -116,6 +117,11 @@ assert pairwise([[0, 1]]) == [(0,), (1,)]
 
 def put(x, spec, mesh=MESH):
     return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def typed(x, spec, mesh=MESH):
+    """``x`` as :func:`put` splits it, typed for lowering for CUDA."""
+    return cuda_lowering.typed(x, spec, mesh)
 
 
 def check(name, f, args, argnums, options, mesh=MESH, in_context=True):
@@ -463,7 +469,7 @@ for impl in VMAP_IMPLS:
 # Lowered for CUDA from the CPU under such a split: the three kernels (the
 # forward, dK/dV, dQ) under None and "pallas", each on its shard's part
 # (the leading axes of its first operand: the batch, or the vmaps' axes).
-TRITON = "__gpu$xla.gpu.triton"
+TRITON = cuda_lowering.TRITON
 if PART == "pallas":
     for name, f, args, specs, local in [
         ("batch and heads split, None", attention(None), (q, k_g, v_g),
@@ -477,14 +483,11 @@ if PART == "pallas":
     ]:  # fmt: skip
         checks += 1
         try:
-            with jax.set_mesh(MESH):
-                exported = jax.export.export(
-                    jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a)), (0, 1, 2))),
-                    platforms=["cuda"],
-                    disabled_checks=[
-                        jax.export.DisabledSafetyCheck.custom_call(TRITON)
-                    ],
-                )(*(put(a, s) for a, s in zip(args, specs, strict=True)))
+            exported = cuda_lowering.export(
+                jax.grad(lambda *a, f=f: jnp.sum(f(*a)), (0, 1, 2)),
+                *(typed(a, s) for a, s in zip(args, specs, strict=True)),
+                mesh=MESH,
+            )
         except Exception as e:  # noqa: BLE001 (reported, not hidden)
             first = str(e).strip().splitlines()[0][:160]
             failures.append(f"CUDA lowering, {name}: {type(e).__name__}: {first}")
@@ -531,14 +534,12 @@ if PART == "pallas":
     checks += 1
     try:
         found = (
-            jax.export.export(
-                jax.jit(jax.grad(lambda *a: jnp.sum(attention(None)(*a)), (0, 1, 2))),
-                platforms=["cuda"],
-                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-            )(
-                put(q, P("data", None, "model")),
-                put(k_g, P("data")),
-                put(v_g, P("data")),
+            cuda_lowering.export(
+                jax.grad(lambda *a: jnp.sum(attention(None)(*a)), (0, 1, 2)),
+                typed(q, P("data", None, "model")),
+                typed(k_g, P("data")),
+                typed(v_g, P("data")),
+                mesh=MESH,
             )
             .mlir_module()
             .count(TRITON)
@@ -584,11 +585,12 @@ if PART == "pallas":
             grad = jax.jit(
                 jax.grad(lambda *a: jnp.sum(attention(None, CAUSAL)(*a)), (0, 1, 2))
             )
-            module = jax.export.export(
+            module = cuda_lowering.export(
                 grad,
-                platforms=["cuda"],
-                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-            )(*split).mlir_module()
+                typed(args[0], heads_split, HEADS_MESH),
+                *(typed(a, P(), HEADS_MESH) for a in args[1:]),
+                mesh=HEADS_MESH,
+            ).mlir_module()
             operands = [
                 re.findall(r"tensor<(\d+)x(\d+)x(\d+)x", line)[:3]
                 for line in module.splitlines()
@@ -639,28 +641,20 @@ if PART == "pallas":
     with jax.set_mesh(seq_mesh):
         split_q = put(q_long, P("data", "seq"), seq_mesh)
         got_cp = output_and_grad(context_parallel)(split_q)
-        # Under None and "pallas" (whose kernels' outputs must vary over "seq",
-        # as the XLA twin's do, though the inner shard_map types them invariant).
-        for impl in (None, "pallas"):
-            try:
-                exported = jax.export.export(
-                    jax.jit(
-                        jax.grad(
-                            lambda q, impl=impl: jnp.sum(context_parallel(q, impl))
-                        )
-                    ),
-                    platforms=["cuda"],
-                    disabled_checks=[
-                        jax.export.DisabledSafetyCheck.custom_call(TRITON)
-                    ],
-                )(split_q)
-                found = exported.mlir_module().count(TRITON)
-            except Exception as e:  # noqa: BLE001 (reported, not hidden)
-                found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
-            if found != 6:
-                failures.append(
-                    f"CUDA lowering, context parallel, {impl}: {found}, want 6"
-                )
+    # Under None and "pallas" (whose kernels' outputs must vary over "seq", as
+    # the XLA twin's do, though the inner shard_map types them invariant).
+    for impl in (None, "pallas"):
+        try:
+            exported = cuda_lowering.export(
+                jax.grad(lambda q, impl=impl: jnp.sum(context_parallel(q, impl))),
+                typed(q_long, P("data", "seq"), seq_mesh),
+                mesh=seq_mesh,
+            )
+            found = exported.mlir_module().count(TRITON)
+        except Exception as e:  # noqa: BLE001 (reported, not hidden)
+            found = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        if found != 6:
+            failures.append(f"CUDA lowering, context parallel, {impl}: {found}, want 6")
     if found_cp := problem(got_cp, want_cp):
         failures.append(f"context parallel against one device: {found_cp}")
 

@@ -5,6 +5,7 @@ implementation, and failed before its fix. The reference is
 ``implementation="xla"`` (itself tested against jax.nn and a dense float64
 definition)."""
 
+import cuda_lowering
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 import jsoftmax
 from jsoftmax import _attention_pallas
 
-TRITON = "__gpu$xla.gpu.triton"
+TRITON = cuda_lowering.TRITON
 CHUNKS = dict(query_chunk_size=16, key_chunk_size=16)
 # The kernels against the XLA path, relative to the largest reference entry.
 RTOL = 2e-5
@@ -41,11 +42,7 @@ def _value_and_grads(implementation, q, k, v, ct, **options):
 
 
 def _export_for_cuda(fn, *args):
-    return jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-    )(*args)
+    return cuda_lowering.export(fn, *args)
 
 
 # ---------------------------------------------------------------------------

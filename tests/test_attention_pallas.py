@@ -6,19 +6,23 @@ the CPU (Triton), so that lowering errors show without a GPU."""
 import functools
 import re
 
+import cuda_lowering
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from closeness import assert_close
 from jax._src.ad_checkpoint import saved_residuals
+from jax._src.interpreters import mlir
+from jax.extend.core import Primitive
+from jax.sharding import PartitionSpec as P
 
 import jsoftmax
 from jsoftmax import _attention_pallas
 
 B, T, S, N, H = 2, 40, 56, 4, 24  # T, S, H not multiples of the blocks
 CHUNKS = dict(query_chunk_size=16, key_chunk_size=16)
-TRITON = "__gpu$xla.gpu.triton"
+TRITON = cuda_lowering.TRITON
 # Relative tolerances (error / largest reference entry): the two paths order
 # their float32 sums differently.
 RTOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 5e-2)}
@@ -309,12 +313,7 @@ def test_kernels_under_vmap_and_forward_mode():
 
 
 def _lowered_text(fn, platforms, *args):
-    exported = jax.export.export(
-        jax.jit(fn),
-        platforms=platforms,
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-    )(*args)
-    return exported.mlir_module()
+    return cuda_lowering.export(fn, *args, platforms=platforms).mlir_module()
 
 
 def _loss(**options):
@@ -323,6 +322,44 @@ def _loss(**options):
         return jnp.sum(out.astype(jnp.float32))
 
     return jax.value_and_grad(loss, (0, 1, 2))
+
+
+# What JAX 0.11's Triton lowering reads for the GPU it lowers for, where there
+# is none (jax/_src/pallas/triton/gpu_info.py): the device of the context's
+# abstract mesh, while the program is lowered. A primitive whose lowering
+# records it, around the kernels' gradient.
+_seen_at_lowering = []
+_probe = Primitive("probe_lowering_device")
+_probe.def_abstract_eval(lambda x: x)
+
+
+def _record_device(ctx, x):
+    del ctx
+    _seen_at_lowering.append(jax.sharding.get_abstract_mesh().abstract_device)
+    return [x]
+
+
+mlir.register_lowering(_probe, _record_device)
+
+
+def test_lowering_for_cuda_names_an_h100_to_the_kernels():
+    q, k, v, _ = _arrays(2, jnp.bfloat16)
+
+    def probed(q, k, v):
+        return [_probe.bind(g) for g in _loss(is_causal=True)(q, k, v)[1]]
+
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Explicit,))
+    split = [cuda_lowering.typed(x, P("b"), mesh) for x in (q, k, v)]
+    for args, on in [((q, k, v), None), (split, mesh)]:
+        _seen_at_lowering.clear()
+        text = cuda_lowering.export(probed, *args, mesh=on).mlir_module()
+        assert text.count(TRITON) == 3
+        # (JAX may lower the same probe of the same shape once.)
+        assert set(_seen_at_lowering) == {cuda_lowering.H100}, _seen_at_lowering
+    # Without it, none is named (jax 0.10 assumes sm_90; 0.11 raises).
+    _seen_at_lowering.clear()
+    jax.export.export(jax.jit(probed), platforms=["cpu"])(q, k, v)
+    assert set(_seen_at_lowering) == {None}, _seen_at_lowering
 
 
 def test_default_is_the_xla_path_on_cpu_and_the_kernels_for_cuda():
@@ -347,11 +384,7 @@ def test_one_program_for_cpu_and_cuda_runs_each_platforms_path(implementation):
     # this CPU the XLA path (None) or the kernels in interpret mode.
     q, k, v, _ = _arrays(2, jnp.float32)
     fn = _loss(is_causal=True, implementation=implementation, **CHUNKS)
-    exported = jax.export.export(
-        jax.jit(fn),
-        platforms=["cpu", "cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)],
-    )(q, k, v)
+    exported = cuda_lowering.export(fn, q, k, v, platforms=("cpu", "cuda"))
     assert exported.mlir_module().count(TRITON) == 3
     want = jax.jit(_loss(is_causal=True, implementation="xla", **CHUNKS))(q, k, v)
     assert_close(exported.call(q, k, v), want, 2e-5)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from functools import partial
 
+import cuda_lowering
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -623,17 +624,12 @@ def test_pairs_lower_to_the_kernels_for_cuda(mode):
     def loss(q, k, v):
         return jnp.sum(sharded(q, k, v).astype(jnp.float32))
 
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(
-        jax.jit(jax.value_and_grad(loss, (0, 1, 2))),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
-    )(q, q, q)
+    exported = cuda_lowering.export(jax.value_and_grad(loss, (0, 1, 2)), q, q, q)
     text = exported.mlir_module()
     # The three kernels (forward, dK/dV, dQ), each called by the pairs' steps.
     for kernel in ("forward", "dkv", "dq"):
         assert f"jsoftmax_attention_{kernel}" in text, kernel
-    assert text.count(triton) >= 3
+    assert text.count(cuda_lowering.TRITON) >= 3
 
 
 def test_one_program_for_cpu_and_cuda_runs_each_platforms_pairs():
