@@ -728,7 +728,7 @@ class _Traced:
     would outlive its trace), its output tree, and the state it filled."""
 
     def __init__(self, jaxpr, out_tree, state):
-        self.jaxpr = jaxpr.jaxpr
+        self.jaxpr = _without_consts(jaxpr)
         self.is_traced = [isinstance(c, _core.Tracer) for c in jaxpr.consts]
         self.consts = [
             None if t else c for c, t in zip(jaxpr.consts, self.is_traced, strict=True)
@@ -744,6 +744,17 @@ class _Traced:
         ]
         out = _core.eval_jaxpr(self.jaxpr, consts, *jax.tree.leaves(args))
         return jax.tree.unflatten(self.out_tree, out)
+
+
+def _without_consts(closed):
+    """The jaxpr of ``make_jaxpr``'s ``closed``, holding no constant value:
+    its ``.jaxpr`` up to jax 0.10. From jax 0.11 on, one class is both and
+    ``.jaxpr`` is ``closed`` itself, its constants attached: None stands in
+    for each (``eval_jaxpr`` takes them as an argument)."""
+    body = closed.jaxpr
+    if body is closed:
+        body = body.with_consts([None] * len(closed.consts))
+    return body
 
 
 class _KeptTraces:

@@ -1386,3 +1386,36 @@ def test_jax_internals_used_are_where_expected():
     assert "d" not in core.get_axis_env().axis_sizes
     assert core.no_axis_name is not None
     assert "jax" in sys.modules
+
+
+def test_a_kept_rule_holds_no_constant_on_either_jaxpr_representation():
+    # A traced rule keeps its jaxpr, its constants given at each call (a
+    # tracer of the enclosing trace among them, for a rule closing over one,
+    # must not outlive that trace). Up to jax 0.10, make_jaxpr's ClosedJaxpr
+    # wraps a Jaxpr that holds no constant value: the one kept.
+    c = jnp.arange(3.0)
+    closed = jax.make_jaxpr(lambda x: x + c)(jnp.ones(3))
+    if closed.jaxpr is not closed:
+        assert _forward_mode._without_consts(closed) is closed.jaxpr
+
+    # From jax 0.11 on, one class is both: .jaxpr is the jaxpr itself, its
+    # constants attached (as here, with a stand-in for its API).
+    class Merged:
+        def __init__(self, consts):
+            self.consts = consts
+
+        @property
+        def jaxpr(self):
+            return self
+
+        def with_consts(self, consts):
+            return Merged(list(consts))
+
+    tracer_like, array = object(), np.ones(2)
+    kept = _forward_mode._without_consts(Merged([tracer_like, array]))
+    assert kept.consts == [None, None]
+    if closed.jaxpr is closed:  # on such a JAX, the real one too
+        kept = _forward_mode._without_consts(closed)
+        assert all(x is None for x in kept.consts), kept.consts
+        out = _forward_mode._core.eval_jaxpr(kept, closed.consts, jnp.ones(3))
+        np.testing.assert_array_equal(out[0], 1 + c)
