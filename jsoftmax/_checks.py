@@ -372,7 +372,8 @@ def refuse_jet(name: str, x) -> None:
     ``jet`` ignores custom derivative rules and evaluates the primal of a
     ``jax.custom_vjp``, which JAX 0.10 does outside the jet trace: every op
     here (a ``custom_vjp``) then fails with an ``UnexpectedTracerError`` that
-    names neither the op nor the cause. The jet tracer is looked for inside
+    names neither the op nor the cause (from JAX 0.11 on, by JAX's source, an
+    ``AttributeError`` from inside ``jet``). The jet tracer is looked for inside
     the tracers of transformations nested in ``jet`` (``vmap``, ``grad``,
     ``jvp``), so that ``jet(vmap(op))`` is refused too, while an op whose
     inputs do not depend on the jet's input (a constant, with no series)
@@ -392,7 +393,7 @@ def refuse_jet(name: str, x) -> None:
             raise NotImplementedError(
                 f"jsoftmax.{name} does not support jax.experimental.jet: jet "
                 "drops the custom derivative rules of the op (a custom_vjp) "
-                "and JAX then fails with an UnexpectedTracerError. Use "
+                "and JAX then fails with an error that names neither. Use "
                 "jax.jvp, jax.jacfwd or jax.hessian instead; nested jax.jvp "
                 "calls give the higher-order terms jet would"
             )

@@ -848,7 +848,8 @@ def _under_a_transformation() -> bool:
     partial evaluation of its own reverse mode), whose traced values the
     rules might close over."""
     trace = _core.trace_ctx.trace
-    while not isinstance(trace, _core.EvalTrace):
+    # (None, as from jax 0.11 on while JAX processes a primitive: none.)
+    while trace is not None and not isinstance(trace, _core.EvalTrace):
         if not isinstance(trace, pe.JaxprTrace):
             return True
         trace = trace.parent_trace

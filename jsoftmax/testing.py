@@ -1161,9 +1161,11 @@ _EXACT = frozenset(
 # Primitives that only run their sub-jaxprs (calls and control flow): their
 # operands and results are judged by the uses inside. Others with sub-jaxprs
 # (reduce, scatter-add, select_and_scatter_add) compute outside them too.
+# By their names in jax 0.10: jax.checkpoint's is remat2, and jax 0.11 calls
+# closed_call eval_jaxpr.
 _CALLS = frozenset(
-    "jit pjit closed_call core_call remat checkpoint custom_jvp_call "
-    "custom_vjp_call custom_vjp_call_jaxpr cond while scan".split()
+    "jit pjit call closed_call eval_jaxpr remat2 custom_jvp_call custom_vjp_call "
+    "custom_vjp_call_jaxpr cond while scan".split()
 )
 
 

@@ -2,8 +2,9 @@
 
 jet drops custom derivative rules and evaluates a custom_vjp's primal outside
 its own trace, so that any custom_vjp fails with an UnexpectedTracerError
-that names nothing (issue 18, item 14). The ops refuse a jet-traced input
-with a NotImplementedError that names the op and what works instead.
+(from jax 0.11 on, an AttributeError) that names nothing (issue 18, item
+14). The ops refuse a jet-traced input with a NotImplementedError that names
+the op and what works instead.
 """
 
 import chex
@@ -111,11 +112,22 @@ def test_softmax_jacobian_is_plain_jax_and_works_under_jet():
     )
 
 
+def _jax_jet_error():
+    """JAX's error for a custom_vjp's primal evaluated under jet: an
+    UnexpectedTracerError in jax 0.10; from 0.11 on, where no trace is
+    current while a primitive is processed, an AttributeError from jet's
+    process_custom_*_call (read in JAX's source: not run here)."""
+    return pytest.raises(
+        (jax.errors.UnexpectedTracerError, AttributeError),
+        match="tracer|process_custom_",
+    )
+
+
 def test_jet_over_jit_and_a_wrapped_custom_vjp_still_fail_in_jax():
     # The limits of the check, as the semantics page states them: inside jit
     # the op sees jit's tracers only, and with_forward_mode does not touch a
     # user's custom_vjp. JAX's own error remains; this fails if JAX fixes it.
-    with pytest.raises(jax.errors.UnexpectedTracerError):
+    with _jax_jet_error():
         _jet(jax.jit(jsoftmax.softmax), X)
 
     @jax.custom_vjp
@@ -123,5 +135,5 @@ def test_jet_over_jit_and_a_wrapped_custom_vjp_still_fail_in_jax():
         return jnp.sin(x)
 
     sin.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (g * c,))
-    with pytest.raises(jax.errors.UnexpectedTracerError):
+    with _jax_jet_error():
         _jet(jsoftmax.with_forward_mode(sin, symmetric=True), X)

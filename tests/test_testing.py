@@ -444,12 +444,14 @@ def test_a_float32_constant_only_widened_keeps_the_float64_comparison(transform)
         "in float64 (with fn's float32[64]; the reference's float32[64] widened "
         "exactly): d output["
     ), e.jacobian_mismatch
-    # The same rule jitted: the constant is an input of the jit's trace.
-    with jax.numpy_dtype_promotion("standard"):
-        e = testing.vjp_errors(
-            jax.jit(shifted(wrong)), shifted(ref_softmax), x, transform=transform
-        )
-    assert e.jacobian_mismatch.startswith("in float64"), e
+    # The same rule jitted or checkpointed: the constant is an input of the
+    # call's trace (jax.checkpoint's primitive is remat2).
+    for call in (jax.jit, jax.checkpoint):
+        with jax.numpy_dtype_promotion("standard"):
+            e = testing.vjp_errors(
+                call(shifted(wrong)), shifted(ref_softmax), x, transform=transform
+            )
+        assert e.jacobian_mismatch.startswith("in float64"), (call, e)
 
 
 # Moves that copy the constant, as jnp writes them (some inside a jit).
