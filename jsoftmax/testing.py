@@ -1164,8 +1164,8 @@ _EXACT = frozenset(
 # By their names in jax 0.10: jax.checkpoint's is remat2, and jax 0.11 calls
 # closed_call eval_jaxpr.
 _CALLS = frozenset(
-    "jit pjit call closed_call eval_jaxpr remat2 custom_jvp_call custom_vjp_call "
-    "custom_vjp_call_jaxpr cond while scan".split()
+    "jit pjit call closed_call eval_jaxpr remat2 shard_map custom_jvp_call "
+    "custom_vjp_call custom_vjp_call_jaxpr cond while scan".split()
 )
 
 

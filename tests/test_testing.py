@@ -444,9 +444,15 @@ def test_a_float32_constant_only_widened_keeps_the_float64_comparison(transform)
         "in float64 (with fn's float32[64]; the reference's float32[64] widened "
         "exactly): d output["
     ), e.jacobian_mismatch
-    # The same rule jitted or checkpointed: the constant is an input of the
-    # call's trace (jax.checkpoint's primitive is remat2).
-    for call in (jax.jit, jax.checkpoint):
+    # The same rule jitted, checkpointed or in a shard_map: the constant is an
+    # input of the call's trace (jax.checkpoint's primitive is remat2).
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+    def in_shard_map(f):
+        spec = jax.sharding.PartitionSpec()
+        return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec)
+
+    for call in (jax.jit, jax.checkpoint, in_shard_map):
         with jax.numpy_dtype_promotion("standard"):
             e = testing.vjp_errors(
                 call(shifted(wrong)), shifted(ref_softmax), x, transform=transform
