@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,9 @@ def flax_attention_fn(
     einsum_dot_general: Callable[..., Any] | None = None,
     qk_attn_weights_einsum: Callable[..., Any] | None = None,
     attn_weights_value_einsum: Callable[..., Any] | None = None,
+    implementation: Literal["xla", "pallas", "cudnn"] | None = None,
+    query_chunk_size: int | None = None,
+    key_chunk_size: int | None = None,
 ) -> jax.Array:
     r"""jsoftmax's attention with the signature of flax's ``attention_fn``.
 
@@ -53,7 +56,17 @@ def flax_attention_fn(
 
     The arguments are those of ``flax.nnx.dot_product_attention`` (in its
     order) and, keyword-only, the extra ones of
-    ``flax.linen.dot_product_attention`` (flax 0.12.8). Where every query
+    ``flax.linen.dot_product_attention`` (flax 0.12.8), then three of
+    :func:`jsoftmax.dot_product_attention`'s that choose how it is computed,
+    not what, to bind with :func:`functools.partial`:
+
+    .. code-block:: python
+
+        attention_fn=functools.partial(
+            jsoftmax.flax_attention_fn, implementation="cudnn"
+        )
+
+    Where every query
     row sees at least one key, the output is flax's attention,
 
     .. math::
@@ -107,6 +120,15 @@ def flax_attention_fn(
       qk_attn_weights_einsum: must be ``None`` (linen's custom einsums, as
         AQT quantization uses, cannot reach jsoftmax's block matmuls).
       attn_weights_value_einsum: must be ``None``, as above.
+      implementation: as :func:`jsoftmax.dot_product_attention`'s: ``None``
+        (default: the Pallas kernels where the program is lowered for CUDA,
+        the XLA block path elsewhere), ``"xla"``, ``"pallas"`` (on a CPU in
+        Pallas interpret mode: slow, for tests) or ``"cudnn"`` (16-bit
+        inputs on a CUDA GPU only; its rows that see no key differ, as that
+        function's docstring says).
+      query_chunk_size: the query block size, as
+        :func:`jsoftmax.dot_product_attention`'s.
+      key_chunk_size: the key block size, as above.
 
     Returns:
       ``[batch..., T, N, H]`` in the computation dtype. A query row that sees
@@ -121,7 +143,8 @@ def flax_attention_fn(
         a custom einsum; ranks, batch axes or a ``bias``/``mask`` shape that
         do not fit (named); and the shapes
         :func:`jsoftmax.dot_product_attention` refuses (heads that do not
-        divide, an empty sequence).
+        divide, an empty sequence), and what it refuses of
+        ``implementation`` and the chunk sizes.
       TypeError: complex inputs, as :func:`jsoftmax.dot_product_attention`.
 
     Examples:
@@ -179,7 +202,17 @@ def flax_attention_fn(
         query, key, value = (
             x.reshape((flat,) + x.shape[-3:]) for x in (query, key, value)
         )
-    out = dot_product_attention(query, key, value, bias, mask, is_causal=is_causal)
+    out = dot_product_attention(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        is_causal=is_causal,
+        implementation=implementation,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
+    )
     return out.reshape(batch + out.shape[-3:])
 
 

@@ -5,6 +5,7 @@ precision, custom einsums) is refused by name."""
 
 import functools
 
+import cuda_lowering
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,6 +166,49 @@ def test_nnx_is_causal_and_grouped_query_heads_match_flax():
     assert_nnx_layers_agree(
         ours, theirs, x, mask=layer_mask("key_padding"), is_causal=True
     )
+
+
+def test_nnx_layer_with_the_pallas_kernels_matches_flax():
+    # implementation bound with functools.partial reaches dot_product_attention
+    # (the kernels in interpret mode on a CPU).
+    x = normal((2, T, F), 1)
+    _, theirs = nnx_pair(num_kv_heads=1)
+    fn = functools.partial(
+        jsoftmax.flax_attention_fn, implementation="pallas", key_chunk_size=16
+    )
+    ours = nnx.MultiHeadAttention(
+        num_heads=N,
+        in_features=F,
+        num_kv_heads=1,
+        decode=False,
+        rngs=nnx.Rngs(0),
+        attention_fn=fn,
+    )
+    mask = layer_mask("key_padding")
+    assert_nnx_layers_agree(ours, theirs, x, mask=mask, is_causal=True)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_nnx_layer_lowered_for_cuda_runs_the_kernels_unless_told_otherwise(
+    implementation,
+):
+    # flax_attention_fn's default is dot_product_attention's: the Triton
+    # kernels where the program is lowered for CUDA (forward, and the dK/dV
+    # and dQ kernels of the backward); "xla" bound with functools.partial
+    # keeps the XLA block path there.
+    fn = functools.partial(jsoftmax.flax_attention_fn, implementation=implementation)
+    layer = nnx.MultiHeadAttention(
+        num_heads=N, in_features=F, decode=False, rngs=nnx.Rngs(0), attention_fn=fn
+    )
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    x, mask = normal((2, T, F), 1), layer_mask("causal")
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x, mask=mask) ** 2)
+
+    exported = cuda_lowering.export(jax.grad(loss), params, x)
+    kernels = exported.mlir_module().count(cuda_lowering.TRITON)
+    assert kernels == (3 if implementation is None else 0)
 
 
 def test_nnx_evaluation_with_dropout_rate_and_default_precision_matches_flax():
@@ -453,6 +497,37 @@ def test_integer_inputs_promote_to_float_as_in_flax():
     ],
 )
 def test_unsupported_arguments_are_refused_by_name(kw, match):
+    q, k, v = qkv((2,))
+    with pytest.raises(ValueError, match=match):
+        jsoftmax.flax_attention_fn(q, k, v, **kw)
+
+
+def test_implementation_and_chunk_sizes_reach_dot_product_attention(monkeypatch):
+    seen = []
+
+    def recorder(*args, **kw):
+        seen.append(kw)
+        return jsoftmax.dot_product_attention(*args, **kw)
+
+    monkeypatch.setattr(jsoftmax._flax, "dot_product_attention", recorder)
+    q, k, v = qkv((2,))
+    jsoftmax.flax_attention_fn(q, k, v)
+    kw = dict(implementation="xla", query_chunk_size=2, key_chunk_size=4)
+    jsoftmax.flax_attention_fn(q, k, v, is_causal=True, **kw)
+    defaults = dict(implementation=None, query_chunk_size=None, key_chunk_size=None)
+    assert seen == [dict(is_causal=False, **defaults), dict(is_causal=True, **kw)]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(implementation="cudnn"), "implementation='cudnn' takes float16"),
+        (dict(implementation="triton"), "implementation"),
+        (dict(implementation="pallas", key_chunk_size=4), "pallas.*key_chunk_size"),
+        (dict(query_chunk_size=0), "query_chunk_size"),
+    ],
+)
+def test_implementation_and_chunk_sizes_are_checked_by_dot_product_attention(kw, match):
     q, k, v = qkv((2,))
     with pytest.raises(ValueError, match=match):
         jsoftmax.flax_attention_fn(q, k, v, **kw)
