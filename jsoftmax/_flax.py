@@ -9,7 +9,7 @@ arguments that ``flax.nnx.MultiHeadAttention`` and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Literal
 
 import jax
@@ -42,6 +42,9 @@ def flax_attention_fn(
     implementation: Literal["xla", "pallas", "cudnn"] | None = None,
     query_chunk_size: int | None = None,
     key_chunk_size: int | None = None,
+    axis_name: Hashable | None = None,
+    context_parallel: Literal["ring", "all_gather"] = "ring",
+    context_layout: Literal["contiguous", "zigzag"] = "contiguous",
 ) -> jax.Array:
     r"""jsoftmax's attention with the signature of flax's ``attention_fn``.
 
@@ -56,7 +59,7 @@ def flax_attention_fn(
 
     The arguments are those of ``flax.nnx.dot_product_attention`` (in its
     order) and, keyword-only, the extra ones of
-    ``flax.linen.dot_product_attention`` (flax 0.12.8), then three of
+    ``flax.linen.dot_product_attention`` (flax 0.12.8), then six of
     :func:`jsoftmax.dot_product_attention`'s that choose how it is computed,
     not what, to bind with :func:`functools.partial`:
 
@@ -64,6 +67,10 @@ def flax_attention_fn(
 
         attention_fn=functools.partial(
             jsoftmax.flax_attention_fn, implementation="cudnn"
+        )
+        # context parallelism: the layer inside a shard_map over "seq"
+        attention_fn=functools.partial(
+            jsoftmax.flax_attention_fn, axis_name="seq", context_layout="zigzag"
         )
 
     Where every query
@@ -129,6 +136,22 @@ def flax_attention_fn(
       query_chunk_size: the query block size, as
         :func:`jsoftmax.dot_product_attention`'s.
       key_chunk_size: the key block size, as above.
+      axis_name: context parallelism, as
+        :func:`jsoftmax.dot_product_attention`'s: inside
+        :func:`jax.shard_map`, the mesh axis over which the sequence is
+        split. The layer's inputs are then local slices of the sequence, and
+        so are ``mask`` and ``bias``: their query axis is split with the
+        queries (or 1), and their key axis is whole (all ``S`` keys, in the
+        layout's order) or, where their query axis is 1, split with the keys
+        (a key padding mask ``[batch, 1, 1, S]``). A mask that flax's
+        ``make_attention_mask`` builds from two local slices is local in both
+        axes: build it from a query input of length 1. For a causal mask
+        across devices, pass ``is_causal=True``: to an nnx layer's call
+        (nnx passes its own ``is_causal``, which overrides a bound one), or
+        bound with :func:`functools.partial` for linen (whose layers pass
+        none).
+      context_parallel: ``"ring"`` (default) or ``"all_gather"``, as above.
+      context_layout: ``"contiguous"`` (default) or ``"zigzag"``, as above.
 
     Returns:
       ``[batch..., T, N, H]`` in the computation dtype. A query row that sees
@@ -144,7 +167,8 @@ def flax_attention_fn(
         do not fit (named); and the shapes
         :func:`jsoftmax.dot_product_attention` refuses (heads that do not
         divide, an empty sequence), and what it refuses of
-        ``implementation`` and the chunk sizes.
+        ``implementation``, the chunk sizes and the context-parallel
+        options.
       TypeError: complex inputs, as :func:`jsoftmax.dot_product_attention`.
 
     Examples:
@@ -190,7 +214,10 @@ def flax_attention_fn(
             f"{name}: query, key and value must have the same batch axes, got "
             f"query {query.shape}, key {key.shape} and value {value.shape}"
         )
-    scores = batch + (query.shape[-2], query.shape[-3], key.shape[-3])
+    # With axis_name, a key axis may hold all keys: dot_product_attention
+    # checks it against the axis size.
+    keys = key.shape[-3] if axis_name is None else None
+    scores = batch + (query.shape[-2], query.shape[-3], keys)
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
@@ -212,6 +239,9 @@ def flax_attention_fn(
         implementation=implementation,
         query_chunk_size=query_chunk_size,
         key_chunk_size=key_chunk_size,
+        axis_name=axis_name,
+        context_parallel=context_parallel,
+        context_layout=context_layout,
     )
     return out.reshape(batch + out.shape[-3:])
 
@@ -273,18 +303,21 @@ def _promote(query, key, value, dtype):
 
 
 def _scores_input(name, what, x, scores):
-    """A bias or mask broadcastable to ``scores = [batch..., N, T, S]``, with
-    several batch axes merged into one (as the inputs are)."""
+    """A bias or mask broadcastable to ``scores = [batch..., N, T, S]`` (an
+    ``S`` of None: any size), with several batch axes merged into one (as
+    the inputs are)."""
     if x is None:
         return None
     x = jnp.asarray(x)
     ok = x.ndim <= len(scores) and all(
-        d == 1 or d == f for d, f in zip(x.shape[::-1], scores[::-1], strict=False)
+        d == 1 or f in (d, None)
+        for d, f in zip(x.shape[::-1], scores[::-1], strict=False)
     )
     if not ok:
+        shown = ", ".join("S" if d is None else str(d) for d in scores)
         raise ValueError(
             f"{name}: {what} of shape {x.shape} does not broadcast to the scores "
-            f"[batch..., N, T, S] = {scores}"
+            f"[batch..., N, T, S] = ({shown})"
         )
     batch_axes = len(scores) - 3
     if batch_axes <= 1:

@@ -769,6 +769,78 @@ def compose(report):
     check(
         "checkpoint with a policy", *sharded(mesh, "contiguous", "vocab", remat=policy)
     )
+    flax_layer(report)
+
+
+def flax_layer(report):
+    """An nnx attention layer with ``jsoftmax.flax_attention_fn`` bound to
+    the sequence axis, inside a shard_map over 4 devices (zigzag, causal at
+    the layer's call, a key padding mask of the local keys): its output and
+    parameter gradients (taken outside shard_map) against the same layer
+    with flax's own attention over the whole sequence."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    import jsoftmax
+
+    n, b, t, features, heads = 4, 2, 32, 16, 4
+
+    def layer(attention_fn):
+        return nnx.MultiHeadAttention(
+            num_heads=heads, in_features=features, decode=False,
+            rngs=nnx.Rngs(0), attention_fn=attention_fn,
+        )  # fmt: skip
+
+    fn = functools.partial(
+        jsoftmax.flax_attention_fn, axis_name="c", context_layout="zigzag"
+    )
+    graphdef, params, rest = nnx.split(layer(fn), nnx.Param, ...)
+    flax_graphdef, _, flax_rest = nnx.split(
+        layer(nnx.dot_product_attention), nnx.Param, ...
+    )
+    keys = jax.random.split(jax.random.key(5), 2)
+    x, ct = (jax.random.normal(k, (b, t, features)) for k in keys)
+    valid = jnp.ones((b, t)).at[0, 5:9].set(0).at[1, 20:].set(0)
+    one = jnp.ones((b, 1))
+
+    def local(params, x, valid):
+        mask = nnx.make_attention_mask(one, valid)
+        return nnx.merge(graphdef, params, rest)(x, mask=mask, is_causal=True)
+
+    mesh = jax.make_mesh(
+        (n,), ("c",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n]
+    )
+    seq = P(None, "c")
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), seq, seq), out_specs=seq)
+
+    def ours(params):
+        zig = (jsoftmax.to_zigzag(a, n) for a in (x, valid))
+        return jsoftmax.from_zigzag(sharded(params, *zig), n)
+
+    def theirs(params):
+        causal = nnx.make_causal_mask(jnp.ones((b, t)))
+        mask = nnx.combine_masks(causal, nnx.make_attention_mask(one, valid))
+        return nnx.merge(flax_graphdef, params, flax_rest)(x, mask=mask)
+
+    def value_and_grad(f):
+        out, pull = jax.vjp(f, params)
+        return [out, *jax.tree.leaves(pull(ct))]
+
+    got, want = (jax.jit(value_and_grad, static_argnums=0)(f) for f in (ours, theirs))
+    scale = max(float(jnp.max(jnp.abs(w))) for w in want[1:])
+    np.testing.assert_allclose(
+        got[0], want[0], atol=1e-5 * float(jnp.max(abs(want[0])))
+    )
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5 * scale)
+    report["flax layer"] = True
+    print("flax layer equal to flax's attention", flush=True)
 
 
 def pmap_checks(report, params, x, targets, hidden, check):

@@ -264,6 +264,117 @@ def test_nnx_bfloat16_layer_runs_in_bfloat16():
     assert rel_err(out, want) <= jsoftmax.testing.tolerances(jnp.bfloat16, n=T)[0]
 
 
+# Context parallelism: the sequence split over n entries of a vmap axis named
+# "c" (its collectives work over it, so no host devices are needed), in the
+# layout's order; a zigzag split needs 2 * n chunks.
+CP_T = 8
+
+
+def cp_split(x, n, layout):
+    """``x``'s sequence axis 1 as ``[n, ...]`` local slices."""
+    x = jsoftmax.to_zigzag(x, n) if layout == "zigzag" else x
+    return jnp.moveaxis(x.reshape(x.shape[0], n, -1, *x.shape[2:]), 1, 0)
+
+
+def cp_join(x, n, layout):
+    x = jnp.moveaxis(x, 0, 1)
+    x = x.reshape(x.shape[0], -1, *x.shape[3:])
+    return jsoftmax.from_zigzag(x, n) if layout == "zigzag" else x
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_nnx_layer_with_context_parallelism_matches_flax_unsharded(mode, layout):
+    # The layer inside the split, bound to the axis with functools.partial:
+    # is_causal across the devices (passed to the call: nnx passes its own to
+    # attention_fn), and a key padding mask [B, 1, 1, S] split with the keys.
+    # flax's own attention sees the whole sequence.
+    n = 2
+    fn = functools.partial(
+        jsoftmax.flax_attention_fn,
+        axis_name="c",
+        context_parallel=mode,
+        context_layout=layout,
+    )
+    ours = nnx.MultiHeadAttention(
+        num_heads=N, in_features=F, decode=False, rngs=nnx.Rngs(0), attention_fn=fn
+    )
+    _, theirs = nnx_pair()
+    x, ct = normal((2, CP_T, F), 1), normal((2, CP_T, F), 2)
+    valid = padding((2,), CP_T, 3)
+    one = jnp.ones((2, 1))  # a query input of length 1: a mask of keys only
+
+    def sharded(params):
+        layer = nnx.merge(*nnx.split(ours, nnx.Param, ...)[::2], params)
+
+        def local(x, valid):
+            mask = nnx.make_attention_mask(one, valid)
+            return layer(x, mask=mask, is_causal=True)
+
+        split = (cp_split(a, n, layout) for a in (x, valid))
+        return cp_join(jax.vmap(local, axis_name="c")(*split), n, layout)
+
+    def unsharded(params):
+        layer = nnx.merge(*nnx.split(theirs, nnx.Param, ...)[::2], params)
+        causal = nnx.make_causal_mask(jnp.ones((2, CP_T)))
+        keys = nnx.make_attention_mask(one, valid)
+        return layer(x, mask=nnx.combine_masks(causal, keys))
+
+    got, want = (
+        jax.jit(lambda p, f=f: jax.vjp(f, p)[1](ct) + (f(p),))(
+            nnx.split(layer, nnx.Param, ...)[1]
+        )
+        for f, layer in ((sharded, ours), (unsharded, theirs))
+    )
+    assert rel_err(got[-1], want[-1]) <= VALUE_RTOL
+    assert rel_err(got[0], want[0]) <= GRAD_RTOL
+
+
+def test_context_parallel_bias_over_all_keys_and_two_batch_axes_match_unsharded():
+    # A bias [batch..., N, T, S] split with the queries, all keys whole;
+    # two batch axes merged by the adapter.
+    n, layout = 2, "zigzag"
+    q, k, v = (normal((2, 3, CP_T, N, 4), seed) for seed in (1, 2, 3))
+    bias = normal((3, N, CP_T, CP_T), 4)
+
+    def local(q, k, v, bias):
+        return jsoftmax.flax_attention_fn(
+            q, k, v, bias, axis_name="c", context_layout=layout, is_causal=True
+        )
+
+    def sharded(q, k, v, bias):
+        flat = (a.reshape((6,) + a.shape[2:]) for a in (q, k, v))
+        split = [cp_split(a, n, layout).reshape((n, 2, 3, -1, N, 4)) for a in flat]
+        keys = jsoftmax.to_zigzag(bias, n, axis=3)  # the keys in the layout
+        per_query = jnp.moveaxis(cp_split(jnp.moveaxis(keys, 2, 1), n, layout), 2, 3)
+        out = jax.vmap(local, axis_name="c")(*split, per_query)
+        return cp_join(out.reshape((n, 6) + out.shape[3:]), n, layout).reshape(q.shape)
+
+    def unsharded(q, k, v, bias):
+        return jsoftmax.flax_attention_fn(q, k, v, bias, is_causal=True)
+
+    ct = normal(q.shape, 5)
+    got, want = (
+        jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1](ct) + (f(*a),))(q, k, v, bias)
+        for f in (sharded, unsharded)
+    )
+    assert rel_err(got, want) <= GRAD_RTOL
+
+
+def test_context_parallel_mask_local_in_both_axes_is_refused():
+    # flax's make_attention_mask from two local slices: its key axis holds
+    # only this device's keys, which a query axis other than 1 cannot take.
+    q = normal((2, 2, CP_T // 2, N, 4), 1)
+    valid = padding((2, 2), CP_T // 2, 3)
+
+    def local(q, valid):
+        mask = nnx.make_attention_mask(jnp.ones(valid.shape), valid)
+        return jsoftmax.flax_attention_fn(q, q, q, mask=mask, axis_name="c")
+
+    with pytest.raises(ValueError, match="split along with the sequence"):
+        jax.vmap(local, axis_name="c")(q, valid)
+
+
 # -- linen --------------------------------------------------------------------
 
 
@@ -502,7 +613,7 @@ def test_unsupported_arguments_are_refused_by_name(kw, match):
         jsoftmax.flax_attention_fn(q, k, v, **kw)
 
 
-def test_implementation_and_chunk_sizes_reach_dot_product_attention(monkeypatch):
+def test_dot_product_attention_options_reach_it(monkeypatch):
     seen = []
 
     def recorder(*args, **kw):
@@ -514,8 +625,19 @@ def test_implementation_and_chunk_sizes_reach_dot_product_attention(monkeypatch)
     jsoftmax.flax_attention_fn(q, k, v)
     kw = dict(implementation="xla", query_chunk_size=2, key_chunk_size=4)
     jsoftmax.flax_attention_fn(q, k, v, is_causal=True, **kw)
+    parallel = dict(axis_name="c", context_parallel="all_gather")
+    parallel.update(context_layout="zigzag")
+    jax.vmap(functools.partial(jsoftmax.flax_attention_fn, **parallel), axis_name="c")(
+        *(jnp.stack([x[:, :4]] * 2) for x in (q, k, v))
+    )
     defaults = dict(implementation=None, query_chunk_size=None, key_chunk_size=None)
-    assert seen == [dict(is_causal=False, **defaults), dict(is_causal=True, **kw)]
+    defaults.update(axis_name=None, context_parallel="ring")
+    defaults.update(context_layout="contiguous")
+    assert seen == [
+        dict(defaults, is_causal=False),
+        dict(defaults, is_causal=True, **kw),
+        dict(defaults, is_causal=False, **parallel),
+    ]
 
 
 @pytest.mark.parametrize(
