@@ -352,7 +352,10 @@ def dot_product_attention(
         its key axis either whole (all ``S`` keys, in the layout's order, for
         example a ``[B, N, T, S]`` bias split over ``T``) or, where its query
         axis is 1, split with the keys (``[B, 1, 1, S]``, which then travels
-        with K/V). Values, ``lse`` and gradients equal the unsharded op's, for
+        with K/V). With one key per device, a key axis of 1 is this device's
+        key where the query axis is 1 (where every device holds the same, that
+        is also the broadcast), and is refused as ambiguous otherwise. Values,
+        ``lse`` and gradients equal the unsharded op's, for
         every option above. Blocks that the causal mask or window hide across
         devices are skipped. Each pair runs the implementation the call
         names: under ``None``, the Pallas kernels where the program is
@@ -449,6 +452,7 @@ def dot_product_attention(
       ((2, 5, 2, 4), True)
     """
     implementation = _implementation_name(implementation)
+    _parallel_names(context_parallel, context_layout)
     if isinstance(implementation, str) and implementation == "cudnn":
         lacking = {
             "query_segment_ids": query_segment_ids,
@@ -629,17 +633,23 @@ def _dims(query, key, bias, mask):
     )
 
 
-def _parallel_options(axis_name, mode, layout):
-    """``(axis_name, size, mode, layout)`` for a context-parallel call (checked),
-    or None without ``axis_name``."""
-    name = _NAME
+def _parallel_names(mode, layout):
+    """Checks ``context_parallel`` and ``context_layout`` (every call, with
+    or without ``axis_name``, whatever the implementation)."""
     for what, value, allowed in (
         ("context_parallel", mode, cp.MODES),
         ("context_layout", layout, cp.LAYOUTS),
     ):
         _require_static(what, value)
         if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"{name}: {what} must be one of {allowed}, got {value!r}")
+            raise ValueError(f"{_NAME}: {what} must be one of {allowed}, got {value!r}")
+
+
+def _parallel_options(axis_name, mode, layout):
+    """``(axis_name, size, mode, layout)`` for a context-parallel call (checked),
+    or None without ``axis_name``."""
+    name = _NAME
+    _parallel_names(mode, layout)
     if axis_name is None:
         return None
     axis_name = axis_names(axis_name)
@@ -702,8 +712,22 @@ def _split_scores(what, x, local, size, float_mask):
     keys = None
     if shape[-1] != 1:
         keys = "whole" if shape[-1] == s * size else "split"
-    if len(shape) == 4 and (
-        shape[2] not in (1, t) or (keys == "split" and shape[2] != 1)
+    elif s == 1 and size > 1:
+        # One key per device: a key axis of 1 is this device's key (a mask
+        # of the local keys, as flax builds one) or every key (broadcast),
+        # the same where the query axis is 1 and every device holds the same.
+        if shape[2] != 1:
+            raise ValueError(
+                f"{_NAME}: with axis_name and one key per device (local key "
+                f"length 1), a {what} of local shape {np.shape(x)} is ambiguous: "
+                "its key axis of 1 may be this device's key or every key. "
+                f"Broadcast its key axis to all {size} keys (in the layout's "
+                "order), or give it a query axis of 1 (split with the keys)"
+            )
+        keys = "split"
+    if shape[-1] not in (1, s, s * size) or (
+        len(shape) == 4
+        and (shape[2] not in (1, t) or (keys == "split" and shape[2] != 1))
     ):
         raise ValueError(
             f"{_NAME}: with axis_name, a {what} is split along with the sequence: "

@@ -73,7 +73,7 @@ from jsoftmax import _attention_dispatch as dispatch
 from jsoftmax import _attention_xla as xla
 from jsoftmax._checks import static_int
 from jsoftmax._collectives import varying_like
-from jsoftmax._forward_mode import _with_forward_mode
+from jsoftmax._forward_mode import _unbound_vmap_axes, _with_forward_mode
 from jsoftmax._platform import by_platform
 
 MODES = ("ring", "all_gather")
@@ -317,11 +317,18 @@ def block_counts(plan):
     return counts
 
 
-def _switch(configs, kind, operands, at, index):
+def _is_vmap_axis(axis_name) -> bool:
+    """Whether ``axis_name`` (a name or tuple) names a ``vmap`` axis whose
+    batching encloses this point: there ``lax.axis_index`` is batched."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return any(name in names for name, _ in _unbound_vmap_axes())
+
+
+def _switch(configs, kind, operands, at, index, axis_name):
     """This device's pair call at step ``at``: ``_branch(kind, config)(
     *operands)``, one branch per distinct config of ``configs`` (per step, per
     device), chosen by ``lax.switch`` on a static table indexed by the step
-    and the device."""
+    and the device (``axis_name``'s index)."""
     distinct = list(dict.fromkeys(c for row in configs for c in row))
     if len(distinct) == 1:
         return _branch(kind, distinct[0])(*operands)
@@ -329,7 +336,16 @@ def _switch(configs, kind, operands, at, index):
     branches = [_branch(kind, c) for c in distinct]
 
     def switch(operands, at, index):
-        return lax.switch(jnp.asarray(table)[at, index], branches, *operands)
+        chosen = jnp.asarray(table)[at, index]
+        if not mapped:
+            return lax.switch(chosen, branches, *operands)
+        # The device is a vmap entry: every branch runs anyway, and vmap's
+        # select of a switch puts a stop_gradient on the operands, which
+        # reverse mode over reverse mode cannot transpose (JAX 0.10.2).
+        outs = [branch(*operands) for branch in branches]
+        return jax.tree.map(lambda *xs: lax.select_n(chosen, *xs), *outs)
+
+    mapped = _is_vmap_axis(axis_name)
 
     if all(c is None or c.implementation == "xla" for c in distinct):
         return switch(operands, at, index)
@@ -673,7 +689,7 @@ def _forward_step(steps, at, index, local, visiting, state):
     state = list(state)
     starts = [qc.start for qc in _chunks(steps.plan, steps.plan.t)]
     for qc, _, configs, operands in _step_pairs(steps, at, index, local, visiting):
-        o, lse = _switch(configs, "forward", operands, at, index)
+        o, lse = _switch(configs, "forward", operands, at, index, steps.plan.axis_name)
         a = starts.index(qc.start)
         state[a] = _merge(state[a], o.astype(acc), lse)
     return tuple(state)
@@ -814,8 +830,9 @@ def _backward_step(steps, at, index, local, visiting, seen, moving, d_q, d_bias)
         lse_c = lax.slice_in_dim(lse, qc.start, qc.start + qc.size, axis=3)
         g_c = _rows(d_out, qc)
         dq_p, dk_p, dv_p, dbias_p = _switch(
-            configs, "backward", operands + (o_c, lse_c, g_c), at, index
-        )
+            configs, "backward", operands + (o_c, lse_c, g_c), at, index,
+            plan.axis_name,
+        )  # fmt: skip
         d_q = _add_rows(d_q, dq_p, qc.start)
         dk = _add_rows(dk, dk_p, kc.start)
         dv = _add_rows(dv, dv_p, kc.start)

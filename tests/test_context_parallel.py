@@ -200,14 +200,75 @@ def test_zigzag_odd_local_length_names_both_numbers():
         (1, 1, 8, 8),  # query axis split, key axis split: a 2-D split
         (1, 1, 16, 16),  # query axis whole
         (1, 1, 8, 5),  # key axis of no known size
+        (1, 1, 5),  # the same with a query axis of 1
     ],
 )
 def test_bias_not_split_along_the_sequence_raises(shape):
     def f(q, bias):
         return jsoftmax.dot_product_attention(q, q, q, bias, axis_name="c")
 
-    with pytest.raises(ValueError, match="split along with the sequence|broadcast"):
+    # The message names both key lengths (the key axis of no known size got
+    # a message naming the local one only).
+    match = r"split along with the sequence.* whole \(16.* keys \(local size 8\)"
+    with pytest.raises(ValueError, match=match):
         _on_two(f, jnp.ones((1, 8, 2, 4)), jnp.ones(shape))
+
+
+def test_one_key_per_device_mask_and_bias_of_the_local_key_equal_unsharded():
+    # With one key per device, a key axis of 1 is also the local keys' size:
+    # a key padding mask [B, 1, 1, 1] (flax's make_attention_mask of the
+    # local keys) was read as a broadcast, each device's key standing for
+    # every key. It is the device's key now (and where every device holds
+    # the same, that is the broadcast).
+    n = 4
+    q, k, v = jax.random.normal(jax.random.key(2), (3, 2, n, 2, 4))
+    valid = jnp.array([[1, 1, 0, 1], [1, 0, 1, 0]], bool)
+    bias = jax.random.normal(jax.random.key(3), (2, 2, 1, n))
+
+    def local(q, k, v, valid, bias):
+        mask = valid[:, None, None, :]  # [B, 1, 1, 1]: this device's key
+        return jsoftmax.dot_product_attention(q, k, v, bias, mask, axis_name="c")
+
+    def split(x, axis):
+        return jnp.stack(jnp.split(x, n, axis))
+
+    got = jax.vmap(local, axis_name="c")(
+        split(q, 1), split(k, 1), split(v, 1), split(valid, 1), split(bias, 3)
+    )
+    got = jnp.concatenate(list(got), axis=1)
+    want = jsoftmax.dot_product_attention(q, k, v, bias, valid[:, None, None, :])
+    assert_close(got, want, RTOL)
+    # A mask or bias the same on every device: the broadcast it always was.
+    same = jax.vmap(
+        lambda q, k, v: jsoftmax.dot_product_attention(
+            q, k, v, bias[:, :, :, :1], valid[:, None, None, :1], axis_name="c"
+        ),
+        axis_name="c",
+    )(split(q, 1), split(k, 1), split(v, 1))
+    want = jsoftmax.dot_product_attention(
+        q, k, v, bias[:, :, :, :1], valid[:, None, None, :1]
+    )
+    assert_close(jnp.concatenate(list(same), axis=1), want, RTOL)
+
+
+def test_one_key_per_device_per_query_mask_is_refused_as_ambiguous():
+    # [B, 1, T, 1] with two queries and one key per device: per-query (every
+    # key) or local in both axes (flax's make_attention_mask of two local
+    # slices)? It was read as per-query.
+    f = functools.partial(jsoftmax.dot_product_attention, axis_name="c")
+    q, k = jnp.ones((1, 2, 2, 4)), jnp.ones((1, 1, 2, 4))
+    for what, scores in (("mask", jnp.ones((1, 1, 2, 1), bool)),
+                         ("bias", jnp.ones((1, 1, 2, 1))),):  # fmt: skip
+        with pytest.raises(ValueError, match=f"one key per device.*{what}.*ambiguous"):
+            _on_two(lambda q, k, x, w=what: f(q, k, k, **{w: x}), q, k, scores)
+
+
+def test_cudnn_checks_the_context_parallel_names_too():
+    # The cuDNN path returned before the names were checked.
+    q = jnp.ones((1, 8, 2, 4), jnp.bfloat16)
+    for kw in (dict(context_parallel="bogus"), dict(context_layout="zig")):
+        with pytest.raises(ValueError, match="must be one of"):
+            jsoftmax.dot_product_attention(q, q, q, implementation="cudnn", **kw)
 
 
 def test_single_device_mesh_equals_unsharded():
@@ -715,6 +776,36 @@ def test_gradient_through_jit_or_checkpoint_around_the_sequence_axis(where):
     got = jax.jit(jax.grad(loss(around(sharded)), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(unsharded), argnums=(0, 1, 2))(q, k, v)
     assert_close(got, want, RTOL)
+
+
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+def test_reverse_over_reverse_over_a_vmap_axis_with_a_causal_mask(mode):
+    # The devices' pairs differ under a causal mask, and each device picks
+    # its own with a switch on its index; over a vmap axis the index is
+    # batched, and reverse over reverse mode failed on the stop_gradient
+    # that vmap puts around a switch ("Transpose rule ... for
+    # 'stop_gradient' not implemented"). Every pair now runs there and a
+    # select picks the device's: the gradient of a gradient norm equals the
+    # unsharded op's.
+    q, k, v = jax.random.normal(jax.random.key(8), (3, 1, 8, 2, 4))
+    opts = dict(is_causal=True, query_chunk_size=2, key_chunk_size=2)
+    sharded = _over_vmap_axis(2, mode, "zigzag", **opts)
+
+    def unsharded(q, k, v):
+        return jsoftmax.dot_product_attention(q, k, v, **opts)
+
+    def grad_of_grad_norm(f):
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(f(q, k, v)))
+
+        def norm(q, k, v):
+            grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+            return sum(jnp.sum(g**2) for g in grads)
+
+        return jax.grad(norm, argnums=(0, 1, 2))
+
+    got = jax.jit(grad_of_grad_norm(sharded))(q, k, v)
+    assert_close(got, grad_of_grad_norm(unsharded)(q, k, v), 1e-4)
 
 
 @pytest.mark.gpu
