@@ -702,8 +702,9 @@ def _sharded_axis(x, axis):
 
 def _split_scores(what, x, local, size, float_mask):
     """A bias or mask of a context-parallel call as 4-D, and how its key axis
-    is held: None (size 1), ``"split"`` (this device's keys, which it travels
-    with) or ``"whole"`` (all keys, in the layout's order)."""
+    is held: None (size 1, every key), ``"split"`` (this device's keys, which
+    it travels with; also size 1 with one key per device) or ``"whole"`` (all
+    keys, in the layout's order)."""
     if x is None:
         return None, None
     batch, heads, t, s = local

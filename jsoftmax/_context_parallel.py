@@ -324,6 +324,11 @@ def _is_vmap_axis(axis_name) -> bool:
     return any(name in names for name, _ in _unbound_vmap_axes())
 
 
+def _if_chosen(chosen, x):
+    """``x`` where ``chosen``, else zeros of its shape and dtype."""
+    return jnp.where(chosen, x, jnp.zeros_like(x))
+
+
 def _switch(configs, kind, operands, at, index, axis_name):
     """This device's pair call at step ``at``: ``_branch(kind, config)(
     *operands)``, one branch per distinct config of ``configs`` (per step, per
@@ -335,17 +340,23 @@ def _switch(configs, kind, operands, at, index, axis_name):
     table = np.array([[distinct.index(c) for c in row] for row in configs], np.int32)
     branches = [_branch(kind, c) for c in distinct]
 
+    mapped = _is_vmap_axis(axis_name)
+
     def switch(operands, at, index):
         chosen = jnp.asarray(table)[at, index]
         if not mapped:
             return lax.switch(chosen, branches, *operands)
         # The device is a vmap entry: every branch runs anyway, and vmap's
         # select of a switch puts a stop_gradient on the operands, which
-        # reverse mode over reverse mode cannot transpose (JAX 0.10.2).
-        outs = [branch(*operands) for branch in branches]
+        # reverse mode over reverse mode cannot transpose (JAX 0.10.2). The
+        # branches not chosen take zeros instead: on the real operands, a
+        # pair the causal mask hides can overflow (exp of a hidden score far
+        # above the row's L), and its zero cotangent then gives 0 * inf.
+        outs = [
+            branch(*jax.tree.map(partial(_if_chosen, chosen == i), operands))
+            for i, branch in enumerate(branches)
+        ]
         return jax.tree.map(lambda *xs: lax.select_n(chosen, *xs), *outs)
-
-    mapped = _is_vmap_axis(axis_name)
 
     if all(c is None or c.implementation == "xla" for c in distinct):
         return switch(operands, at, index)

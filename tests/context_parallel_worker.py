@@ -769,6 +769,10 @@ def compose(report):
     check(
         "checkpoint with a policy", *sharded(mesh, "contiguous", "vocab", remat=policy)
     )
+    try:
+        import flax  # noqa: F401  (optional: the docs and examples extras)
+    except ImportError:
+        return
     flax_layer(report)
 
 

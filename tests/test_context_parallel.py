@@ -6,6 +6,7 @@ docstring's, and the layout helpers and argument errors are tested in-process.
 """
 
 import functools
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -295,7 +296,8 @@ def test_context_parallel_composes_with_data_vocab_explicit_and_checkpoint():
     # with a jnp attention over the gathered K/V in the same pmap. An nnx
     # layer with flax_attention_fn bound to the axis equals flax's attention.
     report = _report("compose")
-    assert len(report) == 11 and all(report.values())
+    flax = importlib.util.find_spec("flax") is not None
+    assert len(report) == 10 + flax and all(report.values())
 
 
 def test_heads_or_batch_split_over_an_explicit_axis_equal_unsharded():
@@ -805,6 +807,41 @@ def test_reverse_over_reverse_over_a_vmap_axis_with_a_causal_mask():
 
     got = jax.jit(grad_of_grad_norm(sharded))(q, k, v)
     assert_close(got, grad_of_grad_norm(unsharded)(q, k, v), 1e-4)
+
+
+def test_reverse_over_reverse_over_a_vmap_axis_with_hidden_scores_far_above_l():
+    # Left padding as an additive -1e9 key bias, with a causal mask: the
+    # first rows' L is near -1e9, and the keys the causal mask hides from
+    # them score far above it. Running every pair over a vmap axis, the
+    # pair those keys hide from device 0 overflowed on its real operands
+    # (exp(s - L)), and its zero cotangent gave NaN in every gradient of a
+    # gradient norm. On one device and under shard_map: finite.
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 4, 1, 4))
+    bias = jnp.array([-1e9, -1e9, 0.0, 0.0])[None, None, None, :]
+    opts = dict(is_causal=True)
+
+    def sharded(q, k, v):
+        def local(q, k, v, bias):
+            return jsoftmax.dot_product_attention(q, k, v, bias, axis_name="c", **opts)
+
+        split = [jnp.stack(jnp.split(x, 2, 1)) for x in (q, k, v)]
+        out = jax.vmap(local, axis_name="c")(*split, jnp.stack(jnp.split(bias, 2, 3)))
+        return jnp.concatenate(list(out), axis=1)
+
+    def unsharded(q, k, v):
+        return jsoftmax.dot_product_attention(q, k, v, bias, **opts)
+
+    def grad_of_grad_norm(f):
+        def norm(q, k, v):
+            loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+            grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+            return sum(jnp.sum(g**2) for g in grads)
+
+        return jax.grad(norm, argnums=(0, 1, 2))
+
+    want = grad_of_grad_norm(unsharded)(q, k, v)
+    assert all(jnp.isfinite(w).all() for w in want)
+    assert_close(jax.jit(grad_of_grad_norm(sharded))(q, k, v), want, 1e-4)
 
 
 @pytest.mark.gpu
