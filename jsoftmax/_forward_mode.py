@@ -398,9 +398,7 @@ def _with_forward_mode(
     def rule(axes, *args):
         *statics, primals, tangents = args
         _check_static(name, nondiff, statics)
-        unbound = _unbound_axes(axes)
-        bind = _core.extend_axis_env_nd(unbound) if unbound else nullcontext()
-        with bind:
+        with _rebound(axes):
             return _jvp_rule(
                 fn, symmetric, tangent, keep_traces, name, nondiff, statics,
                 primals, tangents,
@@ -437,6 +435,14 @@ def _axis_sizes() -> dict:
     if not _CAN_REBIND:
         return {}
     return dict(getattr(_core.get_axis_env(), "axis_sizes", {}))
+
+
+def _rebound(axes):
+    """A context binding again the names of ``axes`` (:func:`_bound_axes` where
+    a rule was made) that are not bound where it runs
+    (:func:`_unbound_axes`)."""
+    unbound = _unbound_axes(axes)
+    return _core.extend_axis_env_nd(unbound) if unbound else nullcontext()
 
 
 def _bound_axes() -> tuple:
@@ -673,7 +679,15 @@ def _fwd_call(fwd, statics, nondiff, primals, keep):
     key = ("fwd", fwd, tuple(statics), nondiff, tuple(arrays)) if keep else None
     converted, closed = _closure_convert(call, *primals, key=key, state=forwarded)
     whole = jax.custom_jvp(converted)
-    whole.defjvp(lambda primals, tangents: jax.jvp(converted, primals, tangents))
+    axes = _bound_axes()
+
+    def whole_jvp(primals, tangents):
+        # Traced lazily too (a jit, checkpoint or scan around a vmap, whose
+        # axis it names, differentiated twice): the names bound here again.
+        with _rebound(axes):
+            return jax.jvp(converted, primals, tangents)
+
+    whole.defjvp(whole_jvp)
     y, computed = whole(closed, *primals)
     index, res_tree = forwarded
     computed = iter(computed)

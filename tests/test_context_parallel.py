@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from closeness import assert_close
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jsoftmax
@@ -778,6 +779,35 @@ def test_gradient_through_jit_or_checkpoint_around_the_sequence_axis(where):
     got = jax.jit(jax.grad(loss(around(sharded)), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(unsharded), argnums=(0, 1, 2))(q, k, v)
     assert_close(got, want, RTOL)
+
+
+@pytest.mark.parametrize("where", ["jit", "scan"])
+def test_reverse_over_reverse_through_a_call_around_the_sequence_axis(where):
+    # The same, differentiated twice: the forward pass's JVP rule, traced
+    # lazily too, raised "unbound axis name" (the gradient of a gradient
+    # norm; also without a causal mask; jax.checkpoint alike).
+    q, k, v = jax.random.normal(jax.random.key(7), (3, 1, 4, 2, 4))
+    sharded = _over_vmap_axis(2, "ring", "contiguous")
+
+    def scan(f):
+        def call(*args):
+            return lax.scan(lambda c, _: (c, f(*args)), 0, None, length=1)[1][0]
+
+        return call
+
+    around = {"jit": jax.jit, "checkpoint": jax.checkpoint, "scan": scan}[where]
+
+    def grad_of_grad_norm(f):
+        def norm(q, k, v):
+            loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+            grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+            return sum(jnp.sum(g**2) for g in grads)
+
+        return jax.grad(norm, argnums=(0, 1, 2))
+
+    got = grad_of_grad_norm(around(sharded))(q, k, v)
+    want = grad_of_grad_norm(jsoftmax.dot_product_attention)(q, k, v)
+    assert_close(got, want, 1e-4)
 
 
 def test_reverse_over_reverse_over_a_vmap_axis_with_a_causal_mask():
