@@ -781,6 +781,17 @@ def test_gradient_through_jit_or_checkpoint_around_the_sequence_axis(where):
     assert_close(got, want, RTOL)
 
 
+def _grad_of_grad_norm(f):
+    """The gradient (q, k, v) of the norm of the gradient of sum(sin(f))."""
+
+    def norm(q, k, v):
+        loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        return sum(jnp.sum(g**2) for g in grads)
+
+    return jax.grad(norm, argnums=(0, 1, 2))
+
+
 @pytest.mark.parametrize("where", ["jit", "scan"])
 def test_reverse_over_reverse_through_a_call_around_the_sequence_axis(where):
     # The same, differentiated twice: the forward pass's JVP rule, traced
@@ -797,16 +808,8 @@ def test_reverse_over_reverse_through_a_call_around_the_sequence_axis(where):
 
     around = {"jit": jax.jit, "checkpoint": jax.checkpoint, "scan": scan}[where]
 
-    def grad_of_grad_norm(f):
-        def norm(q, k, v):
-            loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
-            grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-            return sum(jnp.sum(g**2) for g in grads)
-
-        return jax.grad(norm, argnums=(0, 1, 2))
-
-    got = grad_of_grad_norm(around(sharded))(q, k, v)
-    want = grad_of_grad_norm(jsoftmax.dot_product_attention)(q, k, v)
+    got = _grad_of_grad_norm(around(sharded))(q, k, v)
+    want = _grad_of_grad_norm(jsoftmax.dot_product_attention)(q, k, v)
     assert_close(got, want, 1e-4)
 
 
@@ -825,18 +828,8 @@ def test_reverse_over_reverse_over_a_vmap_axis_with_a_causal_mask():
     def unsharded(q, k, v):
         return jsoftmax.dot_product_attention(q, k, v, **opts)
 
-    def grad_of_grad_norm(f):
-        def loss(q, k, v):
-            return jnp.sum(jnp.sin(f(q, k, v)))
-
-        def norm(q, k, v):
-            grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-            return sum(jnp.sum(g**2) for g in grads)
-
-        return jax.grad(norm, argnums=(0, 1, 2))
-
-    got = jax.jit(grad_of_grad_norm(sharded))(q, k, v)
-    assert_close(got, grad_of_grad_norm(unsharded)(q, k, v), 1e-4)
+    got = jax.jit(_grad_of_grad_norm(sharded))(q, k, v)
+    assert_close(got, _grad_of_grad_norm(unsharded)(q, k, v), 1e-4)
 
 
 def test_reverse_over_reverse_over_a_vmap_axis_with_hidden_scores_far_above_l():
@@ -861,17 +854,9 @@ def test_reverse_over_reverse_over_a_vmap_axis_with_hidden_scores_far_above_l():
     def unsharded(q, k, v):
         return jsoftmax.dot_product_attention(q, k, v, bias, **opts)
 
-    def grad_of_grad_norm(f):
-        def norm(q, k, v):
-            loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
-            grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-            return sum(jnp.sum(g**2) for g in grads)
-
-        return jax.grad(norm, argnums=(0, 1, 2))
-
-    want = grad_of_grad_norm(unsharded)(q, k, v)
+    want = _grad_of_grad_norm(unsharded)(q, k, v)
     assert all(jnp.isfinite(w).all() for w in want)
-    assert_close(jax.jit(grad_of_grad_norm(sharded))(q, k, v), want, 1e-4)
+    assert_close(jax.jit(_grad_of_grad_norm(sharded))(q, k, v), want, 1e-4)
 
 
 @pytest.mark.gpu
